@@ -1,0 +1,135 @@
+//! The crate's error types.
+//!
+//! [`BatchError`] says why bytes that claim to be a batch were refused; [`Error`] covers everything
+//! else. Every message names what failed and, where an operator can act, what to do.
+
+use std::path::PathBuf;
+
+use crate::record::Seq;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why an encoded batch was refused. A refused batch is never received into a log or applied.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BatchError {
+    #[error("{len} bytes is shorter than the {header_len}-byte batch header")]
+    Truncated { len: usize, header_len: usize },
+    #[error("bad magic {found:02x?}: not a fencelog batch")]
+    BadMagic { found: [u8; 4] },
+    #[error(
+        "batch format version {found} is not supported (this build reads version {supported})"
+    )]
+    UnsupportedVersion { found: u32, supported: u32 },
+    #[error("encoded batch is {len} bytes, over the limit of {limit}")]
+    EncodedTooLarge { len: usize, limit: usize },
+    #[error("header claims {len} uncompressed bytes, over the limit of {limit}")]
+    UncompressedTooLarge { len: usize, limit: usize },
+    #[error("header claims a batch of zero records")]
+    Empty,
+    #[error("header claims {count} records, more than {body_len} body bytes can hold")]
+    TooManyRecords { count: u32, body_len: usize },
+    #[error("header claims first seq 0; sequence numbers start at 1")]
+    FirstSeqZero,
+    #[error("{count} records from seq {first_seq} run past the largest sequence number")]
+    SeqRangeOverflow { first_seq: u64, count: u32 },
+    #[error("body does not decompress: {reason}")]
+    Decompress { reason: String },
+    #[error("body decompressed to {actual} bytes, header says {expected}")]
+    UncompressedLenMismatch { expected: usize, actual: usize },
+    #[error("checksum mismatch: header says {stored:#018x}, content hashes to {computed:#018x}")]
+    ChecksumMismatch { stored: u64, computed: u64 },
+    #[error("record {index} does not decode: {reason}")]
+    RecordDecode { index: u32, reason: String },
+    #[error("record {index}: {part} of {len} bytes is over the limit of {limit}")]
+    RecordOverLimit {
+        index: u32,
+        part: &'static str,
+        len: usize,
+        limit: usize,
+    },
+    #[error("record {index} is a delete that carries a value")]
+    DeleteWithValue { index: u32 },
+    #[error("{count} bytes follow the last record")]
+    TrailingBytes { count: usize },
+}
+
+/// Everything else fencelog can fail at.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("invalid {what} {value:?}: {reason}")]
+    InvalidName {
+        what: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+
+    #[error("record {part} is {len} bytes, over the limit of {limit} bytes")]
+    RecordTooLarge {
+        part: &'static str,
+        len: usize,
+        limit: usize,
+    },
+    #[error("a delete record carries a {len}-byte value; deletes have no value")]
+    DeleteWithValue { len: usize },
+    #[error("sequence numbers are exhausted: {0} is the last one")]
+    SeqExhausted(Seq),
+    #[error("a batch needs at least one record")]
+    EmptyBatch,
+    #[error("a batch cannot start at seq 0; sequence numbers start at 1")]
+    BatchAtSeqZero,
+    #[error("batch would be {len} {what} bytes, over the limit of {limit}: seal batches earlier")]
+    BatchTooLarge {
+        what: &'static str,
+        len: usize,
+        limit: usize,
+    },
+    #[error("encoding a batch failed: {0}")]
+    Encode(String),
+    #[error("invalid limits: {0}")]
+    InvalidLimits(String),
+
+    #[error("corrupt batch: {0}")]
+    CorruptBatch(#[from] BatchError),
+    #[error("corrupt commit pointer: {0}")]
+    CorruptPointer(String),
+    #[error("key {key:?} is not a batch key")]
+    NotABatchKey { key: String },
+
+    #[error("cannot open the local store at {dir}: {source}; if it is damaged, move it aside and let the node rebuild it from etcd")]
+    StoreOpen { dir: PathBuf, source: sled::Error },
+    #[error("the local store at {dir} is damaged: {detail}; move it aside and let the node rebuild it from etcd")]
+    StoreCorrupt { dir: PathBuf, detail: String },
+    #[error("the local store at {dir} has format {found}, this build reads format {supported}; move it aside to rebuild it from etcd")]
+    StoreFormat {
+        dir: PathBuf,
+        found: u64,
+        supported: u64,
+    },
+    #[error("local store at {dir}: {source}")]
+    StoreIo { dir: PathBuf, source: sled::Error },
+    #[error(
+        "batch starts at seq {found} but the log expects {expected}: the log never holds a gap"
+    )]
+    LogGap { expected: Seq, found: Seq },
+    #[error("seq {seq} is not the end of a batch in the log; {what}")]
+    NotBatchBoundary { seq: Seq, what: &'static str },
+    #[error("cannot truncate the log to seq {to}: the state is already applied through {applied}")]
+    TruncateBelowApplied { to: Seq, applied: Seq },
+    #[error(
+        "the log holds uncommitted batches up to seq {log_end}; commit or truncate them first"
+    )]
+    PendingTail { log_end: Seq },
+    #[error("seq {seq} is not in the local log, which holds seqs {oldest} through {newest}")]
+    SeqNotInLog { seq: Seq, oldest: Seq, newest: Seq },
+
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("the etcd binary {binary:?} was not found: install it with `apt-get install etcd-server` (tools/test.sh does), or set FENCELOG_ETCD_BIN")]
+    EtcdNotInstalled { binary: String },
+    #[error("etcd did not start: {reason}\n--- last lines of its log ---\n{log_tail}")]
+    EtcdStart { reason: String, log_tail: String },
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}

@@ -1,0 +1,29 @@
+//! fencelog: a replicated write-ahead log.
+//!
+//! A primary gives each appended record a dense sequence number, packs records into batches,
+//! and commits each batch to etcd in one transaction fenced on its leadership key, so a deposed
+//! primary can never commit. Standbys read and watch those batches, keep an exact copy of the
+//! log in a local sled store, and apply it to a materialized key/value state.
+//!
+//! Module map (see `docs/ARCHITECTURE.md` for the data flow and the invariants):
+//! - [`record`]: records, sequence numbers and epochs;
+//! - [`limits`]: size limits shared by the append path and the decoder;
+//! - [`batch`]: the batch wire format (bincode, xxh3, zstd) and its defensive decoder;
+//! - [`keys`]: validated cluster and node names and the etcd key layout;
+//! - [`pointer`]: the `/latest` commit pointer;
+//! - [`commit`]: the fenced etcd transaction that commits one batch;
+//! - [`local_store`]: the sled store of a node (log, state, positions);
+//! - [`etcd_process`]: a real etcd child process for tests, benches and demos;
+//! - [`error`]: the crate's error type.
+
+pub mod batch;
+pub mod commit;
+pub mod error;
+pub mod etcd_process;
+pub mod keys;
+pub mod limits;
+pub mod local_store;
+pub mod pointer;
+pub mod record;
+
+pub use error::{BatchError, Error, Result};

@@ -1,0 +1,569 @@
+//! A node's local sled store: the log of batches, the state it materializes, and the positions
+//! that say how far each has come.
+//!
+//! | tree    | key                     | value                                              |
+//! |---------|-------------------------|----------------------------------------------------|
+//! | `log`   | first seq (big-endian)  | the encoded batch, as committed to etcd            |
+//! | `state` | record key              | record value (Put inserts, Delete removes)         |
+//! | `meta`  | `format`, `received_seq`, `applied_seq`, `received_epoch` | u64, big-endian |
+//!
+//! The log and the state advance separately, like a Postgres standby's received and replayed
+//! positions: the log takes one sled write per batch, the state one per record, an order of
+//! magnitude slower. Invariants, kept by every write and checked on open:
+//! - the log is contiguous: each batch starts right after the one before it;
+//! - `applied_seq <= received_seq <= log end`, and both are batch boundaries;
+//! - `received_seq` moves in the same sled transaction as the log write it covers (or, for a
+//!   primary's write-ahead batch, once etcd has committed it);
+//! - `applied_seq` moves in the same sled transaction as the state writes it accounts for, so a
+//!   crash never leaves the state ahead of or behind its position.
+//!
+//! All calls block on sled; async callers run them on a blocking thread. Never call sled's
+//! `flush_async` from many tasks (it deadlocks in 0.34.7): this store flushes with `flush()`.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled::Tree;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::batch::{BatchDecoder, BatchHeader, EncodedBatch};
+use crate::error::{Error, Result};
+use crate::limits::Limits;
+use crate::record::{Epoch, Op, Record, Seq};
+
+/// The layout version this build reads and writes.
+pub const STORE_FORMAT: u64 = 1;
+
+/// A file beside sled's own, written once the store exists. sled recovers a damaged file by
+/// keeping what it can read, which may be nothing: the marker tells "new" from "lost".
+const MARKER_FILE: &str = "fencelog-store";
+
+const FORMAT: &[u8] = b"format";
+const RECEIVED_SEQ: &[u8] = b"received_seq";
+const APPLIED_SEQ: &[u8] = b"applied_seq";
+const RECEIVED_EPOCH: &[u8] = b"received_epoch";
+
+/// When the store makes its writes durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlushPolicy {
+    /// Flush after every log write and every applied batch: a write is on disk when the call
+    /// returns. The default.
+    EveryWrite,
+    /// Let sled flush in the background every `interval_ms`: faster, and a crash may lose the
+    /// last writes, which the node then fetches again from etcd.
+    Background { interval_ms: u64 },
+}
+
+/// How a store is opened. The default: [`Limits::default`] and [`FlushPolicy::EveryWrite`].
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// The limits batches in the log were encoded with; decoding checks against them.
+    pub limits: Limits,
+    pub flush: FlushPolicy,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            limits: Limits::default(),
+            flush: FlushPolicy::EveryWrite,
+        }
+    }
+}
+
+/// How far the log and the state have come.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Positions {
+    /// The log holds every committed record up to here.
+    pub received_seq: Seq,
+    /// The state reflects the log up to here.
+    pub applied_seq: Seq,
+    /// The last seq in the log, committed or not; above `received_seq` only on a primary whose
+    /// write-ahead batch is still being committed.
+    pub log_end_seq: Seq,
+    /// The epoch of the batch that ends at `received_seq`.
+    pub received_epoch: Epoch,
+}
+
+/// A digest of the state, taken while no batch is being applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateDigest {
+    pub applied_seq: Seq,
+    pub keys: u64,
+    /// xxh3-64 over every (key, value) in key order, each length-prefixed.
+    pub digest: u64,
+}
+
+/// The seqs of a batch just applied to the state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppliedBatch {
+    pub first_seq: Seq,
+    pub last_seq: Seq,
+}
+
+pub struct LocalStore {
+    dir: PathBuf,
+    db: sled::Db,
+    log: Tree,
+    state: Tree,
+    meta: Tree,
+    limits: Limits,
+    flush: FlushPolicy,
+    /// Serializes log writes (append, commit, truncate): each checks the log's end, then writes.
+    writer: Mutex<()>,
+    /// Serializes applying and digesting, so a digest sees one `applied_seq`.
+    applier: Mutex<BatchDecoder>,
+}
+
+impl LocalStore {
+    /// Opens the store in `dir`, creating it if absent. Refuses a store of another format, and
+    /// one whose positions do not fit its log.
+    pub fn open(dir: impl AsRef<Path>, options: StoreOptions) -> Result<LocalStore> {
+        let dir = dir.as_ref().to_path_buf();
+        let marker = dir.join(MARKER_FILE);
+        let existed = marker.exists();
+        let mut config = sled::Config::new().path(&dir);
+        if let FlushPolicy::Background { interval_ms } = options.flush {
+            config = config.flush_every_ms(Some(interval_ms));
+        }
+        let db = config.open().map_err(|source| Error::StoreOpen {
+            dir: dir.clone(),
+            source,
+        })?;
+        let open_tree = |name: &str| {
+            db.open_tree(name).map_err(|source| Error::StoreOpen {
+                dir: dir.clone(),
+                source,
+            })
+        };
+        let store = LocalStore {
+            log: open_tree("log")?,
+            state: open_tree("state")?,
+            meta: open_tree("meta")?,
+            applier: Mutex::new(BatchDecoder::new(options.limits.clone())?),
+            limits: options.limits,
+            flush: options.flush,
+            writer: Mutex::new(()),
+            db,
+            dir,
+        };
+        store.check_format(existed)?;
+        if !existed {
+            write_marker(&marker)?;
+        }
+        store.check_positions()?;
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn positions(&self) -> Result<Positions> {
+        Ok(Positions {
+            received_seq: Seq(self.meta_u64(RECEIVED_SEQ)?),
+            applied_seq: Seq(self.meta_u64(APPLIED_SEQ)?),
+            log_end_seq: self.log_end()?,
+            received_epoch: Epoch(self.meta_u64(RECEIVED_EPOCH)?),
+        })
+    }
+
+    /// Appends a committed batch and advances `received_seq` over it, atomically. The batch
+    /// must start right after `received_seq`.
+    pub fn append_committed(&self, batch: &EncodedBatch) -> Result<()> {
+        let _writer = lock(&self.writer);
+        let positions = self.positions()?;
+        if positions.log_end_seq != positions.received_seq {
+            return Err(Error::PendingTail {
+                log_end: positions.log_end_seq,
+            });
+        }
+        self.check_follows(positions.log_end_seq, batch)?;
+        let header = batch.header();
+        (&self.log, &self.meta)
+            .transaction(|(log, meta)| {
+                log.insert(&header.first_seq.to_be_bytes(), batch.as_bytes())?;
+                meta.insert(RECEIVED_SEQ, &header.last_seq().to_be_bytes())?;
+                meta.insert(RECEIVED_EPOCH, &header.epoch.0.to_be_bytes())?;
+                Ok::<_, ConflictableTransactionError<Infallible>>(())
+            })
+            .map_err(|e| self.txn_error(e))?;
+        self.flush_if_every_write()
+    }
+
+    /// Writes a batch ahead of its etcd commit (a primary's write-ahead), leaving
+    /// `received_seq` where it is. [`mark_committed`](Self::mark_committed) moves it once etcd
+    /// has the batch; [`truncate_after`](Self::truncate_after) drops it if etcd never will.
+    pub fn append_pending(&self, batch: &EncodedBatch) -> Result<()> {
+        let _writer = lock(&self.writer);
+        self.check_follows(self.log_end()?, batch)?;
+        self.log
+            .insert(batch.first_seq().to_be_bytes(), batch.as_bytes())
+            .map_err(|e| self.io(e))?;
+        self.flush_if_every_write()
+    }
+
+    /// Advances `received_seq` to `through`, which must end a batch in the log.
+    pub fn mark_committed(&self, through: Seq) -> Result<()> {
+        let _writer = lock(&self.writer);
+        let received = Seq(self.meta_u64(RECEIVED_SEQ)?);
+        if through < received {
+            return Err(Error::NotBatchBoundary {
+                seq: through,
+                what: "it is below received_seq",
+            });
+        }
+        let header = self
+            .batch_ending_at(through)?
+            .ok_or(Error::NotBatchBoundary {
+                seq: through,
+                what: "only a batch's last seq can be marked committed",
+            })?;
+        (&self.meta,)
+            .transaction(|(meta,)| {
+                meta.insert(RECEIVED_SEQ, &through.to_be_bytes())?;
+                meta.insert(RECEIVED_EPOCH, &header.epoch.0.to_be_bytes())?;
+                Ok::<_, ConflictableTransactionError<Infallible>>(())
+            })
+            .map_err(|e| self.txn_error(e))?;
+        self.flush_if_every_write()
+    }
+
+    /// Drops every batch after `seq` (a suffix etcd never committed) and lowers `received_seq`
+    /// to at most `seq`. `seq` must end a batch (or be 0) and not be below `applied_seq`.
+    pub fn truncate_after(&self, seq: Seq) -> Result<()> {
+        let _writer = lock(&self.writer);
+        let positions = self.positions()?;
+        if seq < positions.applied_seq {
+            return Err(Error::TruncateBelowApplied {
+                to: seq,
+                applied: positions.applied_seq,
+            });
+        }
+        if seq != Seq::NONE && self.batch_ending_at(seq)?.is_none() {
+            return Err(Error::NotBatchBoundary {
+                seq,
+                what: "the log can only be cut between batches",
+            });
+        }
+        let doomed = self
+            .log
+            .range(seq.next()?.to_be_bytes()..)
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.io(e))?;
+        let received = positions.received_seq.min(seq);
+        let received_epoch = match received {
+            Seq::NONE => Epoch::default(),
+            seq => self
+                .batch_ending_at(seq)?
+                .map(|h| h.epoch)
+                .unwrap_or(positions.received_epoch),
+        };
+        (&self.log, &self.meta)
+            .transaction(|(log, meta)| {
+                for key in &doomed {
+                    log.remove(key)?;
+                }
+                meta.insert(RECEIVED_SEQ, &received.to_be_bytes())?;
+                meta.insert(RECEIVED_EPOCH, &received_epoch.0.to_be_bytes())?;
+                Ok::<_, ConflictableTransactionError<Infallible>>(())
+            })
+            .map_err(|e| self.txn_error(e))?;
+        self.flush_if_every_write()
+    }
+
+    /// Applies the next received batch to the state, advancing `applied_seq` over it in the same
+    /// transaction. Returns `None` when the state has caught up with `received_seq`.
+    pub fn apply_next(&self) -> Result<Option<AppliedBatch>> {
+        let mut decoder = lock(&self.applier);
+        let applied = Seq(self.meta_u64(APPLIED_SEQ)?);
+        let received = Seq(self.meta_u64(RECEIVED_SEQ)?);
+        if applied >= received {
+            return Ok(None);
+        }
+        let first = applied.next()?;
+        let bytes = self
+            .log
+            .get(first.to_be_bytes())
+            .map_err(|e| self.io(e))?
+            .ok_or_else(|| {
+                self.corrupt(format!(
+                    "the log has no batch at seq {first}, which it received"
+                ))
+            })?;
+        let batch = decoder
+            .decode(&bytes)
+            .map_err(|e| self.corrupt(format!("the log's batch at seq {first}: {e}")))?;
+        let last = batch.last_seq();
+        (&self.state, &self.meta)
+            .transaction(|(state, meta)| {
+                for record in batch.records() {
+                    match record.op {
+                        Op::Put => state.insert(record.key.as_slice(), record.value.as_slice())?,
+                        Op::Delete => state.remove(record.key.as_slice())?,
+                    };
+                }
+                meta.insert(APPLIED_SEQ, &last.to_be_bytes())?;
+                Ok::<_, ConflictableTransactionError<Infallible>>(())
+            })
+            .map_err(|e| self.txn_error(e))?;
+        self.flush_if_every_write()?;
+        Ok(Some(AppliedBatch {
+            first_seq: first,
+            last_seq: last,
+        }))
+    }
+
+    /// Up to `max_records` received records from `from` on. Empty when `from` is past
+    /// `received_seq`; an error when `from` is below the oldest seq the log holds.
+    pub fn read(&self, from: Seq, max_records: usize) -> Result<Vec<(Seq, Record)>> {
+        let received = Seq(self.meta_u64(RECEIVED_SEQ)?);
+        if from > received || max_records == 0 {
+            return Ok(Vec::new());
+        }
+        let first_batch = self
+            .log
+            .range(..=from.to_be_bytes())
+            .next_back()
+            .transpose()
+            .map_err(|e| self.io(e))?;
+        let Some((start_key, _)) = first_batch.filter(|_| from != Seq::NONE) else {
+            let oldest = self.log.first().map_err(|e| self.io(e))?.map(|(k, _)| k);
+            let oldest = oldest.map_or(Ok(Seq::NONE), |k| self.key_seq(&k))?;
+            return Err(Error::SeqNotInLog {
+                seq: from,
+                oldest,
+                newest: received,
+            });
+        };
+        let last_wanted = Seq(received
+            .0
+            .min(from.0.saturating_add(max_records as u64 - 1)));
+        let mut decoder = BatchDecoder::new(self.limits.clone())?;
+        let mut records = Vec::new();
+        for entry in self.log.range(start_key..) {
+            let (key, bytes) = entry.map_err(|e| self.io(e))?;
+            let batch = decoder.decode(&bytes).map_err(|e| {
+                self.corrupt(format!("the log's batch at seq {}: {e}", seq_of_key(&key)))
+            })?;
+            let first_seq = batch.first_seq();
+            let in_range = |(seq, _): &(Seq, Record)| (from..=last_wanted).contains(seq);
+            records.extend(
+                (first_seq.0..)
+                    .map(Seq)
+                    .zip(batch.into_records())
+                    .filter(in_range),
+            );
+            if records.last().is_some_and(|(seq, _)| *seq >= last_wanted) {
+                break;
+            }
+        }
+        Ok(records)
+    }
+
+    /// The applied value of `key`, if any.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .state
+            .get(key)
+            .map_err(|e| self.io(e))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// A digest of the whole state at one `applied_seq`.
+    pub fn state_digest(&self) -> Result<StateDigest> {
+        let _applier = lock(&self.applier);
+        let mut hasher = Xxh3::new();
+        let mut keys = 0u64;
+        for entry in self.state.iter() {
+            let (key, value) = entry.map_err(|e| self.io(e))?;
+            hasher.update(&(key.len() as u64).to_le_bytes());
+            hasher.update(&key);
+            hasher.update(&(value.len() as u64).to_le_bytes());
+            hasher.update(&value);
+            keys += 1;
+        }
+        Ok(StateDigest {
+            applied_seq: Seq(self.meta_u64(APPLIED_SEQ)?),
+            keys,
+            digest: hasher.digest(),
+        })
+    }
+
+    /// Makes every write so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush().map(drop).map_err(|e| self.io(e))
+    }
+
+    fn flush_if_every_write(&self) -> Result<()> {
+        match self.flush {
+            FlushPolicy::EveryWrite => self.flush(),
+            FlushPolicy::Background { .. } => Ok(()),
+        }
+    }
+
+    /// `existed`: the store was created before, so sled must still hold its format marker.
+    fn check_format(&self, existed: bool) -> Result<()> {
+        match self.meta.get(FORMAT).map_err(|e| self.io(e))? {
+            Some(_) => {
+                let found = self.meta_u64(FORMAT)?;
+                if found != STORE_FORMAT {
+                    return Err(Error::StoreFormat {
+                        dir: self.dir.clone(),
+                        found,
+                        supported: STORE_FORMAT,
+                    });
+                }
+                Ok(())
+            }
+            None if existed => Err(self.corrupt(
+                "sled opened without the data this store was created with (a damaged or deleted file)"
+                    .into(),
+            )),
+            None if self.meta.is_empty() && self.log.is_empty() && self.state.is_empty() => {
+                self.meta.insert(FORMAT, &STORE_FORMAT.to_be_bytes()).map_err(|e| self.io(e))?;
+                self.flush()
+            }
+            None => Err(self.corrupt("it holds data but no format marker".into())),
+        }
+    }
+
+    fn check_positions(&self) -> Result<()> {
+        let p = self.positions()?;
+        if !(p.applied_seq <= p.received_seq && p.received_seq <= p.log_end_seq) {
+            return Err(self.corrupt(format!(
+                "applied_seq {} <= received_seq {} <= log end {} does not hold",
+                p.applied_seq, p.received_seq, p.log_end_seq
+            )));
+        }
+        for (name, seq) in [
+            ("received_seq", p.received_seq),
+            ("applied_seq", p.applied_seq),
+        ] {
+            if seq != Seq::NONE && self.batch_ending_at(seq)?.is_none() {
+                return Err(self.corrupt(format!("{name} {seq} does not end a batch in the log")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a batch that does not start right after `log_end`.
+    fn check_follows(&self, log_end: Seq, batch: &EncodedBatch) -> Result<()> {
+        let expected = log_end.next()?;
+        if batch.first_seq() != expected {
+            return Err(Error::LogGap {
+                expected,
+                found: batch.first_seq(),
+            });
+        }
+        Ok(())
+    }
+
+    fn log_end(&self) -> Result<Seq> {
+        match self.log.last().map_err(|e| self.io(e))? {
+            Some((key, bytes)) => Ok(self.header(&key, &bytes)?.last_seq()),
+            None => Ok(Seq::NONE),
+        }
+    }
+
+    /// The header of the batch that ends exactly at `seq`, if there is one.
+    fn batch_ending_at(&self, seq: Seq) -> Result<Option<BatchHeader>> {
+        let entry = self.log.range(..=seq.to_be_bytes()).next_back().transpose();
+        let Some((key, bytes)) = entry.map_err(|e| self.io(e))? else {
+            return Ok(None);
+        };
+        let header = self.header(&key, &bytes)?;
+        Ok((header.last_seq() == seq).then_some(header))
+    }
+
+    fn header(&self, key: &[u8], bytes: &[u8]) -> Result<BatchHeader> {
+        let header = BatchHeader::parse(bytes, &self.limits).map_err(|e| {
+            self.corrupt(format!("the log's batch at seq {}: {e}", seq_of_key(key)))
+        })?;
+        if header.first_seq.to_be_bytes() != key {
+            return Err(self.corrupt(format!(
+                "the log's batch under key {key:02x?} says it starts at seq {}",
+                header.first_seq
+            )));
+        }
+        Ok(header)
+    }
+
+    fn key_seq(&self, key: &[u8]) -> Result<Seq> {
+        key.try_into()
+            .map(|k| Seq(u64::from_be_bytes(k)))
+            .map_err(|_| self.corrupt(format!("log key {key:02x?} is not a seq")))
+    }
+
+    fn meta_u64(&self, name: &[u8]) -> Result<u64> {
+        match self.meta.get(name).map_err(|e| self.io(e))? {
+            None => Ok(0),
+            Some(bytes) => bytes
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| {
+                    self.corrupt(format!(
+                        "meta value {:?} is {} bytes, expected 8",
+                        String::from_utf8_lossy(name),
+                        bytes.len()
+                    ))
+                }),
+        }
+    }
+
+    fn io(&self, source: sled::Error) -> Error {
+        match source {
+            sled::Error::Corruption { .. } => self.corrupt(source.to_string()),
+            source => Error::StoreIo {
+                dir: self.dir.clone(),
+                source,
+            },
+        }
+    }
+
+    fn corrupt(&self, detail: String) -> Error {
+        Error::StoreCorrupt {
+            dir: self.dir.clone(),
+            detail,
+        }
+    }
+
+    fn txn_error(&self, error: TransactionError<Infallible>) -> Error {
+        match error {
+            TransactionError::Storage(source) => self.io(source),
+            TransactionError::Abort(never) => match never {},
+        }
+    }
+}
+
+fn write_marker(path: &Path) -> Result<()> {
+    let file = std::fs::File::create(path)?;
+    std::io::Write::write_all(
+        &mut &file,
+        format!("fencelog local store, format {STORE_FORMAT}\n").as_bytes(),
+    )?;
+    file.sync_all()?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// A log key as a seq, for messages about keys that may be damaged.
+fn seq_of_key(key: &[u8]) -> String {
+    key.try_into()
+        .map(|k| u64::from_be_bytes(k).to_string())
+        .unwrap_or_else(|_| format!("{key:02x?}"))
+}
+
+/// The guarded data stays consistent across a panic (sled writes are atomic), so a poisoned
+/// lock is still usable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
