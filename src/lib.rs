@@ -14,6 +14,7 @@
 //! - [`commit`]: the fenced etcd transaction that commits one batch;
 //! - [`local_store`]: the sled store of a node (log, state, positions);
 //! - [`etcd_process`]: a real etcd child process for tests, benches and demos;
+//! - [`workload`]: synthetic records for benches, tests and the load tool;
 //! - [`error`]: the crate's error type.
 
 pub mod batch;
@@ -25,5 +26,6 @@ pub mod limits;
 pub mod local_store;
 pub mod pointer;
 pub mod record;
+pub mod workload;
 
 pub use error::{BatchError, Error, Result};

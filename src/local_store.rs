@@ -96,6 +96,16 @@ pub struct StateDigest {
     pub digest: u64,
 }
 
+/// What the log holds, for operators.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStats {
+    pub batches: u64,
+    /// The first seq of the oldest batch; 0 when the log is empty.
+    pub oldest_seq: Seq,
+    /// Encoded (compressed) bytes of all batches.
+    pub bytes: u64,
+}
+
 /// The seqs of a batch just applied to the state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AppliedBatch {
@@ -362,6 +372,20 @@ impl LocalStore {
             }
         }
         Ok(records)
+    }
+
+    /// Counts the log's batches and bytes: a full scan, for inspection rather than hot paths.
+    pub fn log_stats(&self) -> Result<LogStats> {
+        let mut stats = LogStats::default();
+        for entry in self.log.iter() {
+            let (key, bytes) = entry.map_err(|e| self.io(e))?;
+            if stats.batches == 0 {
+                stats.oldest_seq = self.key_seq(&key)?;
+            }
+            stats.batches += 1;
+            stats.bytes += bytes.len() as u64;
+        }
+        Ok(stats)
     }
 
     /// The applied value of `key`, if any.

@@ -5,6 +5,7 @@
 use fencelog::batch::{Batch, BatchEncoder, EncodedBatch};
 use fencelog::limits::Limits;
 use fencelog::record::{Epoch, Record, Seq};
+use fencelog::workload::RecordGenerator;
 
 pub use fencelog::etcd_process::EtcdProcess;
 
@@ -16,25 +17,9 @@ pub async fn etcd() -> EtcdProcess {
     }
 }
 
-/// `count` puts of ~256-byte records over a keyspace of `keyspace` keys, seeded by `seed`.
+/// `count` records of ~256 bytes over a keyspace of `keyspace` keys, seeded by `seed`.
 pub fn records(seed: u64, count: usize, keyspace: u64) -> Vec<Record> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..count)
-        .map(|i| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let key = format!("user/{:08}", x % keyspace);
-            if i % 10 == 9 {
-                Record::delete(key)
-            } else {
-                Record::put(
-                    key,
-                    format!("{{\"seq_hint\":{i},\"payload\":\"{:0>220}\"}}", x),
-                )
-            }
-        })
-        .collect()
+    RecordGenerator::new(seed, keyspace, 256).take_records(count)
 }
 
 /// Encodes consecutive batches of `per_batch` records from seq 1 in `epoch`.

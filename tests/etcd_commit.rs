@@ -1,0 +1,282 @@
+//! Against a real etcd: a batch and its commit pointer are written by one fenced transaction,
+//! read back and decoded; a stale epoch, a moved pointer or an existing batch key each make
+//! the transaction write nothing.
+
+mod common;
+
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use fencelog::batch::{BatchDecoder, EncodedBatch};
+use fencelog::commit::{commit_batch, CommitOutcome};
+use fencelog::keys::KeyLayout;
+use fencelog::limits::Limits;
+use fencelog::local_store::{LocalStore, StoreOptions};
+use fencelog::pointer::CommitPointer;
+use fencelog::record::{Epoch, Seq};
+
+fn layout() -> KeyLayout {
+    KeyLayout::new(&"test-cluster".parse().unwrap())
+}
+
+/// Creates the leader key under a lease, as a primary does; its create revision is the epoch.
+async fn take_leadership(client: &mut Client, layout: &KeyLayout, node: &str) -> Epoch {
+    let lease = client.lease_grant(30, None).await.unwrap().id();
+    let put = PutOptions::new().with_lease(lease);
+    let txn = Txn::new()
+        .when([Compare::create_revision(
+            layout.leader(),
+            CompareOp::Equal,
+            0,
+        )])
+        .and_then([TxnOp::put(layout.leader(), node, Some(put))]);
+    let response = client.txn(txn).await.unwrap();
+    assert!(response.succeeded(), "someone else leads");
+    Epoch(response.header().unwrap().revision() as u64)
+}
+
+async fn get(client: &mut Client, key: String) -> Option<etcd_client::KeyValue> {
+    client.get(key, None).await.unwrap().kvs().first().cloned()
+}
+
+#[tokio::test]
+async fn a_batch_and_its_pointer_commit_in_one_transaction_and_decode_back() {
+    let etcd = common::etcd().await;
+    let mut client = etcd.client().await.unwrap();
+    let layout = layout();
+    let epoch = take_leadership(&mut client, &layout, "node-a").await;
+    let batch = &common::encoded_batches(epoch, 1, 1024)[0];
+
+    let outcome = commit_batch(&mut client.kv_client(), &layout, epoch, 0, batch)
+        .await
+        .unwrap();
+    let CommitOutcome::Committed { revision } = outcome else {
+        panic!("refused: {outcome:?}")
+    };
+
+    let stored_batch = get(&mut client, layout.batch(Seq(1)))
+        .await
+        .expect("batch key exists");
+    let stored_latest = get(&mut client, layout.latest())
+        .await
+        .expect("latest exists");
+    assert_eq!(
+        stored_batch.mod_revision(),
+        revision,
+        "batch and pointer share one revision"
+    );
+    assert_eq!(stored_latest.mod_revision(), revision);
+    let mut decoder = BatchDecoder::new(Limits::default()).unwrap();
+    let expected = BatchDecoder::new(Limits::default())
+        .unwrap()
+        .decode(batch.as_bytes())
+        .unwrap();
+    assert_eq!(decoder.decode(stored_batch.value()).unwrap(), expected);
+    assert_eq!(
+        CommitPointer::decode(stored_latest.value()).unwrap(),
+        CommitPointer {
+            last_seq: Seq(1024),
+            epoch,
+            batch_first_seq: Seq(1)
+        }
+    );
+}
+
+#[tokio::test]
+async fn consecutive_commits_chain_on_the_pointer_revision() {
+    let etcd = common::etcd().await;
+    let mut client = etcd.client().await.unwrap();
+    let layout = layout();
+    let epoch = take_leadership(&mut client, &layout, "node-a").await;
+    let mut latest_revision = 0;
+    for batch in &common::encoded_batches(epoch, 5, 100) {
+        match commit_batch(
+            &mut client.kv_client(),
+            &layout,
+            epoch,
+            latest_revision,
+            batch,
+        )
+        .await
+        {
+            Ok(CommitOutcome::Committed { revision }) => latest_revision = revision,
+            other => panic!("batch at {} not committed: {other:?}", batch.first_seq()),
+        }
+    }
+    let latest = get(&mut client, layout.latest()).await.unwrap();
+    assert_eq!(
+        CommitPointer::decode(latest.value()).unwrap().last_seq,
+        Seq(500)
+    );
+    let batches = client
+        .get(
+            layout.batches_prefix(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let first_seqs: Vec<Seq> = batches
+        .kvs()
+        .iter()
+        .map(|kv| layout.parse_batch_key(kv.key()).unwrap())
+        .collect();
+    assert_eq!(first_seqs, [Seq(1), Seq(101), Seq(201), Seq(301), Seq(401)]);
+}
+
+#[tokio::test]
+async fn a_deposed_primary_cannot_commit() {
+    let etcd = common::etcd().await;
+    let mut client = etcd.client().await.unwrap();
+    let layout = layout();
+    let old_epoch = take_leadership(&mut client, &layout, "node-a").await;
+    client.delete(layout.leader(), None).await.unwrap();
+    let new_epoch = take_leadership(&mut client, &layout, "node-b").await;
+
+    let batch = &common::encoded_batches(old_epoch, 1, 10)[0];
+    let outcome = commit_batch(&mut client.kv_client(), &layout, old_epoch, 0, batch)
+        .await
+        .unwrap();
+    let CommitOutcome::Refused(refusal) = outcome else {
+        panic!("a deposed primary committed")
+    };
+    assert!(refusal.is_fenced(old_epoch));
+    assert_eq!(refusal.leader_epoch, Some(new_epoch));
+    assert!(
+        get(&mut client, layout.batch(Seq(1))).await.is_none(),
+        "refused txn wrote a batch"
+    );
+    assert!(
+        get(&mut client, layout.latest()).await.is_none(),
+        "refused txn wrote the pointer"
+    );
+}
+
+#[tokio::test]
+async fn a_commit_without_a_leader_key_is_refused() {
+    let etcd = common::etcd().await;
+    let client = etcd.client().await.unwrap();
+    let batch = &common::encoded_batches(Epoch(1), 1, 10)[0];
+    let outcome = commit_batch(&mut client.kv_client(), &layout(), Epoch(1), 0, batch)
+        .await
+        .unwrap();
+    let CommitOutcome::Refused(refusal) = outcome else {
+        panic!("committed without leadership")
+    };
+    assert_eq!(refusal.leader_epoch, None);
+}
+
+#[tokio::test]
+async fn a_commit_on_a_stale_pointer_revision_is_refused_and_reports_the_head() {
+    let etcd = common::etcd().await;
+    let mut client = etcd.client().await.unwrap();
+    let layout = layout();
+    let epoch = take_leadership(&mut client, &layout, "node-a").await;
+    let batches = common::encoded_batches(epoch, 2, 10);
+    let mut kv = client.kv_client();
+    let CommitOutcome::Committed { revision } =
+        commit_batch(&mut kv, &layout, epoch, 0, &batches[0])
+            .await
+            .unwrap()
+    else {
+        panic!("first commit refused")
+    };
+
+    let outcome = commit_batch(&mut kv, &layout, epoch, 0, &batches[1])
+        .await
+        .unwrap();
+    let CommitOutcome::Refused(refusal) = outcome else {
+        panic!("committed on a stale revision")
+    };
+    assert!(!refusal.is_fenced(epoch));
+    assert_eq!(refusal.latest_revision, revision);
+    assert_eq!(refusal.latest.map(|p| p.last_seq), Some(Seq(10)));
+    assert!(get(&mut client, layout.batch(Seq(11))).await.is_none());
+}
+
+#[tokio::test]
+async fn an_existing_batch_key_is_never_overwritten() {
+    let etcd = common::etcd().await;
+    let mut client = etcd.client().await.unwrap();
+    let layout = layout();
+    let epoch = take_leadership(&mut client, &layout, "node-a").await;
+    let original = &common::encoded_batches(epoch, 1, 10)[0];
+    let mut kv = client.kv_client();
+    commit_batch(&mut kv, &layout, epoch, 0, original)
+        .await
+        .unwrap();
+    let latest_revision = get(&mut client, layout.latest())
+        .await
+        .unwrap()
+        .mod_revision();
+
+    let impostor = &common::encoded_batches(epoch, 1, 20)[0];
+    let outcome = commit_batch(&mut kv, &layout, epoch, latest_revision, impostor)
+        .await
+        .unwrap();
+    assert!(matches!(outcome, CommitOutcome::Refused(_)), "{outcome:?}");
+    let stored = get(&mut client, layout.batch(Seq(1))).await.unwrap();
+    assert_eq!(stored.value(), original.as_bytes());
+}
+
+#[tokio::test]
+async fn batches_read_from_etcd_rebuild_the_same_local_store() {
+    let etcd = common::etcd().await;
+    let mut client = etcd.client().await.unwrap();
+    let layout = layout();
+    let epoch = take_leadership(&mut client, &layout, "node-a").await;
+    let primary_dir = tempfile::tempdir().unwrap();
+    let primary = LocalStore::open(primary_dir.path(), StoreOptions::default()).unwrap();
+    let mut latest_revision = 0;
+    for batch in &common::encoded_batches(epoch, 8, 256) {
+        primary.append_pending(batch).unwrap();
+        let outcome = commit_batch(
+            &mut client.kv_client(),
+            &layout,
+            epoch,
+            latest_revision,
+            batch,
+        )
+        .await
+        .unwrap();
+        let CommitOutcome::Committed { revision } = outcome else {
+            panic!("{outcome:?}")
+        };
+        latest_revision = revision;
+        primary.mark_committed(batch.last_seq()).unwrap();
+    }
+    while primary.apply_next().unwrap().is_some() {}
+
+    let standby_dir = tempfile::tempdir().unwrap();
+    let standby = LocalStore::open(standby_dir.path(), StoreOptions::default()).unwrap();
+    // Paginated, as a standby must: one range read may not exceed the client's decode limit.
+    let page_options = etcd_client::GetOptions::new()
+        .with_range(prefix_end(&layout.batches_prefix()))
+        .with_limit(3);
+    let mut from = layout.batches_prefix();
+    loop {
+        let page = client
+            .get(from.clone(), Some(page_options.clone()))
+            .await
+            .unwrap();
+        for kv in page.kvs() {
+            let batch = EncodedBatch::parse(kv.value().to_vec(), &Limits::default()).unwrap();
+            standby.append_committed(&batch).unwrap();
+        }
+        if !page.more() {
+            break;
+        }
+        let last = page.kvs().last().unwrap();
+        from = layout.batch(layout.parse_batch_key(last.key()).unwrap().next().unwrap());
+    }
+    while standby.apply_next().unwrap().is_some() {}
+    assert_eq!(standby.positions().unwrap(), primary.positions().unwrap());
+    assert_eq!(
+        standby.state_digest().unwrap(),
+        primary.state_digest().unwrap()
+    );
+}
+
+/// The smallest key above every key starting with `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    *end.last_mut().unwrap() += 1;
+    end
+}

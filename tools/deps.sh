@@ -1,0 +1,18 @@
+# Sourced by the tools/ scripts: installs what fencelog needs on a Debian machine, only when it
+# is missing. etcd (package etcd-server) runs the integration tests; protoc (package
+# protobuf-compiler) builds etcd-client's protos.
+need_packages=()
+command -v etcd >/dev/null 2>&1 || need_packages+=(etcd-server)
+command -v protoc >/dev/null 2>&1 || need_packages+=(protobuf-compiler)
+command -v cc >/dev/null 2>&1 || need_packages+=(build-essential)
+if [ ${#need_packages[@]} -gt 0 ]; then
+  echo "installing ${need_packages[*]} ..."
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${need_packages[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo is not on the PATH: install a Rust toolchain (rustup) first" >&2
+  exit 1
+fi
