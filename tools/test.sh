@@ -8,4 +8,5 @@ source tools/deps.sh
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --all-targets --locked
+cargo test --benches --locked
+cargo test --lib --bins --tests --locked
