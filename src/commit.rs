@@ -3,6 +3,7 @@
 //! ```text
 //! If(   create_revision(leader)          == epoch                 -- fencing: still our term
 //!   AND mod_revision(latest)             == the revision last seen -- nobody else moved the log
+//!       (create_revision(latest) == 0 for the first batch of an empty cluster)
 //!   AND create_revision(batches/<first>) == 0 )                   -- never overwrite a batch
 //! Then( Put(batches/<first>, batch), Put(latest, pointer) )
 //! Else( Get(leader), Get(latest) )
@@ -34,10 +35,14 @@ pub fn commit_txn(
         epoch,
         batch_first_seq: batch.first_seq(),
     };
+    let latest_unchanged = match latest_revision {
+        0 => Compare::create_revision(layout.latest(), CompareOp::Equal, 0),
+        revision => Compare::mod_revision(layout.latest(), CompareOp::Equal, revision),
+    };
     Txn::new()
         .when([
             Compare::create_revision(layout.leader(), CompareOp::Equal, epoch_as_revision(epoch)),
-            Compare::mod_revision(layout.latest(), CompareOp::Equal, latest_revision),
+            latest_unchanged,
             Compare::create_revision(batch_key.clone(), CompareOp::Equal, 0),
         ])
         .and_then([
@@ -115,6 +120,6 @@ pub async fn commit_batch(
 }
 
 /// etcd revisions are `i64`; epochs come from them, so they always fit.
-fn epoch_as_revision(epoch: Epoch) -> i64 {
+pub(crate) fn epoch_as_revision(epoch: Epoch) -> i64 {
     i64::try_from(epoch.0).unwrap_or(i64::MAX)
 }
