@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use crate::record::Seq;
+use crate::record::{Epoch, Seq};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -124,12 +124,53 @@ pub enum Error {
     #[error("seq {seq} is not in the local log, which holds seqs {oldest} through {newest}")]
     SeqNotInLog { seq: Seq, oldest: Seq, newest: Seq },
 
+    #[error("not the primary{}", leader.as_ref().map(|l| format!(": the leader is at {l}")).unwrap_or_default())]
+    NotLeader { leader: Option<String> },
+    #[error("fenced: epoch {epoch} no longer leads ({})", match leader_epoch { Some(e) => format!("epoch {e} does"), None => "nobody does".into() })]
+    Fenced {
+        epoch: Epoch,
+        leader_epoch: Option<Epoch>,
+    },
+    #[error("leadership lost: {reason}")]
+    LeadershipLost { reason: String },
+    #[error("the outcome of the commit of seqs {first_seq}..={last_seq} is unknown: {reason}; read the log to see whether they were committed")]
+    CommitOutcomeUnknown {
+        first_seq: Seq,
+        last_seq: Seq,
+        reason: String,
+    },
+    #[error("an append of {records} records and {bytes} bytes is larger than one batch ({max_records} records, {max_bytes} bytes): split it")]
+    AppendTooLarge {
+        records: usize,
+        bytes: usize,
+        max_records: usize,
+        max_bytes: usize,
+    },
+    #[error("an append needs at least one record")]
+    EmptyAppend,
+    #[error("the local store has committed seqs through {local}, but etcd's latest is {etcd}: etcd lost committed data; restore it or move the store aside")]
+    EtcdBehindLocal { local: Seq, etcd: Seq },
+    #[error("etcd has no batch at seq {expected} ({}): the log has a gap", match found { Some(f) => format!("the next one starts at {f}"), None => "the log ends before it".into() })]
+    MissingBatches { expected: Seq, found: Option<Seq> },
+    #[error("etcd did not answer within {0:?}")]
+    EtcdTimeout(std::time::Duration),
+    #[error("invalid leader key value: {0}")]
+    InvalidLeaderValue(String),
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    #[error("a background task failed: {0}")]
+    TaskFailed(String),
+    #[error("shutting down")]
+    ShuttingDown,
+
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
     #[error("the etcd binary {binary:?} was not found: install it with `apt-get install etcd-server` (tools/test.sh does), or set FENCELOG_ETCD_BIN")]
     EtcdNotInstalled { binary: String },
     #[error("etcd did not start: {reason}\n--- last lines of its log ---\n{log_tail}")]
     EtcdStart { reason: String, log_tail: String },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -11,20 +11,27 @@
 //! - [`batch`]: the batch wire format (bincode, xxh3, zstd) and its defensive decoder;
 //! - [`keys`]: validated cluster and node names and the etcd key layout;
 //! - [`pointer`]: the `/latest` commit pointer;
-//! - [`commit`]: the fenced etcd transaction that commits one batch;
+//! - [`etcd`]: the commit layer: leadership, the fenced commit transaction, reading batches
+//!   back, and a real etcd process for tests;
 //! - [`local_store`]: the sled store of a node (log, state, positions);
-//! - [`etcd_process`]: a real etcd child process for tests, benches and demos;
+//! - [`applier`]: applies received batches to the state, off the commit path;
+//! - [`config`]: the primary's settings and their defaults;
+//! - [`primary`]: the append API and the double-buffered commit pipeline;
+//! - [`metrics`]: the Prometheus registry;
 //! - [`workload`]: synthetic records for benches, tests and the load tool;
 //! - [`error`]: the crate's error type.
 
+pub mod applier;
 pub mod batch;
-pub mod commit;
+pub mod config;
 pub mod error;
-pub mod etcd_process;
+pub mod etcd;
 pub mod keys;
 pub mod limits;
 pub mod local_store;
+pub mod metrics;
 pub mod pointer;
+pub mod primary;
 pub mod record;
 pub mod workload;
 

@@ -5,7 +5,7 @@
 //! |---------|-------------------------|----------------------------------------------------|
 //! | `log`   | first seq (big-endian)  | the encoded batch, as committed to etcd            |
 //! | `state` | record key              | record value (Put inserts, Delete removes)         |
-//! | `meta`  | `format`, `received_seq`, `applied_seq`, `received_epoch` | u64, big-endian |
+//! | `meta`  | `format`, `received_seq`, `applied_seq`, `received_epoch`, `lease_id` | u64, big-endian |
 //!
 //! The log and the state advance separately, like a Postgres standby's received and replayed
 //! positions: the log takes one sled write per batch, the state one per record, an order of
@@ -44,6 +44,7 @@ const FORMAT: &[u8] = b"format";
 const RECEIVED_SEQ: &[u8] = b"received_seq";
 const APPLIED_SEQ: &[u8] = b"applied_seq";
 const RECEIVED_EPOCH: &[u8] = b"received_epoch";
+const LEASE_ID: &[u8] = b"lease_id";
 
 /// When the store makes its writes durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,6 +124,8 @@ pub struct LocalStore {
     flush: FlushPolicy,
     /// Serializes log writes (append, commit, truncate): each checks the log's end, then writes.
     writer: Mutex<()>,
+    /// One flush at a time: sled 0.34.7's flushes are not safe to run from many threads at once.
+    flusher: Mutex<()>,
     /// Serializes applying and digesting, so a digest sees one `applied_seq`.
     applier: Mutex<BatchDecoder>,
 }
@@ -156,6 +159,7 @@ impl LocalStore {
             limits: options.limits,
             flush: options.flush,
             writer: Mutex::new(()),
+            flusher: Mutex::new(()),
             db,
             dir,
         };
@@ -417,8 +421,24 @@ impl LocalStore {
         })
     }
 
+    /// The etcd lease this node last led under, so that a restarted primary can recognise its
+    /// own leader key and revoke it instead of waiting out the TTL.
+    pub fn lease_id(&self) -> Result<Option<i64>> {
+        let id = self.meta_u64(LEASE_ID)?;
+        Ok((id != 0).then_some(id as i64))
+    }
+
+    pub fn set_lease_id(&self, id: Option<i64>) -> Result<()> {
+        let id = id.map_or(0, |id| id as u64);
+        self.meta
+            .insert(LEASE_ID, &id.to_be_bytes())
+            .map_err(|e| self.io(e))?;
+        self.flush()
+    }
+
     /// Makes every write so far durable.
     pub fn flush(&self) -> Result<()> {
+        let _flusher = lock(&self.flusher);
         self.db.flush().map(drop).map_err(|e| self.io(e))
     }
 
@@ -575,6 +595,15 @@ fn write_marker(path: &Path) -> Result<()> {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// Runs a blocking store call on tokio's blocking threads, off the async workers.
+pub async fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| Error::TaskFailed(e.to_string()))?
 }
 
 /// A log key as a seq, for messages about keys that may be damaged.

@@ -6,7 +6,7 @@ mod common;
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use fencelog::batch::{BatchDecoder, EncodedBatch};
-use fencelog::commit::{commit_batch, CommitOutcome};
+use fencelog::etcd::commit::{commit_batch, CommitOutcome};
 use fencelog::keys::KeyLayout;
 use fencelog::limits::Limits;
 use fencelog::local_store::{LocalStore, StoreOptions};

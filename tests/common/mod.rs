@@ -7,7 +7,7 @@ use fencelog::limits::Limits;
 use fencelog::record::{Epoch, Record, Seq};
 use fencelog::workload::RecordGenerator;
 
-pub use fencelog::etcd_process::EtcdProcess;
+pub use fencelog::etcd::process::EtcdProcess;
 
 /// Starts a real etcd; panics with etcd's own message (and how to install it) if it cannot.
 pub async fn etcd() -> EtcdProcess {
@@ -32,4 +32,114 @@ pub fn encoded_batches(epoch: Epoch, batches: usize, per_batch: usize) -> Vec<En
             encoder.encode(&batch).expect("encodes")
         })
         .collect()
+}
+
+/// A primary's pieces for one node: its store and its configuration.
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub store: std::sync::Arc<fencelog::local_store::LocalStore>,
+    pub config: fencelog::config::PrimaryConfig,
+}
+
+pub const CLUSTER: &str = "test-cluster";
+
+/// A node named `name` with a fresh store and default settings.
+pub fn node(name: &str) -> Node {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = fencelog::local_store::LocalStore::open(dir.path(), Default::default())
+        .expect("store opens");
+    let config = fencelog::config::PrimaryConfig::new(
+        CLUSTER.parse().expect("valid cluster"),
+        name.parse().expect("valid node name"),
+        format!("127.0.0.1:7{:03}", name.len()),
+    );
+    Node {
+        dir,
+        store: std::sync::Arc::new(store),
+        config,
+    }
+}
+
+/// A client of `etcd` with fencelog's timeouts.
+pub async fn client(etcd: &EtcdProcess) -> etcd_client::Client {
+    fencelog::etcd::connect(
+        &[etcd.endpoint().to_owned()],
+        std::time::Duration::from_secs(2),
+    )
+    .await
+    .expect("etcd answers")
+}
+
+/// Starts a primary on `node` against `etcd`.
+pub async fn start_primary(
+    etcd: &EtcdProcess,
+    node: &Node,
+) -> fencelog::Result<fencelog::primary::Primary> {
+    let metrics = std::sync::Arc::new(fencelog::metrics::Metrics::new().expect("metrics"));
+    fencelog::primary::Primary::start(
+        client(etcd).await,
+        node.store.clone(),
+        node.config.clone(),
+        metrics,
+    )
+    .await
+}
+
+/// Every committed record in etcd, by seq, read back through the verified paged reader.
+pub async fn committed_records(etcd: &EtcdProcess) -> Vec<(Seq, Record)> {
+    use fencelog::batch::BatchDecoder;
+    use fencelog::etcd::fetch::BatchPages;
+    let client = client(etcd).await;
+    let layout = fencelog::keys::KeyLayout::new(&CLUSTER.parse().expect("valid cluster"));
+    let limits = Limits::default();
+    let mut pages = BatchPages::new(
+        &client,
+        &layout,
+        &limits,
+        Seq(1),
+        None,
+        std::time::Duration::from_secs(5),
+    );
+    let mut decoder = BatchDecoder::new(limits.clone()).expect("valid limits");
+    let mut records = Vec::new();
+    while let Some(page) = pages
+        .next_page()
+        .await
+        .expect("etcd's log reads back without a gap")
+    {
+        for batch in page {
+            let batch = decoder
+                .decode(batch.as_bytes())
+                .expect("committed batches verify");
+            records.extend(batch.iter().map(|(seq, record)| (seq, record.clone())));
+        }
+    }
+    records
+}
+
+/// etcd's commit pointer, if any.
+pub async fn latest(etcd: &EtcdProcess) -> Option<fencelog::pointer::CommitPointer> {
+    let layout = fencelog::keys::KeyLayout::new(&CLUSTER.parse().expect("valid cluster"));
+    let response = client(etcd)
+        .await
+        .get(layout.latest(), None)
+        .await
+        .expect("etcd answers");
+    response
+        .kvs()
+        .first()
+        .map(|kv| fencelog::pointer::CommitPointer::decode(kv.value()).expect("latest decodes"))
+}
+
+/// Waits until nothing but `store`'s caller holds it, so its directory can go: tasks of a
+/// dropped (crashed) primary let go of the store only as the runtime cancels them.
+pub async fn released(store: &std::sync::Arc<fencelog::local_store::LocalStore>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::sync::Arc::strong_count(store) > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store is still held after 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }

@@ -3,6 +3,8 @@
 //! It listens on free 127.0.0.1 ports with a fresh data directory, runs with the flags operators
 //! should use (a low `--snapshot-count`, so etcd does not keep gigabytes of raft entries in
 //! memory), and is killed when dropped. The binary is `etcd` on the PATH, or `FENCELOG_ETCD_BIN`.
+//! Fault tests can kill it (`kill -9`), restart it on the same ports and data, or pause it
+//! (`SIGSTOP`) to make it hang rather than refuse.
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Seek, SeekFrom};
@@ -23,8 +25,10 @@ const LOG_TAIL_BYTES: u64 = 4096;
 
 /// A running etcd member, killed on drop.
 pub struct EtcdProcess {
-    child: Child,
+    child: Option<Child>,
+    binary: String,
     client_url: String,
+    peer_url: String,
     data_dir: TempDir,
     log_path: PathBuf,
 }
@@ -49,25 +53,40 @@ impl EtcdProcess {
         let data_dir = tempfile::Builder::new()
             .prefix("fencelog-etcd-")
             .tempdir()?;
-        let client_url = format!("http://127.0.0.1:{}", free_port()?);
-        let peer_url = format!("http://127.0.0.1:{}", free_port()?);
-        let log_path = data_dir.path().join("etcd.log");
-        let log = File::create(&log_path)?;
-        let child = Command::new(&binary)
+        let mut etcd = EtcdProcess {
+            child: None,
+            binary,
+            client_url: format!("http://127.0.0.1:{}", free_port()?),
+            peer_url: format!("http://127.0.0.1:{}", free_port()?),
+            log_path: data_dir.path().join("etcd.log"),
+            data_dir,
+        };
+        etcd.spawn()?;
+        etcd.wait_ready().await?;
+        Ok(etcd)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
+        let (client_url, peer_url) = (&self.client_url, &self.peer_url);
+        let child = Command::new(&self.binary)
             .args(["--name", "fencelog-test"])
             .arg("--data-dir")
-            .arg(data_dir.path().join("member"))
+            .arg(self.data_dir.path().join("member"))
             .args([
                 "--listen-client-urls",
-                &client_url,
+                client_url,
                 "--advertise-client-urls",
-                &client_url,
+                client_url,
             ])
             .args([
                 "--listen-peer-urls",
-                &peer_url,
+                peer_url,
                 "--initial-advertise-peer-urls",
-                &peer_url,
+                peer_url,
             ])
             .args(["--initial-cluster", &format!("fencelog-test={peer_url}")])
             .args([
@@ -84,18 +103,53 @@ impl EtcdProcess {
             .spawn()
             .map_err(|e| match e.kind() {
                 ErrorKind::NotFound => Error::EtcdNotInstalled {
-                    binary: binary.clone(),
+                    binary: self.binary.clone(),
                 },
                 _ => Error::Io(e),
             })?;
-        let mut etcd = EtcdProcess {
-            child,
-            client_url,
-            data_dir,
-            log_path,
-        };
-        etcd.wait_ready().await?;
-        Ok(etcd)
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Kills etcd with SIGKILL, keeping its data.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Both fail only if the process is already gone, which is what we want anyway.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts etcd again on the same ports and data directory, and waits until it answers.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()?;
+        self.wait_ready().await
+    }
+
+    /// Freezes etcd (SIGSTOP): requests hang instead of failing, as with a stalled disk or a
+    /// partition.
+    pub fn pause(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// Lets a paused etcd run again (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    fn signal(&self, signal: libc::c_int) -> Result<()> {
+        let child = self
+            .child
+            .as_ref()
+            .ok_or_else(|| Error::Io(std::io::Error::other("etcd is not running")))?;
+        let pid =
+            libc::pid_t::try_from(child.id()).map_err(|e| Error::Io(std::io::Error::other(e)))?;
+        // SAFETY: kill(2) with a pid we spawned and still own; it touches no memory of ours.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(Error::Io(std::io::Error::last_os_error()));
+        }
+        Ok(())
     }
 
     /// The client URL, `http://127.0.0.1:PORT`.
@@ -116,7 +170,11 @@ impl EtcdProcess {
     async fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Some(status) = self.child.try_wait()? {
+            let exited = match self.child.as_mut() {
+                Some(child) => child.try_wait()?,
+                None => return Err(self.start_error("it is not running".into())),
+            };
+            if let Some(status) = exited {
                 return Err(self.start_error(format!("it exited with {status}")));
             }
             let answer = match self.client().await {
@@ -145,9 +203,8 @@ impl EtcdProcess {
 
 impl Drop for EtcdProcess {
     fn drop(&mut self) {
-        // Both fail only if the process is already gone, which is what we want anyway.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // SIGKILL ends a paused (SIGSTOPped) etcd as well.
+        self.kill();
     }
 }
 

@@ -1,0 +1,128 @@
+//! The primary's settings, with their defaults in one place, validated once.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::keys::{ClusterId, NodeName};
+use crate::limits::Limits;
+
+/// How many sealed batches the commit pipeline holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pipeline {
+    /// One batch at a time: appends wait while a batch is encoded and committed (the design
+    /// fencelog replaces; kept to measure against).
+    Single,
+    /// While one batch is in its etcd transaction, the next is sealed, encoded and written to
+    /// the local log. The default.
+    Double,
+}
+
+impl Pipeline {
+    /// Sealed batches in flight at once: the one committing plus those being prepared.
+    pub fn depth(self) -> usize {
+        match self {
+            Pipeline::Single => 1,
+            Pipeline::Double => 2,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PrimaryConfig {
+    pub cluster: ClusterId,
+    pub node: NodeName,
+    /// The API address written into the leader key, so clients and standbys can find us.
+    pub advertise_addr: String,
+    /// TTL of the leadership lease. Default 5 s. Keepalives go out every third of it.
+    pub lease_ttl: Duration,
+    /// How long before the lease may have expired (counted from the last keepalive etcd
+    /// answered) the primary stops committing. Default 1 s.
+    pub lease_safety_margin: Duration,
+    /// Seal a batch at this many records. Default 1024.
+    pub max_batch_records: usize,
+    /// Seal a batch at this many payload (key + value) bytes. Default 256 KiB, which zstd
+    /// level 1 turns into roughly 64–96 KB: the size etcd handles best.
+    pub max_batch_bytes: usize,
+    /// How long a batch waits for more records after its first one. Default 0: a batch is
+    /// sealed as soon as the pipeline has room (natural group commit).
+    pub linger: Duration,
+    pub pipeline: Pipeline,
+    /// Payload bytes waiting for a commit, at most; appends wait beyond it. Default 64 MiB.
+    pub max_pending_bytes: usize,
+    /// How long one batch may keep retrying through etcd trouble before its appends fail and
+    /// the primary steps down. Default 10 s.
+    pub commit_deadline: Duration,
+    /// Timeout of one etcd request. Default 2 s.
+    pub etcd_request_timeout: Duration,
+    /// zstd level for batches. Default 1 (fastest, and no larger than 3 on log records).
+    pub zstd_level: i32,
+    pub limits: Limits,
+}
+
+impl PrimaryConfig {
+    pub fn new(cluster: ClusterId, node: NodeName, advertise_addr: impl Into<String>) -> Self {
+        PrimaryConfig {
+            cluster,
+            node,
+            advertise_addr: advertise_addr.into(),
+            lease_ttl: Duration::from_secs(5),
+            lease_safety_margin: Duration::from_secs(1),
+            max_batch_records: 1024,
+            max_batch_bytes: 256 * 1024,
+            linger: Duration::ZERO,
+            pipeline: Pipeline::Double,
+            max_pending_bytes: 64 * 1024 * 1024,
+            commit_deadline: Duration::from_secs(10),
+            etcd_request_timeout: Duration::from_secs(2),
+            zstd_level: 1,
+            limits: Limits::default(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.limits.validate()?;
+        let fail = |msg: String| Err(Error::InvalidConfig(msg));
+        if self.lease_ttl < Duration::from_secs(2) {
+            return fail(format!(
+                "lease_ttl {:?} is under etcd's minimum useful TTL of 2 s",
+                self.lease_ttl
+            ));
+        }
+        if self.lease_safety_margin * 2 > self.lease_ttl {
+            return fail(format!(
+                "lease_safety_margin {:?} must be at most half of lease_ttl {:?}",
+                self.lease_safety_margin, self.lease_ttl
+            ));
+        }
+        if self.max_batch_records == 0 || self.max_batch_records > u32::MAX as usize {
+            return fail(format!(
+                "max_batch_records {} must be at least 1",
+                self.max_batch_records
+            ));
+        }
+        // A full batch of small records must still encode under the hard cap.
+        let worst = crate::batch::worst_case_encoded_len(
+            self.max_batch_bytes + self.max_batch_records * 11,
+        );
+        if self.max_batch_bytes == 0 || worst > self.limits.max_batch_bytes {
+            return fail(format!(
+                "max_batch_bytes {} with max_batch_records {} may encode to {worst} bytes, over the \
+                 batch cap of {}",
+                self.max_batch_bytes, self.max_batch_records, self.limits.max_batch_bytes
+            ));
+        }
+        if self.max_pending_bytes < self.max_batch_bytes.max(self.limits.max_value_bytes) {
+            return fail(format!(
+                "max_pending_bytes {} must hold at least one full batch and one maximal value",
+                self.max_pending_bytes
+            ));
+        }
+        if self.max_pending_bytes > u32::MAX as usize {
+            return fail(format!(
+                "max_pending_bytes {} is over 4 GiB",
+                self.max_pending_bytes
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,70 @@
+//! The commit layer: everything fencelog says to etcd.
+//!
+//! - [`leadership`]: the lease, the leader key (whose create revision is the epoch), keepalive;
+//! - [`commit`]: the one fenced transaction per batch;
+//! - [`fetch`]: committed batches read back by key range, in pages, at one revision;
+//! - [`process`]: a real etcd child process for tests, benches and demos.
+
+pub mod commit;
+pub mod fetch;
+pub mod leadership;
+pub mod process;
+
+use std::collections::hash_map::RandomState;
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions};
+
+use crate::error::{Error, Result};
+
+/// Connects to etcd at `endpoints` with fencelog's timeouts.
+pub async fn connect(endpoints: &[String], request_timeout: Duration) -> Result<Client> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(request_timeout)
+        .with_timeout(request_timeout)
+        .with_keep_alive(Duration::from_secs(2), request_timeout);
+    Ok(Client::connect(endpoints, Some(options)).await?)
+}
+
+/// Runs one etcd call, giving up after `limit`: a call to an unreachable etcd must not hang
+/// a commit or a keepalive.
+pub(crate) async fn timed<T, E: Into<Error>>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => Err(Error::EtcdTimeout(limit)),
+    }
+}
+
+/// Exponential backoff with jitter, capped: retries against etcd must not stampede it.
+pub(crate) struct Backoff {
+    next: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(50);
+
+    pub(crate) fn new(cap: Duration) -> Backoff {
+        Backoff {
+            next: Self::FIRST,
+            cap,
+        }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    pub(crate) async fn wait(&mut self) {
+        // RandomState is seeded randomly: a cheap source of jitter without another dependency.
+        let random = RandomState::new().build_hasher().finish();
+        let jitter = self.next.mul_f64((random % 1000) as f64 / 2000.0);
+        tokio::time::sleep(self.next + jitter).await;
+        self.next = (self.next * 2).min(self.cap);
+    }
+}

@@ -1,0 +1,325 @@
+//! The primary: takes appends, gives each record a dense seq, and acknowledges it only once its
+//! batch is committed in etcd by the fenced transaction.
+//!
+//! ```text
+//! append ─▶ accumulator ─seal─▶ sealer: seqs, encode, local write-ahead ─▶ committer: etcd txn ─▶ ack
+//!           (fills while the      (overlaps the previous batch's            (one txn in flight,
+//!            pipeline is busy)     etcd round trip when `Double`)            batches in seq order)
+//! ```
+//!
+//! A [`Primary`] is one leadership term. [`Primary::start`] campaigns (waiting while another
+//! node leads), recovers the log from etcd, and starts the pipeline. The term ends when the
+//! primary steps down — fenced by a newer leader, its lease lost, etcd unreachable past the
+//! commit deadline, its local store failing — or shuts down; every unanswered append then fails
+//! with an error that says which. A new term is a new `Primary::start`.
+
+mod accumulator;
+mod pipeline;
+mod recovery;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::Client;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::applier::Applier;
+use crate::config::PrimaryConfig;
+use crate::error::{Error, Result};
+use crate::etcd::leadership::{LeaderInfo, Leadership, LeaseSettings};
+use crate::keys::KeyLayout;
+use crate::local_store::{blocking, LocalStore};
+use crate::metrics::Metrics;
+use crate::record::{Epoch, Record, Seq};
+
+use accumulator::Accumulator;
+
+/// The seqs an append was given, once committed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendAck {
+    pub first_seq: Seq,
+    pub last_seq: Seq,
+}
+
+/// Why a term ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StepDown {
+    /// A commit was refused: another epoch leads (or nobody does).
+    Fenced {
+        epoch: Epoch,
+        leader_epoch: Option<Epoch>,
+    },
+    /// The lease may have expired, or etcd stayed unreachable past the commit deadline.
+    LeadershipLost(String),
+    /// Sealing, encoding or the local write failed: a node that cannot write its log must not
+    /// lead.
+    PipelineFailed(String),
+    ShuttingDown,
+}
+
+impl StepDown {
+    pub fn to_error(&self) -> Error {
+        match self {
+            StepDown::Fenced {
+                epoch,
+                leader_epoch,
+            } => Error::Fenced {
+                epoch: *epoch,
+                leader_epoch: *leader_epoch,
+            },
+            StepDown::LeadershipLost(reason) => Error::LeadershipLost {
+                reason: reason.clone(),
+            },
+            StepDown::PipelineFailed(reason) => Error::LeadershipLost {
+                reason: format!("stepped down: {reason}"),
+            },
+            StepDown::ShuttingDown => Error::ShuttingDown,
+        }
+    }
+
+    /// The metric label.
+    fn label(&self) -> &'static str {
+        match self {
+            StepDown::Fenced { .. } => "fenced",
+            StepDown::LeadershipLost(_) => "leadership_lost",
+            StepDown::PipelineFailed(_) => "pipeline_failed",
+            StepDown::ShuttingDown => "shutdown",
+        }
+    }
+}
+
+/// What the pipeline's tasks share.
+struct Term {
+    config: PrimaryConfig,
+    layout: KeyLayout,
+    client: Client,
+    store: Arc<LocalStore>,
+    metrics: Arc<Metrics>,
+    leadership: Leadership,
+    accumulator: Accumulator,
+    /// One permit per sealed batch the pipeline may hold: 1 (`Single`) or 2 (`Double`).
+    slots: Arc<Semaphore>,
+    /// `None` while leading; why the term ended once it has.
+    ended: watch::Sender<Option<StepDown>>,
+    /// The last committed seq, for the applier and for status.
+    committed: watch::Sender<Seq>,
+}
+
+impl Term {
+    fn epoch(&self) -> Epoch {
+        self.leadership.epoch()
+    }
+
+    fn step_down(&self, cause: StepDown) {
+        let first = self.ended.send_if_modified(|ended| {
+            if ended.is_some() {
+                return false;
+            }
+            *ended = Some(cause.clone());
+            true
+        });
+        if !first {
+            return;
+        }
+        if cause != StepDown::ShuttingDown {
+            tracing::warn!(epoch = %self.epoch(), ?cause, "stepping down");
+        }
+        self.metrics
+            .step_downs
+            .with_label_values(&[cause.label()])
+            .inc();
+        self.metrics.epoch.set(0);
+        self.leadership.lose(format!("{cause:?}"));
+        self.accumulator.close(&cause);
+    }
+
+    fn ended(&self) -> Option<StepDown> {
+        self.ended.borrow().clone()
+    }
+}
+
+/// One leadership term of a primary. Dropping it without [`Primary::shutdown`] stops it as a
+/// crash would: nothing is resigned, and the lease expires by itself.
+pub struct Primary {
+    term: Arc<Term>,
+    tasks: Vec<JoinHandle<()>>,
+    applier: Applier,
+}
+
+impl Primary {
+    /// Campaigns for leadership (waiting while another node leads), truncates the local log to
+    /// what etcd committed, fetches committed batches it lacks, and starts taking appends at
+    /// etcd's last seq + 1.
+    pub async fn start(
+        client: Client,
+        store: Arc<LocalStore>,
+        config: PrimaryConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Primary> {
+        config.validate()?;
+        let layout = KeyLayout::new(&config.cluster);
+        let me = LeaderInfo {
+            node: config.node.clone(),
+            addr: config.advertise_addr.clone(),
+        };
+        let settings = LeaseSettings {
+            ttl: config.lease_ttl,
+            safety_margin: config.lease_safety_margin,
+            request_timeout: config.etcd_request_timeout,
+        };
+        let leadership = Leadership::campaign(&client, &layout, &me, settings, &store).await?;
+        let resume = match recovery::recover(&client, &layout, &store, &config).await {
+            Ok(resume) => resume,
+            Err(e) => {
+                if let Err(resign) = leadership.resign(&store).await {
+                    tracing::warn!(error = %resign, "could not resign after a failed recovery");
+                }
+                return Err(e);
+            }
+        };
+        tracing::info!(epoch = %leadership.epoch(), next_seq = %resume.next_seq, "leading");
+        metrics.epoch.set(leadership.epoch().0 as i64);
+        metrics.committed_seq.set(resume.next_seq.0 as i64 - 1);
+
+        let committed_seq = Seq(resume.next_seq.0 - 1);
+        let (committed, received) = watch::channel(committed_seq);
+        let applier = Applier::spawn(store.clone(), received, metrics.clone());
+        let term = Arc::new(Term {
+            accumulator: Accumulator::new(
+                config.max_pending_bytes,
+                config.max_batch_records,
+                config.max_batch_bytes,
+                config.linger,
+            ),
+            slots: Arc::new(Semaphore::new(config.pipeline.depth())),
+            ended: watch::channel(None).0,
+            config,
+            layout,
+            client,
+            store,
+            metrics,
+            leadership,
+            committed,
+        });
+        let tasks = pipeline::spawn(term.clone(), resume)?;
+        Ok(Primary {
+            term,
+            tasks,
+            applier,
+        })
+    }
+
+    /// Appends `records` as one run of consecutive seqs in one batch, and answers once that
+    /// batch is committed in etcd. Waits while `max_pending_bytes` are pending.
+    pub async fn append(&self, records: Vec<Record>) -> Result<AppendAck> {
+        let bytes = self.check_append(&records)?;
+        if let Some(cause) = self.term.ended() {
+            return Err(cause.to_error());
+        }
+        let answer = self.term.accumulator.push(records, bytes).await?;
+        self.term
+            .metrics
+            .pending_bytes
+            .set(self.term.accumulator.pending_bytes() as i64);
+        answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    fn check_append(&self, records: &[Record]) -> Result<usize> {
+        if records.is_empty() {
+            return Err(Error::EmptyAppend);
+        }
+        let config = &self.term.config;
+        let mut bytes = 0;
+        for record in records {
+            config.limits.check_record(record)?;
+            bytes += record.key.len() + record.value.len();
+        }
+        let too_many = records.len() > config.max_batch_records;
+        // One record larger than a batch's byte target still makes a batch of its own.
+        let too_big = records.len() > 1 && bytes > config.max_batch_bytes;
+        if too_many || too_big {
+            return Err(Error::AppendTooLarge {
+                records: records.len(),
+                bytes,
+                max_records: config.max_batch_records,
+                max_bytes: config.max_batch_bytes,
+            });
+        }
+        Ok(bytes)
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.term.epoch()
+    }
+
+    /// True until the term ends.
+    pub fn is_leading(&self) -> bool {
+        self.term.ended().is_none()
+    }
+
+    /// The last seq committed in this node's knowledge.
+    pub fn committed_seq(&self) -> Seq {
+        *self.term.committed.borrow()
+    }
+
+    /// The last seq applied to this node's state.
+    pub fn applied_seq(&self) -> Seq {
+        self.applier.applied_seq()
+    }
+
+    /// Waits until this node's state reflects `seq` (read-your-writes).
+    pub async fn wait_applied(&self, seq: Seq) -> Seq {
+        self.applier.wait_applied(seq).await
+    }
+
+    /// Payload bytes of appends not yet answered.
+    pub fn pending_bytes(&self) -> usize {
+        self.term.accumulator.pending_bytes()
+    }
+
+    /// Resolves with the reason once the term ends.
+    pub async fn stepped_down(&self) -> StepDown {
+        let mut ended = self.term.ended.subscribe();
+        let cause = ended
+            .wait_for(Option::is_some)
+            .await
+            .map(|cause| cause.clone());
+        cause.ok().flatten().unwrap_or(StepDown::ShuttingDown)
+    }
+
+    /// Ends the term gracefully: refuses new appends, lets queued and in-flight ones finish
+    /// (for at most the commit deadline), resigns so a standby can take over at once, and
+    /// flushes the local store.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let deadline = Instant::now() + self.term.config.commit_deadline;
+        let depth = self.term.config.pipeline.depth();
+        while self.term.ended().is_none() && Instant::now() < deadline {
+            let idle =
+                self.term.accumulator.is_empty() && self.term.slots.available_permits() == depth;
+            if idle {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.term.step_down(StepDown::ShuttingDown);
+        let resigned = self.term.leadership.resign(&self.term.store).await;
+        for task in std::mem::take(&mut self.tasks) {
+            task.abort();
+            // Cancelled is the expected outcome; waiting makes sure the task has stopped.
+            let _ = task.await;
+        }
+        self.applier.wait_applied(self.committed_seq()).await;
+        let store = self.term.store.clone();
+        blocking(move || store.flush()).await?;
+        resigned
+    }
+}
+
+impl Drop for Primary {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,458 @@
+//! The primary against a real etcd: dense seqs, acks only after commit, one revision per batch,
+//! fencing, restart, etcd failures and backpressure.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{committed_records, latest, node, start_primary};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+use fencelog::batch::{Batch, BatchEncoder};
+use fencelog::config::Pipeline;
+use fencelog::keys::KeyLayout;
+use fencelog::limits::Limits;
+use fencelog::primary::{AppendAck, Primary, StepDown};
+use fencelog::record::{Epoch, Record, Seq};
+use fencelog::workload::RecordGenerator;
+use fencelog::Error;
+
+fn layout() -> KeyLayout {
+    KeyLayout::new(&common::CLUSTER.parse().unwrap())
+}
+
+/// `tasks` concurrent appenders, each making `appends` calls of 1–4 records; returns what each
+/// call appended with its ack.
+async fn append_concurrently(
+    primary: &Arc<Primary>,
+    tasks: u64,
+    appends: usize,
+) -> Vec<(AppendAck, Vec<Record>)> {
+    let handles: Vec<_> = (0..tasks)
+        .map(|task| {
+            let primary = primary.clone();
+            tokio::spawn(async move {
+                let mut generator = RecordGenerator::new(task + 1, 1000, 256);
+                let mut acked = Vec::new();
+                for i in 0..appends {
+                    let records = generator.take_records(1 + i % 4);
+                    let ack = primary
+                        .append(records.clone())
+                        .await
+                        .expect("append commits");
+                    acked.push((ack, records));
+                }
+                acked
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for handle in handles {
+        all.extend(handle.await.unwrap());
+    }
+    all
+}
+
+/// Asserts that the acks cover seqs 1..=n exactly once and that etcd holds each acked record
+/// at its seq.
+async fn assert_acks_match_etcd(etcd: &common::EtcdProcess, acked: &[(AppendAck, Vec<Record>)]) {
+    let committed: BTreeMap<Seq, Record> = committed_records(etcd).await.into_iter().collect();
+    let mut seqs: Vec<u64> = Vec::new();
+    for (ack, records) in acked {
+        assert_eq!(ack.last_seq.0 - ack.first_seq.0 + 1, records.len() as u64);
+        for (i, record) in records.iter().enumerate() {
+            let seq = Seq(ack.first_seq.0 + i as u64);
+            assert_eq!(
+                committed.get(&seq),
+                Some(record),
+                "acked seq {seq} differs in etcd"
+            );
+            seqs.push(seq.0);
+        }
+    }
+    seqs.sort_unstable();
+    let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, expected, "acked seqs are not dense and unique from 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_get_dense_unique_seqs_double_buffered() {
+    let etcd = common::etcd().await;
+    let node = node("p1");
+    let primary = Arc::new(start_primary(&etcd, &node).await.unwrap());
+    let acked = append_concurrently(&primary, 8, 40).await;
+    assert_acks_match_etcd(&etcd, &acked).await;
+    Arc::into_inner(primary).unwrap().shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_get_dense_unique_seqs_single_buffered() {
+    let etcd = common::etcd().await;
+    let mut node = node("p1");
+    node.config.pipeline = Pipeline::Single;
+    let primary = Arc::new(start_primary(&etcd, &node).await.unwrap());
+    let acked = append_concurrently(&primary, 8, 40).await;
+    assert_acks_match_etcd(&etcd, &acked).await;
+    Arc::into_inner(primary).unwrap().shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_is_acknowledged_only_once_etcd_has_its_batch() {
+    let etcd = common::etcd().await;
+    let node = node("p1");
+    let primary = Arc::new(start_primary(&etcd, &node).await.unwrap());
+    let checkers: Vec<_> = (0..4)
+        .map(|task| {
+            let primary = primary.clone();
+            let endpoint = etcd.endpoint().to_owned();
+            tokio::spawn(async move {
+                let mut client = fencelog::etcd::connect(&[endpoint], Duration::from_secs(2))
+                    .await
+                    .unwrap();
+                let mut generator = RecordGenerator::new(task, 100, 128);
+                for _ in 0..25 {
+                    let ack = primary.append(generator.take_records(2)).await.unwrap();
+                    let response = client.get(layout().latest(), None).await.unwrap();
+                    let pointer =
+                        fencelog::pointer::CommitPointer::decode(response.kvs()[0].value())
+                            .unwrap();
+                    assert!(
+                        pointer.last_seq >= ack.last_seq,
+                        "acked {ack:?} before etcd's latest {pointer:?}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for checker in checkers {
+        checker.await.unwrap();
+    }
+    Arc::into_inner(primary).unwrap().shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn each_batch_consumes_exactly_one_etcd_revision() {
+    let etcd = common::etcd().await;
+    let node = node("p1");
+    let primary = start_primary(&etcd, &node).await.unwrap();
+    let mut client = common::client(&etcd).await;
+    let revision = |r: etcd_client::GetResponse| r.header().unwrap().revision();
+    let before = revision(client.get(layout().latest(), None).await.unwrap());
+    let mut generator = RecordGenerator::new(1, 100, 256);
+    for _ in 0..20 {
+        primary.append(generator.take_records(3)).await.unwrap();
+    }
+    let after = revision(client.get(layout().latest(), None).await.unwrap());
+    let batches = client
+        .get(
+            layout().batches_prefix(),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
+        .await
+        .unwrap()
+        .count();
+    assert_eq!(batches, 20, "sequential appends commit one batch each");
+    assert_eq!(
+        after - before,
+        batches,
+        "every batch took exactly one revision"
+    );
+    primary.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_deposed_primary_is_fenced_and_never_acknowledges_again() {
+    let etcd = common::etcd().await;
+    let mut node = node("old");
+    // A long TTL keeps the keepalive from noticing first: the commit itself must be refused.
+    node.config.lease_ttl = Duration::from_secs(60);
+    let primary = start_primary(&etcd, &node).await.unwrap();
+    primary.append(vec![Record::put("k", "v1")]).await.unwrap();
+
+    let mut client = common::client(&etcd).await;
+    let leader = client.get(layout().leader(), None).await.unwrap().kvs()[0].clone();
+    client.lease_revoke(leader.lease()).await.unwrap();
+    let lease = client.lease_grant(60, None).await.unwrap().id();
+    let takeover = Txn::new()
+        .when([Compare::create_revision(
+            layout().leader(),
+            CompareOp::Equal,
+            0,
+        )])
+        .and_then([TxnOp::put(
+            layout().leader(),
+            "new 127.0.0.1:1",
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
+    let taken = client.txn(takeover).await.unwrap();
+    assert!(taken.succeeded());
+    let new_epoch = Epoch(taken.header().unwrap().revision() as u64);
+
+    let refused = primary
+        .append(vec![Record::put("k", "v2")])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, Error::Fenced { epoch, leader_epoch: Some(e) } if epoch == primary.epoch() && e == new_epoch),
+        "{refused}"
+    );
+    assert!(matches!(
+        primary.stepped_down().await,
+        StepDown::Fenced { .. }
+    ));
+    for _ in 0..5 {
+        assert!(primary.append(vec![Record::put("k", "v3")]).await.is_err());
+    }
+    assert_eq!(
+        latest(&etcd).await.unwrap().last_seq,
+        Seq(1),
+        "nothing after the takeover was committed"
+    );
+    primary.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restarted_primary_drops_its_unconfirmed_tail_and_resumes_after_the_last_commit() {
+    let etcd = common::etcd().await;
+    let node = node("p1");
+    let first = start_primary(&etcd, &node).await.unwrap();
+    for _ in 0..10 {
+        first
+            .append(RecordGenerator::new(1, 50, 256).take_records(10))
+            .await
+            .unwrap();
+    }
+    let old_epoch = first.epoch();
+    drop(first); // a crash: no resign; the lease is still alive
+    common::released(&node.store).await;
+
+    // A batch written ahead locally whose commit never happened.
+    let mut encoder = BatchEncoder::new(Limits::default(), 1).unwrap();
+    let orphan = Batch::new(
+        old_epoch,
+        Seq(101),
+        vec![Record::put("orphan", "never committed")],
+    )
+    .unwrap();
+    node.store
+        .append_pending(&encoder.encode(&orphan).unwrap())
+        .unwrap();
+
+    let started = Instant::now();
+    let second = start_primary(&etcd, &node).await.unwrap();
+    assert!(
+        started.elapsed() < node.config.lease_ttl,
+        "it waited out its own old lease"
+    );
+    assert!(second.epoch() > old_epoch);
+    let ack = second
+        .append(vec![Record::put("after", "restart")])
+        .await
+        .unwrap();
+    assert_eq!(ack.first_seq, Seq(101));
+    let committed = committed_records(&etcd).await;
+    assert_eq!(committed.len(), 101);
+    assert_eq!(committed[100], (Seq(101), Record::put("after", "restart")));
+    second.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_primary_with_an_empty_store_fetches_the_committed_log_from_etcd() {
+    let etcd = common::etcd().await;
+    let first_node = node("p1");
+    let first = start_primary(&etcd, &first_node).await.unwrap();
+    for i in 0..30 {
+        first
+            .append(RecordGenerator::new(i, 40, 256).take_records(7))
+            .await
+            .unwrap();
+    }
+    first.shutdown().await.unwrap();
+
+    let second_node = node("p2");
+    let second = start_primary(&etcd, &second_node).await.unwrap();
+    assert_eq!(second.committed_seq(), Seq(210));
+    second.wait_applied(Seq(210)).await;
+    assert_eq!(
+        second_node.store.state_digest().unwrap(),
+        first_node.store.state_digest().unwrap()
+    );
+    let ack = second.append(vec![Record::delete("gone")]).await.unwrap();
+    assert_eq!(ack.first_seq, Seq(211));
+    second.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_waiting_primary_takes_over_as_soon_as_the_leader_resigns() {
+    let etcd = common::etcd().await;
+    let leader_node = node("leader");
+    let leader = start_primary(&etcd, &leader_node).await.unwrap();
+    leader.append(vec![Record::put("a", "1")]).await.unwrap();
+
+    let waiting_node = node("waiting");
+    let endpoint_etcd = &etcd;
+    let waiting = start_primary(endpoint_etcd, &waiting_node);
+    tokio::pin!(waiting);
+    let early = tokio::time::timeout(Duration::from_millis(500), &mut waiting).await;
+    assert!(
+        early.is_err(),
+        "a second primary must not lead while the first does"
+    );
+
+    leader.shutdown().await.unwrap();
+    let resigned_at = Instant::now();
+    let successor = tokio::time::timeout(Duration::from_secs(4), waiting)
+        .await
+        .expect("took over")
+        .unwrap();
+    assert!(resigned_at.elapsed() < Duration::from_secs(4));
+    let ack = successor.append(vec![Record::put("b", "2")]).await.unwrap();
+    assert_eq!(ack.first_seq, Seq(2));
+    successor.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_append_larger_than_a_batch_is_refused_but_one_large_record_is_not() {
+    let etcd = common::etcd().await;
+    let mut node = node("p1");
+    node.config.max_batch_records = 100;
+    let primary = start_primary(&etcd, &node).await.unwrap();
+    let too_many = primary
+        .append(RecordGenerator::new(1, 10, 64).take_records(101))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(too_many, Error::AppendTooLarge { records: 101, .. }),
+        "{too_many}"
+    );
+    let too_big = primary
+        .append(vec![
+            Record::put("a", vec![1; 200_000]),
+            Record::put("b", vec![2; 200_000]),
+        ])
+        .await;
+    assert!(matches!(too_big, Err(Error::AppendTooLarge { .. })));
+    let oversized_value = primary
+        .append(vec![Record::put("a", vec![0; (1 << 20) + 1])])
+        .await;
+    assert!(matches!(
+        oversized_value,
+        Err(Error::RecordTooLarge { part: "value", .. })
+    ));
+
+    let large = Record::put("large", vec![7; 1 << 20]);
+    let ack = primary.append(vec![large.clone()]).await.unwrap();
+    assert_eq!(committed_records(&etcd).await, vec![(ack.first_seq, large)]);
+    primary.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_appends_never_exceed_the_byte_bound() {
+    let etcd = common::etcd().await;
+    let mut node = node("p1");
+    node.config.max_pending_bytes = 1 << 20;
+    let primary = Arc::new(start_primary(&etcd, &node).await.unwrap());
+    primary
+        .append(vec![Record::put("warm", "up")])
+        .await
+        .unwrap();
+
+    etcd.pause().unwrap();
+    let appenders: Vec<_> = (0..40u8)
+        .map(|i| {
+            let primary = primary.clone();
+            tokio::spawn(async move {
+                primary
+                    .append(vec![Record::put(vec![i], vec![i; 100_000])])
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let pending = primary.pending_bytes();
+    let finished = appenders.iter().filter(|a| a.is_finished()).count();
+    etcd.resume().unwrap();
+
+    assert!(
+        pending <= 1 << 20,
+        "{pending} bytes pending over a bound of 1 MiB"
+    );
+    assert!(
+        pending >= 900_000,
+        "the bound was not reached: {pending} bytes"
+    );
+    assert_eq!(finished, 0, "appends completed while etcd was frozen");
+    for appender in appenders {
+        appender
+            .await
+            .unwrap()
+            .expect("appends complete once etcd runs again");
+    }
+    assert_eq!(latest(&etcd).await.unwrap().last_seq, Seq(41));
+    Arc::into_inner(primary).unwrap().shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_killed_and_restarted_during_appends_loses_no_acknowledged_record() {
+    let mut etcd = common::etcd().await;
+    let node = node("p1");
+    let primary = Arc::new(start_primary(&etcd, &node).await.unwrap());
+    let stop_at = Instant::now() + Duration::from_secs(4);
+    let appenders: Vec<_> = (0..4u64)
+        .map(|task| {
+            let primary = primary.clone();
+            tokio::spawn(async move {
+                let mut generator = RecordGenerator::new(task, 500, 256);
+                let (mut acked, mut failed) = (Vec::new(), 0);
+                while Instant::now() < stop_at {
+                    let records = generator.take_records(3);
+                    match primary.append(records.clone()).await {
+                        Ok(ack) => acked.push((ack, records)),
+                        Err(_) => {
+                            failed += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+                (acked, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    etcd.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    etcd.restart().await.unwrap();
+
+    let mut acked = Vec::new();
+    for appender in appenders {
+        acked.extend(appender.await.unwrap().0);
+    }
+    assert!(!acked.is_empty());
+    let committed: BTreeMap<Seq, Record> = committed_records(&etcd).await.into_iter().collect();
+    for (ack, records) in &acked {
+        for (i, record) in records.iter().enumerate() {
+            assert_eq!(
+                committed.get(&Seq(ack.first_seq.0 + i as u64)),
+                Some(record),
+                "acked {ack:?} lost"
+            );
+        }
+    }
+    let last = committed.keys().next_back().copied().unwrap_or_default();
+    assert_eq!(
+        committed.len() as u64,
+        last.0,
+        "etcd's log is not dense from 1"
+    );
+    assert_eq!(
+        latest(&etcd).await.unwrap().last_seq,
+        last,
+        "latest does not point at the last batch"
+    );
+    Arc::into_inner(primary).unwrap().shutdown().await.unwrap();
+}
