@@ -99,6 +99,8 @@ pub enum Error {
 
     #[error("cannot open the local store at {dir}: {source}; if it is damaged, move it aside and let the node rebuild it from etcd")]
     StoreOpen { dir: PathBuf, source: sled::Error },
+    #[error("the local store at {dir} is in use by another process: stop it first")]
+    StoreLocked { dir: PathBuf },
     #[error("the local store at {dir} is damaged: {detail}; move it aside and let the node rebuild it from etcd")]
     StoreCorrupt { dir: PathBuf, detail: String },
     #[error("the local store at {dir} has format {found}, this build reads format {supported}; move it aside to rebuild it from etcd")]

@@ -11,7 +11,8 @@
 //! positions: the log takes one sled write per batch, the state one per record, an order of
 //! magnitude slower. Invariants, kept by every write and checked on open:
 //! - the log is contiguous: each batch starts right after the one before it;
-//! - `applied_seq <= received_seq <= log end`, and both are batch boundaries;
+//! - `applied_seq <= received_seq <= log end`; `received_seq` is a batch boundary (`applied_seq`
+//!   may stop inside a batch: the state is applied in short steps);
 //! - `received_seq` moves in the same sled transaction as the log write it covers (or, for a
 //!   primary's write-ahead batch, once etcd has committed it);
 //! - `applied_seq` moves in the same sled transaction as the state writes it accounts for, so a
@@ -22,13 +23,13 @@
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use sled::Tree;
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::batch::{BatchDecoder, BatchHeader, EncodedBatch};
+use crate::batch::{Batch, BatchDecoder, BatchHeader, EncodedBatch};
 use crate::error::{Error, Result};
 use crate::limits::Limits;
 use crate::record::{Epoch, Op, Record, Seq};
@@ -107,11 +108,17 @@ pub struct LogStats {
     pub bytes: u64,
 }
 
-/// The seqs of a batch just applied to the state.
+/// The seqs just applied to the state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AppliedBatch {
+pub struct AppliedRange {
     pub first_seq: Seq,
     pub last_seq: Seq,
+}
+
+/// The applier's working set: its decoder, and the batch it is part way through.
+struct Applying {
+    decoder: BatchDecoder,
+    cached: Option<Arc<Batch>>,
 }
 
 pub struct LocalStore {
@@ -127,7 +134,7 @@ pub struct LocalStore {
     /// One flush at a time: sled 0.34.7's flushes are not safe to run from many threads at once.
     flusher: Mutex<()>,
     /// Serializes applying and digesting, so a digest sees one `applied_seq`.
-    applier: Mutex<BatchDecoder>,
+    applier: Mutex<Applying>,
 }
 
 impl LocalStore {
@@ -141,10 +148,7 @@ impl LocalStore {
         if let FlushPolicy::Background { interval_ms } = options.flush {
             config = config.flush_every_ms(Some(interval_ms));
         }
-        let db = config.open().map_err(|source| Error::StoreOpen {
-            dir: dir.clone(),
-            source,
-        })?;
+        let db = open_waiting_for_lock(&config, &dir)?;
         let open_tree = |name: &str| {
             db.open_tree(name).map_err(|source| Error::StoreOpen {
                 dir: dir.clone(),
@@ -155,7 +159,10 @@ impl LocalStore {
             log: open_tree("log")?,
             state: open_tree("state")?,
             meta: open_tree("meta")?,
-            applier: Mutex::new(BatchDecoder::new(options.limits.clone())?),
+            applier: Mutex::new(Applying {
+                decoder: BatchDecoder::new(options.limits.clone())?,
+                cached: None,
+            }),
             limits: options.limits,
             flush: options.flush,
             writer: Mutex::new(()),
@@ -216,7 +223,9 @@ impl LocalStore {
         self.log
             .insert(batch.first_seq().to_be_bytes(), batch.as_bytes())
             .map_err(|e| self.io(e))?;
-        self.flush_if_every_write()
+        // No flush: nothing is acknowledged on the strength of a pending batch, and recovery
+        // drops it anyway.
+        Ok(())
     }
 
     /// Advances `received_seq` to `through`, which must end a batch in the log.
@@ -289,32 +298,30 @@ impl LocalStore {
         self.flush_if_every_write()
     }
 
-    /// Applies the next received batch to the state, advancing `applied_seq` over it in the same
-    /// transaction. Returns `None` when the state has caught up with `received_seq`.
-    pub fn apply_next(&self) -> Result<Option<AppliedBatch>> {
-        let mut decoder = lock(&self.applier);
+    /// Applies up to `max_records` received records after `applied_seq` to the state, advancing
+    /// `applied_seq` over them in the same transaction; never past the end of the batch they
+    /// belong to. Returns `None` when the state has caught up with `received_seq`.
+    ///
+    /// sled runs every transaction under a process-wide write lock that stalls all other sled
+    /// writes, the commit path's included: a small `max_records` keeps each stall short. No
+    /// flush: a crash loses at most the last applies, and sled keeps the state and
+    /// `applied_seq` together, so they are redone from the log.
+    pub fn apply_next(&self, max_records: usize) -> Result<Option<AppliedRange>> {
+        let mut applier = lock(&self.applier);
         let applied = Seq(self.meta_u64(APPLIED_SEQ)?);
         let received = Seq(self.meta_u64(RECEIVED_SEQ)?);
-        if applied >= received {
+        if applied >= received || max_records == 0 {
             return Ok(None);
         }
         let first = applied.next()?;
-        let bytes = self
-            .log
-            .get(first.to_be_bytes())
-            .map_err(|e| self.io(e))?
-            .ok_or_else(|| {
-                self.corrupt(format!(
-                    "the log has no batch at seq {first}, which it received"
-                ))
-            })?;
-        let batch = decoder
-            .decode(&bytes)
-            .map_err(|e| self.corrupt(format!("the log's batch at seq {first}: {e}")))?;
-        let last = batch.last_seq();
+        let batch = self.batch_holding(first, &mut applier)?;
+        let skip = (first.0 - batch.first_seq().0) as usize;
+        let records =
+            &batch.records()[skip..batch.records().len().min(skip.saturating_add(max_records))];
+        let last = Seq(first.0 + records.len() as u64 - 1);
         (&self.state, &self.meta)
             .transaction(|(state, meta)| {
-                for record in batch.records() {
+                for record in records {
                     match record.op {
                         Op::Put => state.insert(record.key.as_slice(), record.value.as_slice())?,
                         Op::Delete => state.remove(record.key.as_slice())?,
@@ -324,11 +331,44 @@ impl LocalStore {
                 Ok::<_, ConflictableTransactionError<Infallible>>(())
             })
             .map_err(|e| self.txn_error(e))?;
-        self.flush_if_every_write()?;
-        Ok(Some(AppliedBatch {
+        Ok(Some(AppliedRange {
             first_seq: first,
             last_seq: last,
         }))
+    }
+
+    /// The decoded batch that holds `seq`, from the applier's one-batch cache when it can: a
+    /// batch applied in several steps is decoded once.
+    fn batch_holding(&self, seq: Seq, applier: &mut Applying) -> Result<Arc<Batch>> {
+        if let Some(cached) = applier
+            .cached
+            .as_ref()
+            .filter(|b| b.first_seq() <= seq && seq <= b.last_seq())
+        {
+            return Ok(cached.clone());
+        }
+        let entry = self
+            .log
+            .range(..=seq.to_be_bytes())
+            .next_back()
+            .transpose()
+            .map_err(|e| self.io(e))?;
+        let (key, bytes) = entry.ok_or_else(|| {
+            self.corrupt(format!(
+                "the log has no batch holding seq {seq}, which it received"
+            ))
+        })?;
+        let batch = applier.decoder.decode(&bytes).map_err(|e| {
+            self.corrupt(format!("the log's batch at seq {}: {e}", seq_of_key(&key)))
+        })?;
+        if batch.last_seq() < seq {
+            return Err(self.corrupt(format!(
+                "the log has no batch holding seq {seq}, which it received"
+            )));
+        }
+        let batch = Arc::new(batch);
+        applier.cached = Some(batch.clone());
+        Ok(batch)
     }
 
     /// Up to `max_records` received records from `from` on. Empty when `from` is past
@@ -483,13 +523,11 @@ impl LocalStore {
                 p.applied_seq, p.received_seq, p.log_end_seq
             )));
         }
-        for (name, seq) in [
-            ("received_seq", p.received_seq),
-            ("applied_seq", p.applied_seq),
-        ] {
-            if seq != Seq::NONE && self.batch_ending_at(seq)?.is_none() {
-                return Err(self.corrupt(format!("{name} {seq} does not end a batch in the log")));
-            }
+        if p.received_seq != Seq::NONE && self.batch_ending_at(p.received_seq)?.is_none() {
+            return Err(self.corrupt(format!(
+                "received_seq {} does not end a batch in the log",
+                p.received_seq
+            )));
         }
         Ok(())
     }
@@ -595,6 +633,33 @@ fn write_marker(path: &Path) -> Result<()> {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// How long `open` waits for sled's lock on the directory: a store closed a moment ago in this
+/// process is released only once sled's background flusher lets go of it.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn open_waiting_for_lock(config: &sled::Config, dir: &Path) -> Result<sled::Db> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open() {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(Error::StoreLocked {
+                        dir: dir.to_path_buf(),
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(source) => {
+                return Err(Error::StoreOpen {
+                    dir: dir.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    }
 }
 
 /// Runs a blocking store call on tokio's blocking threads, off the async workers.

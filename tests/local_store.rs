@@ -18,7 +18,7 @@ fn open(dir: &std::path::Path) -> LocalStore {
 }
 
 fn apply_all(store: &LocalStore) {
-    while store.apply_next().expect("applies").is_some() {}
+    while store.apply_next(usize::MAX).expect("applies").is_some() {}
 }
 
 /// The state that replaying `records` produces.
@@ -96,9 +96,36 @@ fn the_state_trails_the_log_until_applied() {
     }
     assert_eq!(store.positions().unwrap().applied_seq, Seq::NONE);
     assert_eq!(store.state_digest().unwrap().keys, 0);
-    let applied = store.apply_next().unwrap().unwrap();
+    let applied = store.apply_next(usize::MAX).unwrap().unwrap();
     assert_eq!((applied.first_seq, applied.last_seq), (Seq(1), Seq(10)));
     assert_eq!(store.positions().unwrap().applied_seq, Seq(10));
+}
+
+#[test]
+fn the_state_can_be_applied_in_steps_inside_a_batch_and_reopened_there() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        for batch in common::encoded_batches(Epoch(1), 2, 100) {
+            store.append_committed(&batch).unwrap();
+        }
+        let step = store.apply_next(30).unwrap().unwrap();
+        assert_eq!((step.first_seq, step.last_seq), (Seq(1), Seq(30)));
+        let step = store.apply_next(100).unwrap().unwrap();
+        assert_eq!(
+            (step.first_seq, step.last_seq),
+            (Seq(31), Seq(100)),
+            "a step ends with its batch"
+        );
+        store.apply_next(55).unwrap();
+        assert_state_is_replay_of_log(&store);
+    }
+    let store = open(dir.path());
+    assert_eq!(store.positions().unwrap().applied_seq, Seq(155));
+    assert_state_is_replay_of_log(&store);
+    apply_all(&store);
+    assert_eq!(store.positions().unwrap().applied_seq, Seq(200));
+    assert_state_is_replay_of_log(&store);
 }
 
 #[test]
@@ -253,7 +280,7 @@ fn truncate_refuses_to_cut_inside_a_batch_or_below_the_applied_state() {
         store.truncate_after(Seq(15)),
         Err(Error::NotBatchBoundary { .. })
     ));
-    store.apply_next().unwrap();
+    store.apply_next(usize::MAX).unwrap();
     assert!(matches!(
         store.truncate_after(Seq::NONE),
         Err(Error::TruncateBelowApplied {
@@ -371,7 +398,7 @@ fn crash_child() {
     for batch in batches.iter().skip((start.0 / 64) as usize) {
         store.append_committed(batch).unwrap();
         println!("{}", batch.last_seq());
-        store.apply_next().unwrap();
+        store.apply_next(48).unwrap();
     }
 }
 

@@ -76,7 +76,7 @@ impl LeaseClock {
             if lost.is_some() {
                 return false;
             }
-            tracing::warn!(%reason, "leadership lost");
+            tracing::debug!(%reason, "leadership ends");
             *lost = Some(reason);
             true
         });
@@ -331,6 +331,7 @@ async fn keep_alive(
             _ = tokio::time::sleep_until(deadline.into()) => {}
         }
         if !clock.is_held() {
+            tracing::warn!(lease_id, "leadership lost: no keepalive answered in time");
             clock.lose(format!(
                 "no keepalive answered within the lease TTL of {:?} (minus the safety margin)",
                 settings.ttl
@@ -353,6 +354,10 @@ async fn keep_alive(
                 clock.extend(sent + granted.saturating_sub(settings.safety_margin));
             }
             Ok(Ok(Some(_))) => {
+                tracing::warn!(
+                    lease_id,
+                    "leadership lost: the lease expired or was revoked"
+                );
                 clock.lose("the lease expired or was revoked (keepalive answered TTL 0)".into());
                 return;
             }

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use etcd_client::Client;
 use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinHandle;
 
 use crate::applier::Applier;
 use crate::config::PrimaryConfig;
@@ -102,8 +101,8 @@ struct Term {
     slots: Arc<Semaphore>,
     /// `None` while leading; why the term ended once it has.
     ended: watch::Sender<Option<StepDown>>,
-    /// The last committed seq, for the applier and for status.
-    committed: watch::Sender<Seq>,
+    /// The last seq etcd committed in this term (or before it).
+    committed: watch::Receiver<Seq>,
 }
 
 impl Term {
@@ -143,8 +142,10 @@ impl Term {
 /// crash would: nothing is resigned, and the lease expires by itself.
 pub struct Primary {
     term: Arc<Term>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: pipeline::Tasks,
     applier: Applier,
+    /// The last seq the local log holds as committed.
+    received: watch::Receiver<Seq>,
 }
 
 impl Primary {
@@ -183,8 +184,9 @@ impl Primary {
         metrics.committed_seq.set(resume.next_seq.0 as i64 - 1);
 
         let committed_seq = Seq(resume.next_seq.0 - 1);
-        let (committed, received) = watch::channel(committed_seq);
-        let applier = Applier::spawn(store.clone(), received, metrics.clone());
+        let (committed_tx, committed) = watch::channel(committed_seq);
+        let (received_tx, received) = watch::channel(committed_seq);
+        let applier = Applier::spawn(store.clone(), received.clone(), metrics.clone());
         let term = Arc::new(Term {
             accumulator: Accumulator::new(
                 config.max_pending_bytes,
@@ -202,11 +204,12 @@ impl Primary {
             leadership,
             committed,
         });
-        let tasks = pipeline::spawn(term.clone(), resume)?;
+        let tasks = pipeline::spawn(term.clone(), resume, committed_tx, received_tx)?;
         Ok(Primary {
             term,
             tasks,
             applier,
+            received,
         })
     }
 
@@ -258,7 +261,7 @@ impl Primary {
         self.term.ended().is_none()
     }
 
-    /// The last seq committed in this node's knowledge.
+    /// The last seq etcd committed, as far as this node knows.
     pub fn committed_seq(&self) -> Seq {
         *self.term.committed.borrow()
     }
@@ -304,12 +307,18 @@ impl Primary {
         }
         self.term.step_down(StepDown::ShuttingDown);
         let resigned = self.term.leadership.resign(&self.term.store).await;
-        for task in std::mem::take(&mut self.tasks) {
+        for task in std::mem::take(&mut self.tasks.pipeline) {
             task.abort();
             // Cancelled is the expected outcome; waiting makes sure the task has stopped.
             let _ = task.await;
         }
-        self.applier.wait_applied(self.committed_seq()).await;
+        // With the sealer and the committer gone, the local log writer marks the last commit
+        // and ends.
+        if let Err(e) = (&mut self.tasks.local_log).await {
+            tracing::error!(error = %e, "the local log task failed");
+        }
+        let received = *self.received.borrow();
+        self.applier.wait_applied(received).await;
         let store = self.term.store.clone();
         blocking(move || store.flush()).await?;
         resigned
@@ -318,7 +327,7 @@ impl Primary {
 
 impl Drop for Primary {
     fn drop(&mut self) {
-        for task in &self.tasks {
+        for task in self.tasks.pipeline.iter().chain([&self.tasks.local_log]) {
             task.abort();
         }
     }

@@ -1,16 +1,19 @@
-//! The commit pipeline of one term: the sealer and the committer, two tasks joined by a queue
-//! of sealed batches.
+//! The commit pipeline of one term: the sealer, the committer, and the local log writer.
 //!
 //! The sealer waits for appends and a free pipeline slot, seals the accumulated appends into a
-//! batch (assigning seqs), encodes it and writes it ahead to the local log on a blocking thread, and queues it.
-//! The committer commits queued batches one at a time, in seq order, then acknowledges. With two
-//! slots (`Double`), the next batch is sealed, encoded and written locally while the previous
-//! one is in its etcd round trip; with one (`Single`), appends wait while a batch commits.
+//! batch (assigning seqs), encodes it on a blocking thread, and hands it both to the committer
+//! and to the local log writer. The committer commits batches one at a time, in seq order, and
+//! acknowledges each as soon as etcd has it. The local log writer writes each batch ahead to the
+//! local log while its transaction runs, and moves `received_seq` over it once etcd has
+//! committed it, then tells the applier. With two slots (`Double`) the next batch is sealed and
+//! encoded while the previous one is in its etcd round trip; with one (`Single`), appends wait
+//! while a batch commits. No sled write is on the commit path: sled stalls every write while a
+//! transaction (the applier's) runs, and the commit path must not wait for the state.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 
 use crate::batch::{Batch, BatchEncoder, EncodedBatch};
@@ -25,7 +28,7 @@ use crate::record::Seq;
 
 /// A batch on its way to etcd, with the appends it answers.
 struct SealedBatch {
-    encoded: EncodedBatch,
+    encoded: Arc<EncodedBatch>,
     appends: Vec<(PendingAppend, AppendAck)>,
     /// Its pipeline slot, freed when the batch is answered.
     _slot: OwnedSemaphorePermit,
@@ -48,24 +51,58 @@ enum CommitFailure {
     Unknown(String),
 }
 
-pub(super) fn spawn(term: Arc<Term>, resume: Resume) -> Result<Vec<JoinHandle<()>>> {
+/// The running tasks of a term's pipeline.
+pub(super) struct Tasks {
+    /// Sealer, committer and the leadership watchdog: aborted on shutdown.
+    pub pipeline: Vec<JoinHandle<()>>,
+    /// The local log writer: ends by itself once the sealer and the committer are gone and
+    /// everything committed is marked.
+    pub local_log: JoinHandle<()>,
+}
+
+pub(super) fn spawn(
+    term: Arc<Term>,
+    resume: Resume,
+    committed: watch::Sender<Seq>,
+    received: watch::Sender<Seq>,
+) -> Result<Tasks> {
     let encoder = BatchEncoder::new(term.config.limits.clone(), term.config.zstd_level)?;
-    let (queue, sealed) = mpsc::unbounded_channel();
+    let (to_committer, sealed) = mpsc::unbounded_channel();
+    let (to_local_log, written_ahead) = mpsc::unbounded_channel();
     let watchdog_term = term.clone();
     let lost = term.leadership.lost();
-    Ok(vec![
-        tokio::spawn(seal_loop(term.clone(), queue, encoder, resume.next_seq)),
-        tokio::spawn(commit_loop(term, sealed, resume.latest_revision)),
-        tokio::spawn(async move {
-            let reason = lost.await;
-            watchdog_term.step_down(StepDown::LeadershipLost(reason));
-        }),
-    ])
+    let local_log = tokio::spawn(local_log_loop(
+        term.clone(),
+        written_ahead,
+        committed.subscribe(),
+        received,
+    ));
+    let outputs = SealerOutputs {
+        to_committer,
+        to_local_log,
+    };
+    Ok(Tasks {
+        pipeline: vec![
+            tokio::spawn(seal_loop(term.clone(), outputs, encoder, resume.next_seq)),
+            tokio::spawn(commit_loop(term, sealed, resume.latest_revision, committed)),
+            tokio::spawn(async move {
+                let reason = lost.await;
+                watchdog_term.step_down(StepDown::LeadershipLost(reason));
+            }),
+        ],
+        local_log,
+    })
+}
+
+/// Where the sealer sends each sealed batch.
+struct SealerOutputs {
+    to_committer: mpsc::UnboundedSender<SealedBatch>,
+    to_local_log: mpsc::UnboundedSender<Arc<EncodedBatch>>,
 }
 
 async fn seal_loop(
     term: Arc<Term>,
-    queue: mpsc::UnboundedSender<SealedBatch>,
+    outputs: SealerOutputs,
     mut encoder: BatchEncoder,
     mut next_seq: Seq,
 ) {
@@ -82,40 +119,36 @@ async fn seal_loop(
         }
         let count: usize = pending.iter().map(|a| a.records.len()).sum();
         let first_seq = next_seq;
-        let batch_end = first_seq.checked_add(count as u64 - 1).and_then(Seq::next);
         let mut records = Vec::with_capacity(count);
         let mut appends = Vec::with_capacity(pending.len());
         for mut append in pending {
             let ack = AppendAck {
                 first_seq: next_seq,
-                last_seq: Seq(next_seq.0 + append.records.len() as u64 - 1),
+                last_seq: Seq(next_seq.0.saturating_add(append.records.len() as u64 - 1)),
             };
             next_seq = Seq(ack.last_seq.0.saturating_add(1));
             records.append(&mut append.records);
             appends.push((append, ack));
         }
-        let sealed = batch_end.and_then(|_| Batch::new(term.epoch(), first_seq, records));
-        let store = term.store.clone();
+        let epoch = term.epoch();
         let work = tokio::task::spawn_blocking(move || {
-            let encoded = sealed
-                .and_then(|batch| encoder.encode(&batch))
-                .and_then(|encoded| {
-                    store.append_pending(&encoded)?;
-                    Ok(encoded)
-                });
+            // Batch::new refuses a run of seqs that would pass u64::MAX.
+            let encoded =
+                Batch::new(epoch, first_seq, records).and_then(|batch| encoder.encode(&batch));
             (encoder, encoded)
         })
         .await;
         let failure = match work {
             Ok((returned, Ok(encoded))) => {
                 encoder = returned;
-                if queue
-                    .send(SealedBatch {
-                        encoded,
-                        appends,
-                        _slot: slot,
-                    })
-                    .is_err()
+                let encoded = Arc::new(encoded);
+                let sealed = SealedBatch {
+                    encoded: encoded.clone(),
+                    appends,
+                    _slot: slot,
+                };
+                if outputs.to_local_log.send(encoded).is_err()
+                    || outputs.to_committer.send(sealed).is_err()
                 {
                     return;
                 }
@@ -139,6 +172,7 @@ async fn commit_loop(
     term: Arc<Term>,
     mut sealed: mpsc::UnboundedReceiver<SealedBatch>,
     mut latest_revision: i64,
+    committed: watch::Sender<Seq>,
 ) {
     while let Some(batch) = sealed.recv().await {
         if let Some(cause) = term.ended() {
@@ -150,21 +184,12 @@ async fn commit_loop(
         match commit_resolved(&term, &batch.encoded, latest_revision).await {
             Ok(revision) => {
                 latest_revision = revision;
-                let last_seq = batch.encoded.last_seq();
                 record_commit(&term, &batch);
-                let store = term.store.clone();
-                let marked = blocking(move || store.mark_committed(last_seq)).await;
-                // Committed in etcd is durable: acknowledge even if the local mark failed.
+                committed.send_replace(batch.encoded.last_seq());
                 batch.answer(|| Ok(()));
-                term.committed.send_replace(last_seq);
                 term.metrics
                     .pending_bytes
                     .set(term.accumulator.pending_bytes() as i64);
-                if let Err(e) = marked {
-                    term.step_down(StepDown::PipelineFailed(format!(
-                        "marking seq {last_seq} committed locally failed: {e}"
-                    )));
-                }
             }
             Err(CommitFailure::NotCommitted(cause)) => {
                 batch.answer(|| Err(cause.to_error()));
@@ -181,6 +206,52 @@ async fn commit_loop(
                 });
                 term.step_down(StepDown::LeadershipLost(reason));
             }
+        }
+    }
+}
+
+/// Writes each sealed batch ahead to the local log, and moves `received_seq` over what etcd
+/// has committed and the log holds, then tells the applier. Once the sealer and the committer
+/// are gone, it marks what is left to mark and ends, which in turn ends the applier.
+async fn local_log_loop(
+    term: Arc<Term>,
+    mut written_ahead: mpsc::UnboundedReceiver<Arc<EncodedBatch>>,
+    mut committed: watch::Receiver<Seq>,
+    received: watch::Sender<Seq>,
+) {
+    let mut written = *received.borrow();
+    let (mut sealer_open, mut committer_open) = (true, true);
+    loop {
+        // Both are batch ends, so the smaller one is too.
+        let markable = written.min(*committed.borrow_and_update());
+        if markable > *received.borrow() {
+            let store = term.store.clone();
+            if let Err(e) = blocking(move || store.mark_committed(markable)).await {
+                term.step_down(StepDown::PipelineFailed(format!(
+                    "marking seq {markable} committed locally failed: {e}"
+                )));
+                return;
+            }
+            received.send_replace(markable);
+            continue;
+        }
+        if !sealer_open && !committer_open {
+            return;
+        }
+        tokio::select! {
+            batch = written_ahead.recv(), if sealer_open => match batch {
+                Some(batch) => {
+                    let store = term.store.clone();
+                    let last_seq = batch.last_seq();
+                    if let Err(e) = blocking(move || store.append_pending(&batch)).await {
+                        term.step_down(StepDown::PipelineFailed(format!("writing the batch ending at seq {last_seq} to the local log failed: {e}")));
+                        return;
+                    }
+                    written = last_seq;
+                }
+                None => sealer_open = false,
+            },
+            changed = committed.changed(), if committer_open => committer_open = changed.is_ok(),
         }
     }
 }

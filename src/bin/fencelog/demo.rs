@@ -1,24 +1,28 @@
-//! `fencelog demo`: the commit path end to end against a private etcd. A writer takes the
-//! leader key, writes each batch ahead to its local store, commits it with the fenced
-//! transaction and marks it committed; a second store is then rebuilt from etcd alone, and the
-//! two must agree record for record and digest for digest.
+//! `fencelog demo`: the primary end to end against a private etcd. Producers append records
+//! through `Primary::append` (each acknowledged only once etcd has its batch); the primary then
+//! resigns, and a second store is rebuilt from etcd alone, verified batch by batch, applied,
+//! and compared with the primary's record for record and digest for digest.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
-use fencelog::batch::{Batch, BatchEncoder, EncodedBatch};
-use fencelog::etcd::commit::{commit_batch, CommitOutcome};
+use fencelog::applier::STEP_RECORDS;
+use fencelog::batch::BatchDecoder;
+use fencelog::config::PrimaryConfig;
+use fencelog::etcd::fetch::{append_verified, BatchPages};
 use fencelog::etcd::process::EtcdProcess;
 use fencelog::keys::KeyLayout;
-use fencelog::limits::Limits;
-use fencelog::local_store::{LocalStore, StoreOptions};
-use fencelog::record::{Epoch, Seq};
+use fencelog::local_store::{blocking, LocalStore, StoreOptions};
+use fencelog::metrics::Metrics;
+use fencelog::primary::Primary;
+use fencelog::record::Seq;
 use fencelog::workload::RecordGenerator;
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Batches per range read while rebuilding: a page stays far below the client's 4 MiB limit.
-const PAGE_BATCHES: i64 = 16;
+/// Concurrent producers, and records per append call.
+const PRODUCERS: u64 = 128;
+const RECORDS_PER_APPEND: u64 = 16;
 
 pub async fn run(records: u64, batch_records: usize) -> anyhow::Result<()> {
     if records == 0 || batch_records == 0 {
@@ -26,177 +30,145 @@ pub async fn run(records: u64, batch_records: usize) -> anyhow::Result<()> {
     }
     println!("starting a private etcd on 127.0.0.1 ...");
     let etcd = EtcdProcess::start().await?;
-    let mut client = etcd.client().await?;
     println!("etcd is up at {}", etcd.endpoint());
-    let layout = KeyLayout::new(&"demo".parse()?);
-    let epoch = take_leadership(&mut client, &layout).await?;
-    println!("leader key {} taken: epoch {epoch}", layout.leader());
+    let client =
+        fencelog::etcd::connect(&[etcd.endpoint().to_owned()], Duration::from_secs(5)).await?;
 
-    let writer_dir = tempfile::tempdir()?;
-    let writer = LocalStore::open(writer_dir.path(), StoreOptions::default())?;
+    let primary_dir = tempfile::tempdir()?;
+    let primary_store = Arc::new(LocalStore::open(
+        primary_dir.path(),
+        StoreOptions::default(),
+    )?);
+    let mut config = PrimaryConfig::new("demo".parse()?, "demo-primary".parse()?, "127.0.0.1:7000");
+    config.max_batch_records = batch_records;
+    let metrics = Arc::new(Metrics::new()?);
+    let primary = Arc::new(
+        Primary::start(
+            client.clone(),
+            primary_store.clone(),
+            config.clone(),
+            metrics.clone(),
+        )
+        .await?,
+    );
+    println!("leading as epoch {}", primary.epoch());
+
     let started = Instant::now();
-    let committed =
-        commit_records(&mut client, &layout, epoch, &writer, records, batch_records).await?;
+    append_records(&primary, records).await?;
     let commit_time = started.elapsed();
-    while writer.apply_next()?.is_some() {}
+    let primary = Arc::into_inner(primary).context("producers still hold the primary")?;
+    let applied = primary.wait_applied(Seq(records)).await;
+    primary.shutdown().await?;
+    println!("resigned; the primary's state is applied through seq {applied}");
 
-    let reader_dir = tempfile::tempdir()?;
-    let reader = LocalStore::open(reader_dir.path(), StoreOptions::default())?;
+    let rebuilt_dir = tempfile::tempdir()?;
+    let rebuilt = Arc::new(LocalStore::open(
+        rebuilt_dir.path(),
+        StoreOptions::default(),
+    )?);
     let started = Instant::now();
-    rebuild_from_etcd(&mut client, &layout, &reader, records).await?;
-    while reader.apply_next()?.is_some() {}
+    rebuild_from_etcd(&client, &KeyLayout::new(&config.cluster), &rebuilt, records).await?;
     let rebuild_time = started.elapsed();
 
-    let (written, rebuilt) = (writer.state_digest()?, reader.state_digest()?);
-    let positions = reader.positions()?;
+    let written = primary_store.state_digest()?;
+    let copy = rebuilt.state_digest()?;
+    let batches = metrics.commits.get();
+    let encoded_bytes = metrics.batch_bytes.get_sample_sum() as u64;
     println!();
     println!("summary");
+    println!("  appended      {records} records from {PRODUCERS} producers, {RECORDS_PER_APPEND} per call");
     println!(
-        "  committed     {records} records in {} batches of up to {batch_records}",
-        committed.batches
+        "  committed     in {batches} batches ({:.0} records per batch)",
+        records as f64 / batches.max(1) as f64
     );
     println!(
-        "  commit        {:.2}s, {} records/s (one transaction in flight)",
-        secs(commit_time),
+        "  commit        {:.2}s, {} records/s acknowledged",
+        commit_time.as_secs_f64(),
         rate(records, commit_time)
     );
     println!(
-        "  compression   {} payload bytes -> {} in etcd (ratio {:.2})",
-        committed.payload_bytes,
-        committed.encoded_bytes,
-        committed.payload_bytes as f64 / committed.encoded_bytes as f64
+        "  in etcd       {encoded_bytes} bytes of compressed batches ({:.1} bytes per record)",
+        encoded_bytes as f64 / records as f64
     );
     println!(
-        "  rebuild       {:.2}s, {} records/s read from etcd, received and applied",
-        secs(rebuild_time),
+        "  rebuild       {:.2}s, {} records/s read from etcd, verified and applied",
+        rebuild_time.as_secs_f64(),
         rate(records, rebuild_time)
     );
     println!(
-        "  positions     received {} applied {}",
-        positions.received_seq, positions.applied_seq
-    );
-    println!(
-        "  writer state  {} keys, digest {:#018x}",
+        "  primary state {} keys, digest {:#018x}",
         written.keys, written.digest
     );
     println!(
         "  rebuilt state {} keys, digest {:#018x}",
-        rebuilt.keys, rebuilt.digest
+        copy.keys, copy.digest
     );
-    if written != rebuilt || !same_logs(&writer, &reader)? {
-        bail!("the store rebuilt from etcd differs from the writer's");
+    if written != copy || !same_logs(&primary_store, &rebuilt)? {
+        bail!("the store rebuilt from etcd differs from the primary's");
     }
-    println!("  result        the store rebuilt from etcd matches the writer's");
+    println!("  result        the store rebuilt from etcd matches the primary's");
     Ok(())
 }
 
-/// Creates the leader key under a lease if nobody holds it; its create revision is the epoch.
-async fn take_leadership(client: &mut Client, layout: &KeyLayout) -> anyhow::Result<Epoch> {
-    let lease = client.lease_grant(10, None).await?.id();
-    let txn = Txn::new()
-        .when([Compare::create_revision(
-            layout.leader(),
-            CompareOp::Equal,
-            0,
-        )])
-        .and_then([TxnOp::put(
-            layout.leader(),
-            "demo-writer",
-            Some(PutOptions::new().with_lease(lease)),
-        )]);
-    let response = client.txn(txn).await?;
-    let revision = response
-        .header()
-        .map(|h| h.revision())
-        .context("etcd sent no header")?;
-    if !response.succeeded() {
-        bail!("{} is already held", layout.leader());
-    }
-    Ok(Epoch(u64::try_from(revision)?))
-}
-
-struct Committed {
-    batches: u64,
-    payload_bytes: u64,
-    encoded_bytes: u64,
-}
-
-async fn commit_records(
-    client: &mut Client,
-    layout: &KeyLayout,
-    epoch: Epoch,
-    store: &LocalStore,
-    records: u64,
-    batch_records: usize,
-) -> anyhow::Result<Committed> {
-    let progress = progress_bar(records, "committing");
-    let mut encoder = BatchEncoder::new(Limits::default(), 1)?;
-    let mut generator = RecordGenerator::new(1, 100_000, 256);
-    let mut kv = client.kv_client();
-    let mut totals = Committed {
-        batches: 0,
-        payload_bytes: 0,
-        encoded_bytes: 0,
-    };
-    let (mut next_seq, mut latest_revision) = (Seq::FIRST, 0);
-    while next_seq.0 <= records {
-        let count = (records - next_seq.0 + 1).min(batch_records as u64) as usize;
-        let batch = Batch::new(epoch, next_seq, generator.take_records(count))?;
-        totals.payload_bytes += batch
-            .records()
-            .iter()
-            .map(|r| (r.key.len() + r.value.len()) as u64)
-            .sum::<u64>();
-        let encoded = encoder.encode(&batch)?;
-        store.append_pending(&encoded)?;
-        match commit_batch(&mut kv, layout, epoch, latest_revision, &encoded).await? {
-            CommitOutcome::Committed { revision } => latest_revision = revision,
-            CommitOutcome::Refused(refusal) => {
-                bail!("etcd refused batch {}: {refusal:?}", encoded.first_seq())
-            }
-        }
-        store.mark_committed(encoded.last_seq())?;
-        totals.batches += 1;
-        totals.encoded_bytes += encoded.as_bytes().len() as u64;
-        next_seq = encoded.last_seq().next()?;
-        progress.inc(count as u64);
+async fn append_records(primary: &Arc<Primary>, records: u64) -> anyhow::Result<()> {
+    let progress = progress_bar(records, "appending");
+    let per_producer = records.div_ceil(PRODUCERS);
+    let producers: Vec<_> = (0..PRODUCERS)
+        .map(|p| {
+            let primary = primary.clone();
+            let progress = progress.clone();
+            let share = per_producer.min(records.saturating_sub(p * per_producer));
+            tokio::spawn(async move {
+                let mut generator = RecordGenerator::new(p + 1, 100_000, 256);
+                let mut left = share;
+                while left > 0 {
+                    let n = left.min(RECORDS_PER_APPEND);
+                    primary.append(generator.take_records(n as usize)).await?;
+                    progress.inc(n);
+                    left -= n;
+                }
+                Ok::<_, fencelog::Error>(())
+            })
+        })
+        .collect();
+    for producer in producers {
+        producer.await??;
     }
     progress.finish();
-    Ok(totals)
+    Ok(())
 }
 
-/// Reads every batch from etcd in pages of [`PAGE_BATCHES`] and appends it to `store`.
+/// Reads every committed batch from etcd, verifies it, and applies it to `store`.
 async fn rebuild_from_etcd(
-    client: &mut Client,
+    client: &etcd_client::Client,
     layout: &KeyLayout,
-    store: &LocalStore,
+    store: &Arc<LocalStore>,
     records: u64,
 ) -> anyhow::Result<()> {
     let progress = progress_bar(records, "rebuilding");
-    let mut range_end = layout.batches_prefix().into_bytes();
-    *range_end.last_mut().context("empty prefix")? += 1;
-    let mut from = layout.batch(Seq::FIRST);
-    let mut revision = 0;
-    loop {
-        let options = GetOptions::new()
-            .with_range(range_end.clone())
-            .with_limit(PAGE_BATCHES)
-            .with_revision(revision);
-        let page = client.get(from.clone(), Some(options)).await?;
-        // Every page is read at the first page's revision: one consistent view of the log.
-        revision = page
-            .header()
-            .map(|h| h.revision())
-            .context("etcd sent no header")?;
-        for kv in page.kvs() {
-            let batch = EncodedBatch::parse(kv.value().to_vec(), &Limits::default())?;
-            store.append_committed(&batch)?;
-            progress.inc(u64::from(batch.header().record_count));
-        }
-        let Some(last) = page.kvs().last().filter(|_| page.more()) else {
-            break;
-        };
-        from = layout.batch(layout.parse_batch_key(last.key())?.next()?);
+    let limits = fencelog::limits::Limits::default();
+    let mut pages = BatchPages::new(
+        client,
+        layout,
+        &limits,
+        Seq::FIRST,
+        None,
+        Duration::from_secs(5),
+    );
+    let mut decoder = BatchDecoder::new(limits)?;
+    while let Some(page) = pages.next_page().await? {
+        let count: u64 = page
+            .iter()
+            .map(|b| u64::from(b.header().record_count))
+            .sum();
+        let appending = store.clone();
+        decoder = blocking(move || {
+            append_verified(&appending, &mut decoder, &page)?;
+            while appending.apply_next(STEP_RECORDS)?.is_some() {}
+            Ok(decoder)
+        })
+        .await?;
+        progress.inc(count);
     }
     progress.finish();
     Ok(())
@@ -227,10 +199,6 @@ fn progress_bar(total: u64, what: &'static str) -> ProgressBar {
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
-}
-
-fn secs(d: Duration) -> f64 {
-    d.as_secs_f64()
 }
 
 fn rate(records: u64, d: Duration) -> u64 {

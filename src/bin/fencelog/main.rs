@@ -1,5 +1,5 @@
-//! The `fencelog` command line: inspect a node's local store, and a demo of the commit path
-//! against a real etcd.
+//! The `fencelog` command line: inspect a node's local store, and a demo of the primary against
+//! a real etcd.
 
 mod demo;
 mod inspect;
@@ -28,13 +28,13 @@ enum Command {
         #[arg(long)]
         data_dir: PathBuf,
     },
-    /// Start a private etcd, commit batches through the fenced transaction with a write-ahead
-    /// local store, rebuild a second store from etcd, and check that both agree.
+    /// Start a private etcd and a primary, append records from concurrent producers, rebuild a
+    /// second store from etcd, and check that both agree.
     Demo {
         /// Records to commit.
         #[arg(long, default_value_t = 200_000)]
         records: u64,
-        /// Records per batch.
+        /// Most records per batch.
         #[arg(long, default_value_t = 1024)]
         batch_records: usize,
     },
