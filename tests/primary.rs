@@ -13,7 +13,7 @@ use fencelog::batch::{Batch, BatchEncoder};
 use fencelog::config::Pipeline;
 use fencelog::keys::KeyLayout;
 use fencelog::limits::Limits;
-use fencelog::primary::{AppendAck, Primary, StepDown};
+use fencelog::primary::{AppendAck, Primary, PrimaryService, StepDown};
 use fencelog::record::{Epoch, Record, Seq};
 use fencelog::workload::RecordGenerator;
 use fencelog::Error;
@@ -455,4 +455,75 @@ async fn etcd_killed_and_restarted_during_appends_loses_no_acknowledged_record()
         "latest does not point at the last batch"
     );
     Arc::into_inner(primary).unwrap().shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_lost_etcd_leads_again_once_etcd_returns() {
+    let mut etcd = common::etcd().await;
+    let mut node = node("p1");
+    node.config.lease_ttl = Duration::from_secs(3);
+    let metrics = Arc::new(fencelog::metrics::Metrics::new().unwrap());
+    let service = PrimaryService::spawn(
+        common::client(&etcd).await,
+        node.store.clone(),
+        node.config.clone(),
+        metrics,
+    );
+    let first_epoch = service.leading().await.unwrap().epoch();
+    let before = service
+        .append(RecordGenerator::new(1, 10, 64).take_records(5))
+        .await
+        .unwrap();
+
+    etcd.kill();
+    // Past the lease TTL with no keepalive answered, the term must end.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(
+        service.current().is_none(),
+        "still leading with etcd gone past the lease"
+    );
+    assert!(matches!(
+        service.append(vec![Record::put("k", "v")]).await,
+        Err(Error::NotLeader { .. })
+    ));
+
+    etcd.restart().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(20), service.leading())
+        .await
+        .expect("leads again")
+        .unwrap();
+    assert!(second.epoch() > first_epoch);
+    drop(second);
+    let after = service
+        .append(vec![Record::put("back", "again")])
+        .await
+        .unwrap();
+    assert_eq!(after.first_seq, before.last_seq.next().unwrap());
+    service.shutdown().await.unwrap();
+    common::released(&node.store).await;
+}
+
+#[tokio::test]
+async fn a_service_that_finds_another_leader_waits_and_refuses_appends() {
+    let etcd = common::etcd().await;
+    let leader_node = node("leader");
+    let leader = start_primary(&etcd, &leader_node).await.unwrap();
+    let other = node("other");
+    let metrics = Arc::new(fencelog::metrics::Metrics::new().unwrap());
+    let service = PrimaryService::spawn(
+        common::client(&etcd).await,
+        other.store.clone(),
+        other.config.clone(),
+        metrics,
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(service.current().is_none());
+    assert!(matches!(
+        service.append(vec![Record::put("k", "v")]).await,
+        Err(Error::NotLeader { .. })
+    ));
+    leader.append(vec![Record::put("k", "v")]).await.unwrap();
+    service.shutdown().await.unwrap();
+    leader.shutdown().await.unwrap();
+    common::released(&other.store).await;
 }

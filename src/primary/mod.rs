@@ -11,11 +11,15 @@
 //! node leads), recovers the log from etcd, and starts the pipeline. The term ends when the
 //! primary steps down — fenced by a newer leader, its lease lost, etcd unreachable past the
 //! commit deadline, its local store failing — or shuts down; every unanswered append then fails
-//! with an error that says which. A new term is a new `Primary::start`.
+//! with an error that says which. A new term is a new `Primary::start`; [`PrimaryService`]
+//! starts them one after another, as a daemon does.
 
 mod accumulator;
 mod pipeline;
 mod recovery;
+mod service;
+
+pub use service::PrimaryService;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -142,7 +146,8 @@ impl Term {
 /// crash would: nothing is resigned, and the lease expires by itself.
 pub struct Primary {
     term: Arc<Term>,
-    tasks: pipeline::Tasks,
+    /// Taken by the first `shutdown`.
+    tasks: std::sync::Mutex<Option<pipeline::Tasks>>,
     applier: Applier,
     /// The last seq the local log holds as committed.
     received: watch::Receiver<Seq>,
@@ -207,7 +212,7 @@ impl Primary {
         let tasks = pipeline::spawn(term.clone(), resume, committed_tx, received_tx)?;
         Ok(Primary {
             term,
-            tasks,
+            tasks: std::sync::Mutex::new(Some(tasks)),
             applier,
             received,
         })
@@ -293,8 +298,12 @@ impl Primary {
 
     /// Ends the term gracefully: refuses new appends, lets queued and in-flight ones finish
     /// (for at most the commit deadline), resigns so a standby can take over at once, and
-    /// flushes the local store.
-    pub async fn shutdown(mut self) -> Result<()> {
+    /// flushes the local store. Also the way to clean up a term that has stepped down; a second
+    /// call does nothing.
+    pub async fn shutdown(&self) -> Result<()> {
+        let Some(tasks) = self.take_tasks() else {
+            return Ok(());
+        };
         let deadline = Instant::now() + self.term.config.commit_deadline;
         let depth = self.term.config.pipeline.depth();
         while self.term.ended().is_none() && Instant::now() < deadline {
@@ -307,14 +316,14 @@ impl Primary {
         }
         self.term.step_down(StepDown::ShuttingDown);
         let resigned = self.term.leadership.resign(&self.term.store).await;
-        for task in std::mem::take(&mut self.tasks.pipeline) {
+        for task in tasks.pipeline {
             task.abort();
             // Cancelled is the expected outcome; waiting makes sure the task has stopped.
             let _ = task.await;
         }
         // With the sealer and the committer gone, the local log writer marks the last commit
         // and ends.
-        if let Err(e) = (&mut self.tasks.local_log).await {
+        if let Err(e) = tasks.local_log.await {
             tracing::error!(error = %e, "the local log task failed");
         }
         let received = *self.received.borrow();
@@ -323,12 +332,18 @@ impl Primary {
         blocking(move || store.flush()).await?;
         resigned
     }
+
+    fn take_tasks(&self) -> Option<pipeline::Tasks> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 impl Drop for Primary {
     fn drop(&mut self) {
-        for task in self.tasks.pipeline.iter().chain([&self.tasks.local_log]) {
-            task.abort();
+        if let Some(tasks) = self.take_tasks() {
+            for task in tasks.pipeline.iter().chain([&tasks.local_log]) {
+                task.abort();
+            }
         }
     }
 }
