@@ -527,3 +527,61 @@ async fn a_service_that_finds_another_leader_waits_and_refuses_appends() {
     leader.shutdown().await.unwrap();
     common::released(&other.store).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_was_lost_is_settled_from_etcd_and_never_written_twice() {
+    let etcd = common::etcd().await;
+    let mut node = node("p1");
+    node.config.lease_ttl = Duration::from_secs(10);
+    node.config.etcd_request_timeout = Duration::from_millis(500);
+    let metrics = Arc::new(fencelog::metrics::Metrics::new().unwrap());
+    let primary = Arc::new(
+        Primary::start(
+            common::client(&etcd).await,
+            node.store.clone(),
+            node.config.clone(),
+            metrics.clone(),
+        )
+        .await
+        .unwrap(),
+    );
+    primary
+        .append(vec![Record::put("first", "1")])
+        .await
+        .unwrap();
+
+    // A frozen etcd still takes requests into its socket buffer: each attempt times out
+    // unanswered, and all of them run once etcd thaws. The first commits; the retry that is
+    // still awaited is refused and must settle the batch as committed, not write it again.
+    etcd.pause().unwrap();
+    let appending = {
+        let primary = primary.clone();
+        tokio::spawn(async move { primary.append(vec![Record::put("second", "2")]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    etcd.resume().unwrap();
+
+    let ack = appending
+        .await
+        .unwrap()
+        .expect("the append settles as committed");
+    assert_eq!(ack.first_seq, Seq(2));
+    assert!(
+        metrics.commit_retries.get() >= 1,
+        "the commit never timed out: the test proved nothing"
+    );
+    let committed = committed_records(&etcd).await;
+    assert_eq!(
+        committed,
+        vec![
+            (Seq(1), Record::put("first", "1")),
+            (Seq(2), Record::put("second", "2"))
+        ]
+    );
+    let next = primary
+        .append(vec![Record::put("third", "3")])
+        .await
+        .unwrap();
+    assert_eq!(next.first_seq, Seq(3));
+    Arc::into_inner(primary).unwrap().shutdown().await.unwrap();
+}
