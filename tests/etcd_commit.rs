@@ -33,16 +33,22 @@ async fn take_leadership(client: &mut Client, layout: &KeyLayout, node: &str) ->
     Epoch(response.header().unwrap().revision() as u64)
 }
 
+/// A real etcd in which "node-a" has just taken the leadership of the test cluster.
+async fn led_cluster() -> (common::EtcdProcess, Client, KeyLayout, Epoch) {
+    let etcd = common::etcd().await;
+    let mut client = etcd.client().await.unwrap();
+    let layout = layout();
+    let epoch = take_leadership(&mut client, &layout, "node-a").await;
+    (etcd, client, layout, epoch)
+}
+
 async fn get(client: &mut Client, key: String) -> Option<etcd_client::KeyValue> {
     client.get(key, None).await.unwrap().kvs().first().cloned()
 }
 
 #[tokio::test]
 async fn a_batch_and_its_pointer_commit_in_one_transaction_and_decode_back() {
-    let etcd = common::etcd().await;
-    let mut client = etcd.client().await.unwrap();
-    let layout = layout();
-    let epoch = take_leadership(&mut client, &layout, "node-a").await;
+    let (_etcd, mut client, layout, epoch) = led_cluster().await;
     let batch = &common::encoded_batches(epoch, 1, 1024)[0];
 
     let outcome = commit_batch(&mut client.kv_client(), &layout, epoch, 0, batch)
@@ -82,10 +88,7 @@ async fn a_batch_and_its_pointer_commit_in_one_transaction_and_decode_back() {
 
 #[tokio::test]
 async fn consecutive_commits_chain_on_the_pointer_revision() {
-    let etcd = common::etcd().await;
-    let mut client = etcd.client().await.unwrap();
-    let layout = layout();
-    let epoch = take_leadership(&mut client, &layout, "node-a").await;
+    let (_etcd, mut client, layout, epoch) = led_cluster().await;
     let mut latest_revision = 0;
     for batch in &common::encoded_batches(epoch, 5, 100) {
         match commit_batch(
@@ -165,10 +168,7 @@ async fn a_commit_without_a_leader_key_is_refused() {
 
 #[tokio::test]
 async fn a_commit_on_a_stale_pointer_revision_is_refused_and_reports_the_head() {
-    let etcd = common::etcd().await;
-    let mut client = etcd.client().await.unwrap();
-    let layout = layout();
-    let epoch = take_leadership(&mut client, &layout, "node-a").await;
+    let (_etcd, mut client, layout, epoch) = led_cluster().await;
     let batches = common::encoded_batches(epoch, 2, 10);
     let mut kv = client.kv_client();
     let CommitOutcome::Committed { revision } =
@@ -193,10 +193,7 @@ async fn a_commit_on_a_stale_pointer_revision_is_refused_and_reports_the_head() 
 
 #[tokio::test]
 async fn an_existing_batch_key_is_never_overwritten() {
-    let etcd = common::etcd().await;
-    let mut client = etcd.client().await.unwrap();
-    let layout = layout();
-    let epoch = take_leadership(&mut client, &layout, "node-a").await;
+    let (_etcd, mut client, layout, epoch) = led_cluster().await;
     let original = &common::encoded_batches(epoch, 1, 10)[0];
     let mut kv = client.kv_client();
     commit_batch(&mut kv, &layout, epoch, 0, original)
@@ -218,10 +215,7 @@ async fn an_existing_batch_key_is_never_overwritten() {
 
 #[tokio::test]
 async fn batches_read_from_etcd_rebuild_the_same_local_store() {
-    let etcd = common::etcd().await;
-    let mut client = etcd.client().await.unwrap();
-    let layout = layout();
-    let epoch = take_leadership(&mut client, &layout, "node-a").await;
+    let (_etcd, mut client, layout, epoch) = led_cluster().await;
     let primary_dir = tempfile::tempdir().unwrap();
     let primary = LocalStore::open(primary_dir.path(), StoreOptions::default()).unwrap();
     let mut latest_revision = 0;

@@ -17,6 +17,23 @@ fn open(dir: &std::path::Path) -> LocalStore {
     LocalStore::open(dir, StoreOptions::default()).expect("store opens")
 }
 
+/// Opening `dir` must fail; returns why.
+fn open_refused(dir: &std::path::Path) -> Error {
+    match LocalStore::open(dir, StoreOptions::default()) {
+        Err(e) => e,
+        Ok(store) => panic!("the store opened at {:?}", store.positions()),
+    }
+}
+
+/// Fills a store in `dir` with `batches` committed and applied batches, then closes it.
+fn fill_and_close(dir: &std::path::Path, batches: usize, per_batch: usize) {
+    let store = open(dir);
+    for batch in common::encoded_batches(Epoch(1), batches, per_batch) {
+        store.append_committed(&batch).unwrap();
+    }
+    apply_all(&store);
+}
+
 fn apply_all(store: &LocalStore) {
     while store.apply_next(usize::MAX).expect("applies").is_some() {}
 }
@@ -316,9 +333,7 @@ fn a_store_of_another_format_is_refused_with_its_directory_named() {
             .unwrap();
         db.flush().unwrap();
     }
-    let err = LocalStore::open(dir.path(), StoreOptions::default())
-        .err()
-        .expect("refused");
+    let err = open_refused(dir.path());
     assert!(
         matches!(
             err,
@@ -355,22 +370,14 @@ fn positions_that_point_past_the_log_are_refused() {
             .unwrap();
         db.flush().unwrap();
     }
-    let err = LocalStore::open(dir.path(), StoreOptions::default())
-        .err()
-        .expect("refused");
+    let err = open_refused(dir.path());
     assert!(matches!(err, Error::StoreCorrupt { .. }), "{err}");
 }
 
 #[test]
 fn a_damaged_store_file_is_refused_not_used() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let store = open(dir.path());
-        for batch in common::encoded_batches(Epoch(1), 20, 100) {
-            store.append_committed(&batch).unwrap();
-        }
-        apply_all(&store);
-    }
+    fill_and_close(dir.path(), 20, 100);
     let db_file = dir.path().join("db");
     let bytes = std::fs::read(&db_file).unwrap();
     let mut damaged = bytes.clone();
@@ -454,22 +461,14 @@ fn a_store_whose_sled_file_was_deleted_is_refused() {
             .unwrap();
     }
     std::fs::remove_file(dir.path().join("db")).unwrap();
-    let err = LocalStore::open(dir.path(), StoreOptions::default())
-        .err()
-        .expect("refused");
+    let err = open_refused(dir.path());
     assert!(matches!(err, Error::StoreCorrupt { .. }), "{err}");
 }
 
 #[test]
 fn a_store_whose_sled_file_was_truncated_is_refused_or_keeps_a_consistent_prefix() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let store = open(dir.path());
-        for batch in common::encoded_batches(Epoch(1), 20, 100) {
-            store.append_committed(&batch).unwrap();
-        }
-        apply_all(&store);
-    }
+    fill_and_close(dir.path(), 20, 100);
     let db_file = dir.path().join("db");
     let len = std::fs::metadata(&db_file).unwrap().len();
     std::fs::OpenOptions::new()
