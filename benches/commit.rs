@@ -4,7 +4,8 @@
 //! - `plain_loop`: encode (compress) a 1024-record batch, then commit it, one after another;
 //! - `fencelog/{double,single}/<cap>`: `Primary::append` from concurrent producers that build
 //!   each record (real work per record), batch caps 1, 128, 1024, 4096, with the primary's own
-//!   state apply running;
+//!   state apply running; `..._prebuilt/1024`: the same with producers that append records
+//!   built beforehand;
 //! - `seed_style`: the design fencelog replaces: one etcd key per record holding JSON with base64
 //!   payloads, 127 keys per transaction, then `latest` in a separate put.
 //!
@@ -30,6 +31,8 @@ use fencelog::workload::RecordGenerator;
 use tokio::runtime::Runtime;
 
 const BATCH: usize = 1024;
+/// Distinct records the `Prebuilt` producers draw from.
+const PREBUILT_RECORDS: usize = 1 << 16;
 
 fn runtime() -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -165,26 +168,44 @@ fn ceiling_and_plain_loop(c: &mut Criterion) {
 }
 
 /// Pushes `records` records through `primary` from producers that each build their records.
+/// How producers come by the records they append.
+#[derive(Clone, Copy)]
+enum Producers {
+    /// Build each record (`RecordGenerator`, ~1 µs): real work per record.
+    Building,
+    /// Append clones of distinct records built beforehand (as compressible as built ones): the
+    /// pipeline's own cost only.
+    Prebuilt,
+}
+
 async fn produce(
     primary: &Arc<Primary>,
     records: u64,
     per_append: usize,
     producers: usize,
+    kind: Producers,
 ) -> Duration {
+    let prebuilt =
+        Arc::new(RecordGenerator::new(99, 1_000_000, 256).take_records(PREBUILT_RECORDS));
     let started = Instant::now();
     let per_producer = records.div_ceil(producers as u64);
     let tasks: Vec<_> = (0..producers)
         .map(|p| {
             let primary = primary.clone();
+            let prebuilt = prebuilt.clone();
             tokio::spawn(async move {
                 let mut generator = RecordGenerator::new(p as u64 + 1, 1_000_000, 256);
                 let mut left = per_producer;
                 while left > 0 {
                     let n = left.min(per_append as u64) as usize;
-                    primary
-                        .append(generator.take_records(n))
-                        .await
-                        .expect("append commits");
+                    let records = match kind {
+                        Producers::Building => generator.take_records(n),
+                        Producers::Prebuilt => {
+                            let at = (left as usize * 7919 + p * 104_729) % (PREBUILT_RECORDS - n);
+                            prebuilt[at..at + n].to_vec()
+                        }
+                    };
+                    primary.append(records).await.expect("append commits");
                     left -= n as u64;
                 }
             })
@@ -221,7 +242,7 @@ fn fencelog_primary(c: &mut Criterion) {
             config.max_batch_records = cap;
             let metrics = Arc::new(Metrics::new().expect("metrics"));
             let primary = Arc::new(
-                rt.block_on(Primary::start(client, store, config, metrics))
+                rt.block_on(Primary::start(client, store, config, metrics.clone()))
                     .expect("primary starts"),
             );
             let per_append = cap.min(16);
@@ -234,9 +255,33 @@ fn fencelog_primary(c: &mut Criterion) {
             };
             group.bench_with_input(BenchmarkId::new(name, cap), &cap, |b, _| {
                 b.iter_custom(|iters| {
-                    rt.block_on(produce(&primary, iters * unit, per_append, producers))
+                    rt.block_on(produce(
+                        &primary,
+                        iters * unit,
+                        per_append,
+                        producers,
+                        Producers::Building,
+                    ))
                 })
             });
+            if cap == BATCH {
+                let name = format!("{name}_prebuilt");
+                group.bench_with_input(BenchmarkId::new(name, cap), &cap, |b, _| {
+                    b.iter_custom(|iters| {
+                        rt.block_on(produce(
+                            &primary,
+                            iters * unit,
+                            per_append,
+                            producers,
+                            Producers::Prebuilt,
+                        ))
+                    })
+                });
+            }
+            println!(
+                "{name}/{cap}: {:.0} records per committed batch on average",
+                metrics.committed_records.get() as f64 / metrics.commits.get().max(1) as f64
+            );
             let primary = Arc::into_inner(primary).expect("producers are done");
             rt.block_on(primary.shutdown()).expect("shuts down");
             drop(etcd);

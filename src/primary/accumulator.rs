@@ -27,6 +27,9 @@ pub(crate) struct PendingAppend {
 
 struct Queue {
     appends: VecDeque<PendingAppend>,
+    /// Records and payload bytes in `appends`.
+    records: usize,
+    bytes: usize,
     closed: Option<StepDown>,
 }
 
@@ -50,6 +53,8 @@ impl Accumulator {
         Accumulator {
             queue: Mutex::new(Queue {
                 appends: VecDeque::new(),
+                records: 0,
+                bytes: 0,
                 closed: None,
             }),
             sealer_wake: Notify::new(),
@@ -78,6 +83,8 @@ impl Accumulator {
         if let Some(cause) = &queue.closed {
             return Err(cause.to_error());
         }
+        queue.records += records.len();
+        queue.bytes += bytes;
         queue.appends.push_back(PendingAppend {
             records,
             bytes,
@@ -129,6 +136,8 @@ impl Accumulator {
             bytes += next.bytes;
             sealed.extend(queue.appends.pop_front());
         }
+        queue.records -= records;
+        queue.bytes -= bytes;
         Some(sealed)
     }
 
@@ -147,6 +156,8 @@ impl Accumulator {
         let drained: Vec<PendingAppend> = {
             let mut queue = self.lock();
             queue.closed.get_or_insert_with(|| cause.clone());
+            queue.records = 0;
+            queue.bytes = 0;
             queue.appends.drain(..).collect()
         };
         self.room.close();
@@ -156,11 +167,21 @@ impl Accumulator {
         self.sealer_wake.notify_one();
     }
 
-    fn is_full(&self) -> bool {
+    /// True when the queued appends fill a batch (or the accumulator is closed: nothing more
+    /// is worth waiting for).
+    pub fn is_full(&self) -> bool {
         let queue = self.lock();
-        let records: usize = queue.appends.iter().map(|a| a.records.len()).sum();
-        let bytes: usize = queue.appends.iter().map(|a| a.bytes).sum();
-        records >= self.max_records || bytes >= self.max_bytes
+        queue.closed.is_some() || queue.records >= self.max_records || queue.bytes >= self.max_bytes
+    }
+
+    /// Wakes the sealer: the pipeline has room, or its state changed.
+    pub fn wake_sealer(&self) {
+        self.sealer_wake.notify_one();
+    }
+
+    /// Waits for the next wake-up of the sealer (an append, a freed slot, a close).
+    pub async fn sealer_woken(&self) {
+        self.sealer_wake.notified().await;
     }
 
     fn closed_error(&self) -> Error {

@@ -1,7 +1,8 @@
 //! The commit pipeline of one term: the sealer, the committer, and the local log writer.
 //!
-//! The sealer waits for appends and a free pipeline slot, seals the accumulated appends into a
-//! batch (assigning seqs), encodes it on a blocking thread, and hands it both to the committer
+//! The sealer waits for appends and a free pipeline slot, then for the batch to fill or the
+//! committer to be free (natural group commit), seals the accumulated appends into a batch
+//! (assigning seqs), encodes it on a blocking thread, and hands it both to the committer
 //! and to the local log writer. The committer commits batches one at a time, in seq order, and
 //! acknowledges each as soon as etcd has it. The local log writer writes each batch ahead to the
 //! local log while its transaction runs, and moves `received_seq` over it once etcd has
@@ -107,10 +108,16 @@ async fn seal_loop(
     mut next_seq: Seq,
 ) {
     // Seal only once a slot is free, so the batch takes everything that arrived meanwhile.
+    let depth = term.config.pipeline.depth();
     while term.accumulator.wait_for_appends().await {
         let Ok(slot) = term.slots.clone().acquire_owned().await else {
             return;
         };
+        // Natural group commit: while the committer is busy with an earlier batch, this one
+        // keeps filling; it is sealed once full, or once the committer is free.
+        while term.slots.available_permits() + 1 < depth && !term.accumulator.is_full() {
+            term.accumulator.sealer_woken().await;
+        }
         let Some(pending) = term.accumulator.take_batch() else {
             return;
         };
@@ -187,6 +194,8 @@ async fn commit_loop(
                 record_commit(&term, &batch);
                 committed.send_replace(batch.encoded.last_seq());
                 batch.answer(|| Ok(()));
+                // Its slot is free: a filling batch may now be sealed.
+                term.accumulator.wake_sealer();
                 term.metrics
                     .pending_bytes
                     .set(term.accumulator.pending_bytes() as i64);
