@@ -253,28 +253,14 @@ fn fencelog_primary(c: &mut Criterion) {
                 Pipeline::Double => "fencelog/double",
                 Pipeline::Single => "fencelog/single",
             };
-            group.bench_with_input(BenchmarkId::new(name, cap), &cap, |b, _| {
-                b.iter_custom(|iters| {
-                    rt.block_on(produce(
-                        &primary,
-                        iters * unit,
-                        per_append,
-                        producers,
-                        Producers::Building,
-                    ))
-                })
-            });
+            let mut variants = vec![(name.to_owned(), Producers::Building)];
             if cap == BATCH {
-                let name = format!("{name}_prebuilt");
-                group.bench_with_input(BenchmarkId::new(name, cap), &cap, |b, _| {
+                variants.push((format!("{name}_prebuilt"), Producers::Prebuilt));
+            }
+            for (variant, kind) in variants {
+                group.bench_with_input(BenchmarkId::new(variant, cap), &cap, |b, _| {
                     b.iter_custom(|iters| {
-                        rt.block_on(produce(
-                            &primary,
-                            iters * unit,
-                            per_append,
-                            producers,
-                            Producers::Prebuilt,
-                        ))
+                        rt.block_on(produce(&primary, iters * unit, per_append, producers, kind))
                     })
                 });
             }

@@ -42,6 +42,28 @@ async fn led_cluster() -> (common::EtcdProcess, Client, KeyLayout, Epoch) {
     (etcd, client, layout, epoch)
 }
 
+/// Commits `batch` on top of `latest_revision`, which it then advances; panics if refused.
+async fn commit_chained(
+    client: &Client,
+    layout: &KeyLayout,
+    epoch: Epoch,
+    latest_revision: &mut i64,
+    batch: &EncodedBatch,
+) {
+    match commit_batch(
+        &mut client.kv_client(),
+        layout,
+        epoch,
+        *latest_revision,
+        batch,
+    )
+    .await
+    {
+        Ok(CommitOutcome::Committed { revision }) => *latest_revision = revision,
+        other => panic!("batch at {} not committed: {other:?}", batch.first_seq()),
+    }
+}
+
 async fn get(client: &mut Client, key: String) -> Option<etcd_client::KeyValue> {
     client.get(key, None).await.unwrap().kvs().first().cloned()
 }
@@ -91,18 +113,7 @@ async fn consecutive_commits_chain_on_the_pointer_revision() {
     let (_etcd, mut client, layout, epoch) = led_cluster().await;
     let mut latest_revision = 0;
     for batch in &common::encoded_batches(epoch, 5, 100) {
-        match commit_batch(
-            &mut client.kv_client(),
-            &layout,
-            epoch,
-            latest_revision,
-            batch,
-        )
-        .await
-        {
-            Ok(CommitOutcome::Committed { revision }) => latest_revision = revision,
-            other => panic!("batch at {} not committed: {other:?}", batch.first_seq()),
-        }
+        commit_chained(&client, &layout, epoch, &mut latest_revision, batch).await;
     }
     let latest = get(&mut client, layout.latest()).await.unwrap();
     assert_eq!(
@@ -221,19 +232,7 @@ async fn batches_read_from_etcd_rebuild_the_same_local_store() {
     let mut latest_revision = 0;
     for batch in &common::encoded_batches(epoch, 8, 256) {
         primary.append_pending(batch).unwrap();
-        let outcome = commit_batch(
-            &mut client.kv_client(),
-            &layout,
-            epoch,
-            latest_revision,
-            batch,
-        )
-        .await
-        .unwrap();
-        let CommitOutcome::Committed { revision } = outcome else {
-            panic!("{outcome:?}")
-        };
-        latest_revision = revision;
+        commit_chained(&client, &layout, epoch, &mut latest_revision, batch).await;
         primary.mark_committed(batch.last_seq()).unwrap();
     }
     while primary.apply_next(usize::MAX).unwrap().is_some() {}
