@@ -17,6 +17,7 @@
 //! - [`applier`]: applies received batches to the state, off the commit path;
 //! - [`config`]: the primary's settings and their defaults;
 //! - [`primary`]: the append API and the double-buffered commit pipeline;
+//! - [`standby`]: follows the committed log into the local store (read, then watch);
 //! - [`metrics`]: the Prometheus registry;
 //! - [`workload`]: synthetic records for benches, tests and the load tool;
 //! - [`error`]: the crate's error type.
@@ -33,6 +34,7 @@ pub mod metrics;
 pub mod pointer;
 pub mod primary;
 pub mod record;
+pub mod standby;
 pub mod workload;
 
 pub use error::{BatchError, Error, Result};

@@ -35,6 +35,10 @@ pub struct Metrics {
     pub applied_seq: IntGauge,
     /// This node's leadership epoch while it leads; 0 otherwise.
     pub epoch: IntGauge,
+    /// Batches this node received from etcd as a standby (catch-up and watch).
+    pub received_batches: IntCounter,
+    /// Times a standby's follower reconnected to etcd.
+    pub follower_reconnects: IntCounter,
 }
 
 impl Metrics {
@@ -99,6 +103,14 @@ impl Metrics {
             committed_seq: gauge("committed_seq", "Last seq known committed on this node")?,
             applied_seq: gauge("applied_seq", "Last seq applied to this node's state")?,
             epoch: gauge("epoch", "Leadership epoch while leading, else 0")?,
+            received_batches: counter(
+                "received_batches_total",
+                "Batches received from etcd as a standby",
+            )?,
+            follower_reconnects: counter(
+                "follower_reconnects_total",
+                "Times a standby's follower reconnected to etcd",
+            )?,
             registry,
         })
     }

@@ -1,0 +1,264 @@
+//! Follows the committed log in etcd into the local store, never skipping a seq.
+//!
+//! Read, then watch: committed batches from `received_seq + 1` on are read by key range in
+//! pages at one revision, then the `batches/` prefix is watched from that revision + 1, so
+//! nothing committed between the read and the watch is missed. Every batch is verified (full
+//! decode, checksum) and must start right after `received_seq`; it is then appended to the local
+//! log with `received_seq` in one sled transaction. A duplicate (at or below `received_seq`) is
+//! skipped. A batch that arrives past a gap waits in a bounded buffer while the gap is read from
+//! etcd. A watch whose revision was compacted, a broken connection or an etcd restart send the
+//! follower back to the read. What cannot be filled or verified stops it at the last good seq.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, WatchOptions};
+use tokio::sync::watch;
+
+use crate::batch::{BatchDecoder, EncodedBatch};
+use crate::error::{Error, Result};
+use crate::etcd::fetch::{append_verified, BatchPages};
+use crate::etcd::{timed, Backoff};
+use crate::keys::KeyLayout;
+use crate::limits::Limits;
+use crate::local_store::{blocking, LocalStore};
+use crate::metrics::Metrics;
+use crate::record::Seq;
+
+/// Batches that may wait past a gap while it is filled.
+const MAX_BUFFERED_BATCHES: usize = 256;
+/// The watch client's decode limit: fragments stay under etcd's request limit, but a response
+/// may still carry several events.
+const WATCH_DECODE_LIMIT: usize = 64 << 20;
+
+/// Where the follower is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FollowState {
+    /// Reading committed batches by key range.
+    Syncing,
+    /// Caught up; receiving batches as they are committed.
+    Watching,
+    /// etcd is unreachable or the watch broke; reading again after a backoff.
+    Reconnecting(String),
+    /// Stopped at the last good seq: a batch is missing or damaged. Needs an operator (or, for
+    /// a trimmed log, a snapshot).
+    Recovering(String),
+}
+
+/// Why a watch ended.
+enum WatchEnd {
+    /// The start revision was compacted: read by key range again.
+    Compacted,
+    Broken(Error),
+}
+
+pub(crate) struct Follower {
+    pub client: Client,
+    pub layout: KeyLayout,
+    pub limits: Limits,
+    pub store: Arc<LocalStore>,
+    pub metrics: Arc<Metrics>,
+    pub request_timeout: Duration,
+    pub received: watch::Sender<Seq>,
+    pub state: watch::Sender<FollowState>,
+}
+
+impl Follower {
+    /// Follows until a batch cannot be filled or verified (returns the reason) or the future is
+    /// dropped.
+    pub async fn run(self) -> Error {
+        let mut backoff = Backoff::new(Duration::from_secs(5));
+        loop {
+            self.state.send_replace(FollowState::Syncing);
+            let revision = match self.catch_up().await {
+                Ok(revision) => revision,
+                Err(e) if is_transient(&e) => {
+                    self.reconnect(&mut backoff, e).await;
+                    continue;
+                }
+                Err(e) => return self.stop(e),
+            };
+            backoff.reset();
+            self.state.send_replace(FollowState::Watching);
+            match self.watch_from(revision + 1).await {
+                WatchEnd::Compacted => tracing::info!("watch revision compacted; reading again"),
+                WatchEnd::Broken(e) if is_transient(&e) => self.reconnect(&mut backoff, e).await,
+                WatchEnd::Broken(e) => return self.stop(e),
+            }
+        }
+    }
+
+    async fn reconnect(&self, backoff: &mut Backoff, cause: Error) {
+        tracing::warn!(error = %cause, "follower lost etcd; reconnecting");
+        self.metrics.follower_reconnects.inc();
+        self.state
+            .send_replace(FollowState::Reconnecting(cause.to_string()));
+        backoff.wait().await;
+    }
+
+    fn stop(&self, cause: Error) -> Error {
+        let received = *self.received.borrow();
+        tracing::error!(error = %cause, %received, "follower stopped at the last good seq");
+        self.state.send_replace(FollowState::Recovering(format!(
+            "stopped at seq {received}: {cause}"
+        )));
+        cause
+    }
+
+    /// Reads every committed batch after `received_seq` by key range; returns the revision read.
+    async fn catch_up(&self) -> Result<i64> {
+        let from = self.received.borrow().next()?;
+        self.fill(from, None).await
+    }
+
+    /// Reads the batches `from ..= through` (to the end when `None`) and receives them; returns
+    /// the revision they were read at.
+    async fn fill(&self, from: Seq, through: Option<Seq>) -> Result<i64> {
+        let mut pages = BatchPages::new(
+            &self.client,
+            &self.layout,
+            &self.limits,
+            from,
+            through,
+            self.request_timeout,
+        );
+        while let Some(page) = pages.next_page().await? {
+            self.receive(page).await?;
+        }
+        Ok(pages.revision())
+    }
+
+    /// Verifies and appends batches that start right after `received_seq`, in order. Those
+    /// before a damaged one are kept, and `received` says how far the log got either way.
+    async fn receive(&self, batches: Vec<EncodedBatch>) -> Result<()> {
+        if batches.is_empty() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let limits = self.limits.clone();
+        let (outcome, received, appended) = blocking(move || {
+            let outcome = append_verified(&store, &mut BatchDecoder::new(limits)?, &batches);
+            let received = store.positions()?.received_seq;
+            let appended = batches.iter().filter(|b| b.last_seq() <= received).count() as u64;
+            Ok((outcome, received, appended))
+        })
+        .await?;
+        self.metrics.received_batches.inc_by(appended);
+        self.metrics.committed_seq.set(received.0 as i64);
+        self.received.send_replace(received);
+        outcome
+    }
+
+    async fn watch_from(&self, revision: i64) -> WatchEnd {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision)
+            .with_fragment();
+        let mut watch_client = self
+            .client
+            .watch_client()
+            .max_decoding_message_size(WATCH_DECODE_LIMIT);
+        let mut stream = match timed(
+            self.request_timeout,
+            watch_client.watch(self.layout.batches_prefix(), Some(options)),
+        )
+        .await
+        {
+            Ok(stream) => stream,
+            Err(e) => return WatchEnd::Broken(e),
+        };
+        let mut waiting: BTreeMap<Seq, EncodedBatch> = BTreeMap::new();
+        loop {
+            let response = match stream.message().await {
+                Ok(Some(response)) => response,
+                Ok(None) => {
+                    return WatchEnd::Broken(Error::Etcd(etcd_client::Error::WatchError(
+                        "the watch stream ended".into(),
+                    )))
+                }
+                Err(e) => return WatchEnd::Broken(e.into()),
+            };
+            if response.canceled() {
+                if response.compact_revision() > 0 {
+                    return WatchEnd::Compacted;
+                }
+                let reason = format!("the watch was canceled: {}", response.cancel_reason());
+                return WatchEnd::Broken(Error::Etcd(etcd_client::Error::WatchError(reason)));
+            }
+            for event in response.events() {
+                let Some(kv) = event.kv().filter(|_| event.event_type() == EventType::Put) else {
+                    continue;
+                };
+                let parsed = self.layout.parse_batch_key(kv.key()).and_then(|key_seq| {
+                    Ok((
+                        key_seq,
+                        EncodedBatch::parse(kv.value().to_vec(), &self.limits)?,
+                    ))
+                });
+                match parsed {
+                    Ok((key_seq, batch)) if key_seq == batch.first_seq() => {
+                        waiting.insert(batch.first_seq(), batch);
+                    }
+                    Ok((key_seq, batch)) => {
+                        return WatchEnd::Broken(Error::MissingBatches {
+                            expected: key_seq,
+                            found: Some(batch.first_seq()),
+                        });
+                    }
+                    Err(e) => return WatchEnd::Broken(e),
+                }
+            }
+            if let Err(e) = self.drain(&mut waiting).await {
+                return WatchEnd::Broken(e);
+            }
+        }
+    }
+
+    /// Receives the waiting batches that continue the log; fills a gap before them from etcd;
+    /// drops duplicates.
+    async fn drain(&self, waiting: &mut BTreeMap<Seq, EncodedBatch>) -> Result<()> {
+        loop {
+            let received = *self.received.borrow();
+            while waiting
+                .first_key_value()
+                .is_some_and(|(first, batch)| *first <= received && batch.last_seq() <= received)
+            {
+                waiting.pop_first();
+            }
+            let Some((&first, _)) = waiting.first_key_value() else {
+                return Ok(());
+            };
+            let next = received.next()?;
+            if first == next {
+                let mut run = Vec::new();
+                let mut expected = next;
+                while let Some(batch) = waiting.remove(&expected) {
+                    expected = batch.last_seq().next()?;
+                    run.push(batch);
+                }
+                self.receive(run).await?;
+                continue;
+            }
+            if first < next {
+                return Err(Error::MissingBatches {
+                    expected: next,
+                    found: Some(first),
+                });
+            }
+            if waiting.len() > MAX_BUFFERED_BATCHES {
+                return Err(Error::MissingBatches {
+                    expected: next,
+                    found: Some(first),
+                });
+            }
+            tracing::info!(from = %next, to = %Seq(first.0 - 1), "filling a gap in the watched log from etcd");
+            self.fill(next, Some(Seq(first.0 - 1))).await?;
+        }
+    }
+}
+
+/// Errors that a reconnect can cure. A missing or damaged batch cannot: the follower stops.
+fn is_transient(error: &Error) -> bool {
+    matches!(error, Error::Etcd(_) | Error::EtcdTimeout(_))
+}

@@ -1,0 +1,232 @@
+//! The standby's follower against a real etcd: catch-up, live tail, warm restart, damaged
+//! batches, etcd restarts.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{node, start_primary};
+use fencelog::keys::KeyLayout;
+use fencelog::local_store::LocalStore;
+use fencelog::metrics::Metrics;
+use fencelog::pointer::CommitPointer;
+use fencelog::record::{Epoch, Seq};
+use fencelog::standby::{FollowState, Standby, StandbyConfig};
+use fencelog::workload::RecordGenerator;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn start_standby(
+    etcd: &common::EtcdProcess,
+    store: &Arc<LocalStore>,
+) -> (Standby, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let config = StandbyConfig::new(common::CLUSTER.parse().unwrap());
+    let standby = Standby::start(
+        common::client(etcd).await,
+        store.clone(),
+        config,
+        metrics.clone(),
+    )
+    .await
+    .unwrap();
+    (standby, metrics)
+}
+
+/// Appends `batches` appends of `per_append` records; returns the last acked seq.
+async fn append(
+    primary: &fencelog::primary::Primary,
+    seed: u64,
+    batches: usize,
+    per_append: usize,
+) -> Seq {
+    let mut generator = RecordGenerator::new(seed, 300, 256);
+    let mut last = Seq::NONE;
+    for _ in 0..batches {
+        last = primary
+            .append(generator.take_records(per_append))
+            .await
+            .unwrap()
+            .last_seq;
+    }
+    last
+}
+
+async fn received(standby: &Standby, seq: Seq) {
+    let reached = tokio::time::timeout(WAIT, standby.wait_received(seq))
+        .await
+        .expect("standby keeps up");
+    assert_eq!(
+        reached.map(|s| s >= seq),
+        Some(true),
+        "the follower stopped: {:?}",
+        standby.state()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_catches_up_from_empty_then_follows_the_live_tail() {
+    let etcd = common::etcd().await;
+    let primary_node = node("primary");
+    let primary = start_primary(&etcd, &primary_node).await.unwrap();
+    let before = append(&primary, 1, 30, 20).await;
+
+    let standby_node = node("standby");
+    let (standby, _) = start_standby(&etcd, &standby_node.store).await;
+    received(&standby, before).await;
+    let after = append(&primary, 2, 30, 20).await;
+    received(&standby, after).await;
+    assert_eq!(standby.state(), FollowState::Watching);
+
+    primary.wait_applied(after).await;
+    standby.wait_applied(after).await;
+    assert_eq!(
+        standby_node.store.state_digest().unwrap(),
+        primary_node.store.state_digest().unwrap()
+    );
+    assert_eq!(
+        standby_node.store.read(Seq(1), 10_000).unwrap(),
+        primary_node.store.read(Seq(1), 10_000).unwrap()
+    );
+    standby.shutdown().await.unwrap();
+    primary.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_standby_reads_only_the_tail_it_missed() {
+    let etcd = common::etcd().await;
+    let primary_node = node("primary");
+    let primary = start_primary(&etcd, &primary_node).await.unwrap();
+    let first = append(&primary, 1, 40, 10).await;
+    let standby_node = node("standby");
+    let (standby, _) = start_standby(&etcd, &standby_node.store).await;
+    received(&standby, first).await;
+    standby.shutdown().await.unwrap();
+
+    let tail = append(&primary, 2, 5, 10).await;
+    let (standby, metrics) = start_standby(&etcd, &standby_node.store).await;
+    received(&standby, tail).await;
+    assert_eq!(
+        metrics.received_batches.get(),
+        5,
+        "a warm restart fetched more than the tail"
+    );
+    standby.wait_applied(tail).await;
+    primary.wait_applied(tail).await;
+    assert_eq!(
+        standby_node.store.state_digest().unwrap(),
+        primary_node.store.state_digest().unwrap()
+    );
+    standby.shutdown().await.unwrap();
+    primary.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_batch_in_etcd_stops_the_standby_at_the_last_good_seq() {
+    let etcd = common::etcd().await;
+    let primary_node = node("primary");
+    let primary = start_primary(&etcd, &primary_node).await.unwrap();
+    let good = append(&primary, 1, 10, 10).await;
+    primary.shutdown().await.unwrap();
+
+    // A batch whose bytes were damaged after it was written, with a pointer that claims it.
+    let layout = KeyLayout::new(&common::CLUSTER.parse().unwrap());
+    let mut encoded = common::encoded_batches(Epoch(99), 2, 10)
+        .pop()
+        .unwrap()
+        .into_bytes();
+    encoded[16..24].copy_from_slice(&(good.0 + 1).to_le_bytes());
+    let last = encoded.len() - 1;
+    encoded[last] ^= 0x5A;
+    let mut client = common::client(&etcd).await;
+    client
+        .put(layout.batch(good.next().unwrap()), encoded, None)
+        .await
+        .unwrap();
+    let pointer = CommitPointer {
+        last_seq: Seq(good.0 + 10),
+        epoch: Epoch(99),
+        batch_first_seq: good.next().unwrap(),
+    };
+    client
+        .put(layout.latest(), pointer.encode(), None)
+        .await
+        .unwrap();
+
+    let standby_node = node("standby");
+    let (standby, _) = start_standby(&etcd, &standby_node.store).await;
+    let state = tokio::time::timeout(
+        WAIT,
+        standby.wait_state(|s| matches!(s, FollowState::Recovering(_))),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(&state, FollowState::Recovering(why) if why.contains("checksum") || why.contains("decompress")),
+        "{state:?}"
+    );
+    assert_eq!(standby.received_seq(), good);
+    assert_eq!(standby.wait_applied(good).await, good);
+    assert_eq!(standby_node.store.positions().unwrap().log_end_seq, good);
+    standby.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_survives_an_etcd_restart_without_a_gap() {
+    let mut etcd = common::etcd().await;
+    let primary_node = node("primary");
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let service = fencelog::primary::PrimaryService::spawn(
+        common::client(&etcd).await,
+        primary_node.store.clone(),
+        primary_node.config.clone(),
+        metrics,
+    );
+    service.leading().await.unwrap();
+    let standby_node = node("standby");
+    let (standby, standby_metrics) = start_standby(&etcd, &standby_node.store).await;
+    let mut generator = RecordGenerator::new(3, 300, 256);
+    let mut last = Seq::NONE;
+    for _ in 0..20 {
+        last = service
+            .append(generator.take_records(10))
+            .await
+            .unwrap()
+            .last_seq;
+    }
+    received(&standby, last).await;
+
+    etcd.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    etcd.restart().await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut appended = 0;
+    while appended < 20 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the primary never came back"
+        );
+        match service.append(generator.take_records(10)).await {
+            Ok(ack) => {
+                last = ack.last_seq;
+                appended += 1;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    received(&standby, last).await;
+    assert!(standby_metrics.follower_reconnects.get() >= 1);
+    assert_eq!(
+        standby_node.store.read(Seq(1), 100_000).unwrap(),
+        primary_node
+            .store
+            .read(Seq(1), 100_000)
+            .unwrap()
+            .into_iter()
+            .take(last.0 as usize)
+            .collect::<Vec<_>>()
+    );
+    standby.shutdown().await.unwrap();
+    service.shutdown().await.unwrap();
+}
