@@ -4,7 +4,7 @@
 
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::error::Result;
@@ -39,6 +39,8 @@ pub struct Metrics {
     pub received_batches: IntCounter,
     /// Times a standby's follower reconnected to etcd.
     pub follower_reconnects: IntCounter,
+    /// 1 for the standby's current lifecycle state, 0 for the others.
+    pub standby_state: IntGaugeVec,
 }
 
 impl Metrics {
@@ -111,6 +113,14 @@ impl Metrics {
                 "follower_reconnects_total",
                 "Times a standby's follower reconnected to etcd",
             )?,
+            standby_state: {
+                let g = IntGaugeVec::new(
+                    Opts::new("standby_state", "1 for the standby's current state"),
+                    &["state"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             registry,
         })
     }

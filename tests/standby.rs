@@ -7,12 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{node, start_primary};
+use fencelog::batch::{Batch, BatchEncoder};
 use fencelog::keys::KeyLayout;
+use fencelog::limits::Limits;
 use fencelog::local_store::LocalStore;
 use fencelog::metrics::Metrics;
 use fencelog::pointer::CommitPointer;
 use fencelog::record::{Epoch, Seq};
-use fencelog::standby::{FollowState, Standby, StandbyConfig};
+use fencelog::standby::lifecycle::State;
+use fencelog::standby::{Standby, StandbyConfig};
 use fencelog::workload::RecordGenerator;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -22,7 +25,8 @@ async fn start_standby(
     store: &Arc<LocalStore>,
 ) -> (Standby, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new().unwrap());
-    let config = StandbyConfig::new(common::CLUSTER.parse().unwrap());
+    let mut config = StandbyConfig::new(common::CLUSTER.parse().unwrap());
+    config.recovery_retry = Duration::from_millis(300);
     let standby = Standby::start(
         common::client(etcd).await,
         store.clone(),
@@ -77,7 +81,7 @@ async fn a_standby_catches_up_from_empty_then_follows_the_live_tail() {
     received(&standby, before).await;
     let after = append(&primary, 2, 30, 20).await;
     received(&standby, after).await;
-    assert_eq!(standby.state(), FollowState::Watching);
+    assert_eq!(standby.state(), State::Watching);
 
     primary.wait_applied(after).await;
     standby.wait_applied(after).await;
@@ -123,31 +127,34 @@ async fn a_restarted_standby_reads_only_the_tail_it_missed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_damaged_batch_in_etcd_stops_the_standby_at_the_last_good_seq() {
+async fn a_damaged_batch_stops_the_standby_at_the_last_good_seq_until_it_is_repaired() {
     let etcd = common::etcd().await;
     let primary_node = node("primary");
     let primary = start_primary(&etcd, &primary_node).await.unwrap();
     let good = append(&primary, 1, 10, 10).await;
     primary.shutdown().await.unwrap();
 
-    // A batch whose bytes were damaged after it was written, with a pointer that claims it.
+    // The next batch as a writer would commit it, and the same bytes damaged after the fact.
     let layout = KeyLayout::new(&common::CLUSTER.parse().unwrap());
-    let mut encoded = common::encoded_batches(Epoch(99), 2, 10)
-        .pop()
+    let records = RecordGenerator::new(5, 300, 256).take_records(10);
+    let batch = Batch::new(Epoch(99), good.next().unwrap(), records).unwrap();
+    let valid = BatchEncoder::new(Limits::default(), 1)
+        .unwrap()
+        .encode(&batch)
         .unwrap()
         .into_bytes();
-    encoded[16..24].copy_from_slice(&(good.0 + 1).to_le_bytes());
-    let last = encoded.len() - 1;
-    encoded[last] ^= 0x5A;
+    let mut damaged = valid.clone();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0x5A;
     let mut client = common::client(&etcd).await;
     client
-        .put(layout.batch(good.next().unwrap()), encoded, None)
+        .put(layout.batch(batch.first_seq()), damaged, None)
         .await
         .unwrap();
     let pointer = CommitPointer {
-        last_seq: Seq(good.0 + 10),
+        last_seq: batch.last_seq(),
         epoch: Epoch(99),
-        batch_first_seq: good.next().unwrap(),
+        batch_first_seq: batch.first_seq(),
     };
     client
         .put(layout.latest(), pointer.encode(), None)
@@ -155,20 +162,34 @@ async fn a_damaged_batch_in_etcd_stops_the_standby_at_the_last_good_seq() {
         .unwrap();
 
     let standby_node = node("standby");
-    let (standby, _) = start_standby(&etcd, &standby_node.store).await;
-    let state = tokio::time::timeout(
-        WAIT,
-        standby.wait_state(|s| matches!(s, FollowState::Recovering(_))),
-    )
-    .await
-    .unwrap();
+    let (standby, metrics) = start_standby(&etcd, &standby_node.store).await;
+    tokio::time::timeout(WAIT, standby.wait_state(State::Recovering))
+        .await
+        .unwrap();
+    let status = standby.status();
     assert!(
-        matches!(&state, FollowState::Recovering(why) if why.contains("checksum") || why.contains("decompress")),
-        "{state:?}"
+        status.detail.contains(&format!("stopped at seq {good}")),
+        "{status:?}"
     );
-    assert_eq!(standby.received_seq(), good);
+    assert_eq!(status.received_seq, good);
     assert_eq!(standby.wait_applied(good).await, good);
-    assert_eq!(standby_node.store.positions().unwrap().log_end_seq, good);
+    assert_eq!(
+        standby_node.store.positions().unwrap().log_end_seq,
+        good,
+        "the damaged batch reached the log"
+    );
+    assert!(metrics
+        .render()
+        .contains("fencelog_standby_state{state=\"recovering\"} 1"));
+
+    client
+        .put(layout.batch(batch.first_seq()), valid, None)
+        .await
+        .unwrap();
+    received(&standby, batch.last_seq()).await;
+    tokio::time::timeout(WAIT, standby.wait_state(State::Watching))
+        .await
+        .unwrap();
     standby.shutdown().await.unwrap();
 }
 

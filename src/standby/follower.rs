@@ -25,26 +25,14 @@ use crate::limits::Limits;
 use crate::local_store::{blocking, LocalStore};
 use crate::metrics::Metrics;
 use crate::record::Seq;
+use crate::standby::lifecycle::Event;
+use crate::standby::LifecycleCell;
 
 /// Batches that may wait past a gap while it is filled.
 const MAX_BUFFERED_BATCHES: usize = 256;
 /// The watch client's decode limit: fragments stay under etcd's request limit, but a response
 /// may still carry several events.
 const WATCH_DECODE_LIMIT: usize = 64 << 20;
-
-/// Where the follower is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum FollowState {
-    /// Reading committed batches by key range.
-    Syncing,
-    /// Caught up; receiving batches as they are committed.
-    Watching,
-    /// etcd is unreachable or the watch broke; reading again after a backoff.
-    Reconnecting(String),
-    /// Stopped at the last good seq: a batch is missing or damaged. Needs an operator (or, for
-    /// a trimmed log, a snapshot).
-    Recovering(String),
-}
 
 /// Why a watch ended.
 enum WatchEnd {
@@ -60,50 +48,57 @@ pub(crate) struct Follower {
     pub store: Arc<LocalStore>,
     pub metrics: Arc<Metrics>,
     pub request_timeout: Duration,
+    /// How long to stay in `Recovering` before reading again.
+    pub recovery_retry: Duration,
     pub received: watch::Sender<Seq>,
-    pub state: watch::Sender<FollowState>,
+    pub lifecycle: Arc<LifecycleCell>,
 }
 
 impl Follower {
-    /// Follows until a batch cannot be filled or verified (returns the reason) or the future is
-    /// dropped.
-    pub async fn run(self) -> Error {
+    /// Follows until the task is dropped: every failure leads back to a read, after a backoff
+    /// (etcd trouble) or the recovery delay (a missing or damaged batch).
+    pub async fn run(self) {
         let mut backoff = Backoff::new(Duration::from_secs(5));
+        self.lifecycle.raise(Event::Start, "following etcd");
         loop {
-            self.state.send_replace(FollowState::Syncing);
             let revision = match self.catch_up().await {
                 Ok(revision) => revision,
-                Err(e) if is_transient(&e) => {
-                    self.reconnect(&mut backoff, e).await;
+                Err(e) => {
+                    self.fail(&mut backoff, e).await;
                     continue;
                 }
-                Err(e) => return self.stop(e),
             };
             backoff.reset();
-            self.state.send_replace(FollowState::Watching);
+            self.lifecycle.raise(
+                Event::CaughtUp,
+                format!("received through seq {}", *self.received.borrow()),
+            );
             match self.watch_from(revision + 1).await {
-                WatchEnd::Compacted => tracing::info!("watch revision compacted; reading again"),
-                WatchEnd::Broken(e) if is_transient(&e) => self.reconnect(&mut backoff, e).await,
-                WatchEnd::Broken(e) => return self.stop(e),
+                WatchEnd::Compacted => self
+                    .lifecycle
+                    .raise(Event::Compacted, "the watch revision was compacted"),
+                WatchEnd::Broken(e) => self.fail(&mut backoff, e).await,
             }
         }
     }
 
-    async fn reconnect(&self, backoff: &mut Backoff, cause: Error) {
-        tracing::warn!(error = %cause, "follower lost etcd; reconnecting");
-        self.metrics.follower_reconnects.inc();
-        self.state
-            .send_replace(FollowState::Reconnecting(cause.to_string()));
-        backoff.wait().await;
-    }
-
-    fn stop(&self, cause: Error) -> Error {
-        let received = *self.received.borrow();
-        tracing::error!(error = %cause, %received, "follower stopped at the last good seq");
-        self.state.send_replace(FollowState::Recovering(format!(
-            "stopped at seq {received}: {cause}"
-        )));
-        cause
+    /// Goes through `Reconnecting` (etcd trouble) or `Recovering` (a batch that cannot be filled
+    /// or verified: stays at the last good seq) and back to reading.
+    async fn fail(&self, backoff: &mut Backoff, cause: Error) {
+        if is_transient(&cause) {
+            self.metrics.follower_reconnects.inc();
+            self.lifecycle
+                .raise(Event::ConnectionLost, cause.to_string());
+            backoff.wait().await;
+        } else {
+            let received = *self.received.borrow();
+            self.lifecycle.raise(
+                Event::LogBroken,
+                format!("stopped at seq {received}: {cause}"),
+            );
+            tokio::time::sleep(self.recovery_retry).await;
+        }
+        self.lifecycle.raise(Event::RetryDue, "reading again");
     }
 
     /// Reads every committed batch after `received_seq` by key range; returns the revision read.

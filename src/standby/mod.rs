@@ -6,10 +6,13 @@
 //! where it was: the follower from `received_seq + 1` out of etcd, the applier from
 //! `applied_seq + 1` out of its own log.
 //!
-//! Still to come (issue 4): the full lifecycle state machine, membership registration and lag
-//! in time, promotion, and a former primary's rejoin.
+//! Its [`lifecycle`] is an explicit state machine with one transition table.
+//!
+//! Still to come (issue 4): membership registration and lag in time, promotion, a former
+//! primary's rejoin.
 
 mod follower;
+pub mod lifecycle;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +29,57 @@ use crate::local_store::{blocking, LocalStore};
 use crate::metrics::Metrics;
 use crate::record::Seq;
 
-pub use follower::FollowState;
+use lifecycle::{Event, Lifecycle, State};
+
+/// The lifecycle, shared by the follower (which drives it) and status readers; transitions are
+/// published on a watch channel and as the `standby_state` metric.
+pub(crate) struct LifecycleCell {
+    lifecycle: std::sync::Mutex<Lifecycle>,
+    state: watch::Sender<State>,
+    metrics: Arc<Metrics>,
+}
+
+impl LifecycleCell {
+    /// Applies `event`. The follower only raises events the table allows; one it does not is a
+    /// bug, logged rather than acted on.
+    pub(crate) fn raise(&self, event: Event, detail: impl Into<String>) {
+        let mut lifecycle = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        match lifecycle.apply(event, detail) {
+            Ok(to) => {
+                for state in State::ALL {
+                    self.metrics
+                        .standby_state
+                        .with_label_values(&[state.name()])
+                        .set(i64::from(state == to));
+                }
+                self.state.send_replace(to);
+            }
+            Err(at) => {
+                tracing::error!(?event, state = %at, "the standby lifecycle refused an event")
+            }
+        }
+    }
+
+    fn snapshot(&self) -> (State, String, Duration) {
+        let lifecycle = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            lifecycle.state(),
+            lifecycle.detail().to_owned(),
+            lifecycle.time_in_state(),
+        )
+    }
+}
+
+/// What a standby reports about itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StandbyStatus {
+    pub state: State,
+    /// Why the current state was entered.
+    pub detail: String,
+    pub time_in_state: Duration,
+    pub received_seq: Seq,
+    pub applied_seq: Seq,
+}
 
 /// A standby's settings.
 #[derive(Clone, Debug)]
@@ -36,6 +89,9 @@ pub struct StandbyConfig {
     pub limits: Limits,
     /// Timeout of one etcd request. Default 2 s.
     pub etcd_request_timeout: Duration,
+    /// How long a standby stopped at a missing or damaged batch waits before reading again.
+    /// Default 30 s.
+    pub recovery_retry: Duration,
 }
 
 impl StandbyConfig {
@@ -44,15 +100,17 @@ impl StandbyConfig {
             cluster,
             limits: Limits::default(),
             etcd_request_timeout: Duration::from_secs(2),
+            recovery_retry: Duration::from_secs(30),
         }
     }
 }
 
 pub struct Standby {
     store: Arc<LocalStore>,
-    follower: JoinHandle<crate::error::Error>,
+    follower: JoinHandle<()>,
     received: watch::Receiver<Seq>,
-    state: watch::Receiver<FollowState>,
+    lifecycle: Arc<LifecycleCell>,
+    state: watch::Receiver<State>,
     applier: Applier,
 }
 
@@ -68,7 +126,12 @@ impl Standby {
         let reader = store.clone();
         let positions = blocking(move || reader.positions()).await?;
         let (received_tx, received) = watch::channel(positions.received_seq);
-        let (state_tx, state) = watch::channel(FollowState::Syncing);
+        let (state_tx, state) = watch::channel(State::Stopped);
+        let lifecycle = Arc::new(LifecycleCell {
+            lifecycle: std::sync::Mutex::new(Lifecycle::default()),
+            state: state_tx,
+            metrics: metrics.clone(),
+        });
         let applier = Applier::spawn(store.clone(), received.clone(), metrics.clone());
         let follower = follower::Follower {
             client,
@@ -77,14 +140,16 @@ impl Standby {
             store: store.clone(),
             metrics,
             request_timeout: config.etcd_request_timeout,
+            recovery_retry: config.recovery_retry,
             received: received_tx,
-            state: state_tx,
+            lifecycle: lifecycle.clone(),
         };
         let follower = tokio::spawn(follower.run());
         Ok(Standby {
             store,
             follower,
             received,
+            lifecycle,
             state,
             applier,
         })
@@ -99,8 +164,19 @@ impl Standby {
         self.applier.applied_seq()
     }
 
-    pub fn state(&self) -> FollowState {
-        self.state.borrow().clone()
+    pub fn state(&self) -> State {
+        *self.state.borrow()
+    }
+
+    pub fn status(&self) -> StandbyStatus {
+        let (state, detail, time_in_state) = self.lifecycle.snapshot();
+        StandbyStatus {
+            state,
+            detail,
+            time_in_state,
+            received_seq: self.received_seq(),
+            applied_seq: self.applied_seq(),
+        }
     }
 
     /// Waits until the local log holds `seq`; `None` if the follower stopped short of it.
@@ -118,10 +194,10 @@ impl Standby {
         self.applier.wait_applied(seq).await
     }
 
-    /// Waits until the follower is in a state that `matches`.
-    pub async fn wait_state(&self, matches: impl Fn(&FollowState) -> bool) -> FollowState {
+    /// Waits until the standby is in `wanted`.
+    pub async fn wait_state(&self, wanted: State) -> State {
         let mut state = self.state.clone();
-        let reached = state.wait_for(|s| matches(s)).await.map(|s| s.clone());
+        let reached = state.wait_for(|s| *s == wanted).await.map(|s| *s);
         reached.unwrap_or_else(|_| self.state())
     }
 
@@ -131,12 +207,14 @@ impl Standby {
             store,
             follower,
             received,
+            lifecycle,
             applier,
             ..
         } = self;
         follower.abort();
         // Cancelled is the expected outcome; waiting makes sure the follower let go.
         let _ = follower.await;
+        lifecycle.raise(Event::Stop, "shut down");
         let received = *received.borrow();
         applier.wait_applied(received).await;
         blocking(move || store.flush()).await
