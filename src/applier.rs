@@ -63,6 +63,11 @@ impl Applier {
         *self.applied.borrow()
     }
 
+    /// A receiver of the applied seq as it moves.
+    pub fn subscribe(&self) -> watch::Receiver<Seq> {
+        self.applied.clone()
+    }
+
     /// Why the applier stopped, if it failed.
     pub fn failure(&self) -> Option<String> {
         self.failure

@@ -158,6 +158,8 @@ pub enum Error {
     EtcdTimeout(std::time::Duration),
     #[error("invalid leader key value: {0}")]
     InvalidLeaderValue(String),
+    #[error("invalid member registration: {0:?}")]
+    InvalidMemberValue(String),
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
     #[error("a background task failed: {0}")]

@@ -15,6 +15,7 @@ use fencelog::metrics::Metrics;
 use fencelog::pointer::CommitPointer;
 use fencelog::record::{Epoch, Seq};
 use fencelog::standby::lifecycle::State;
+use fencelog::standby::membership::{members, MemberInfo};
 use fencelog::standby::{Standby, StandbyConfig};
 use fencelog::workload::RecordGenerator;
 
@@ -25,7 +26,8 @@ async fn start_standby(
     store: &Arc<LocalStore>,
 ) -> (Standby, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new().unwrap());
-    let mut config = StandbyConfig::new(common::CLUSTER.parse().unwrap());
+    let mut config =
+        StandbyConfig::new(common::CLUSTER.parse().unwrap(), "standby".parse().unwrap());
     config.recovery_retry = Duration::from_millis(300);
     let standby = Standby::start(
         common::client(etcd).await,
@@ -89,9 +91,13 @@ async fn a_standby_catches_up_from_empty_then_follows_the_live_tail() {
         standby_node.store.state_digest().unwrap(),
         primary_node.store.state_digest().unwrap()
     );
-    assert_eq!(
+    let (copy, original) = (
         standby_node.store.read(Seq(1), 10_000).unwrap(),
-        primary_node.store.read(Seq(1), 10_000).unwrap()
+        primary_node.store.read(Seq(1), 10_000).unwrap(),
+    );
+    assert!(
+        copy.len() == original.len() && copy == original,
+        "the standby's log differs from the primary's"
     );
     standby.shutdown().await.unwrap();
     primary.shutdown().await.unwrap();
@@ -238,16 +244,67 @@ async fn a_standby_survives_an_etcd_restart_without_a_gap() {
     }
     received(&standby, last).await;
     assert!(standby_metrics.follower_reconnects.get() >= 1);
+    // etcd is the truth: the standby's log must be exactly its committed log, no gap.
+    let in_etcd = common::committed_records(&etcd).await;
+    let in_standby = standby_node.store.read(Seq(1), 100_000).unwrap();
     assert_eq!(
-        standby_node.store.read(Seq(1), 100_000).unwrap(),
-        primary_node
-            .store
-            .read(Seq(1), 100_000)
-            .unwrap()
-            .into_iter()
-            .take(last.0 as usize)
-            .collect::<Vec<_>>()
+        in_standby.len(),
+        in_etcd.len(),
+        "the standby's log and etcd's differ in length"
+    );
+    assert!(
+        in_standby == in_etcd,
+        "the standby's log differs from etcd's"
     );
     standby.shutdown().await.unwrap();
     service.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_registers_its_positions_and_deregisters_on_shutdown() {
+    let etcd = common::etcd().await;
+    let primary_node = node("primary");
+    let primary = start_primary(&etcd, &primary_node).await.unwrap();
+    let last = append(&primary, 1, 10, 10).await;
+    let standby_node = node("standby");
+    let (standby, _) = start_standby(&etcd, &standby_node.store).await;
+    received(&standby, last).await;
+    standby.wait_applied(last).await;
+
+    let client = common::client(&etcd).await;
+    let layout = KeyLayout::new(&common::CLUSTER.parse().unwrap());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let registered = loop {
+        let members = members(&client, &layout, Duration::from_secs(2))
+            .await
+            .unwrap();
+        if let Some((_, info)) = members
+            .iter()
+            .find(|(name, info)| name == "standby" && info.applied_seq == last)
+        {
+            break *info;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "registration never showed {last}: {members:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        registered,
+        MemberInfo {
+            received_seq: last,
+            applied_seq: last
+        }
+    );
+
+    standby.shutdown().await.unwrap();
+    assert!(
+        members(&client, &layout, Duration::from_secs(2))
+            .await
+            .unwrap()
+            .is_empty(),
+        "still registered"
+    );
+    primary.shutdown().await.unwrap();
 }

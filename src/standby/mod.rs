@@ -13,7 +13,9 @@
 
 mod follower;
 pub mod lifecycle;
+pub mod membership;
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::applier::Applier;
 use crate::error::Result;
-use crate::keys::{ClusterId, KeyLayout};
+use crate::keys::{ClusterId, KeyLayout, NodeName};
 use crate::limits::Limits;
 use crate::local_store::{blocking, LocalStore};
 use crate::metrics::Metrics;
@@ -85,6 +87,10 @@ pub struct StandbyStatus {
 #[derive(Clone, Debug)]
 pub struct StandbyConfig {
     pub cluster: ClusterId,
+    /// Registered at `members/<node>`.
+    pub node: NodeName,
+    /// TTL of the registration's lease. Default 10 s.
+    pub member_ttl: Duration,
     /// The limits the cluster's batches were encoded with.
     pub limits: Limits,
     /// Timeout of one etcd request. Default 2 s.
@@ -95,9 +101,11 @@ pub struct StandbyConfig {
 }
 
 impl StandbyConfig {
-    pub fn new(cluster: ClusterId) -> StandbyConfig {
+    pub fn new(cluster: ClusterId, node: NodeName) -> StandbyConfig {
         StandbyConfig {
             cluster,
+            node,
+            member_ttl: Duration::from_secs(10),
             limits: Limits::default(),
             etcd_request_timeout: Duration::from_secs(2),
             recovery_retry: Duration::from_secs(30),
@@ -107,7 +115,11 @@ impl StandbyConfig {
 
 pub struct Standby {
     store: Arc<LocalStore>,
+    client: Client,
+    request_timeout: Duration,
     follower: JoinHandle<()>,
+    membership: JoinHandle<()>,
+    member_lease: Arc<AtomicI64>,
     received: watch::Receiver<Seq>,
     lifecycle: Arc<LifecycleCell>,
     state: watch::Receiver<State>,
@@ -133,9 +145,23 @@ impl Standby {
             metrics: metrics.clone(),
         });
         let applier = Applier::spawn(store.clone(), received.clone(), metrics.clone());
+        let layout = KeyLayout::new(&config.cluster);
+        let member_lease = Arc::new(AtomicI64::new(0));
+        let membership = tokio::spawn(
+            membership::Membership {
+                client: client.clone(),
+                lease: member_lease.clone(),
+                key: layout.member(&config.node),
+                ttl: config.member_ttl,
+                request_timeout: config.etcd_request_timeout,
+                received: received.clone(),
+                applied: applier.subscribe(),
+            }
+            .run(),
+        );
         let follower = follower::Follower {
-            client,
-            layout: KeyLayout::new(&config.cluster),
+            client: client.clone(),
+            layout,
             limits: config.limits,
             store: store.clone(),
             metrics,
@@ -147,7 +173,11 @@ impl Standby {
         let follower = tokio::spawn(follower.run());
         Ok(Standby {
             store,
+            client,
+            request_timeout: config.etcd_request_timeout,
             follower,
+            membership,
+            member_lease,
             received,
             lifecycle,
             state,
@@ -201,22 +231,30 @@ impl Standby {
         reached.unwrap_or_else(|_| self.state())
     }
 
-    /// Stops following, lets the applier finish what was received, and flushes the store.
-    pub async fn shutdown(self) -> Result<()> {
-        let Standby {
-            store,
-            follower,
-            received,
-            lifecycle,
-            applier,
-            ..
-        } = self;
-        follower.abort();
-        // Cancelled is the expected outcome; waiting makes sure the follower let go.
-        let _ = follower.await;
-        lifecycle.raise(Event::Stop, "shut down");
-        let received = *received.borrow();
-        applier.wait_applied(received).await;
+    /// Stops following, deregisters, lets the applier finish what was received, and flushes
+    /// the store.
+    pub async fn shutdown(mut self) -> Result<()> {
+        for task in [&mut self.follower, &mut self.membership] {
+            task.abort();
+            // Cancelled is the expected outcome; waiting makes sure the task let go.
+            let _ = task.await;
+        }
+        self.lifecycle.raise(Event::Stop, "shut down");
+        let lease = self.member_lease.load(Ordering::SeqCst);
+        if let Err(e) = membership::deregister(&self.client, lease, self.request_timeout).await {
+            tracing::warn!(error = %e, "could not deregister; the registration expires with its lease");
+        }
+        let received = *self.received.borrow();
+        self.applier.wait_applied(received).await;
+        let store = self.store.clone();
         blocking(move || store.flush()).await
+    }
+}
+
+impl Drop for Standby {
+    /// Without `shutdown`, stops as a crash would: the registration expires with its lease.
+    fn drop(&mut self) {
+        self.follower.abort();
+        self.membership.abort();
     }
 }
