@@ -191,9 +191,24 @@ impl LocalStore {
         })
     }
 
-    /// Appends a committed batch and advances `received_seq` over it, atomically. The batch
-    /// must start right after `received_seq`.
+    /// Appends committed batches in order, each with `received_seq` advanced over it in the same
+    /// sled transaction; each must start right after the one before (the first right after
+    /// `received_seq`). With [`FlushPolicy::EveryWrite`] they are flushed once, together, before
+    /// the call returns: one flush per group, not per batch, because a flush also carries
+    /// whatever the applier wrote meanwhile.
+    pub fn append_committed_all(&self, batches: &[EncodedBatch]) -> Result<()> {
+        for batch in batches {
+            self.append_unflushed(batch)?;
+        }
+        self.flush_if_every_write()
+    }
+
+    /// Appends one committed batch; see [`append_committed_all`](Self::append_committed_all).
     pub fn append_committed(&self, batch: &EncodedBatch) -> Result<()> {
+        self.append_committed_all(std::slice::from_ref(batch))
+    }
+
+    fn append_unflushed(&self, batch: &EncodedBatch) -> Result<()> {
         let _writer = lock(&self.writer);
         let positions = self.positions()?;
         if positions.log_end_seq != positions.received_seq {
@@ -211,7 +226,7 @@ impl LocalStore {
                 Ok::<_, ConflictableTransactionError<Infallible>>(())
             })
             .map_err(|e| self.txn_error(e))?;
-        self.flush_if_every_write()
+        Ok(())
     }
 
     /// Writes a batch ahead of its etcd commit (a primary's write-ahead), leaving

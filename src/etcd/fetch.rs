@@ -112,18 +112,25 @@ impl BatchPages {
     }
 }
 
-/// Verifies each batch of a page with a full decode and appends it to the store as committed.
-/// Blocking: run it with [`crate::local_store::blocking`].
+/// Verifies each batch of a page with a full decode and appends the page to the store as
+/// committed, up to the first batch that fails verification (which is refused). Blocking: run
+/// it with [`crate::local_store::blocking`].
 pub fn append_verified(
     store: &LocalStore,
     decoder: &mut BatchDecoder,
     page: &[EncodedBatch],
 ) -> Result<()> {
+    let mut verified = 0;
+    let mut damage = None;
     for batch in page {
-        decoder.decode(batch.as_bytes())?;
-        store.append_committed(batch)?;
+        if let Err(e) = decoder.decode(batch.as_bytes()) {
+            damage = Some(e);
+            break;
+        }
+        verified += 1;
     }
-    Ok(())
+    store.append_committed_all(&page[..verified])?;
+    damage.map_or(Ok(()), |e| Err(e.into()))
 }
 
 /// The smallest key above every key that starts with `prefix`.
