@@ -9,7 +9,9 @@
 //! committed it, then tells the applier. With two slots (`Double`) the next batch is sealed and
 //! encoded while the previous one is in its etcd round trip; with one (`Single`), appends wait
 //! while a batch commits. No sled write is on the commit path: sled stalls every write while a
-//! transaction (the applier's) runs, and the commit path must not wait for the state.
+//! transaction (the applier's) runs, and the commit path must not wait for the state. The local
+//! log writer's queue is bounded, so a local log that falls far behind slows the sealer rather
+//! than growing memory.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,6 +28,9 @@ use crate::primary::accumulator::PendingAppend;
 use crate::primary::recovery::Resume;
 use crate::primary::{AppendAck, StepDown, Term};
 use crate::record::Seq;
+
+/// Sealed batches that may wait for the local log writer; past it the sealer waits.
+const LOCAL_LOG_QUEUE: usize = 16;
 
 /// A batch on its way to etcd, with the appends it answers.
 struct SealedBatch {
@@ -69,7 +74,7 @@ pub(super) fn spawn(
 ) -> Result<Tasks> {
     let encoder = BatchEncoder::new(term.config.limits.clone(), term.config.zstd_level)?;
     let (to_committer, sealed) = mpsc::unbounded_channel();
-    let (to_local_log, written_ahead) = mpsc::unbounded_channel();
+    let (to_local_log, written_ahead) = mpsc::channel(LOCAL_LOG_QUEUE);
     let watchdog_term = term.clone();
     let lost = term.leadership.lost();
     let local_log = tokio::spawn(local_log_loop(
@@ -98,7 +103,9 @@ pub(super) fn spawn(
 /// Where the sealer sends each sealed batch.
 struct SealerOutputs {
     to_committer: mpsc::UnboundedSender<SealedBatch>,
-    to_local_log: mpsc::UnboundedSender<Arc<EncodedBatch>>,
+    /// Bounded: batches leave their pipeline slot once acknowledged, so without a bound a slow
+    /// local log could let committed-but-unwritten batches pile up in memory.
+    to_local_log: mpsc::Sender<Arc<EncodedBatch>>,
 }
 
 async fn seal_loop(
@@ -154,7 +161,7 @@ async fn seal_loop(
                     appends,
                     _slot: slot,
                 };
-                if outputs.to_local_log.send(encoded).is_err()
+                if outputs.to_local_log.send(encoded).await.is_err()
                     || outputs.to_committer.send(sealed).is_err()
                 {
                     return;
@@ -224,7 +231,7 @@ async fn commit_loop(
 /// are gone, it marks what is left to mark and ends, which in turn ends the applier.
 async fn local_log_loop(
     term: Arc<Term>,
-    mut written_ahead: mpsc::UnboundedReceiver<Arc<EncodedBatch>>,
+    mut written_ahead: mpsc::Receiver<Arc<EncodedBatch>>,
     mut committed: watch::Receiver<Seq>,
     received: watch::Sender<Seq>,
 ) {
