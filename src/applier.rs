@@ -1,9 +1,8 @@
 //! Applies received records to the state, off the commit path: the one apply step every node
 //! uses, primary and standby alike.
 //!
-//! It follows a `watch` of the received seq and applies the local log up to it in short steps
-//! ([`STEP_RECORDS`] records per sled transaction: sled holds a process-wide write lock for each
-//! transaction, stalling every other sled write, the commit path's included). It runs on its own
+//! It follows a `watch` of the received seq and applies the local log up to it in steps of at
+//! most [`STEP_RECORDS`] records, announcing the applied seq after each. It runs on its own
 //! thread at a lower CPU priority (nice +10): applying random keys into sled is an order of
 //! magnitude slower than committing batches, so under saturation the commit path keeps the CPU
 //! and the apply lag grows, to drain when the load drops. The state catches up from the local
@@ -19,20 +18,22 @@ use crate::local_store::LocalStore;
 use crate::metrics::Metrics;
 use crate::record::Seq;
 
-/// Records applied per sled transaction.
-pub const STEP_RECORDS: usize = 256;
+/// Records applied per step: the applied seq is announced (and persisted) this often.
+pub const STEP_RECORDS: usize = 1024;
 /// The applier thread's nice value: background work yields to the commit path.
 const APPLIER_NICENESS: libc::c_int = 10;
 
 pub struct Applier {
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     applied: watch::Receiver<Seq>,
     failure: Arc<Mutex<Option<String>>>,
+    stop: watch::Sender<bool>,
 }
 
 impl Applier {
     /// Starts applying whatever `received` announces. When `received`'s sender is dropped, the
-    /// applier catches up with the last announced seq and stops. Must be called inside a tokio
+    /// applier catches up with the last announced seq and stops; dropping the applier does not
+    /// stop it (the thread never blocks an async caller's drop). Must be called inside a tokio
     /// runtime.
     pub fn spawn(
         store: Arc<LocalStore>,
@@ -43,19 +44,35 @@ impl Applier {
         let (applied_tx, applied) = watch::channel(start);
         let failure = Arc::new(Mutex::new(None));
         let thread_failure = failure.clone();
+        let (stop, stop_rx) = watch::channel(false);
         let runtime = Handle::current();
         let thread = std::thread::Builder::new()
             .name("fencelog-applier".into())
             .spawn(move || {
                 lower_priority();
-                run(&runtime, &store, received, &applied_tx, &metrics, &thread_failure);
+                let input = Input { received, stop: stop_rx };
+                run(&runtime, &store, input, &applied_tx, &metrics, &thread_failure);
             })
             .map_err(|e| tracing::error!(error = %e, "cannot start the applier thread; the state will not advance"))
             .ok();
         Applier {
-            thread,
+            thread: Mutex::new(thread),
             applied,
             failure,
+            stop,
+        }
+    }
+
+    /// Stops at the end of the current step, without catching up, and waits for the thread to
+    /// let go of the store: the state resumes from `applied_seq` under whoever applies next.
+    pub async fn stop(&self) {
+        self.stop.send_replace(true);
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                tracing::error!("the applier thread ended abnormally");
+            }
         }
     }
 
@@ -87,27 +104,26 @@ impl Applier {
     }
 }
 
-impl Drop for Applier {
-    fn drop(&mut self) {
-        // The thread ends by itself once its received sender is gone; it is not joined here,
-        // so that dropping an applier never blocks an async caller.
-        self.thread.take();
-    }
+/// What the applier thread listens to.
+struct Input {
+    received: watch::Receiver<Seq>,
+    stop: watch::Receiver<bool>,
 }
 
 fn run(
     runtime: &Handle,
     store: &LocalStore,
-    mut received: watch::Receiver<Seq>,
+    mut input: Input,
     applied: &watch::Sender<Seq>,
     metrics: &Metrics,
     failure: &Mutex<Option<String>>,
 ) {
+    let stopping = input.stop.clone();
     let catch_up = |target: Seq| -> bool {
-        while *applied.borrow() < target {
+        while *applied.borrow() < target && !*stopping.borrow() {
             match store.apply_next(STEP_RECORDS) {
                 Ok(Some(step)) => {
-                    metrics.applied_seq.set(step.last_seq.0 as i64);
+                    metrics.applied(step.last_seq, step.sealed_at_micros);
                     applied.send_replace(step.last_seq);
                 }
                 // The store's received seq trails the announced one: wait for the next news.
@@ -122,11 +138,23 @@ fn run(
         true
     };
     loop {
-        if !catch_up(*received.borrow_and_update()) {
+        // Copied out first: a borrow held across the catch-up would block the sender.
+        let target = *input.received.borrow_and_update();
+        if !catch_up(target) {
             return;
         }
-        if runtime.block_on(received.changed()).is_err() {
-            catch_up(*received.borrow());
+        let news = runtime.block_on(async {
+            tokio::select! {
+                changed = input.received.changed() => changed.is_ok(),
+                _ = input.stop.wait_for(|stop| *stop) => false,
+            }
+        });
+        if *input.stop.borrow() {
+            return;
+        }
+        if !news {
+            let last = *input.received.borrow();
+            catch_up(last);
             return;
         }
     }

@@ -1,19 +1,24 @@
 //! The batch: a run of consecutive records written by one epoch, and its wire format.
 //!
-//! An encoded batch is a fixed 40-byte header followed by the zstd-compressed body. The body is
+//! An encoded batch is a fixed 48-byte header followed by the zstd-compressed body. The body is
 //! the records' bincode encodings back to back; the header carries their count, so nothing in
 //! the body is a length the decoder must trust.
 //!
 //! | offset | bytes | field (little-endian)                                     |
 //! |--------|-------|-----------------------------------------------------------|
 //! | 0      | 4     | magic `FLGB`                                              |
-//! | 4      | 4     | format version (1)                                        |
+//! | 4      | 4     | format version (2)                                        |
 //! | 8      | 8     | epoch                                                     |
 //! | 16     | 8     | first seq                                                 |
 //! | 24     | 4     | record count                                              |
 //! | 28     | 4     | uncompressed body length                                  |
-//! | 32     | 8     | checksum: xxh3-64 of bytes 0..32, the frame, the body     |
-//! | 40     | ..    | zstd frame of the body                                    |
+//! | 32     | 8     | sealed at: microseconds since the Unix epoch              |
+//! | 40     | 8     | checksum: xxh3-64 of bytes 0..40, the frame, the body     |
+//! | 48     | ..    | zstd frame of the body                                    |
+//!
+//! The seal time is the primary's clock when it closed the batch, a moment before the commit:
+//! followers measure their lag in seconds against it (across hosts, as good as their clocks).
+//! Version 1 (no seal time) was never released and is refused like any unknown version.
 //!
 //! The checksum covers the header fields, the compressed frame and every byte of every record
 //! as decompressed, so no flipped byte anywhere can move a batch to another seq or epoch, or
@@ -30,10 +35,10 @@ use crate::error::{BatchError, Error, Result};
 use crate::limits::Limits;
 use crate::record::{Epoch, Op, Record, RecordRef, Seq};
 
-pub const HEADER_LEN: usize = 40;
-pub const FORMAT_VERSION: u32 = 1;
+pub const HEADER_LEN: usize = 48;
+pub const FORMAT_VERSION: u32 = 2;
 const MAGIC: [u8; 4] = *b"FLGB";
-const CHECKSUM_OFFSET: usize = 32;
+const CHECKSUM_OFFSET: usize = 40;
 /// The smallest encoded record: one byte each for the op, the key length and the value length.
 const MIN_ENCODED_RECORD: usize = 3;
 const BINCODE: Configuration = bincode::config::standard();
@@ -48,11 +53,13 @@ pub fn worst_case_encoded_len(body_len: usize) -> usize {
 pub struct Batch {
     epoch: Epoch,
     first_seq: Seq,
+    sealed_at_micros: u64,
     records: Vec<Record>,
 }
 
 impl Batch {
-    /// Refuses an empty batch, one starting at seq 0, and one whose seqs would run out.
+    /// A batch sealed now. Refuses an empty batch, one starting at seq 0, and one whose seqs
+    /// would run out.
     pub fn new(epoch: Epoch, first_seq: Seq, records: Vec<Record>) -> Result<Batch> {
         if records.is_empty() {
             return Err(Error::EmptyBatch);
@@ -71,8 +78,14 @@ impl Batch {
         Ok(Batch {
             epoch,
             first_seq,
+            sealed_at_micros: unix_micros_now(),
             records,
         })
+    }
+
+    /// When the primary sealed the batch, in microseconds since the Unix epoch.
+    pub fn sealed_at_micros(&self) -> u64 {
+        self.sealed_at_micros
     }
 
     pub fn epoch(&self) -> Epoch {
@@ -109,6 +122,7 @@ pub struct BatchHeader {
     pub first_seq: Seq,
     pub record_count: u32,
     pub uncompressed_len: u32,
+    pub sealed_at_micros: u64,
     pub checksum: u64,
 }
 
@@ -151,6 +165,7 @@ impl BatchHeader {
             first_seq: Seq(u64_at(16)),
             record_count: u32_at(24),
             uncompressed_len: u32_at(28),
+            sealed_at_micros: u64_at(32),
             checksum: u64_at(CHECKSUM_OFFSET),
         };
         let body_len = parsed.uncompressed_len as usize;
@@ -196,6 +211,7 @@ impl BatchHeader {
         out[16..24].copy_from_slice(&self.first_seq.0.to_le_bytes());
         out[24..28].copy_from_slice(&self.record_count.to_le_bytes());
         out[28..32].copy_from_slice(&self.uncompressed_len.to_le_bytes());
+        out[32..40].copy_from_slice(&self.sealed_at_micros.to_le_bytes());
     }
 }
 
@@ -283,6 +299,7 @@ impl BatchEncoder {
             first_seq: batch.first_seq(),
             record_count: batch.records().len() as u32,
             uncompressed_len: self.body.len() as u32,
+            sealed_at_micros: batch.sealed_at_micros(),
             checksum: 0,
         };
         let mut bytes = vec![0; worst_case_encoded_len(self.body.len())];
@@ -353,9 +370,17 @@ impl BatchDecoder {
         Ok(Batch {
             epoch: header.epoch,
             first_seq: header.first_seq,
+            sealed_at_micros: header.sealed_at_micros,
             records,
         })
     }
+}
+
+/// Microseconds since the Unix epoch; 0 on a clock set before it.
+pub fn unix_micros_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 fn decode_records(body: &[u8], count: u32, limits: &Limits) -> Result<Vec<Record>, BatchError> {
@@ -429,15 +454,26 @@ mod tests {
     }
 
     #[test]
+    fn the_seal_time_survives_the_round_trip() {
+        let (mut enc, mut dec) = codec();
+        let batch = sample(3);
+        assert!(batch.sealed_at_micros() > 0);
+        let encoded = enc.encode(&batch).unwrap();
+        assert_eq!(encoded.header().sealed_at_micros, batch.sealed_at_micros());
+        let decoded = dec.decode(encoded.as_bytes()).unwrap();
+        assert_eq!(decoded.sealed_at_micros(), batch.sealed_at_micros());
+    }
+
+    #[test]
     fn unknown_version_is_refused_before_anything_else() {
         let (mut enc, mut dec) = codec();
         let mut bytes = enc.encode(&sample(3)).unwrap().into_bytes();
-        bytes[4] = 2;
+        bytes[4] = 3;
         assert_eq!(
             dec.decode(&bytes),
             Err(BatchError::UnsupportedVersion {
-                found: 2,
-                supported: 1
+                found: 3,
+                supported: FORMAT_VERSION
             })
         );
     }
@@ -464,6 +500,7 @@ mod tests {
             first_seq: Seq(1),
             record_count: 1,
             uncompressed_len: 1024,
+            sealed_at_micros: 0,
             checksum: 0,
         };
         header.write_fields(&mut bytes);

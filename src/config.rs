@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::etcd::leadership::{LeaderInfo, LeaseSettings};
 use crate::keys::{ClusterId, NodeName};
 use crate::limits::Limits;
 
@@ -76,6 +77,23 @@ impl PrimaryConfig {
             etcd_request_timeout: Duration::from_secs(2),
             zstd_level: 1,
             limits: Limits::default(),
+        }
+    }
+
+    /// What this node writes into the leader key.
+    pub fn leader_info(&self) -> LeaderInfo {
+        LeaderInfo {
+            node: self.node.clone(),
+            addr: self.advertise_addr.clone(),
+        }
+    }
+
+    /// The lease timing a campaign uses.
+    pub fn lease(&self) -> LeaseSettings {
+        LeaseSettings {
+            ttl: self.lease_ttl,
+            safety_margin: self.lease_safety_margin,
+            request_timeout: self.etcd_request_timeout,
         }
     }
 

@@ -156,6 +156,8 @@ pub enum Error {
     MissingBatches { expected: Seq, found: Option<Seq> },
     #[error("etcd did not answer within {0:?}")]
     EtcdTimeout(std::time::Duration),
+    #[error("{leader} leads: promote only once its lease has expired, or force it (which revokes that lease)")]
+    LeaderAlive { leader: String },
     #[error("invalid leader key value: {0}")]
     InvalidLeaderValue(String),
     #[error("invalid member registration: {0:?}")]

@@ -18,6 +18,7 @@
 //! - [`config`]: the primary's settings and their defaults;
 //! - [`primary`]: the append API and the double-buffered commit pipeline;
 //! - [`standby`]: follows the committed log into the local store (read, then watch);
+//! - [`node`]: a standby that takes over when the primary goes, and follows again after;
 //! - [`metrics`]: the Prometheus registry;
 //! - [`workload`]: synthetic records for benches, tests and the load tool;
 //! - [`error`]: the crate's error type.
@@ -31,6 +32,7 @@ pub mod keys;
 pub mod limits;
 pub mod local_store;
 pub mod metrics;
+pub mod node;
 pub mod pointer;
 pub mod primary;
 pub mod record;

@@ -5,7 +5,8 @@
 //! |---------|-------------------------|----------------------------------------------------|
 //! | `log`   | first seq (big-endian)  | the encoded batch, as committed to etcd            |
 //! | `state` | record key              | record value (Put inserts, Delete removes)         |
-//! | `meta`  | `format`, `received_seq`, `applied_seq`, `received_epoch`, `lease_id` | u64, big-endian |
+//! | `meta`  | `format`, `applied_seq`, `applying_through`, `lease_id` | u64, big-endian |
+//! | `meta`  | `received`              | received seq and its batch's epoch, u64 + u64, big-endian |
 //!
 //! The log and the state advance separately, like a Postgres standby's received and replayed
 //! positions: the log takes one sled write per batch, the state one per record, an order of
@@ -13,19 +14,26 @@
 //! - the log is contiguous: each batch starts right after the one before it;
 //! - `applied_seq <= received_seq <= log end`; `received_seq` is a batch boundary (`applied_seq`
 //!   may stop inside a batch: the state is applied in short steps);
-//! - `received_seq` moves in the same sled transaction as the log write it covers (or, for a
-//!   primary's write-ahead batch, once etcd has committed it);
-//! - `applied_seq` moves in the same sled transaction as the state writes it accounts for, so a
-//!   crash never leaves the state ahead of or behind its position.
+//! - `received_seq` moves only after the log write it covers (or, for a primary's write-ahead
+//!   batch, once etcd has committed it); a crash in between leaves a log tail past
+//!   `received_seq`, which is never read or applied, and which the node drops before it follows
+//!   etcd again;
+//! - the state never stays ahead of `applied_seq`: an apply step first records
+//!   `applying_through`, then writes the state, then moves `applied_seq`; `open` redoes a step a
+//!   crash interrupted (puts and deletes replayed in order give the same state).
+//!
+//! No sled transactions, on purpose: sled 0.34 runs each one under a process-wide write lock,
+//! and once any transaction has run, every sled read and write in the process takes that lock
+//! too. These invariants rest instead on each single-key write being atomic and on sled
+//! recovering a prefix of the writes after a crash (its log is replayed up to the first torn
+//! write). `kill_9_never_leaves_a_position_ahead_of_its_data` checks it.
 //!
 //! All calls block on sled; async callers run them on a blocking thread. Never call sled's
 //! `flush_async` from many tasks (it deadlocks in 0.34.7): this store flushes with `flush()`.
 
-use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use sled::Tree;
 use xxhash_rust::xxh3::Xxh3;
 
@@ -35,16 +43,16 @@ use crate::limits::Limits;
 use crate::record::{Epoch, Op, Record, Seq};
 
 /// The layout version this build reads and writes.
-pub const STORE_FORMAT: u64 = 1;
+pub const STORE_FORMAT: u64 = 2;
 
 /// A file beside sled's own, written once the store exists. sled recovers a damaged file by
 /// keeping what it can read, which may be nothing: the marker tells "new" from "lost".
 const MARKER_FILE: &str = "fencelog-store";
 
 const FORMAT: &[u8] = b"format";
-const RECEIVED_SEQ: &[u8] = b"received_seq";
+const RECEIVED: &[u8] = b"received";
 const APPLIED_SEQ: &[u8] = b"applied_seq";
-const RECEIVED_EPOCH: &[u8] = b"received_epoch";
+const APPLYING_THROUGH: &[u8] = b"applying_through";
 const LEASE_ID: &[u8] = b"lease_id";
 
 /// When the store makes its writes durable.
@@ -113,6 +121,8 @@ pub struct LogStats {
 pub struct AppliedRange {
     pub first_seq: Seq,
     pub last_seq: Seq,
+    /// When the primary sealed the batch these records belong to.
+    pub sealed_at_micros: u64,
 }
 
 /// The applier's working set: its decoder, and the batch it is part way through.
@@ -175,6 +185,7 @@ impl LocalStore {
             write_marker(&marker)?;
         }
         store.check_positions()?;
+        store.finish_interrupted_apply()?;
         Ok(store)
     }
 
@@ -183,17 +194,17 @@ impl LocalStore {
     }
 
     pub fn positions(&self) -> Result<Positions> {
+        let (received_seq, received_epoch) = self.received()?;
         Ok(Positions {
-            received_seq: Seq(self.meta_u64(RECEIVED_SEQ)?),
+            received_seq,
             applied_seq: Seq(self.meta_u64(APPLIED_SEQ)?),
             log_end_seq: self.log_end()?,
-            received_epoch: Epoch(self.meta_u64(RECEIVED_EPOCH)?),
+            received_epoch,
         })
     }
 
-    /// Appends committed batches in order, each with `received_seq` advanced over it in the same
-    /// sled transaction; each must start right after the one before (the first right after
-    /// `received_seq`). With [`FlushPolicy::EveryWrite`] they are flushed once, together, before
+    /// Appends committed batches in order, each followed by `received_seq` advanced over it;
+    /// each must start right after the one before (the first right after `received_seq`). With [`FlushPolicy::EveryWrite`] they are flushed once, together, before
     /// the call returns: one flush per group, not per batch, because a flush also carries
     /// whatever the applier wrote meanwhile.
     pub fn append_committed_all(&self, batches: &[EncodedBatch]) -> Result<()> {
@@ -218,15 +229,10 @@ impl LocalStore {
         }
         self.check_follows(positions.log_end_seq, batch)?;
         let header = batch.header();
-        (&self.log, &self.meta)
-            .transaction(|(log, meta)| {
-                log.insert(&header.first_seq.to_be_bytes(), batch.as_bytes())?;
-                meta.insert(RECEIVED_SEQ, &header.last_seq().to_be_bytes())?;
-                meta.insert(RECEIVED_EPOCH, &header.epoch.0.to_be_bytes())?;
-                Ok::<_, ConflictableTransactionError<Infallible>>(())
-            })
-            .map_err(|e| self.txn_error(e))?;
-        Ok(())
+        self.log
+            .insert(header.first_seq.to_be_bytes(), batch.as_bytes())
+            .map_err(|e| self.io(e))?;
+        self.set_received(header.last_seq(), header.epoch)
     }
 
     /// Writes a batch ahead of its etcd commit (a primary's write-ahead), leaving
@@ -246,7 +252,7 @@ impl LocalStore {
     /// Advances `received_seq` to `through`, which must end a batch in the log.
     pub fn mark_committed(&self, through: Seq) -> Result<()> {
         let _writer = lock(&self.writer);
-        let received = Seq(self.meta_u64(RECEIVED_SEQ)?);
+        let (received, _) = self.received()?;
         if through < received {
             return Err(Error::NotBatchBoundary {
                 seq: through,
@@ -259,13 +265,7 @@ impl LocalStore {
                 seq: through,
                 what: "only a batch's last seq can be marked committed",
             })?;
-        (&self.meta,)
-            .transaction(|(meta,)| {
-                meta.insert(RECEIVED_SEQ, &through.to_be_bytes())?;
-                meta.insert(RECEIVED_EPOCH, &header.epoch.0.to_be_bytes())?;
-                Ok::<_, ConflictableTransactionError<Infallible>>(())
-            })
-            .map_err(|e| self.txn_error(e))?;
+        self.set_received(through, header.epoch)?;
         self.flush_if_every_write()
     }
 
@@ -300,56 +300,84 @@ impl LocalStore {
                 .map(|h| h.epoch)
                 .unwrap_or(positions.received_epoch),
         };
-        (&self.log, &self.meta)
-            .transaction(|(log, meta)| {
-                for key in &doomed {
-                    log.remove(key)?;
-                }
-                meta.insert(RECEIVED_SEQ, &received.to_be_bytes())?;
-                meta.insert(RECEIVED_EPOCH, &received_epoch.0.to_be_bytes())?;
-                Ok::<_, ConflictableTransactionError<Infallible>>(())
-            })
-            .map_err(|e| self.txn_error(e))?;
+        // Position first, then the batches newest first: a crash part way leaves a shorter
+        // tail past `received_seq`, still contiguous, still never read.
+        self.set_received(received, received_epoch)?;
+        for key in doomed.iter().rev() {
+            self.log.remove(key).map_err(|e| self.io(e))?;
+        }
         self.flush_if_every_write()
     }
 
-    /// Applies up to `max_records` received records after `applied_seq` to the state, advancing
-    /// `applied_seq` over them in the same transaction; never past the end of the batch they
-    /// belong to. Returns `None` when the state has caught up with `received_seq`.
+    /// Applies up to `max_records` received records after `applied_seq` to the state, then
+    /// advances `applied_seq` over them; never past the end of the batch they belong to.
+    /// Returns `None` when the state has caught up with `received_seq`.
     ///
-    /// sled runs every transaction under a process-wide write lock that stalls all other sled
-    /// writes, the commit path's included: a small `max_records` keeps each stall short. No
-    /// flush: a crash loses at most the last applies, and sled keeps the state and
-    /// `applied_seq` together, so they are redone from the log.
+    /// No flush: a crash loses at most the last applies, which are redone from the log.
     pub fn apply_next(&self, max_records: usize) -> Result<Option<AppliedRange>> {
         let mut applier = lock(&self.applier);
         let applied = Seq(self.meta_u64(APPLIED_SEQ)?);
-        let received = Seq(self.meta_u64(RECEIVED_SEQ)?);
+        let (received, _) = self.received()?;
         if applied >= received || max_records == 0 {
             return Ok(None);
         }
+        self.apply_step(
+            applied,
+            Seq(received.0.min(applied.0.saturating_add(max_records as u64))),
+            &mut applier,
+        )
+        .map(Some)
+    }
+
+    /// Redoes the apply step a crash interrupted, if any, so that the state matches
+    /// `applied_seq` before anyone reads it.
+    fn finish_interrupted_apply(&self) -> Result<()> {
+        let mut applier = lock(&self.applier);
+        let through = Seq(self.meta_u64(APPLYING_THROUGH)?);
+        let mut applied = Seq(self.meta_u64(APPLIED_SEQ)?);
+        if through > self.received()?.0 {
+            return Err(self.corrupt(format!(
+                "applying_through {through} is past received_seq {}",
+                self.received()?.0
+            )));
+        }
+        while applied < through {
+            tracing::info!(from = %applied.next()?, %through, dir = %self.dir.display(), "redoing an interrupted apply");
+            applied = self.apply_step(applied, through, &mut applier)?.last_seq;
+        }
+        Ok(())
+    }
+
+    /// Applies the records after `applied` up to `through`, or to the end of the batch holding
+    /// the first of them if that comes sooner.
+    fn apply_step(
+        &self,
+        applied: Seq,
+        through: Seq,
+        applier: &mut Applying,
+    ) -> Result<AppliedRange> {
         let first = applied.next()?;
-        let batch = self.batch_holding(first, &mut applier)?;
+        let batch = self.batch_holding(first, applier)?;
+        let last = through.min(batch.last_seq());
         let skip = (first.0 - batch.first_seq().0) as usize;
-        let records =
-            &batch.records()[skip..batch.records().len().min(skip.saturating_add(max_records))];
-        let last = Seq(first.0 + records.len() as u64 - 1);
-        (&self.state, &self.meta)
-            .transaction(|(state, meta)| {
-                for record in records {
-                    match record.op {
-                        Op::Put => state.insert(record.key.as_slice(), record.value.as_slice())?,
-                        Op::Delete => state.remove(record.key.as_slice())?,
-                    };
-                }
-                meta.insert(APPLIED_SEQ, &last.to_be_bytes())?;
-                Ok::<_, ConflictableTransactionError<Infallible>>(())
-            })
-            .map_err(|e| self.txn_error(e))?;
-        Ok(Some(AppliedRange {
+        let records = &batch.records()[skip..=(last.0 - batch.first_seq().0) as usize];
+        self.put_meta(APPLYING_THROUGH, last.0)?;
+        for record in records {
+            match record.op {
+                Op::Put => self
+                    .state
+                    .insert(record.key.as_slice(), record.value.as_slice())
+                    .map(drop),
+                Op::Delete => self.state.remove(record.key.as_slice()).map(drop),
+            }
+            .map_err(|e| self.io(e))?;
+        }
+        self.put_meta(APPLIED_SEQ, last.0)?;
+        Ok(AppliedRange {
             first_seq: first,
             last_seq: last,
-        }))
+            sealed_at_micros: batch.sealed_at_micros(),
+        })
     }
 
     /// The decoded batch that holds `seq`, from the applier's one-batch cache when it can: a
@@ -389,7 +417,7 @@ impl LocalStore {
     /// Up to `max_records` received records from `from` on. Empty when `from` is past
     /// `received_seq`; an error when `from` is below the oldest seq the log holds.
     pub fn read(&self, from: Seq, max_records: usize) -> Result<Vec<(Seq, Record)>> {
-        let received = Seq(self.meta_u64(RECEIVED_SEQ)?);
+        let (received, _) = self.received()?;
         if from > received || max_records == 0 {
             return Ok(Vec::new());
         }
@@ -484,10 +512,7 @@ impl LocalStore {
     }
 
     pub fn set_lease_id(&self, id: Option<i64>) -> Result<()> {
-        let id = id.map_or(0, |id| id as u64);
-        self.meta
-            .insert(LEASE_ID, &id.to_be_bytes())
-            .map_err(|e| self.io(e))?;
+        self.put_meta(LEASE_ID, id.map_or(0, |id| id as u64))?;
         self.flush()
     }
 
@@ -595,6 +620,40 @@ impl LocalStore {
             .map_err(|_| self.corrupt(format!("log key {key:02x?} is not a seq")))
     }
 
+    /// The received seq and the epoch of the batch it ends.
+    fn received(&self) -> Result<(Seq, Epoch)> {
+        match self.meta.get(RECEIVED).map_err(|e| self.io(e))? {
+            None => Ok((Seq::NONE, Epoch::default())),
+            Some(bytes) if bytes.len() == 16 => {
+                let (seq, epoch) = bytes.split_at(8);
+                let word = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap_or_default());
+                Ok((Seq(word(seq)), Epoch(word(epoch))))
+            }
+            Some(bytes) => Err(self.corrupt(format!(
+                "meta value \"received\" is {} bytes, expected 16",
+                bytes.len()
+            ))),
+        }
+    }
+
+    /// One write, so the seq and its epoch never disagree.
+    fn set_received(&self, seq: Seq, epoch: Epoch) -> Result<()> {
+        let mut value = [0u8; 16];
+        value[..8].copy_from_slice(&seq.to_be_bytes());
+        value[8..].copy_from_slice(&epoch.0.to_be_bytes());
+        self.meta
+            .insert(RECEIVED, &value)
+            .map(drop)
+            .map_err(|e| self.io(e))
+    }
+
+    fn put_meta(&self, name: &[u8], value: u64) -> Result<()> {
+        self.meta
+            .insert(name, &value.to_be_bytes())
+            .map(drop)
+            .map_err(|e| self.io(e))
+    }
+
     fn meta_u64(&self, name: &[u8]) -> Result<u64> {
         match self.meta.get(name).map_err(|e| self.io(e))? {
             None => Ok(0),
@@ -626,13 +685,6 @@ impl LocalStore {
         Error::StoreCorrupt {
             dir: self.dir.clone(),
             detail,
-        }
-    }
-
-    fn txn_error(&self, error: TransactionError<Infallible>) -> Error {
-        match error {
-            TransactionError::Storage(source) => self.io(source),
-            TransactionError::Abort(never) => match never {},
         }
     }
 }

@@ -3,11 +3,18 @@
 //! One `Metrics` per process, shared by `Arc`; `render` gives the text exposition format.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::batch::unix_micros_now;
 use crate::error::Result;
+use crate::record::Seq;
+
+/// Seconds from `micros` (since the Unix epoch) to now; 0 if the clock says it is ahead.
+fn seconds_since(micros: u64) -> f64 {
+    unix_micros_now().saturating_sub(micros) as f64 / 1e6
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -29,10 +36,20 @@ pub struct Metrics {
     pub batch_bytes: Histogram,
     /// Payload bytes of appends waiting for a commit.
     pub pending_bytes: IntGauge,
-    /// The last seq this node knows to be committed (`received_seq`).
+    /// The last seq this node knows to be committed in etcd.
     pub committed_seq: IntGauge,
+    /// The last seq in this node's local log as committed (`received_seq`).
+    pub received_seq: IntGauge,
     /// The last seq applied to this node's state.
     pub applied_seq: IntGauge,
+    /// `committed_seq - received_seq`.
+    pub receive_lag_records: IntGauge,
+    /// `committed_seq - applied_seq`.
+    pub apply_lag_records: IntGauge,
+    /// Seconds from the seal of the last received batch to its receipt.
+    pub receive_lag_seconds: Gauge,
+    /// Seconds from the seal of the batch holding the last applied seq to its apply.
+    pub apply_lag_seconds: Gauge,
     /// This node's leadership epoch while it leads; 0 otherwise.
     pub epoch: IntGauge,
     /// Batches this node received from etcd as a standby (catch-up and watch).
@@ -55,6 +72,11 @@ impl Metrics {
             let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
             registry.register(Box::new(c.clone()))?;
             Ok(c)
+        };
+        let float_gauge = |name: &str, help: &str| -> Result<Gauge> {
+            let g = Gauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
         };
         let gauge = |name: &str, help: &str| -> Result<IntGauge> {
             let g = IntGauge::new(name, help)?;
@@ -102,8 +124,25 @@ impl Metrics {
                 "pending_bytes",
                 "Payload bytes of appends waiting for a commit",
             )?,
-            committed_seq: gauge("committed_seq", "Last seq known committed on this node")?,
+            committed_seq: gauge("committed_seq", "Last seq known committed in etcd")?,
+            received_seq: gauge("received_seq", "Last committed seq in the local log")?,
             applied_seq: gauge("applied_seq", "Last seq applied to this node's state")?,
+            receive_lag_records: gauge(
+                "receive_lag_records",
+                "Committed records not yet in the local log",
+            )?,
+            apply_lag_records: gauge(
+                "apply_lag_records",
+                "Committed records not yet applied to the state",
+            )?,
+            receive_lag_seconds: float_gauge(
+                "receive_lag_seconds",
+                "Seconds from the seal of the last received batch to its receipt",
+            )?,
+            apply_lag_seconds: float_gauge(
+                "apply_lag_seconds",
+                "Seconds from the seal of the last applied batch to its apply",
+            )?,
             epoch: gauge("epoch", "Leadership epoch while leading, else 0")?,
             received_batches: counter(
                 "received_batches_total",
@@ -123,6 +162,37 @@ impl Metrics {
             },
             registry,
         })
+    }
+
+    /// Records that etcd holds the log through `seq`: the committed seq only moves forward.
+    pub fn saw_committed(&self, seq: Seq) {
+        if seq.0 as i64 > self.committed_seq.get() {
+            self.committed_seq.set(seq.0 as i64);
+        }
+        self.refresh_lag_records();
+    }
+
+    /// Records a batch ending at `seq` sealed at `sealed_at_micros` landing in the local log.
+    pub fn received(&self, seq: Seq, sealed_at_micros: u64) {
+        self.received_seq.set(seq.0 as i64);
+        self.receive_lag_seconds
+            .set(seconds_since(sealed_at_micros));
+        self.saw_committed(seq);
+    }
+
+    /// Records the state reaching `seq`, in a batch sealed at `sealed_at_micros`.
+    pub fn applied(&self, seq: Seq, sealed_at_micros: u64) {
+        self.applied_seq.set(seq.0 as i64);
+        self.apply_lag_seconds.set(seconds_since(sealed_at_micros));
+        self.refresh_lag_records();
+    }
+
+    fn refresh_lag_records(&self) {
+        let committed = self.committed_seq.get();
+        self.receive_lag_records
+            .set((committed - self.received_seq.get()).max(0));
+        self.apply_lag_records
+            .set((committed - self.applied_seq.get()).max(0));
     }
 
     pub fn registry(&self) -> &Registry {

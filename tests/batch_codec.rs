@@ -106,7 +106,7 @@ fn an_encoded_batch_over_the_cap_is_refused_before_decompressing() {
     let huge = vec![0u8; Limits::default().max_batch_bytes + 1];
     let mut bytes = huge;
     bytes[..4].copy_from_slice(b"FLGB");
-    bytes[4..8].copy_from_slice(&1u32.to_le_bytes());
+    bytes[4..8].copy_from_slice(&fencelog::batch::FORMAT_VERSION.to_le_bytes());
     assert!(matches!(
         dec.decode(&bytes),
         Err(BatchError::EncodedTooLarge { .. })

@@ -1,5 +1,5 @@
-//! The local store's contract: the log and the state advance separately but each atomically
-//! with its position, survive reopening and crashes, and refuse anything that would leave a gap
+//! The local store's contract: the log and the state advance separately, each never behind
+//! its position's promise, survive reopening and crashes, and refuse anything that would leave a gap
 //! or a position pointing past what it covers.
 
 mod common;
@@ -143,6 +143,41 @@ fn the_state_can_be_applied_in_steps_inside_a_batch_and_reopened_there() {
     apply_all(&store);
     assert_eq!(store.positions().unwrap().applied_seq, Seq(200));
     assert_state_is_replay_of_log(&store);
+}
+
+#[test]
+fn an_apply_step_cut_short_by_a_crash_is_redone_on_open() {
+    let batches = common::encoded_batches(Epoch(1), 2, 10);
+    let dir = tempfile::tempdir().unwrap();
+    let written_by_the_cut_step = {
+        let store = open(dir.path());
+        store.append_committed_all(&batches).unwrap();
+        store.apply_next(5).unwrap();
+        store.read(Seq(6), 3).unwrap()
+    };
+    // What a crash leaves behind: the step's mark and the first three of its ten writes.
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        meta.insert("applying_through", &15u64.to_be_bytes())
+            .unwrap();
+        let state = db.open_tree("state").unwrap();
+        for (_, record) in &written_by_the_cut_step {
+            state.insert(&record.key, record.value.as_slice()).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let store = open(dir.path());
+    assert_eq!(store.positions().unwrap().applied_seq, Seq(15));
+    assert_state_is_replay_of_log(&store);
+
+    let clean_dir = tempfile::tempdir().unwrap();
+    let clean = open(clean_dir.path());
+    clean.append_committed_all(&batches).unwrap();
+    for _ in 0..3 {
+        clean.apply_next(5).unwrap();
+    }
+    assert_eq!(store.state_digest().unwrap(), clean.state_digest().unwrap());
 }
 
 #[test]

@@ -123,6 +123,21 @@ impl Leadership {
         }
     }
 
+    /// Takes the leadership if nobody holds it now; refuses with [`Error::LeaderAlive`]
+    /// otherwise. For a manual promotion, which must not wait behind a live leader.
+    pub async fn try_campaign(
+        client: &Client,
+        layout: &KeyLayout,
+        me: &LeaderInfo,
+        settings: LeaseSettings,
+        store: &Arc<LocalStore>,
+    ) -> Result<Leadership> {
+        match try_acquire(client, layout, me, settings, store).await? {
+            Attempt::Won(leadership) => Ok(*leadership),
+            Attempt::Busy { leader, .. } => Err(Error::LeaderAlive { leader }),
+        }
+    }
+
     pub fn epoch(&self) -> Epoch {
         self.epoch
     }
@@ -251,6 +266,43 @@ async fn try_acquire(
         })
         .unwrap_or_else(|| "(gone already)".into());
     Ok(Attempt::Busy { leader, revision })
+}
+
+/// Who leads now, and the lease its key lives under; `None` when nobody does.
+pub async fn current_leader(
+    client: &Client,
+    layout: &KeyLayout,
+    request_timeout: Duration,
+) -> Result<Option<(LeaderInfo, i64)>> {
+    let response = timed(
+        request_timeout,
+        client.kv_client().get(layout.leader(), None),
+    )
+    .await?;
+    match response.kvs().first() {
+        Some(kv) => Ok(Some((LeaderInfo::decode(kv.value())?, kv.lease()))),
+        None => Ok(None),
+    }
+}
+
+/// Ends the current leader's term by revoking its lease: its key goes at once and its next
+/// commit fails the fencing compare. Returns who was deposed, if anyone led. A forced manual
+/// promotion does this first, so that two primaries can never both commit.
+pub async fn depose(
+    client: &Client,
+    layout: &KeyLayout,
+    request_timeout: Duration,
+) -> Result<Option<LeaderInfo>> {
+    let Some((leader, lease)) = current_leader(client, layout, request_timeout).await? else {
+        return Ok(None);
+    };
+    tracing::warn!(leader = %leader.encode(), lease, "deposing the current leader: revoking its lease");
+    match timed(request_timeout, client.lease_client().revoke(lease)).await {
+        Err(Error::Etcd(etcd_client::Error::GRpcStatus(status)))
+            if status.code() == tonic::Code::NotFound => {}
+        other => other.map(drop)?,
+    }
+    Ok(Some(leader))
 }
 
 /// A primary restarted while its previous lease still lives finds its own leader key: it

@@ -3,12 +3,14 @@
 //! - [`leadership`]: the lease, the leader key (whose create revision is the epoch), keepalive;
 //! - [`commit`]: the one fenced transaction per batch;
 //! - [`fetch`]: committed batches read back by key range, in pages, at one revision;
+//! - [`reconcile`]: a local log cut back to a prefix of etcd's before a node builds on it;
 //! - [`process`]: a real etcd child process for tests, benches and demos.
 
 pub mod commit;
 pub mod fetch;
 pub mod leadership;
 pub mod process;
+pub mod reconcile;
 
 use std::collections::hash_map::RandomState;
 use std::future::Future;

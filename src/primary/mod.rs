@@ -30,7 +30,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::applier::Applier;
 use crate::config::PrimaryConfig;
 use crate::error::{Error, Result};
-use crate::etcd::leadership::{LeaderInfo, Leadership, LeaseSettings};
+use crate::etcd::leadership::Leadership;
 use crate::keys::KeyLayout;
 use crate::local_store::{blocking, LocalStore};
 use crate::metrics::Metrics;
@@ -165,16 +165,27 @@ impl Primary {
     ) -> Result<Primary> {
         config.validate()?;
         let layout = KeyLayout::new(&config.cluster);
-        let me = LeaderInfo {
-            node: config.node.clone(),
-            addr: config.advertise_addr.clone(),
-        };
-        let settings = LeaseSettings {
-            ttl: config.lease_ttl,
-            safety_margin: config.lease_safety_margin,
-            request_timeout: config.etcd_request_timeout,
-        };
-        let leadership = Leadership::campaign(&client, &layout, &me, settings, &store).await?;
+        let leadership = Leadership::campaign(
+            &client,
+            &layout,
+            &config.leader_info(),
+            config.lease(),
+            &store,
+        )
+        .await?;
+        Primary::lead(client, store, config, metrics, leadership).await
+    }
+
+    /// Starts a term under a leadership already won: a promoted standby's way in.
+    pub async fn lead(
+        client: Client,
+        store: Arc<LocalStore>,
+        config: PrimaryConfig,
+        metrics: Arc<Metrics>,
+        leadership: Leadership,
+    ) -> Result<Primary> {
+        config.validate()?;
+        let layout = KeyLayout::new(&config.cluster);
         let resume = match recovery::recover(&client, &layout, &store, &config).await {
             Ok(resume) => resume,
             Err(e) => {
@@ -186,7 +197,7 @@ impl Primary {
         };
         tracing::info!(epoch = %leadership.epoch(), next_seq = %resume.next_seq, "leading");
         metrics.epoch.set(leadership.epoch().0 as i64);
-        metrics.committed_seq.set(resume.next_seq.0 as i64 - 1);
+        metrics.saw_committed(Seq(resume.next_seq.0 - 1));
 
         let committed_seq = Seq(resume.next_seq.0 - 1);
         let (committed_tx, committed) = watch::channel(committed_seq);

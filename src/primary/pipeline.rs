@@ -248,6 +248,7 @@ async fn local_log_loop(
                 )));
                 return;
             }
+            term.metrics.received_seq.set(markable.0 as i64);
             received.send_replace(markable);
             continue;
         }
@@ -285,7 +286,7 @@ fn record_commit(term: &Term, batch: &SealedBatch) {
     metrics
         .batch_bytes
         .observe(batch.encoded.as_bytes().len() as f64);
-    metrics.committed_seq.set(header.last_seq().0 as i64);
+    metrics.saw_committed(header.last_seq());
 }
 
 /// Commits one batch, retrying through etcd trouble until the commit deadline or the lease runs

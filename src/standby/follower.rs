@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::batch::{BatchDecoder, EncodedBatch};
 use crate::error::{Error, Result};
 use crate::etcd::fetch::{append_verified, BatchPages};
+use crate::etcd::reconcile::reconcile;
 use crate::etcd::{timed, Backoff};
 use crate::keys::KeyLayout;
 use crate::limits::Limits;
@@ -101,8 +102,17 @@ impl Follower {
         self.lifecycle.raise(Event::RetryDue, "reading again");
     }
 
-    /// Reads every committed batch after `received_seq` by key range; returns the revision read.
+    /// Cuts the local log back to a prefix of etcd's, then reads every committed batch after
+    /// `received_seq` by key range; returns the revision read.
     async fn catch_up(&self) -> Result<i64> {
+        let etcd = reconcile(
+            &self.client,
+            &self.layout,
+            &self.store,
+            self.request_timeout,
+        )
+        .await?;
+        self.metrics.saw_committed(etcd.last_seq);
         let from = self.received.borrow().next()?;
         self.fill(from, None).await
     }
@@ -135,12 +145,18 @@ impl Follower {
         let (outcome, received, appended) = blocking(move || {
             let outcome = append_verified(&store, &mut BatchDecoder::new(limits)?, &batches);
             let received = store.positions()?.received_seq;
-            let appended = batches.iter().filter(|b| b.last_seq() <= received).count() as u64;
+            let appended: Vec<_> = batches
+                .iter()
+                .filter(|b| b.last_seq() <= received)
+                .map(|b| b.header().sealed_at_micros)
+                .collect();
             Ok((outcome, received, appended))
         })
         .await?;
-        self.metrics.received_batches.inc_by(appended);
-        self.metrics.committed_seq.set(received.0 as i64);
+        if let Some(&sealed_at) = appended.last() {
+            self.metrics.received_batches.inc_by(appended.len() as u64);
+            self.metrics.received(received, sealed_at);
+        }
         self.received.send_replace(received);
         outcome
     }
@@ -193,6 +209,7 @@ impl Follower {
                 });
                 match parsed {
                     Ok((key_seq, batch)) if key_seq == batch.first_seq() => {
+                        self.metrics.saw_committed(batch.last_seq());
                         waiting.insert(batch.first_seq(), batch);
                     }
                     Ok((key_seq, batch)) => {

@@ -1,5 +1,5 @@
-//! The standby's lifecycle: states, the events that move between them, and the one table that
-//! says which moves exist. Pure: no I/O, so the table is tested exhaustively.
+//! A standby node's lifecycle: states, the events that move between them, and the one table
+//! that says which moves exist. Pure: no I/O, so the table is tested exhaustively.
 //!
 //! ```text
 //!            Start               CaughtUp
@@ -11,13 +11,19 @@
 //!                    ▲  └ LogBroken ┐            │ LogBroken
 //!                    │              ▼            ▼
 //!                    │         Recovering ◀──────┘   (RetryDue: read again, from Syncing)
+//!
+//! Syncing, Watching, Reconnecting, Recovering ── Promote ──▶ Promoting ── TookOver ──▶ Promoted
+//!                                            PromotionFailed: Promoting ──▶ Stopped
 //! any state ── Stop ──▶ Stopped
 //! ```
 //!
 //! Every state has a way out that a component drives: the follower raises `CaughtUp`,
 //! `Compacted`, `ConnectionLost` and `LogBroken`; its backoff raises `RetryDue` in
 //! `Reconnecting`, and its recovery timer in `Recovering` (a damaged or missing batch may be
-//! repaired, or, with retention, the node bootstrapped from a snapshot); shutdown raises `Stop`.
+//! repaired, or, with retention, the node bootstrapped from a snapshot); the
+//! [`crate::node::Node`] raises `Promote` once it has won the leadership, `TookOver` or
+//! `PromotionFailed` when the new term starts or cannot, `Stop` when the term ends and `Start`
+//! when it follows again (a former primary rejoins as a standby); shutdown raises `Stop`.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -38,15 +44,21 @@ pub enum State {
     /// Stopped at the last good seq: a batch is missing or damaged. Retried on a timer; says so
     /// loudly meanwhile.
     Recovering,
+    /// Won the leadership: receiving the rest of the committed log, then starting a term.
+    Promoting,
+    /// Leading as the primary.
+    Promoted,
 }
 
 impl State {
-    pub const ALL: [State; 5] = [
+    pub const ALL: [State; 7] = [
         State::Stopped,
         State::Syncing,
         State::Watching,
         State::Reconnecting,
         State::Recovering,
+        State::Promoting,
+        State::Promoted,
     ];
 
     pub fn name(self) -> &'static str {
@@ -56,6 +68,8 @@ impl State {
             State::Watching => "watching",
             State::Reconnecting => "reconnecting",
             State::Recovering => "recovering",
+            State::Promoting => "promoting",
+            State::Promoted => "promoted",
         }
     }
 }
@@ -74,17 +88,23 @@ pub enum Event {
     ConnectionLost,
     LogBroken,
     RetryDue,
+    Promote,
+    TookOver,
+    PromotionFailed,
     Stop,
 }
 
 impl Event {
-    pub const ALL: [Event; 7] = [
+    pub const ALL: [Event; 10] = [
         Event::Start,
         Event::CaughtUp,
         Event::Compacted,
         Event::ConnectionLost,
         Event::LogBroken,
         Event::RetryDue,
+        Event::Promote,
+        Event::TookOver,
+        Event::PromotionFailed,
         Event::Stop,
     ];
 }
@@ -100,7 +120,12 @@ pub fn next(state: State, event: Event) -> Option<State> {
         (Syncing | Watching, ConnectionLost) => Some(Reconnecting),
         (Syncing | Watching, LogBroken) => Some(Recovering),
         (Reconnecting | Recovering, RetryDue) => Some(Syncing),
-        (Syncing | Watching | Reconnecting | Recovering, Stop) => Some(Stopped),
+        (Syncing | Watching | Reconnecting | Recovering, Promote) => Some(Promoting),
+        (Promoting, TookOver) => Some(Promoted),
+        (Promoting, PromotionFailed) => Some(Stopped),
+        (Syncing | Watching | Reconnecting | Recovering | Promoting | Promoted, Stop) => {
+            Some(Stopped)
+        }
         _ => None,
     }
 }
@@ -249,15 +274,23 @@ mod tests {
                 (Syncing, CaughtUp, Watching),
                 (Syncing, ConnectionLost, Reconnecting),
                 (Syncing, LogBroken, Recovering),
+                (Syncing, Promote, Promoting),
                 (Syncing, Stop, Stopped),
                 (Watching, Compacted, Syncing),
                 (Watching, ConnectionLost, Reconnecting),
                 (Watching, LogBroken, Recovering),
+                (Watching, Promote, Promoting),
                 (Watching, Stop, Stopped),
                 (Reconnecting, RetryDue, Syncing),
+                (Reconnecting, Promote, Promoting),
                 (Reconnecting, Stop, Stopped),
                 (Recovering, RetryDue, Syncing),
+                (Recovering, Promote, Promoting),
                 (Recovering, Stop, Stopped),
+                (Promoting, TookOver, Promoted),
+                (Promoting, PromotionFailed, Stopped),
+                (Promoting, Stop, Stopped),
+                (Promoted, Stop, Stopped),
             ]
         );
     }

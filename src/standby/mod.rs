@@ -6,10 +6,9 @@
 //! where it was: the follower from `received_seq + 1` out of etcd, the applier from
 //! `applied_seq + 1` out of its own log.
 //!
-//! Its [`lifecycle`] is an explicit state machine with one transition table.
-//!
-//! Still to come (issue 4): membership registration and lag in time, promotion, a former
-//! primary's rejoin.
+//! Its [`lifecycle`] is an explicit state machine with one transition table. It registers at
+//! `members/<node>` ([`membership`]) with both positions. A standby becomes the primary through
+//! [`Standby::take_leadership`] and [`Standby::hand_over`], which [`crate::node::Node`] drives.
 
 mod follower;
 pub mod lifecycle;
@@ -24,11 +23,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::applier::Applier;
+use crate::config::PrimaryConfig;
 use crate::error::Result;
+use crate::etcd::leadership::{self, Leadership};
 use crate::keys::{ClusterId, KeyLayout, NodeName};
 use crate::limits::Limits;
 use crate::local_store::{blocking, LocalStore};
 use crate::metrics::Metrics;
+use crate::primary::Primary;
 use crate::record::Seq;
 
 use lifecycle::{Event, Lifecycle, State};
@@ -42,6 +44,18 @@ pub(crate) struct LifecycleCell {
 }
 
 impl LifecycleCell {
+    pub(crate) fn new(metrics: Arc<Metrics>) -> LifecycleCell {
+        LifecycleCell {
+            lifecycle: std::sync::Mutex::new(Lifecycle::default()),
+            state: watch::channel(State::Stopped).0,
+            metrics,
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<State> {
+        self.state.subscribe()
+    }
+
     /// Applies `event`. The follower only raises events the table allows; one it does not is a
     /// bug, logged rather than acted on.
     pub(crate) fn raise(&self, event: Event, detail: impl Into<String>) {
@@ -79,8 +93,14 @@ pub struct StandbyStatus {
     /// Why the current state was entered.
     pub detail: String,
     pub time_in_state: Duration,
+    /// The last seq this node has seen committed in etcd.
+    pub committed_seq: Seq,
     pub received_seq: Seq,
     pub applied_seq: Seq,
+    /// From the seal of the last received batch to its receipt.
+    pub receive_lag: Duration,
+    /// From the seal of the batch holding `applied_seq` to its apply.
+    pub apply_lag: Duration,
 }
 
 /// A standby's settings.
@@ -116,9 +136,10 @@ impl StandbyConfig {
 pub struct Standby {
     store: Arc<LocalStore>,
     client: Client,
-    request_timeout: Duration,
-    follower: JoinHandle<()>,
-    membership: JoinHandle<()>,
+    config: StandbyConfig,
+    metrics: Arc<Metrics>,
+    /// The follower and the membership refresher, until stopped.
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     member_lease: Arc<AtomicI64>,
     received: watch::Receiver<Seq>,
     lifecycle: Arc<LifecycleCell>,
@@ -134,16 +155,23 @@ impl Standby {
         config: StandbyConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Standby> {
+        let lifecycle = Arc::new(LifecycleCell::new(metrics.clone()));
+        Standby::start_with(client, store, config, metrics, lifecycle).await
+    }
+
+    /// Starts with a lifecycle that outlives this standby: a node's, across its roles.
+    pub(crate) async fn start_with(
+        client: Client,
+        store: Arc<LocalStore>,
+        config: StandbyConfig,
+        metrics: Arc<Metrics>,
+        lifecycle: Arc<LifecycleCell>,
+    ) -> Result<Standby> {
         config.limits.validate()?;
         let reader = store.clone();
         let positions = blocking(move || reader.positions()).await?;
         let (received_tx, received) = watch::channel(positions.received_seq);
-        let (state_tx, state) = watch::channel(State::Stopped);
-        let lifecycle = Arc::new(LifecycleCell {
-            lifecycle: std::sync::Mutex::new(Lifecycle::default()),
-            state: state_tx,
-            metrics: metrics.clone(),
-        });
+        metrics.received_seq.set(positions.received_seq.0 as i64);
         let applier = Applier::spawn(store.clone(), received.clone(), metrics.clone());
         let layout = KeyLayout::new(&config.cluster);
         let member_lease = Arc::new(AtomicI64::new(0));
@@ -162,9 +190,9 @@ impl Standby {
         let follower = follower::Follower {
             client: client.clone(),
             layout,
-            limits: config.limits,
+            limits: config.limits.clone(),
             store: store.clone(),
-            metrics,
+            metrics: metrics.clone(),
             request_timeout: config.etcd_request_timeout,
             recovery_retry: config.recovery_retry,
             received: received_tx,
@@ -174,13 +202,13 @@ impl Standby {
         Ok(Standby {
             store,
             client,
-            request_timeout: config.etcd_request_timeout,
-            follower,
-            membership,
+            config,
+            metrics,
+            tasks: std::sync::Mutex::new(vec![follower, membership]),
             member_lease,
             received,
+            state: lifecycle.subscribe(),
             lifecycle,
-            state,
             applier,
         })
     }
@@ -200,12 +228,16 @@ impl Standby {
 
     pub fn status(&self) -> StandbyStatus {
         let (state, detail, time_in_state) = self.lifecycle.snapshot();
+        let seconds = |gauge: &prometheus::Gauge| Duration::from_secs_f64(gauge.get().max(0.0));
         StandbyStatus {
             state,
             detail,
             time_in_state,
+            committed_seq: Seq(self.metrics.committed_seq.get().max(0) as u64),
             received_seq: self.received_seq(),
             applied_seq: self.applied_seq(),
+            receive_lag: seconds(&self.metrics.receive_lag_seconds),
+            apply_lag: seconds(&self.metrics.apply_lag_seconds),
         }
     }
 
@@ -231,30 +263,97 @@ impl Standby {
         reached.unwrap_or_else(|_| self.state())
     }
 
+    /// Takes the leadership for a manual promotion, while still following: only if nobody
+    /// leads, or, with `force`, after revoking the current leader's lease (its next commit
+    /// then fails the fencing compare, so two primaries never both commit).
+    pub async fn take_leadership(&self, config: &PrimaryConfig, force: bool) -> Result<Leadership> {
+        let layout = KeyLayout::new(&config.cluster);
+        if force {
+            leadership::depose(&self.client, &layout, config.etcd_request_timeout).await?;
+        }
+        Leadership::try_campaign(
+            &self.client,
+            &layout,
+            &config.leader_info(),
+            config.lease(),
+            &self.store,
+        )
+        .await
+    }
+
+    /// Becomes the primary under `leadership`: stops following and applying, receives the rest
+    /// of the committed log up to `latest`, and starts a term at `latest + 1`. The state keeps
+    /// catching up under the primary's applier. Afterwards this standby is spent.
+    pub async fn hand_over(
+        &self,
+        leadership: Leadership,
+        config: PrimaryConfig,
+    ) -> Result<Primary> {
+        self.stop_following().await;
+        self.lifecycle.raise(
+            Event::Promote,
+            format!("won the leadership, epoch {}", leadership.epoch()),
+        );
+        self.applier.stop().await;
+        let epoch = leadership.epoch();
+        let started = Primary::lead(
+            self.client.clone(),
+            self.store.clone(),
+            config,
+            self.metrics.clone(),
+            leadership,
+        )
+        .await;
+        match &started {
+            Ok(primary) => self.lifecycle.raise(
+                Event::TookOver,
+                format!(
+                    "leading in epoch {epoch} after seq {}",
+                    primary.committed_seq()
+                ),
+            ),
+            Err(e) => self.lifecycle.raise(
+                Event::PromotionFailed,
+                format!("could not start the term: {e}"),
+            ),
+        }
+        started
+    }
+
     /// Stops following, deregisters, lets the applier finish what was received, and flushes
     /// the store.
-    pub async fn shutdown(mut self) -> Result<()> {
-        for task in [&mut self.follower, &mut self.membership] {
+    pub async fn shutdown(&self) -> Result<()> {
+        self.stop_following().await;
+        self.lifecycle.raise(Event::Stop, "shut down");
+        let received = *self.received.borrow();
+        self.applier.wait_applied(received).await;
+        self.applier.stop().await;
+        let store = self.store.clone();
+        blocking(move || store.flush()).await
+    }
+
+    /// Ends the follower and the registration.
+    async fn stop_following(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
             task.abort();
             // Cancelled is the expected outcome; waiting makes sure the task let go.
             let _ = task.await;
         }
-        self.lifecycle.raise(Event::Stop, "shut down");
-        let lease = self.member_lease.load(Ordering::SeqCst);
-        if let Err(e) = membership::deregister(&self.client, lease, self.request_timeout).await {
+        let lease = self.member_lease.swap(0, Ordering::SeqCst);
+        if let Err(e) =
+            membership::deregister(&self.client, lease, self.config.etcd_request_timeout).await
+        {
             tracing::warn!(error = %e, "could not deregister; the registration expires with its lease");
         }
-        let received = *self.received.borrow();
-        self.applier.wait_applied(received).await;
-        let store = self.store.clone();
-        blocking(move || store.flush()).await
     }
 }
 
 impl Drop for Standby {
     /// Without `shutdown`, stops as a crash would: the registration expires with its lease.
     fn drop(&mut self) {
-        self.follower.abort();
-        self.membership.abort();
+        for task in self.tasks.get_mut().unwrap_or_else(|p| p.into_inner()) {
+            task.abort();
+        }
     }
 }

@@ -1,0 +1,328 @@
+//! A standby node: follows the committed log and, when the primary goes, takes over.
+//!
+//! With failover on, the node campaigns while it follows; a campaign waits for the leader key to
+//! go and never overwrites a live one, so of several standbys exactly one wins. The winner stops
+//! following, receives the rest of the committed log up to `latest`, and starts a term at
+//! `latest + 1` ([`Standby::hand_over`]); the others go on following the new primary. A manual
+//! [`Node::promote`] takes the leadership only if nobody holds it, or, forced, after revoking
+//! the current leader's lease. When the term ends (fenced, lease lost), the node follows again
+//! as a standby: its unconfirmed local tail is dropped first, so a former primary never keeps a
+//! record etcd did not commit.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use etcd_client::Client;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::PrimaryConfig;
+use crate::error::{Error, Result};
+use crate::etcd::leadership::Leadership;
+use crate::keys::KeyLayout;
+use crate::local_store::LocalStore;
+use crate::metrics::Metrics;
+use crate::primary::Primary;
+use crate::standby::lifecycle::{Event, State};
+use crate::standby::{LifecycleCell, Standby, StandbyConfig};
+
+/// A node's settings.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub standby: StandbyConfig,
+    /// How the node leads once promoted.
+    pub primary: PrimaryConfig,
+    /// Take over by itself when the leader key goes.
+    pub failover: bool,
+}
+
+/// What the node is doing now.
+#[derive(Clone)]
+pub enum Role {
+    Standby(Arc<Standby>),
+    Primary(Arc<Primary>),
+    Stopped,
+}
+
+enum Request {
+    Promote {
+        force: bool,
+        answer: oneshot::Sender<Result<()>>,
+    },
+    Stop {
+        answer: oneshot::Sender<Result<()>>,
+    },
+}
+
+pub struct Node {
+    role: watch::Receiver<Role>,
+    lifecycle: Arc<LifecycleCell>,
+    requests: mpsc::Sender<Request>,
+    task: Mutex<Option<JoinHandle<Result<()>>>>,
+}
+
+impl Node {
+    /// Starts as a standby.
+    pub async fn start(
+        client: Client,
+        store: Arc<LocalStore>,
+        config: NodeConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Node> {
+        config.primary.validate()?;
+        if config.primary.cluster != config.standby.cluster
+            || config.primary.node != config.standby.node
+        {
+            return Err(Error::InvalidConfig(
+                "the standby and primary settings name different clusters or nodes".into(),
+            ));
+        }
+        let lifecycle = Arc::new(LifecycleCell::new(metrics.clone()));
+        let standby = Standby::start_with(
+            client.clone(),
+            store.clone(),
+            config.standby.clone(),
+            metrics.clone(),
+            lifecycle.clone(),
+        )
+        .await?;
+        let (role_tx, role) = watch::channel(Role::Standby(Arc::new(standby)));
+        let (requests, inbox) = mpsc::channel(8);
+        let runner = Runner {
+            client,
+            store,
+            config,
+            metrics,
+            lifecycle: lifecycle.clone(),
+            role: role_tx,
+            inbox,
+        };
+        Ok(Node {
+            role,
+            lifecycle,
+            requests,
+            task: Mutex::new(Some(tokio::spawn(runner.run()))),
+        })
+    }
+
+    pub fn role(&self) -> Role {
+        self.role.borrow().clone()
+    }
+
+    pub fn state(&self) -> State {
+        *self.lifecycle.subscribe().borrow()
+    }
+
+    /// Waits until the node leads; `None` if it stopped first.
+    pub async fn leading(&self) -> Option<Arc<Primary>> {
+        let mut role = self.role.clone();
+        loop {
+            match &*role.borrow_and_update() {
+                Role::Primary(primary) if primary.is_leading() => return Some(primary.clone()),
+                Role::Stopped => return None,
+                _ => {}
+            }
+            role.changed().await.ok()?;
+        }
+    }
+
+    /// Waits until the node follows as a standby; `None` if it stopped first.
+    pub async fn following(&self) -> Option<Arc<Standby>> {
+        let mut role = self.role.clone();
+        loop {
+            match &*role.borrow_and_update() {
+                Role::Standby(standby) => return Some(standby.clone()),
+                Role::Stopped => return None,
+                Role::Primary(_) => {}
+            }
+            role.changed().await.ok()?;
+        }
+    }
+
+    /// Promotes this node now. Without `force`, refused with [`Error::LeaderAlive`] while
+    /// another node leads; with it, that node's lease is revoked first. A node that already
+    /// leads answers at once.
+    pub async fn promote(&self, force: bool) -> Result<()> {
+        let (answer, answered) = oneshot::channel();
+        self.send(Request::Promote { force, answer }).await?;
+        answered.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Shuts the current role down (a primary resigns), and stops.
+    pub async fn shutdown(&self) -> Result<()> {
+        let (answer, answered) = oneshot::channel();
+        let sent = self.send(Request::Stop { answer }).await;
+        let outcome = match sent {
+            Ok(()) => answered.await.map_err(|_| Error::ShuttingDown)?,
+            Err(e) => Err(e),
+        };
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            if let Ok(Err(e)) = task.await {
+                tracing::error!(error = %e, "the node had stopped with an error");
+            }
+        }
+        outcome
+    }
+
+    async fn send(&self, request: Request) -> Result<()> {
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| Error::ShuttingDown)
+    }
+}
+
+/// The task that owns the node's roles and moves between them.
+struct Runner {
+    client: Client,
+    store: Arc<LocalStore>,
+    config: NodeConfig,
+    metrics: Arc<Metrics>,
+    lifecycle: Arc<LifecycleCell>,
+    role: watch::Sender<Role>,
+    inbox: mpsc::Receiver<Request>,
+}
+
+impl Runner {
+    async fn run(mut self) -> Result<()> {
+        let outcome = self.serve().await;
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, "the node stopped");
+        }
+        self.role.send_replace(Role::Stopped);
+        outcome
+    }
+
+    async fn serve(&mut self) -> Result<()> {
+        loop {
+            let Role::Standby(standby) = self.role.borrow().clone() else {
+                return Err(Error::ShuttingDown);
+            };
+            let Some((leadership, answer)) = self.follow(&standby).await? else {
+                return Ok(());
+            };
+            let led = standby
+                .hand_over(leadership, self.config.primary.clone())
+                .await;
+            let primary = match led {
+                Ok(primary) => Arc::new(primary),
+                Err(e) => {
+                    tracing::error!(error = %e, "promotion failed; following again");
+                    reply(answer, Err(e));
+                    self.rejoin().await?;
+                    continue;
+                }
+            };
+            self.role.send_replace(Role::Primary(primary.clone()));
+            reply(answer, Ok(()));
+            if !self.lead(&primary).await? {
+                return Ok(());
+            }
+            self.lifecycle
+                .raise(Event::Stop, "the term ended; following again");
+            self.rejoin().await?;
+        }
+    }
+
+    /// Follows until this node wins a leadership (by failover or a manual promotion); `None`
+    /// when asked to stop.
+    async fn follow(
+        &mut self,
+        standby: &Standby,
+    ) -> Result<Option<(Leadership, Option<oneshot::Sender<Result<()>>>)>> {
+        let mut campaign = std::pin::pin!(self.campaign());
+        loop {
+            tokio::select! {
+                won = &mut campaign => return Ok(Some((won?, None))),
+                request = self.inbox.recv() => match request {
+                    Some(Request::Promote { force, answer }) => {
+                        match standby.take_leadership(&self.config.primary, force).await {
+                            Ok(leadership) => return Ok(Some((leadership, Some(answer)))),
+                            Err(e) => reply(Some(answer), Err(e)),
+                        }
+                    }
+                    Some(Request::Stop { answer }) => {
+                        reply(Some(answer), standby.shutdown().await);
+                        return Ok(None);
+                    }
+                    None => {
+                        standby.shutdown().await?;
+                        return Ok(None);
+                    }
+                },
+            }
+        }
+    }
+
+    /// With failover on, waits until this node wins the leadership; otherwise never ends.
+    fn campaign(&self) -> impl Future<Output = Result<Leadership>> + 'static {
+        let failover = self.config.failover;
+        let client = self.client.clone();
+        let store = self.store.clone();
+        let primary = self.config.primary.clone();
+        async move {
+            if !failover {
+                return std::future::pending().await;
+            }
+            let layout = KeyLayout::new(&primary.cluster);
+            Leadership::campaign(
+                &client,
+                &layout,
+                &primary.leader_info(),
+                primary.lease(),
+                &store,
+            )
+            .await
+        }
+    }
+
+    /// Leads until the term ends (`true`: follow again) or the node is asked to stop (`false`).
+    async fn lead(&mut self, primary: &Primary) -> Result<bool> {
+        loop {
+            tokio::select! {
+                cause = primary.stepped_down() => {
+                    tracing::warn!(cause = %cause.to_error(), "no longer leading");
+                    if let Err(e) = primary.shutdown().await {
+                        tracing::warn!(error = %e, "the ended term did not shut down cleanly");
+                    }
+                    return Ok(true);
+                }
+                request = self.inbox.recv() => match request {
+                    Some(Request::Promote { answer, .. }) => reply(Some(answer), Ok(())),
+                    Some(Request::Stop { answer }) => {
+                        let stopped = primary.shutdown().await;
+                        self.lifecycle.raise(Event::Stop, "shut down");
+                        reply(Some(answer), stopped);
+                        return Ok(false);
+                    }
+                    None => {
+                        primary.shutdown().await?;
+                        return Ok(false);
+                    }
+                },
+            }
+        }
+    }
+
+    /// Follows again, as a standby, from the local store.
+    async fn rejoin(&mut self) -> Result<()> {
+        let standby = Standby::start_with(
+            self.client.clone(),
+            self.store.clone(),
+            self.config.standby.clone(),
+            self.metrics.clone(),
+            self.lifecycle.clone(),
+        )
+        .await?;
+        self.role.send_replace(Role::Standby(Arc::new(standby)));
+        Ok(())
+    }
+}
+
+fn reply(answer: Option<oneshot::Sender<Result<()>>>, outcome: Result<()>) {
+    if let Some(answer) = answer {
+        // The asker may have given up waiting; the outcome is logged by whoever acted on it.
+        let _ = answer.send(outcome);
+    }
+}
