@@ -1,6 +1,8 @@
 //! A standby against a real etcd (started by the bench), 256-byte records in batches of 1024:
 //! - `catch_up`: an empty store receives the whole committed log from etcd (read by key range,
 //!   verified, appended) — the receive rate, which must exceed the primary's commit rate;
+//! - `full_replay`: an empty store receives the whole log and applies all of it — what a
+//!   restart would cost without the persisted positions;
 //! - `warm_restart`: a standby whose store already holds the log restarts and reaches
 //!   `Watching` — it reads only the (empty) tail, so this is the restart cost alone.
 //!
@@ -122,6 +124,31 @@ fn standby_benches(c: &mut Criterion) {
                         .wait_received(last)
                         .await
                         .expect("receives the whole log");
+                    let elapsed = started.elapsed();
+                    standby.shutdown().await.expect("shuts down");
+                    elapsed
+                });
+            }
+            total
+        })
+    });
+
+    group.sample_size(10);
+    group.bench_function("full_replay", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let store =
+                    Arc::new(LocalStore::open(dir.path(), Default::default()).expect("store"));
+                total += rt.block_on(async {
+                    let started = Instant::now();
+                    let standby = standby(&etcd, &store).await;
+                    standby
+                        .wait_received(last)
+                        .await
+                        .expect("receives the whole log");
+                    standby.wait_applied(last).await;
                     let elapsed = started.elapsed();
                     standby.shutdown().await.expect("shuts down");
                     elapsed

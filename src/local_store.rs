@@ -189,6 +189,38 @@ impl LocalStore {
         Ok(store)
     }
 
+    /// Opens the store in `dir`; one that is damaged (sled reports corruption, or lost the data
+    /// the store was created with) is moved aside to `<dir>.damaged-<unix seconds>`, never
+    /// used, and an empty store takes its place, to be rebuilt from etcd. Returns where the
+    /// damaged store went, if it was moved. Any other failure (a lock, another format, I/O) is
+    /// returned as is: those need a person.
+    pub fn open_or_rebuild(
+        dir: impl AsRef<Path>,
+        options: StoreOptions,
+    ) -> Result<(LocalStore, Option<PathBuf>)> {
+        let dir = dir.as_ref();
+        match LocalStore::open(dir, options.clone()) {
+            Err(e @ Error::StoreCorrupt { .. })
+            | Err(
+                e @ Error::StoreOpen {
+                    source: sled::Error::Corruption { .. },
+                    ..
+                },
+            ) => {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let mut aside = dir.as_os_str().to_owned();
+                aside.push(format!(".damaged-{stamp}"));
+                let aside = PathBuf::from(aside);
+                std::fs::rename(dir, &aside)?;
+                tracing::error!(error = %e, moved_to = %aside.display(), "the local store is damaged; moved it aside, rebuilding from etcd");
+                Ok((LocalStore::open(dir, options)?, Some(aside)))
+            }
+            other => other.map(|store| (store, None)),
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub received_batches: IntCounter,
     /// Times a standby's follower reconnected to etcd.
     pub follower_reconnects: IntCounter,
+    /// Gaps in the watched log that a standby filled by reading etcd.
+    pub gap_fills: IntCounter,
     /// 1 for the standby's current lifecycle state, 0 for the others.
     pub standby_state: IntGaugeVec,
 }
@@ -151,6 +153,10 @@ impl Metrics {
             follower_reconnects: counter(
                 "follower_reconnects_total",
                 "Times a standby's follower reconnected to etcd",
+            )?,
+            gap_fills: counter(
+                "gap_fills_total",
+                "Gaps in the watched log filled by reading etcd",
             )?,
             standby_state: {
                 let g = IntGaugeVec::new(

@@ -501,6 +501,49 @@ fn a_store_whose_sled_file_was_deleted_is_refused() {
 }
 
 #[test]
+fn a_damaged_store_is_moved_aside_and_replaced_by_an_empty_one() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("node");
+    fill_and_close(&dir, 3, 10);
+    std::fs::remove_file(dir.join("db")).unwrap();
+
+    let (store, moved) = LocalStore::open_or_rebuild(&dir, StoreOptions::default()).unwrap();
+    let moved = moved.expect("the damaged store was moved aside");
+    assert!(
+        moved.join("fencelog-store").exists(),
+        "kept for a person to look at"
+    );
+    assert!(moved
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("node.damaged-"));
+    assert_eq!(store.positions().unwrap(), Positions::default());
+    drop(store);
+    let (_, moved_again) = LocalStore::open_or_rebuild(&dir, StoreOptions::default()).unwrap();
+    assert_eq!(moved_again, None, "a healthy store stays where it is");
+}
+
+#[test]
+fn a_store_of_another_format_is_not_moved_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("format", &99u64.to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let err = LocalStore::open_or_rebuild(dir.path(), StoreOptions::default())
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(err, Error::StoreFormat { .. }), "{err}");
+    assert!(dir.path().join("fencelog-store").exists());
+}
+
+#[test]
 fn a_store_whose_sled_file_was_truncated_is_refused_or_keeps_a_consistent_prefix() {
     let dir = tempfile::tempdir().unwrap();
     fill_and_close(dir.path(), 20, 100);

@@ -9,4 +9,4 @@ source tools/deps.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --benches --locked
-cargo test --lib --bins --tests --locked
+cargo test --lib --bins --tests --features failpoints --locked

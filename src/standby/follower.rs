@@ -74,6 +74,9 @@ impl Follower {
                 Event::CaughtUp,
                 format!("received through seq {}", *self.received.borrow()),
             );
+            if let Some(delay) = watch_delay() {
+                tokio::time::sleep(delay).await;
+            }
             match self.watch_from(revision + 1).await {
                 WatchEnd::Compacted => self
                     .lifecycle
@@ -201,6 +204,9 @@ impl Follower {
                 let Some(kv) = event.kv().filter(|_| event.event_type() == EventType::Put) else {
                     continue;
                 };
+                if drop_watched_batch() {
+                    continue;
+                }
                 let parsed = self.layout.parse_batch_key(kv.key()).and_then(|key_seq| {
                     Ok((
                         key_seq,
@@ -265,9 +271,25 @@ impl Follower {
                 });
             }
             tracing::info!(from = %next, to = %Seq(first.0 - 1), "filling a gap in the watched log from etcd");
+            self.metrics.gap_fills.inc();
             self.fill(next, Some(Seq(first.0 - 1))).await?;
         }
     }
+}
+
+/// Fail point `follower::delay_watch` (tests): a pause between the read and the watch, in which
+/// the read's revision can be compacted.
+fn watch_delay() -> Option<Duration> {
+    fail::fail_point!("follower::delay_watch", |ms| ms
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis));
+    None
+}
+
+/// Fail point `follower::drop_watched_batch` (tests): loses a watched batch, making a gap.
+fn drop_watched_batch() -> bool {
+    fail::fail_point!("follower::drop_watched_batch", |_| true);
+    false
 }
 
 /// Errors that a reconnect can cure. A missing or damaged batch cannot: the follower stops.

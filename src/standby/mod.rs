@@ -76,6 +76,11 @@ impl LifecycleCell {
         }
     }
 
+    fn history(&self) -> Vec<lifecycle::Transition> {
+        let lifecycle = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        lifecycle.history().cloned().collect()
+    }
+
     fn snapshot(&self) -> (State, String, Duration) {
         let lifecycle = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
         (
@@ -239,6 +244,11 @@ impl Standby {
             receive_lag: seconds(&self.metrics.receive_lag_seconds),
             apply_lag: seconds(&self.metrics.apply_lag_seconds),
         }
+    }
+
+    /// The last transitions of the lifecycle, oldest first.
+    pub fn history(&self) -> Vec<lifecycle::Transition> {
+        self.lifecycle.history()
     }
 
     /// Waits until the local log holds `seq`; `None` if the follower stopped short of it.
