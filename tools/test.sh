@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 source tools/deps.sh
 
 cargo fmt --all -- --check
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --all-targets --features failpoints --locked -- -D warnings
 cargo test --benches --locked
 cargo test --lib --bins --tests --features failpoints --locked
