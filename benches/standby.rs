@@ -93,6 +93,32 @@ async fn standby(etcd: &EtcdProcess, store: &Arc<LocalStore>) -> Standby {
     .expect("starts")
 }
 
+/// Time for a standby on an empty store to receive the log through `last` (and, with
+/// `apply`, to apply all of it).
+fn from_empty(
+    rt: &tokio::runtime::Runtime,
+    etcd: &EtcdProcess,
+    last: Seq,
+    apply: bool,
+) -> Duration {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(LocalStore::open(dir.path(), Default::default()).expect("store"));
+    rt.block_on(async {
+        let started = Instant::now();
+        let standby = standby(etcd, &store).await;
+        standby
+            .wait_received(last)
+            .await
+            .expect("receives the whole log");
+        if apply {
+            standby.wait_applied(last).await;
+        }
+        let elapsed = started.elapsed();
+        standby.shutdown().await.expect("shuts down");
+        elapsed
+    })
+}
+
 fn standby_benches(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -112,50 +138,13 @@ fn standby_benches(c: &mut Criterion) {
         Arc::new(LocalStore::open(warm_dir.path(), Default::default()).expect("store"));
     group.bench_function("catch_up", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let dir = tempfile::tempdir().expect("temp dir");
-                let store =
-                    Arc::new(LocalStore::open(dir.path(), Default::default()).expect("store"));
-                total += rt.block_on(async {
-                    let started = Instant::now();
-                    let standby = standby(&etcd, &store).await;
-                    standby
-                        .wait_received(last)
-                        .await
-                        .expect("receives the whole log");
-                    let elapsed = started.elapsed();
-                    standby.shutdown().await.expect("shuts down");
-                    elapsed
-                });
-            }
-            total
+            (0..iters)
+                .map(|_| from_empty(&rt, &etcd, last, false))
+                .sum()
         })
     });
-
-    group.sample_size(10);
     group.bench_function("full_replay", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let dir = tempfile::tempdir().expect("temp dir");
-                let store =
-                    Arc::new(LocalStore::open(dir.path(), Default::default()).expect("store"));
-                total += rt.block_on(async {
-                    let started = Instant::now();
-                    let standby = standby(&etcd, &store).await;
-                    standby
-                        .wait_received(last)
-                        .await
-                        .expect("receives the whole log");
-                    standby.wait_applied(last).await;
-                    let elapsed = started.elapsed();
-                    standby.shutdown().await.expect("shuts down");
-                    elapsed
-                });
-            }
-            total
-        })
+        b.iter_custom(|iters| (0..iters).map(|_| from_empty(&rt, &etcd, last, true)).sum())
     });
 
     rt.block_on(async {

@@ -6,17 +6,14 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::{node, start_primary};
+use common::{node, received, start_primary};
 use fencelog::metrics::Metrics;
 use fencelog::primary::Primary;
 use fencelog::record::Seq;
 use fencelog::standby::lifecycle::{Event, State};
 use fencelog::standby::{Standby, StandbyConfig};
 use fencelog::workload::RecordGenerator;
-
-const WAIT: Duration = Duration::from_secs(20);
 
 async fn start_standby(
     etcd: &common::EtcdProcess,
@@ -47,13 +44,6 @@ async fn append(primary: &Primary, seed: u64, appends: usize) -> Seq {
             .last_seq;
     }
     last
-}
-
-async fn received(standby: &Standby, seq: Seq) {
-    let reached = tokio::time::timeout(WAIT, standby.wait_received(seq))
-        .await
-        .expect("the standby gets there");
-    assert_eq!(reached, Some(seq), "stopped in {:?}", standby.status());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

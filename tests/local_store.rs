@@ -34,6 +34,16 @@ fn fill_and_close(dir: &std::path::Path, batches: usize, per_batch: usize) {
     apply_all(&store);
 }
 
+/// Rewrites the closed store's format marker, as a store from another build would have it.
+fn set_format(dir: &std::path::Path, format: u64) {
+    let db = sled::open(dir).unwrap();
+    db.open_tree("meta")
+        .unwrap()
+        .insert("format", &format.to_be_bytes())
+        .unwrap();
+    db.flush().unwrap();
+}
+
 fn apply_all(store: &LocalStore) {
     while store.apply_next(usize::MAX).expect("applies").is_some() {}
 }
@@ -360,14 +370,7 @@ fn a_reopened_store_keeps_its_pending_tail_pending() {
 fn a_store_of_another_format_is_refused_with_its_directory_named() {
     let dir = tempfile::tempdir().unwrap();
     drop(open(dir.path()));
-    {
-        let db = sled::open(dir.path()).unwrap();
-        db.open_tree("meta")
-            .unwrap()
-            .insert("format", &99u64.to_be_bytes())
-            .unwrap();
-        db.flush().unwrap();
-    }
+    set_format(dir.path(), 99);
     let err = open_refused(dir.path());
     assert!(
         matches!(
@@ -528,14 +531,7 @@ fn a_damaged_store_is_moved_aside_and_replaced_by_an_empty_one() {
 fn a_store_of_another_format_is_not_moved_aside() {
     let dir = tempfile::tempdir().unwrap();
     drop(open(dir.path()));
-    {
-        let db = sled::open(dir.path()).unwrap();
-        db.open_tree("meta")
-            .unwrap()
-            .insert("format", &99u64.to_be_bytes())
-            .unwrap();
-        db.flush().unwrap();
-    }
+    set_format(dir.path(), 99);
     let err = LocalStore::open_or_rebuild(dir.path(), StoreOptions::default())
         .map(|_| ())
         .unwrap_err();

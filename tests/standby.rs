@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{node, start_primary};
+use common::{node, received, start_primary};
 use fencelog::batch::{Batch, BatchEncoder};
 use fencelog::keys::KeyLayout;
 use fencelog::limits::Limits;
@@ -57,18 +57,6 @@ async fn append(
             .last_seq;
     }
     last
-}
-
-async fn received(standby: &Standby, seq: Seq) {
-    let reached = tokio::time::timeout(WAIT, standby.wait_received(seq))
-        .await
-        .expect("standby keeps up");
-    assert_eq!(
-        reached.map(|s| s >= seq),
-        Some(true),
-        "the follower stopped: {:?}",
-        standby.state()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

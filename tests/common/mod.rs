@@ -143,3 +143,19 @@ pub async fn released(store: &std::sync::Arc<fencelog::local_store::LocalStore>)
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// Waits (up to 20 s) until `standby`'s local log holds `seq`; panics with its status if the
+/// follower stopped short of it.
+pub async fn received(standby: &fencelog::standby::Standby, seq: Seq) {
+    let reached = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        standby.wait_received(seq),
+    )
+    .await
+    .expect("the standby gets there in time");
+    assert!(
+        reached.is_some_and(|r| r >= seq),
+        "the follower stopped: {:?}",
+        standby.status()
+    );
+}
