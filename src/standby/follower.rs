@@ -4,7 +4,8 @@
 //! pages at one revision, then the `batches/` prefix is watched from that revision + 1, so
 //! nothing committed between the read and the watch is missed. Every batch is verified (full
 //! decode, checksum) and must start right after `received_seq`; it is then appended to the local
-//! log with `received_seq` in one sled transaction. A duplicate (at or below `received_seq`) is
+//! log, and `received_seq` moved over it. Each catch-up first cuts the local log back to a prefix
+//! of etcd's ([`reconcile`]). A duplicate (at or below `received_seq`) is
 //! skipped. A batch that arrives past a gap waits in a bounded buffer while the gap is read from
 //! etcd. A watch whose revision was compacted, a broken connection or an etcd restart send the
 //! follower back to the read. What cannot be filled or verified stops it at the last good seq.
