@@ -236,8 +236,8 @@ impl LocalStore {
     }
 
     /// Appends committed batches in order, each followed by `received_seq` advanced over it;
-    /// each must start right after the one before (the first right after `received_seq`). With [`FlushPolicy::EveryWrite`] they are flushed once, together, before
-    /// the call returns: one flush per group, not per batch, because a flush also carries
+    /// each must start right after the one before (the first right after `received_seq`). With
+    /// [`FlushPolicy::EveryWrite`] they are flushed once, together, before the call returns: one flush per group, not per batch, because a flush also carries
     /// whatever the applier wrote meanwhile.
     pub fn append_committed_all(&self, batches: &[EncodedBatch]) -> Result<()> {
         for batch in batches {
@@ -367,10 +367,10 @@ impl LocalStore {
         let mut applier = lock(&self.applier);
         let through = Seq(self.meta_u64(APPLYING_THROUGH)?);
         let mut applied = Seq(self.meta_u64(APPLIED_SEQ)?);
-        if through > self.received()?.0 {
+        let (received, _) = self.received()?;
+        if through > received {
             return Err(self.corrupt(format!(
-                "applying_through {through} is past received_seq {}",
-                self.received()?.0
+                "applying_through {through} is past received_seq {received}"
             )));
         }
         while applied < through {
@@ -657,9 +657,8 @@ impl LocalStore {
         match self.meta.get(RECEIVED).map_err(|e| self.io(e))? {
             None => Ok((Seq::NONE, Epoch::default())),
             Some(bytes) if bytes.len() == 16 => {
-                let (seq, epoch) = bytes.split_at(8);
-                let word = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap_or_default());
-                Ok((Seq(word(seq)), Epoch(word(epoch))))
+                let both = u128::from_be_bytes(bytes.as_ref().try_into().unwrap_or_default());
+                Ok((Seq((both >> 64) as u64), Epoch(both as u64)))
             }
             Some(bytes) => Err(self.corrupt(format!(
                 "meta value \"received\" is {} bytes, expected 16",
@@ -670,11 +669,9 @@ impl LocalStore {
 
     /// One write, so the seq and its epoch never disagree.
     fn set_received(&self, seq: Seq, epoch: Epoch) -> Result<()> {
-        let mut value = [0u8; 16];
-        value[..8].copy_from_slice(&seq.to_be_bytes());
-        value[8..].copy_from_slice(&epoch.0.to_be_bytes());
+        let both = (u128::from(seq.0) << 64) | u128::from(epoch.0);
         self.meta
-            .insert(RECEIVED, &value)
+            .insert(RECEIVED, &both.to_be_bytes())
             .map(drop)
             .map_err(|e| self.io(e))
     }

@@ -5,12 +5,15 @@
 //! following, receives the rest of the committed log up to `latest`, and starts a term at
 //! `latest + 1` ([`Standby::hand_over`]); the others go on following the new primary. A manual
 //! [`Node::promote`] takes the leadership only if nobody holds it, or, forced, after revoking
-//! the current leader's lease. When the term ends (fenced, lease lost), the node follows again
+//! the current leader's lease. A node whose term could not start (say, a damaged batch in etcd)
+//! follows again and lets one lease TTL pass before it campaigns again, leaving the leadership
+//! to the other standbys. When the term ends (fenced, lease lost), the node follows again
 //! as a standby: its unconfirmed local tail is dropped first, so a former primary never keeps a
 //! record etcd did not commit.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use etcd_client::Client;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -195,11 +198,12 @@ impl Runner {
     }
 
     async fn serve(&mut self) -> Result<()> {
+        let mut campaign_delay = Duration::ZERO;
         loop {
             let Role::Standby(standby) = self.role.borrow().clone() else {
                 return Err(Error::ShuttingDown);
             };
-            let Some((leadership, answer)) = self.follow(&standby).await? else {
+            let Some((leadership, answer)) = self.follow(&standby, campaign_delay).await? else {
                 return Ok(());
             };
             let led = standby
@@ -210,10 +214,15 @@ impl Runner {
                 Err(e) => {
                     tracing::error!(error = %e, "promotion failed; following again");
                     reply(answer, Err(e));
+                    // The term could not start here (a damaged batch in etcd, a local write
+                    // failing): leave the next campaign to the other standbys for one lease TTL
+                    // rather than win and fail again at once.
+                    campaign_delay = self.config.primary.lease_ttl;
                     self.rejoin().await?;
                     continue;
                 }
             };
+            campaign_delay = Duration::ZERO;
             self.role.send_replace(Role::Primary(primary.clone()));
             reply(answer, Ok(()));
             if !self.lead(&primary).await? {
@@ -230,8 +239,9 @@ impl Runner {
     async fn follow(
         &mut self,
         standby: &Standby,
+        campaign_delay: Duration,
     ) -> Result<Option<(Leadership, Option<oneshot::Sender<Result<()>>>)>> {
-        let mut campaign = std::pin::pin!(self.campaign());
+        let mut campaign = std::pin::pin!(self.campaign(campaign_delay));
         loop {
             tokio::select! {
                 won = &mut campaign => return Ok(Some((won?, None))),
@@ -255,8 +265,9 @@ impl Runner {
         }
     }
 
-    /// With failover on, waits until this node wins the leadership; otherwise never ends.
-    fn campaign(&self) -> impl Future<Output = Result<Leadership>> + 'static {
+    /// With failover on, waits `delay`, then until this node wins the leadership; otherwise
+    /// never ends.
+    fn campaign(&self, delay: Duration) -> impl Future<Output = Result<Leadership>> + 'static {
         let failover = self.config.failover;
         let client = self.client.clone();
         let store = self.store.clone();
@@ -265,6 +276,7 @@ impl Runner {
             if !failover {
                 return std::future::pending().await;
             }
+            tokio::time::sleep(delay).await;
             let layout = KeyLayout::new(&primary.cluster);
             Leadership::campaign(
                 &client,

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::etcd::{timed, Backoff};
+use crate::etcd::{revoke_lease, timed, Backoff};
 use crate::keys::{KeyLayout, NodeName};
 use crate::local_store::{blocking, LocalStore};
 use crate::record::Epoch;
@@ -176,13 +176,7 @@ impl Leadership {
     pub async fn resign(&self, store: &Arc<LocalStore>) -> Result<()> {
         self.keepalive.abort();
         self.clock.lose("resigned".into());
-        let mut lease = self.client.lease_client();
-        match timed(self.settings.request_timeout, lease.revoke(self.lease_id)).await {
-            // Already expired or revoked (by a newer leader's operator, say): nothing to give up.
-            Err(Error::Etcd(etcd_client::Error::GRpcStatus(status)))
-                if status.code() == tonic::Code::NotFound => {}
-            other => other.map(drop)?,
-        }
+        revoke_lease(&self.client, self.lease_id, self.settings.request_timeout).await?;
         let store = store.clone();
         blocking(move || store.set_lease_id(None)).await
     }
@@ -297,11 +291,7 @@ pub async fn depose(
         return Ok(None);
     };
     tracing::warn!(leader = %leader.encode(), lease, "deposing the current leader: revoking its lease");
-    match timed(request_timeout, client.lease_client().revoke(lease)).await {
-        Err(Error::Etcd(etcd_client::Error::GRpcStatus(status)))
-            if status.code() == tonic::Code::NotFound => {}
-        other => other.map(drop)?,
-    }
+    revoke_lease(client, lease, request_timeout).await?;
     Ok(Some(leader))
 }
 
@@ -329,7 +319,7 @@ async fn reclaim_own_key(
             lease_id = old_lease,
             "found our own leader key from before a restart; revoking it"
         );
-        timed(limit, client.lease_client().revoke(old_lease)).await?;
+        revoke_lease(client, old_lease, limit).await?;
     }
     Ok(())
 }

@@ -42,6 +42,19 @@ pub(crate) async fn timed<T, E: Into<Error>>(
     }
 }
 
+/// Revokes `lease`, deleting every key under it at once. A lease already gone (expired, or
+/// revoked by someone else) counts as revoked: there is nothing left to give up.
+pub(crate) async fn revoke_lease(client: &Client, lease: i64, limit: Duration) -> Result<()> {
+    match timed(limit, client.lease_client().revoke(lease)).await {
+        Err(Error::Etcd(etcd_client::Error::GRpcStatus(status)))
+            if status.code() == tonic::Code::NotFound =>
+        {
+            Ok(())
+        }
+        other => other.map(drop),
+    }
+}
+
 /// Exponential backoff with jitter, capped: retries against etcd must not stampede it.
 pub(crate) struct Backoff {
     next: Duration,

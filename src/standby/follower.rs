@@ -149,16 +149,15 @@ impl Follower {
         let (outcome, received, appended) = blocking(move || {
             let outcome = append_verified(&store, &mut BatchDecoder::new(limits)?, &batches);
             let received = store.positions()?.received_seq;
-            let appended: Vec<_> = batches
-                .iter()
-                .filter(|b| b.last_seq() <= received)
-                .map(|b| b.header().sealed_at_micros)
-                .collect();
-            Ok((outcome, received, appended))
+            let appended = batches.iter().take_while(|b| b.last_seq() <= received);
+            let (count, sealed_at) = appended.fold((0, None), |(count, _), batch| {
+                (count + 1, Some(batch.header().sealed_at_micros))
+            });
+            Ok((outcome, received, (count, sealed_at)))
         })
         .await?;
-        if let Some(&sealed_at) = appended.last() {
-            self.metrics.received_batches.inc_by(appended.len() as u64);
+        if let (count, Some(sealed_at)) = appended {
+            self.metrics.received_batches.inc_by(count);
             self.metrics.received(received, sealed_at);
         }
         self.received.send_replace(received);

@@ -11,7 +11,7 @@ use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper, PutOptions};
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
-use crate::etcd::{timed, Backoff};
+use crate::etcd::{revoke_lease, timed, Backoff};
 use crate::keys::KeyLayout;
 use crate::record::Seq;
 
@@ -117,7 +117,7 @@ pub(crate) async fn deregister(
     request_timeout: Duration,
 ) -> Result<()> {
     if lease != 0 {
-        timed(request_timeout, client.lease_client().revoke(lease)).await?;
+        revoke_lease(client, lease, request_timeout).await?;
     }
     Ok(())
 }
