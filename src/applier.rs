@@ -121,8 +121,12 @@ fn run(
     let stopping = input.stop.clone();
     let catch_up = |target: Seq| -> bool {
         while *applied.borrow() < target && !*stopping.borrow() {
+            let started = std::time::Instant::now();
             match store.apply_next(STEP_RECORDS) {
                 Ok(Some(step)) => {
+                    metrics
+                        .apply_seconds
+                        .observe(started.elapsed().as_secs_f64());
                     metrics.applied(step.last_seq, step.sealed_at_micros);
                     applied.send_replace(step.last_seq);
                 }

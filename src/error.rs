@@ -164,6 +164,20 @@ pub enum Error {
     InvalidMemberValue(String),
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    #[error("the node has applied through seq {applied}, not yet seq {wanted}, after waiting {waited:?}")]
+    NotYetApplied {
+        wanted: Seq,
+        applied: Seq,
+        waited: std::time::Duration,
+    },
+    #[error("nobody leads cluster {cluster}: no leader key in etcd")]
+    NoLeader { cluster: String },
+    #[error("cannot reach the node at {addr}: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("{message}")]
+    Rpc { code: tonic::Code, message: String },
     #[error("a background task failed: {0}")]
     TaskFailed(String),
     #[error("shutting down")]

@@ -19,15 +19,19 @@
 //! - [`primary`]: the append API and the double-buffered commit pipeline;
 //! - [`standby`]: follows the committed log into the local store (read, then watch);
 //! - [`node`]: a standby that takes over when the primary goes, and follows again after;
+//! - [`api`]: the gRPC node API and its client;
+//! - [`http`]: the `/metrics`, `/healthz` and `/readyz` endpoint;
 //! - [`metrics`]: the Prometheus registry;
 //! - [`workload`]: synthetic records for benches, tests and the load tool;
 //! - [`error`]: the crate's error type.
 
+pub mod api;
 pub mod applier;
 pub mod batch;
 pub mod config;
 pub mod error;
 pub mod etcd;
+pub mod http;
 pub mod keys;
 pub mod limits;
 pub mod local_store;

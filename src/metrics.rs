@@ -55,11 +55,23 @@ pub struct Metrics {
     /// Batches this node received from etcd as a standby (catch-up and watch).
     pub received_batches: IntCounter,
     /// Times a standby's follower reconnected to etcd.
-    pub follower_reconnects: IntCounter,
+    pub watch_reconnects: IntCounter,
+    /// etcd requests that failed, by operation (`commit`, `follow`).
+    pub etcd_errors: IntCounterVec,
+    /// Batches refused because they failed verification (checksum, framing or limits).
+    pub checksum_failures: IntCounter,
+    /// Appends acknowledged by this node as primary.
+    pub appends: IntCounter,
+    /// Records in the appends acknowledged by this node as primary.
+    pub appended_records: IntCounter,
+    /// Seconds per apply step (up to 1024 records in one sled batch).
+    pub apply_seconds: Histogram,
+    /// Lifecycle transitions, by the state entered.
+    pub state_transitions: IntCounterVec,
     /// Gaps in the watched log that a standby filled by reading etcd.
     pub gap_fills: IntCounter,
-    /// 1 for the standby's current lifecycle state, 0 for the others.
-    pub standby_state: IntGaugeVec,
+    /// 1 for the node's current lifecycle state, 0 for the others.
+    pub state: IntGaugeVec,
 }
 
 impl Metrics {
@@ -150,17 +162,41 @@ impl Metrics {
                 "received_batches_total",
                 "Batches received from etcd as a standby",
             )?,
-            follower_reconnects: counter(
-                "follower_reconnects_total",
+            watch_reconnects: counter(
+                "watch_reconnects_total",
                 "Times a standby's follower reconnected to etcd",
+            )?,
+            etcd_errors: counter_vec(
+                "etcd_errors_total",
+                "etcd requests that failed, by operation",
+                "op",
+            )?,
+            checksum_failures: counter(
+                "checksum_failures_total",
+                "Batches refused because they failed verification (checksum, framing, limits)",
+            )?,
+            appends: counter("appends_total", "Appends acknowledged as primary")?,
+            appended_records: counter(
+                "appended_records_total",
+                "Records in the appends acknowledged as primary",
+            )?,
+            apply_seconds: histogram(
+                "apply_seconds",
+                "Seconds per apply step (up to 1024 records in one sled batch)",
+                exponential_buckets(0.0001, 2.0, 16)?,
+            )?,
+            state_transitions: counter_vec(
+                "state_transitions_total",
+                "Lifecycle transitions, by the state entered",
+                "to",
             )?,
             gap_fills: counter(
                 "gap_fills_total",
                 "Gaps in the watched log filled by reading etcd",
             )?,
-            standby_state: {
+            state: {
                 let g = IntGaugeVec::new(
-                    Opts::new("standby_state", "1 for the standby's current state"),
+                    Opts::new("state", "1 for the node's current lifecycle state"),
                     &["state"],
                 )?;
                 registry.register(Box::new(g.clone()))?;

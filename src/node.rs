@@ -21,11 +21,12 @@ use tokio::task::JoinHandle;
 
 use crate::config::PrimaryConfig;
 use crate::error::{Error, Result};
-use crate::etcd::leadership::Leadership;
+use crate::etcd::leadership::{current_leader, Leadership};
 use crate::keys::KeyLayout;
 use crate::local_store::LocalStore;
 use crate::metrics::Metrics;
-use crate::primary::Primary;
+use crate::primary::{AppendAck, Primary};
+use crate::record::{Epoch, Record, Seq};
 use crate::standby::lifecycle::{Event, State};
 use crate::standby::{LifecycleCell, Standby, StandbyConfig};
 
@@ -57,7 +58,28 @@ enum Request {
     },
 }
 
+/// What a node reports about itself (the API's `Status`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeStatus {
+    pub cluster: String,
+    pub node: String,
+    /// `"primary"` while leading, else `"standby"` (or `"stopped"`).
+    pub role: &'static str,
+    pub state: State,
+    /// The epoch of this node's term while it leads, else 0.
+    pub epoch: Epoch,
+    pub committed_seq: Seq,
+    pub received_seq: Seq,
+    pub applied_seq: Seq,
+    pub receive_lag_seconds: f64,
+    pub apply_lag_seconds: f64,
+}
+
 pub struct Node {
+    client: Client,
+    config: NodeConfig,
+    store: Arc<LocalStore>,
+    metrics: Arc<Metrics>,
     role: watch::Receiver<Role>,
     lifecycle: Arc<LifecycleCell>,
     requests: mpsc::Sender<Request>,
@@ -92,15 +114,19 @@ impl Node {
         let (role_tx, role) = watch::channel(Role::Standby(Arc::new(standby)));
         let (requests, inbox) = mpsc::channel(8);
         let runner = Runner {
-            client,
-            store,
-            config,
-            metrics,
+            client: client.clone(),
+            store: store.clone(),
+            config: config.clone(),
+            metrics: metrics.clone(),
             lifecycle: lifecycle.clone(),
             role: role_tx,
             inbox,
         };
         Ok(Node {
+            client,
+            config,
+            store,
+            metrics,
             role,
             lifecycle,
             requests,
@@ -114,6 +140,108 @@ impl Node {
 
     pub fn state(&self) -> State {
         *self.lifecycle.subscribe().borrow()
+    }
+
+    pub fn store(&self) -> &Arc<LocalStore> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// Appends through this node's term; `NotLeader`, naming the leader's address when one
+    /// leads, while this node does not lead.
+    pub async fn append(&self, records: Vec<Record>) -> Result<AppendAck> {
+        match self.role() {
+            Role::Primary(primary) if primary.is_leading() => primary.append(records).await,
+            _ => Err(Error::NotLeader {
+                leader: self.leader_addr().await.ok().flatten(),
+            }),
+        }
+    }
+
+    /// The API address of the node that leads now, read from its leader key.
+    pub async fn leader_addr(&self) -> Result<Option<String>> {
+        let layout = KeyLayout::new(&self.config.primary.cluster);
+        let leader = current_leader(
+            &self.client,
+            &layout,
+            self.config.primary.etcd_request_timeout,
+        )
+        .await?;
+        Ok(leader.map(|(info, _)| info.addr))
+    }
+
+    /// Waits until the node's state reflects `seq`, across role changes.
+    pub async fn wait_applied(&self, seq: Seq) -> Result<Seq> {
+        let mut role = self.role.clone();
+        loop {
+            let current = role.borrow_and_update().clone();
+            let reached = async {
+                match &current {
+                    Role::Primary(primary) => Some(primary.wait_applied(seq).await),
+                    Role::Standby(standby) => Some(standby.wait_applied(seq).await),
+                    Role::Stopped => None,
+                }
+            };
+            let stopped_short = tokio::select! {
+                reached = reached => match reached {
+                    Some(applied) if applied >= seq => return Ok(applied),
+                    Some(_) => true,
+                    None => return Err(Error::ShuttingDown),
+                },
+                changed = role.changed() => changed.is_err(),
+            };
+            // An applier stops short of `seq` only when its role ends: wait for the next one.
+            if stopped_short && role.changed().await.is_err() {
+                return Err(Error::ShuttingDown);
+            }
+        }
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let gauge = |g: &prometheus::IntGauge| Seq(g.get().max(0) as u64);
+        let mut status = NodeStatus {
+            cluster: self.config.primary.cluster.as_str().to_owned(),
+            node: self.config.primary.node.as_str().to_owned(),
+            role: "stopped",
+            state: self.state(),
+            epoch: Epoch(0),
+            committed_seq: gauge(&self.metrics.committed_seq),
+            received_seq: gauge(&self.metrics.received_seq),
+            applied_seq: gauge(&self.metrics.applied_seq),
+            receive_lag_seconds: self.metrics.receive_lag_seconds.get(),
+            apply_lag_seconds: self.metrics.apply_lag_seconds.get(),
+        };
+        match self.role() {
+            Role::Primary(primary) if primary.is_leading() => {
+                status.role = "primary";
+                status.epoch = primary.epoch();
+                status.committed_seq = primary.committed_seq();
+                status.received_seq = primary.committed_seq();
+                status.applied_seq = primary.applied_seq();
+                status.receive_lag_seconds = 0.0;
+            }
+            Role::Primary(_) => status.role = "standby",
+            Role::Standby(standby) => {
+                let standby = standby.status();
+                status.role = "standby";
+                status.committed_seq = standby.committed_seq;
+                status.received_seq = standby.received_seq;
+                status.applied_seq = standby.applied_seq;
+            }
+            Role::Stopped => {}
+        }
+        status
+    }
+
+    /// Resolves once the node has stopped: shut down, or ended by an error it cannot recover
+    /// from (logged).
+    pub async fn stopped(&self) {
+        let mut role = self.role.clone();
+        // An error means the runner is gone, which is stopped as well.
+        let _ = role.wait_for(|role| matches!(role, Role::Stopped)).await;
     }
 
     /// Waits until the node leads; `None` if it stopped first.

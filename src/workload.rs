@@ -46,6 +46,12 @@ impl RecordGenerator {
         if self.produced % self.delete_every == 0 {
             return Record::delete(key);
         }
+        let value = self.next_value(self.record_bytes.saturating_sub(key.len()));
+        Record::put(key, value)
+    }
+
+    /// A value of exactly `len` bytes, shaped like a small JSON document (compressible).
+    pub fn next_value(&mut self, len: usize) -> Vec<u8> {
         let r = self.next_u64();
         let token = (self.next_u64(), self.next_u64());
         let mut value = format!(
@@ -56,7 +62,7 @@ impl RecordGenerator {
             token.0,
             token.1,
         );
-        let target = self.record_bytes.saturating_sub(key.len() + 2);
+        let target = len.saturating_sub(2);
         let mut picks = 0u64;
         for i in 0.. {
             if value.len() >= target {
@@ -70,7 +76,19 @@ impl RecordGenerator {
         }
         value.truncate(target);
         value.push_str("\"}");
-        Record::put(key, value)
+        let mut value = value.into_bytes();
+        value.truncate(len);
+        value
+    }
+
+    /// `len` bytes that do not compress.
+    pub fn next_random_value(&mut self, len: usize) -> Vec<u8> {
+        let mut value = Vec::with_capacity(len + 8);
+        while value.len() < len {
+            value.extend_from_slice(&self.next_u64().to_le_bytes());
+        }
+        value.truncate(len);
+        value
     }
 
     /// The next `count` records.
@@ -101,5 +119,14 @@ mod tests {
         let put = records.iter().find(|r| !r.value.is_empty()).unwrap();
         assert_eq!(put.key.len() + put.value.len(), 256);
         assert_eq!(records.iter().filter(|r| r.value.is_empty()).count(), 10);
+    }
+
+    #[test]
+    fn values_have_exactly_the_requested_length() {
+        let mut generator = RecordGenerator::new(3, 1, 0);
+        for len in [0, 1, 2, 5, 64, 256, 4096] {
+            assert_eq!(generator.next_value(len).len(), len);
+            assert_eq!(generator.next_random_value(len).len(), len);
+        }
     }
 }

@@ -174,7 +174,7 @@ async fn a_damaged_batch_stops_the_standby_at_the_last_good_seq_until_it_is_repa
     );
     assert!(metrics
         .render()
-        .contains("fencelog_standby_state{state=\"recovering\"} 1"));
+        .contains("fencelog_state{state=\"recovering\"} 1"));
 
     client
         .put(layout.batch(batch.first_seq()), valid, None)
@@ -231,7 +231,7 @@ async fn a_standby_survives_an_etcd_restart_without_a_gap() {
         }
     }
     received(&standby, last).await;
-    assert!(standby_metrics.follower_reconnects.get() >= 1);
+    assert!(standby_metrics.watch_reconnects.get() >= 1);
     // etcd is the truth: the standby's log must be exactly its committed log, no gap.
     let in_etcd = common::committed_records(&etcd).await;
     let in_standby = standby_node.store.read(Seq(1), 100_000).unwrap();

@@ -236,12 +236,16 @@ impl Primary {
         if let Some(cause) = self.term.ended() {
             return Err(cause.to_error());
         }
+        let count = records.len() as u64;
         let answer = self.term.accumulator.push(records, bytes).await?;
-        self.term
-            .metrics
+        let metrics = &self.term.metrics;
+        metrics
             .pending_bytes
             .set(self.term.accumulator.pending_bytes() as i64);
-        answer.await.map_err(|_| Error::ShuttingDown)?
+        let ack = answer.await.map_err(|_| Error::ShuttingDown)??;
+        metrics.appends.inc();
+        metrics.appended_records.inc_by(count);
+        Ok(ack)
     }
 
     fn check_append(&self, records: &[Record]) -> Result<usize> {

@@ -359,6 +359,10 @@ async fn commit_resolved(
             Err(e) => {
                 sent = true;
                 term.metrics.commit_retries.inc();
+                term.metrics
+                    .etcd_errors
+                    .with_label_values(&["commit"])
+                    .inc();
                 if Instant::now() >= deadline {
                     return Err(CommitFailure::Unknown(format!(
                         "etcd did not confirm within the commit deadline: {e}"

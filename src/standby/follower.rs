@@ -91,11 +91,18 @@ impl Follower {
     /// or verified: stays at the last good seq) and back to reading.
     async fn fail(&self, backoff: &mut Backoff, cause: Error) {
         if is_transient(&cause) {
-            self.metrics.follower_reconnects.inc();
+            self.metrics.watch_reconnects.inc();
+            self.metrics
+                .etcd_errors
+                .with_label_values(&["follow"])
+                .inc();
             self.lifecycle
                 .raise(Event::ConnectionLost, cause.to_string());
             backoff.wait().await;
         } else {
+            if matches!(cause, Error::CorruptBatch(_)) {
+                self.metrics.checksum_failures.inc();
+            }
             let received = *self.received.borrow();
             self.lifecycle.raise(
                 Event::LogBroken,

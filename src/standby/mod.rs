@@ -36,7 +36,7 @@ use crate::record::Seq;
 use lifecycle::{Event, Lifecycle, State};
 
 /// The lifecycle, shared by the follower (which drives it) and status readers; transitions are
-/// published on a watch channel and as the `standby_state` metric.
+/// published on a watch channel and as the `state` metric.
 pub(crate) struct LifecycleCell {
     lifecycle: std::sync::Mutex<Lifecycle>,
     state: watch::Sender<State>,
@@ -62,9 +62,13 @@ impl LifecycleCell {
         let mut lifecycle = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
         match lifecycle.apply(event, detail) {
             Ok(to) => {
+                self.metrics
+                    .state_transitions
+                    .with_label_values(&[to.name()])
+                    .inc();
                 for state in State::ALL {
                     self.metrics
-                        .standby_state
+                        .state
                         .with_label_values(&[state.name()])
                         .set(i64::from(state == to));
                 }

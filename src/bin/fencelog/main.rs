@@ -1,13 +1,24 @@
-//! The `fencelog` command line: inspect a node's local store, and a demo of the primary against
-//! a real etcd.
+//! The `fencelog` command line: the `primary` and `standby` daemons, the client commands
+//! (`append`, `load`, `read`, `get`, `status`, `promote`), `inspect` for a stopped node's store,
+//! and the `demo`.
+//!
+//! Errors end the process with one line on stderr (`error: ...`) and a non-zero status.
 
+mod commands;
+mod daemon;
 mod demo;
 mod inspect;
+mod load;
+mod settings;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+
+use commands::{ReadFormat, Target};
+use settings::{LogFormat, NodeSettings};
 
 #[derive(Parser)]
 #[command(
@@ -20,39 +31,216 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Args)]
+struct DaemonArgs {
+    /// A TOML file with the settings below (flags and FENCELOG_* variables override it).
+    #[arg(long, env = "FENCELOG_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    settings: NodeSettings,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Print a local store's positions, log size and state digest.
+    /// Run a node that leads: it campaigns for the leadership (waiting while another node
+    /// leads), then takes appends.
+    Primary(DaemonArgs),
+    /// Run a node that follows the committed log (and takes over with --failover).
+    Standby(DaemonArgs),
+    /// Append one record; prints `seq N` once it is committed.
+    Append {
+        #[command(flatten)]
+        target: Target,
+        key: String,
+        value: String,
+    },
+    /// Drive appends from concurrent workers and print throughput and ack latency.
+    Load {
+        #[command(flatten)]
+        target: Target,
+        /// Records to append.
+        #[arg(long)]
+        records: u64,
+        /// Bytes per value.
+        #[arg(long, default_value_t = 256)]
+        value_size: usize,
+        /// Concurrent append calls.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Records per append call.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Write `<seq>\t<key>\t<xxh3 of value>` for every acknowledged record.
+        #[arg(long)]
+        acked_out: Option<PathBuf>,
+        /// Incompressible values instead of JSON-like ones.
+        #[arg(long)]
+        random_values: bool,
+        /// Seconds to keep looking for a primary after losing it.
+        #[arg(long, default_value_t = 30)]
+        failover_timeout: u64,
+    },
+    /// Print committed records `--from..=--to` as `<seq>\t<key>\t<xxh3 of value>`.
+    Read {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        from: u64,
+        /// Last seq [default: what the node holds now].
+        #[arg(long)]
+        to: Option<u64>,
+        #[arg(long, value_enum, default_value = "tsv")]
+        format: ReadFormat,
+    },
+    /// Print a key's value from the node's applied state.
+    Get {
+        #[command(flatten)]
+        target: Target,
+        /// Wait until the node has applied this seq (read-your-writes).
+        #[arg(long)]
+        min_seq: Option<u64>,
+        /// Seconds to wait for --min-seq.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+        key: String,
+    },
+    /// Show a node's role, state, positions and lag.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a standby the primary.
+    Promote {
+        /// The node's API address.
+        #[arg(long)]
+        server: String,
+        /// Depose a live primary first (revokes its lease).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a stopped node's store: positions, log size and state digest.
     Inspect {
         /// The node's data directory.
         #[arg(long)]
         data_dir: PathBuf,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
     },
-    /// Start a private etcd and a primary, append records from concurrent producers, rebuild a
-    /// second store from etcd, and check that both agree.
+    /// Start a private etcd, a primary and a failover standby, push a load, kill the primary,
+    /// and check that the promoted standby has every acknowledged record.
     Demo {
-        /// Records to commit.
+        /// Records to append.
         #[arg(long, default_value_t = 200_000)]
         records: u64,
-        /// Most records per batch.
-        #[arg(long, default_value_t = 1024)]
-        batch_records: usize,
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
-        Command::Inspect { data_dir } => inspect::run(&data_dir),
-        Command::Demo {
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // One line: the reason, without the usage block.
+            let rendered = e.render().to_string();
+            let reason = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{reason} (see --help)");
+            std::process::exit(2);
+        }
+        Err(e) => e.exit(),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli.command)) {
+        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        std::process::exit(1);
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Primary(args) => run_daemon(args, true).await,
+        Command::Standby(args) => run_daemon(args, false).await,
+        command => {
+            init_logs(LogFormat::Text, "warn");
+            run_client(command).await
+        }
+    }
+}
+
+async fn run_daemon(args: DaemonArgs, leads: bool) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => NodeSettings::from_file(path)?,
+        None => NodeSettings::default(),
+    };
+    let settings = args.settings.or(file).resolve(leads)?;
+    init_logs(settings.log_format, "info");
+    daemon::run(settings, if leads { "primary" } else { "standby" }).await
+}
+
+async fn run_client(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Append { target, key, value } => commands::append(&target, key, value).await,
+        Command::Load {
+            target,
             records,
-            batch_records,
-        } => demo::run(records, batch_records).await,
+            value_size,
+            concurrency,
+            batch,
+            acked_out,
+            random_values,
+            failover_timeout,
+        } => {
+            let options = load::LoadOptions {
+                target,
+                records,
+                value_size,
+                concurrency,
+                batch,
+                acked_out,
+                random_values,
+                failover_timeout: Duration::from_secs(failover_timeout),
+            };
+            let summary = load::run(options).await?;
+            println!("{}", summary.summary);
+            Ok(())
+        }
+        Command::Read {
+            target,
+            from,
+            to,
+            format,
+        } => commands::read(&target, from, to, format).await,
+        Command::Get {
+            target,
+            min_seq,
+            timeout,
+            key,
+        } => commands::get(&target, key, min_seq, Duration::from_secs(timeout)).await,
+        Command::Status { target, json } => commands::status(&target, json).await,
+        Command::Promote { server, force } => commands::promote(server, force).await,
+        Command::Inspect { data_dir, json } => inspect::run(&data_dir, json),
+        Command::Demo { records } => demo::run(records).await,
+        Command::Primary(_) | Command::Standby(_) => unreachable!("daemons are run by `run`"),
+    }
+}
+
+/// Logs go to stderr; `RUST_LOG` overrides the default level.
+fn init_logs(format: LogFormat, default_level: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
     }
 }

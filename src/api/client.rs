@@ -1,0 +1,231 @@
+//! The client: talks to one node, or finds the primary through the leader key in etcd so that
+//! applications need not know addresses.
+
+use std::time::Duration;
+
+use tonic::transport::Channel;
+
+use super::proto::wal_client::WalClient as Stub;
+use super::proto::{self, StatusResponse};
+use super::{from_status, max_message_bytes};
+use crate::error::{Error, Result};
+use crate::etcd;
+use crate::etcd::leadership::current_leader;
+use crate::keys::{ClusterId, KeyLayout};
+use crate::limits::Limits;
+use crate::primary::AppendAck;
+use crate::record::{Epoch, Record, Seq};
+
+/// How long connecting to a node or to etcd may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Where a client finds its node.
+#[derive(Clone, Debug)]
+pub enum Endpoint {
+    /// A node's API address (`host:port`).
+    Server(String),
+    /// Whoever leads `cluster`, found through the leader key.
+    Etcd {
+        endpoints: Vec<String>,
+        cluster: ClusterId,
+    },
+}
+
+/// A connection to one node. Cheap to clone: clones share the HTTP/2 connection, and calls
+/// from clones are multiplexed on it.
+#[derive(Clone)]
+pub struct WalClient {
+    endpoint: Endpoint,
+    addr: String,
+    stub: Stub<Channel>,
+}
+
+impl WalClient {
+    /// Connects to the node `endpoint` names (for `Etcd`, the current leader).
+    pub async fn connect(endpoint: Endpoint) -> Result<WalClient> {
+        let addr = match &endpoint {
+            Endpoint::Server(addr) => addr.clone(),
+            Endpoint::Etcd { endpoints, cluster } => find_leader(endpoints, cluster).await?,
+        };
+        let stub = open(&addr).await?;
+        Ok(WalClient {
+            endpoint,
+            addr,
+            stub,
+        })
+    }
+
+    /// The address of the node this client talks to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// After a failover: connects to `leader` when a refusal named it, else finds the leader
+    /// again through etcd (or reconnects to the same server).
+    pub async fn reconnect(&mut self, leader: Option<&str>) -> Result<()> {
+        let addr = match (leader, &self.endpoint) {
+            (Some(leader), _) => leader.to_owned(),
+            (None, Endpoint::Server(addr)) => addr.clone(),
+            (None, Endpoint::Etcd { endpoints, cluster }) => {
+                find_leader(endpoints, cluster).await?
+            }
+        };
+        self.stub = open(&addr).await?;
+        self.addr = addr;
+        Ok(())
+    }
+
+    /// Appends `records` as one unit; answered once they are committed.
+    pub async fn append(&mut self, records: Vec<Record>) -> Result<AppendAck> {
+        let request = proto::AppendRequest {
+            records: records.into_iter().map(proto::Record::from).collect(),
+            request_id: 0,
+        };
+        let response = self
+            .stub
+            .append(request)
+            .await
+            .map_err(|s| from_status(&s))?
+            .into_inner();
+        Ok(AppendAck {
+            first_seq: Seq(response.first_seq),
+            last_seq: Seq(response.last_seq),
+        })
+    }
+
+    /// Pipelined appends: every request sent on `requests` is answered on the returned stream,
+    /// in completion order, with its `request_id`.
+    pub async fn append_stream(
+        &mut self,
+        requests: impl tokio_stream::Stream<Item = proto::AppendRequest> + Send + 'static,
+    ) -> Result<tonic::Streaming<proto::AppendStreamResponse>> {
+        let response = self
+            .stub
+            .append_stream(requests)
+            .await
+            .map_err(|s| from_status(&s))?;
+        Ok(response.into_inner())
+    }
+
+    /// The committed records `from..=to` (`to` = `None`: through what the node holds now), in
+    /// chunks, in seq order.
+    pub async fn read(&mut self, from: Seq, to: Option<Seq>) -> Result<ReadStream> {
+        let request = proto::ReadRequest {
+            from_seq: from.0,
+            to_seq: to.map_or(0, |to| to.0),
+        };
+        let stream = self
+            .stub
+            .read(request)
+            .await
+            .map_err(|s| from_status(&s))?
+            .into_inner();
+        Ok(ReadStream { stream })
+    }
+
+    /// `key` from the node's applied state, once it has applied `min_seq` (waiting at most
+    /// `timeout`). Returns the value and the node's applied seq.
+    pub async fn get(
+        &mut self,
+        key: Vec<u8>,
+        min_seq: Seq,
+        timeout: Duration,
+    ) -> Result<(Option<Vec<u8>>, Seq)> {
+        let request = proto::GetRequest {
+            key,
+            min_seq: min_seq.0,
+            timeout_ms: u32::try_from(timeout.as_millis())
+                .unwrap_or(u32::MAX)
+                .max(1),
+        };
+        let response = self
+            .stub
+            .get(request)
+            .await
+            .map_err(|s| from_status(&s))?
+            .into_inner();
+        let value = response.found.then_some(response.value);
+        Ok((value, Seq(response.applied_seq)))
+    }
+
+    pub async fn status(&mut self) -> Result<StatusResponse> {
+        let response = self.stub.status(proto::StatusRequest {}).await;
+        Ok(response.map_err(|s| from_status(&s))?.into_inner())
+    }
+
+    /// Makes the node the primary; returns its epoch.
+    pub async fn promote(&mut self, force: bool) -> Result<Epoch> {
+        let response = self.stub.promote(proto::PromoteRequest { force }).await;
+        Ok(Epoch(
+            response.map_err(|s| from_status(&s))?.into_inner().epoch,
+        ))
+    }
+}
+
+/// The records of a `Read`, chunk by chunk.
+pub struct ReadStream {
+    stream: tonic::Streaming<proto::ReadResponse>,
+}
+
+impl ReadStream {
+    /// The next chunk; `None` at the end.
+    pub async fn next_chunk(&mut self) -> Result<Option<Vec<(Seq, Record)>>> {
+        let Some(chunk) = self.stream.message().await.map_err(|s| from_status(&s))? else {
+            return Ok(None);
+        };
+        let records = chunk
+            .records
+            .into_iter()
+            .map(|r| {
+                let record = r.record.ok_or_else(|| Error::Rpc {
+                    code: tonic::Code::DataLoss,
+                    message: format!("the node sent seq {} without its record", r.seq),
+                })?;
+                Ok((Seq(r.seq), Record::from(record)))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Some(records))
+    }
+}
+
+async fn open(addr: &str) -> Result<Stub<Channel>> {
+    let unreachable = |reason: String| Error::Unreachable {
+        addr: addr.to_owned(),
+        reason,
+    };
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .map_err(|e| unreachable(format!("not a host:port address ({e})")))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| unreachable(error_chain(&e)))?;
+    let limit = max_message_bytes(&Limits::default());
+    Ok(Stub::new(channel)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit))
+}
+
+/// The leader's API address, from the leader key.
+async fn find_leader(endpoints: &[String], cluster: &ClusterId) -> Result<String> {
+    let client = etcd::connect(endpoints, CONNECT_TIMEOUT).await?;
+    let layout = KeyLayout::new(cluster);
+    match current_leader(&client, &layout, CONNECT_TIMEOUT).await? {
+        Some((leader, _)) => Ok(leader.addr),
+        None => Err(Error::NoLeader {
+            cluster: cluster.as_str().to_owned(),
+        }),
+    }
+}
+
+/// An error with its causes on one line ("transport error: connection refused").
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,271 @@
+//! The gRPC service over a [`Node`]: appends go to its term while it leads, reads and gets to
+//! its local store, whatever its role.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::proto::wal_server::{Wal, WalServer};
+use super::proto::{self, append_stream_response::Outcome};
+use super::{max_message_bytes, to_status};
+use crate::error::{Error, Result};
+use crate::local_store::blocking;
+use crate::node::Node;
+use crate::record::{Record, Seq};
+
+/// Records per `Read` response message.
+const READ_CHUNK_RECORDS: usize = 1024;
+/// Appends of one `AppendStream` in flight at once; the stream stops reading beyond it.
+const STREAM_IN_FLIGHT: usize = 64;
+/// How long `Get` waits for `min_seq` when the request does not say.
+const DEFAULT_GET_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct WalApi {
+    node: Arc<Node>,
+    /// This node's own API address, reported by `Status`.
+    address: String,
+}
+
+impl WalApi {
+    pub fn new(node: Arc<Node>, address: String) -> WalApi {
+        WalApi { node, address }
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` resolves; in-flight calls finish first.
+pub async fn serve(
+    api: WalApi,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let limit = max_message_bytes(&api.node.config().primary.limits);
+    let service = WalServer::new(api)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| Error::Rpc {
+            code: tonic::Code::Internal,
+            message: format!("the API server failed: {e}"),
+        })
+}
+
+fn records_of(request: proto::AppendRequest) -> Vec<Record> {
+    request.records.into_iter().map(Record::from).collect()
+}
+
+fn ack(ack: crate::primary::AppendAck) -> proto::AppendResponse {
+    proto::AppendResponse {
+        first_seq: ack.first_seq.0,
+        last_seq: ack.last_seq.0,
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Wal for WalApi {
+    async fn append(
+        &self,
+        request: Request<proto::AppendRequest>,
+    ) -> std::result::Result<Response<proto::AppendResponse>, Status> {
+        let records = records_of(request.into_inner());
+        let acked = self.node.append(records).await;
+        acked
+            .map(|a| Response::new(ack(a)))
+            .map_err(|e| to_status(&e))
+    }
+
+    type AppendStreamStream = BoxStream<proto::AppendStreamResponse>;
+
+    async fn append_stream(
+        &self,
+        request: Request<Streaming<proto::AppendRequest>>,
+    ) -> std::result::Result<Response<Self::AppendStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (answers, answered) = mpsc::channel(STREAM_IN_FLIGHT);
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            let in_flight = Arc::new(Semaphore::new(STREAM_IN_FLIGHT));
+            loop {
+                let request = match inbound.message().await {
+                    Ok(Some(request)) => request,
+                    Ok(None) => return,
+                    Err(status) => {
+                        // A malformed or oversized message ends the stream with its status.
+                        let _ = answers.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    return;
+                };
+                let node = node.clone();
+                let answers = answers.clone();
+                tokio::spawn(async move {
+                    let request_id = request.request_id;
+                    let outcome = match node.append(records_of(request)).await {
+                        Ok(a) => Outcome::Ack(ack(a)),
+                        Err(e) => {
+                            let leader = match &e {
+                                Error::NotLeader { leader } => leader.clone().unwrap_or_default(),
+                                _ => String::new(),
+                            };
+                            let status = to_status(&e);
+                            Outcome::Failure(proto::Failure {
+                                code: status.code() as i32,
+                                message: status.message().to_owned(),
+                                leader,
+                            })
+                        }
+                    };
+                    let response = proto::AppendStreamResponse {
+                        request_id,
+                        outcome: Some(outcome),
+                    };
+                    // A client that hung up no longer wants the answer.
+                    let _ = answers.send(Ok(response)).await;
+                    drop(permit);
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(answered))))
+    }
+
+    type ReadStream = BoxStream<proto::ReadResponse>;
+
+    async fn read(
+        &self,
+        request: Request<proto::ReadRequest>,
+    ) -> std::result::Result<Response<Self::ReadStream>, Status> {
+        let request = request.into_inner();
+        let from = Seq(request.from_seq.max(1));
+        if request.to_seq != 0 && request.to_seq < from.0 {
+            return Err(to_status(&Error::InvalidRequest(format!(
+                "to_seq {} is below from_seq {}",
+                request.to_seq, from
+            ))));
+        }
+        let store = self.node.store().clone();
+        let received = blocking({
+            let store = store.clone();
+            move || store.positions()
+        })
+        .await
+        .map_err(|e| to_status(&e))?
+        .received_seq;
+        let to = match request.to_seq {
+            0 => received,
+            to => Seq(to.min(received.0)),
+        };
+        let (chunks, chunked) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut next = from;
+            while next <= to {
+                let want = ((to.0 - next.0 + 1) as usize).min(READ_CHUNK_RECORDS);
+                let store = store.clone();
+                let read = blocking(move || store.read(next, want)).await;
+                let message = match read {
+                    Ok(records) if records.is_empty() => return,
+                    Ok(records) => {
+                        next = Seq(records.last().map_or(to.0, |(seq, _)| seq.0) + 1);
+                        Ok(proto::ReadResponse {
+                            records: records
+                                .into_iter()
+                                .map(|(seq, record)| proto::SeqRecord {
+                                    seq: seq.0,
+                                    record: Some(record.into()),
+                                })
+                                .collect(),
+                        })
+                    }
+                    Err(e) => Err(to_status(&e)),
+                };
+                let failed = message.is_err();
+                if chunks.send(message).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(chunked))))
+    }
+
+    async fn get(
+        &self,
+        request: Request<proto::GetRequest>,
+    ) -> std::result::Result<Response<proto::GetResponse>, Status> {
+        let request = request.into_inner();
+        let wanted = Seq(request.min_seq);
+        let timeout = match request.timeout_ms {
+            0 => DEFAULT_GET_TIMEOUT,
+            ms => Duration::from_millis(ms.into()),
+        };
+        let applied = match tokio::time::timeout(timeout, self.node.wait_applied(wanted)).await {
+            Ok(applied) => applied.map_err(|e| to_status(&e))?,
+            Err(_) => {
+                return Err(to_status(&Error::NotYetApplied {
+                    wanted,
+                    applied: self.node.status().applied_seq,
+                    waited: timeout,
+                }))
+            }
+        };
+        let store = self.node.store().clone();
+        let value = blocking(move || store.get(&request.key))
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(proto::GetResponse {
+            found: value.is_some(),
+            value: value.unwrap_or_default(),
+            applied_seq: applied.0,
+        }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<proto::StatusRequest>,
+    ) -> std::result::Result<Response<proto::StatusResponse>, Status> {
+        let status = self.node.status();
+        let leader = match self.node.leader_addr().await {
+            Ok(leader) => leader,
+            Err(e) => {
+                tracing::debug!(error = %e, "status: cannot read the leader key");
+                None
+            }
+        };
+        Ok(Response::new(proto::StatusResponse {
+            cluster: status.cluster,
+            node: status.node,
+            role: status.role.to_owned(),
+            state: status.state.name().to_owned(),
+            epoch: status.epoch.0,
+            committed_seq: status.committed_seq.0,
+            received_seq: status.received_seq.0,
+            applied_seq: status.applied_seq.0,
+            receive_lag_seconds: status.receive_lag_seconds,
+            apply_lag_seconds: status.apply_lag_seconds,
+            leader,
+            address: self.address.clone(),
+        }))
+    }
+
+    async fn promote(
+        &self,
+        request: Request<proto::PromoteRequest>,
+    ) -> std::result::Result<Response<proto::PromoteResponse>, Status> {
+        let force = request.into_inner().force;
+        self.node.promote(force).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(proto::PromoteResponse {
+            epoch: self.node.status().epoch.0,
+        }))
+    }
+}

@@ -1,0 +1,175 @@
+//! The client commands: `append`, `read`, `get`, `status` and `promote`, each one call to a
+//! node's API.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use fencelog::api::{Endpoint, WalClient};
+use fencelog::record::{Op, Record, Seq};
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Which node a command talks to: one address, or the leader found through etcd.
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// A node's API address (host:port).
+    #[arg(long, conflicts_with_all = ["etcd", "cluster"], required_unless_present = "etcd")]
+    pub server: Option<String>,
+    /// etcd endpoints (comma-separated), to find the primary through its leader key.
+    #[arg(long, value_delimiter = ',', requires = "cluster")]
+    pub etcd: Option<Vec<String>>,
+    /// The cluster whose primary to find (with --etcd).
+    #[arg(long, requires = "etcd")]
+    pub cluster: Option<String>,
+}
+
+impl Target {
+    pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        match (&self.server, &self.etcd, &self.cluster) {
+            (Some(server), _, _) => Ok(Endpoint::Server(server.clone())),
+            (None, Some(endpoints), Some(cluster)) => Ok(Endpoint::Etcd {
+                endpoints: endpoints.clone(),
+                cluster: cluster.parse()?,
+            }),
+            _ => bail!("give --server ADDR, or --etcd URL and --cluster ID"),
+        }
+    }
+
+    pub async fn connect(&self) -> anyhow::Result<WalClient> {
+        Ok(WalClient::connect(self.endpoint()?).await?)
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ReadFormat {
+    /// `<seq>\t<key>\t<xxh3-64 of the value, 16 hex digits>`; a delete shows `-` as its digest.
+    Tsv,
+}
+
+/// One line of the TSV format shared by `read` and `load --acked-out`. Keys are printed with
+/// non-printable bytes escaped (`\t`, `\xff`), so that a line always has three columns.
+pub fn tsv_line(seq: Seq, record: &Record) -> String {
+    format!("{seq}\t{}", tsv_columns(record))
+}
+
+/// The key and digest columns of [`tsv_line`].
+pub fn tsv_columns(record: &Record) -> String {
+    let digest = match record.op {
+        Op::Put => value_digest(&record.value),
+        Op::Delete => "-".to_owned(),
+    };
+    format!("{}\t{digest}", record.key.escape_ascii())
+}
+
+pub fn value_digest(value: &[u8]) -> String {
+    format!("{:016x}", xxh3_64(value))
+}
+
+pub async fn append(target: &Target, key: String, value: String) -> anyhow::Result<()> {
+    let mut client = target.connect().await?;
+    let ack = client.append(vec![Record::put(key, value)]).await?;
+    println!("seq {}", ack.first_seq);
+    Ok(())
+}
+
+pub async fn read(
+    target: &Target,
+    from: u64,
+    to: Option<u64>,
+    _format: ReadFormat,
+) -> anyhow::Result<()> {
+    if from == 0 {
+        bail!("--from must be at least 1: seqs start at 1");
+    }
+    if to.is_some_and(|to| to < from) {
+        bail!("--to must not be below --from");
+    }
+    let mut client = target.connect().await?;
+    let mut stream = client.read(Seq(from), to.map(Seq)).await?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    while let Some(chunk) = stream.next_chunk().await? {
+        for (seq, record) in chunk {
+            writeln!(out, "{}", tsv_line(seq, &record))?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+pub async fn get(
+    target: &Target,
+    key: String,
+    min_seq: Option<u64>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let mut client = target.connect().await?;
+    let wanted = Seq(min_seq.unwrap_or(0));
+    let (value, applied) = client
+        .get(key.clone().into_bytes(), wanted, timeout)
+        .await?;
+    match value {
+        Some(value) => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&value)?;
+            writeln!(out)?;
+            Ok(())
+        }
+        None => bail!("key {key:?} not found (the node has applied through seq {applied})"),
+    }
+}
+
+pub async fn promote(server: String, force: bool) -> anyhow::Result<()> {
+    let mut client = WalClient::connect(Endpoint::Server(server.clone())).await?;
+    let epoch = client
+        .promote(force)
+        .await
+        .with_context(|| format!("{server} was not promoted"))?;
+    println!("promoted {server}: leading as epoch {epoch}");
+    Ok(())
+}
+
+pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
+    let mut client = target.connect().await?;
+    let s = client.status().await?;
+    let lag_records = s.committed_seq.saturating_sub(s.applied_seq);
+    if json {
+        let object = serde_json::json!({
+            "cluster": s.cluster,
+            "node": s.node,
+            "address": s.address,
+            "role": s.role,
+            "state": s.state,
+            "epoch": s.epoch,
+            "committed_seq": s.committed_seq,
+            "received_seq": s.received_seq,
+            "applied_seq": s.applied_seq,
+            "lag_records": lag_records,
+            "receive_lag_seconds": s.receive_lag_seconds,
+            "apply_lag_seconds": s.apply_lag_seconds,
+            "leader": s.leader,
+        });
+        println!("{object}");
+        return Ok(());
+    }
+    println!(
+        "node           {} ({} in cluster {})",
+        s.node, s.address, s.cluster
+    );
+    println!("role           {}", s.role);
+    println!("state          {}", s.state);
+    println!("epoch          {}", s.epoch);
+    println!("committed_seq  {}", s.committed_seq);
+    println!("received_seq   {}", s.received_seq);
+    println!("applied_seq    {}", s.applied_seq);
+    println!(
+        "lag            {lag_records} records; receive {:.3} s, apply {:.3} s",
+        s.receive_lag_seconds, s.apply_lag_seconds
+    );
+    println!(
+        "leader         {}",
+        s.leader.as_deref().unwrap_or("(nobody)")
+    );
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! `fencelog primary` and `fencelog standby`: a node serving the gRPC API and the metrics
+//! endpoint until SIGINT or SIGTERM.
+//!
+//! Both run a [`Node`]: it follows the committed log as a standby and, when it may lead (always
+//! for `primary`, with `--failover` for `standby`), campaigns for the leader key, so a primary
+//! started while another node leads follows it and waits, and never overwrites its key. On a
+//! signal the node shuts down first (a primary lets in-flight appends finish, then resigns so a
+//! standby takes over at once), then the servers, then the store is flushed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use fencelog::api::{self, WalApi};
+use fencelog::etcd::leadership::current_leader;
+use fencelog::keys::KeyLayout;
+use fencelog::local_store::{blocking, LocalStore, StoreOptions};
+use fencelog::metrics::Metrics;
+use fencelog::node::Node;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::settings::Resolved;
+
+/// How long the servers may take to finish their calls after the node stopped.
+const SERVER_DRAIN: Duration = Duration::from_secs(5);
+
+pub async fn run(settings: Resolved, role: &str) -> anyhow::Result<()> {
+    let config = settings.node.clone();
+    let cluster = config.primary.cluster.clone();
+    let api_listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", settings.listen))?;
+    let metrics_listener = TcpListener::bind(settings.metrics)
+        .await
+        .with_context(|| format!("cannot listen on {} (--metrics)", settings.metrics))?;
+
+    let client = fencelog::etcd::connect(&settings.etcd, config.primary.etcd_request_timeout)
+        .await
+        .with_context(|| format!("cannot reach etcd at {}", settings.etcd.join(",")))?;
+    let layout = KeyLayout::new(&cluster);
+    let leader = current_leader(&client, &layout, config.primary.etcd_request_timeout)
+        .await
+        .with_context(|| format!("cannot reach etcd at {}", settings.etcd.join(",")))?;
+
+    let dir = settings.data_dir.clone();
+    let store = blocking(move || LocalStore::open_or_rebuild(&dir, StoreOptions::default()))
+        .await
+        .with_context(|| format!("cannot open the store in {}", settings.data_dir.display()))?;
+    let (store, moved_aside) = store;
+    if let Some(damaged) = moved_aside {
+        tracing::warn!(
+            moved_to = %damaged.display(),
+            "the local store was damaged: moved aside; rebuilding it from etcd"
+        );
+    }
+    let store = Arc::new(store);
+    let metrics = Arc::new(Metrics::new()?);
+
+    match (&leader, config.failover) {
+        (Some((info, _)), true) if info.node != config.primary.node => tracing::warn!(
+            leader = %info.node, addr = %info.addr,
+            "another node leads: following it, and waiting for the leadership"
+        ),
+        (None, true) => tracing::info!("nobody leads: campaigning"),
+        _ => {}
+    }
+    let node = Arc::new(Node::start(client, store.clone(), config.clone(), metrics.clone()).await?);
+    tracing::info!(
+        role, cluster = %cluster, node = %config.primary.node,
+        api = %settings.listen, metrics = %settings.metrics,
+        failover = config.failover, "serving"
+    );
+
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
+        // An error means the sender is gone: stop as well.
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let api_task = tokio::spawn(api::serve(
+        WalApi::new(node.clone(), config.primary.advertise_addr.clone()),
+        api_listener,
+        until_stopped(stopped.clone()),
+    ));
+    let http_task = tokio::spawn(fencelog::http::serve(
+        node.clone(),
+        metrics,
+        metrics_listener,
+        until_stopped(stopped),
+    ));
+
+    tokio::select! {
+        signal_name = wait_for_signal() => tracing::info!(signal = signal_name?, "shutting down"),
+        _ = node.stopped() => anyhow::bail!("the node stopped on an error (see the log above)"),
+    }
+    let shut = node.shutdown().await;
+    stop.send_replace(true);
+    for (name, task) in [("API", api_task), ("metrics", http_task)] {
+        match tokio::time::timeout(SERVER_DRAIN, task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the {name} server failed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "the {name} server task failed"),
+            Err(_) => tracing::warn!("the {name} server did not finish its calls in time"),
+        }
+    }
+    let flushed = blocking(move || store.flush()).await;
+    shut.context("the node did not shut down cleanly")?;
+    flushed.context("cannot flush the local store")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<&'static str> {
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    })
+}

@@ -1,0 +1,193 @@
+//! A daemon's settings, from three sources: flags win over `FENCELOG_*` environment variables
+//! (clap reads both), which win over the TOML file given with `--config`; what none of them
+//! sets takes the default from [`Defaults`], the one place defaults live.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use fencelog::config::{Pipeline, PrimaryConfig};
+use fencelog::keys::{ClusterId, NodeName};
+use fencelog::node::NodeConfig;
+use fencelog::standby::StandbyConfig;
+use serde::Deserialize;
+
+/// Every default, in one place (documented in `docs/OPERATIONS.md`).
+pub struct Defaults;
+
+impl Defaults {
+    pub const LISTEN: &'static str = "127.0.0.1:7400";
+    pub const METRICS: &'static str = "127.0.0.1:7401";
+    pub const LEASE_TTL_SECONDS: u64 = 5;
+    pub const MAX_BATCH_RECORDS: usize = 1024;
+    pub const LINGER_MS: u64 = 0;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PipelineArg {
+    Double,
+    Single,
+}
+
+/// The settings a daemon takes. Every field is optional here: [`NodeSettings::resolve`] says
+/// which ones are required once all sources are merged.
+#[derive(Args, Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NodeSettings {
+    /// The cluster this node belongs to.
+    #[arg(long, env = "FENCELOG_CLUSTER")]
+    pub cluster: Option<String>,
+    /// This node's name, unique in the cluster.
+    #[arg(long, env = "FENCELOG_NODE")]
+    pub node: Option<String>,
+    /// Directory of the node's local store.
+    #[arg(long, env = "FENCELOG_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// etcd endpoints, comma-separated (http://127.0.0.1:2379,...).
+    #[arg(long, env = "FENCELOG_ETCD", value_delimiter = ',')]
+    pub etcd: Option<Vec<String>>,
+    /// Address the gRPC API listens on [default: 127.0.0.1:7400].
+    #[arg(long, env = "FENCELOG_LISTEN")]
+    pub listen: Option<String>,
+    /// Address clients reach the API at, written into the leader key [default: --listen].
+    #[arg(long, env = "FENCELOG_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Address of the /metrics, /healthz and /readyz endpoint [default: 127.0.0.1:7401].
+    #[arg(long, env = "FENCELOG_METRICS")]
+    pub metrics: Option<String>,
+    /// Leadership lease TTL in seconds [default: 5].
+    #[arg(long, env = "FENCELOG_LEASE_TTL")]
+    pub lease_ttl: Option<u64>,
+    /// Standby only: take over when the leader's key goes [default: false].
+    #[arg(long, env = "FENCELOG_FAILOVER", num_args = 0..=1, default_missing_value = "true")]
+    pub failover: Option<bool>,
+    /// Most records per committed batch [default: 1024].
+    #[arg(long, env = "FENCELOG_MAX_BATCH_RECORDS")]
+    pub max_batch_records: Option<usize>,
+    /// Milliseconds a batch waits for more records after its first [default: 0].
+    #[arg(long, env = "FENCELOG_LINGER_MS")]
+    pub linger_ms: Option<u64>,
+    /// Commit pipeline: `double` overlaps the next batch with the commit [default: double].
+    #[arg(long, env = "FENCELOG_PIPELINE")]
+    pub pipeline: Option<PipelineArg>,
+    /// Log format [default: text].
+    #[arg(long, env = "FENCELOG_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// A daemon's settings once merged and checked.
+pub struct Resolved {
+    pub data_dir: PathBuf,
+    pub etcd: Vec<String>,
+    pub listen: SocketAddr,
+    pub metrics: SocketAddr,
+    pub log_format: LogFormat,
+    pub node: NodeConfig,
+}
+
+impl NodeSettings {
+    /// Reads a TOML settings file (the same names as the flags, e.g. `data-dir = "..."`).
+    pub fn from_file(path: &Path) -> anyhow::Result<NodeSettings> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the config file {}", path.display()))?;
+        toml::from_str(&text).map_err(|e| {
+            let reason = e.message().to_owned();
+            anyhow::anyhow!("config file {}: {reason}", path.display())
+        })
+    }
+
+    /// `self` where set, else `lower`.
+    pub fn or(self, lower: NodeSettings) -> NodeSettings {
+        NodeSettings {
+            cluster: self.cluster.or(lower.cluster),
+            node: self.node.or(lower.node),
+            data_dir: self.data_dir.or(lower.data_dir),
+            etcd: self.etcd.or(lower.etcd),
+            listen: self.listen.or(lower.listen),
+            advertise: self.advertise.or(lower.advertise),
+            metrics: self.metrics.or(lower.metrics),
+            lease_ttl: self.lease_ttl.or(lower.lease_ttl),
+            failover: self.failover.or(lower.failover),
+            max_batch_records: self.max_batch_records.or(lower.max_batch_records),
+            linger_ms: self.linger_ms.or(lower.linger_ms),
+            pipeline: self.pipeline.or(lower.pipeline),
+            log_format: self.log_format.or(lower.log_format),
+        }
+    }
+
+    /// Checks the merged settings and fills in the defaults. `leads` is true for `primary`,
+    /// which always campaigns.
+    pub fn resolve(self, leads: bool) -> anyhow::Result<Resolved> {
+        let required = |value: Option<String>, flag: &str| {
+            value.with_context(|| {
+                format!(
+                    "--{flag} is required (or FENCELOG_{} or the config file)",
+                    env_name(flag)
+                )
+            })
+        };
+        let cluster: ClusterId = required(self.cluster, "cluster")?.parse()?;
+        let node: NodeName = required(self.node, "node")?.parse()?;
+        let data_dir = self
+            .data_dir
+            .context("--data-dir is required (or FENCELOG_DATA_DIR or the config file)")?;
+        let etcd = self.etcd.unwrap_or_default();
+        if etcd.is_empty() {
+            bail!("--etcd is required (or FENCELOG_ETCD or the config file)");
+        }
+        let listen = socket_addr(self.listen.as_deref().unwrap_or(Defaults::LISTEN), "listen")?;
+        let metrics = socket_addr(
+            self.metrics.as_deref().unwrap_or(Defaults::METRICS),
+            "metrics",
+        )?;
+        let advertise = self.advertise.unwrap_or_else(|| listen.to_string());
+
+        let mut primary = PrimaryConfig::new(cluster.clone(), node.clone(), advertise);
+        primary.lease_ttl =
+            Duration::from_secs(self.lease_ttl.unwrap_or(Defaults::LEASE_TTL_SECONDS));
+        // The safety margin scales down with short TTLs so that they stay valid.
+        primary.lease_safety_margin = primary.lease_safety_margin.min(primary.lease_ttl / 4);
+        primary.max_batch_records = self
+            .max_batch_records
+            .unwrap_or(Defaults::MAX_BATCH_RECORDS);
+        primary.linger = Duration::from_millis(self.linger_ms.unwrap_or(Defaults::LINGER_MS));
+        primary.pipeline = match self.pipeline.unwrap_or(PipelineArg::Double) {
+            PipelineArg::Double => Pipeline::Double,
+            PipelineArg::Single => Pipeline::Single,
+        };
+        primary.validate()?;
+        let standby = StandbyConfig::new(cluster, node);
+        Ok(Resolved {
+            data_dir,
+            etcd,
+            listen,
+            metrics,
+            log_format: self.log_format.unwrap_or(LogFormat::Text),
+            node: NodeConfig {
+                standby,
+                primary,
+                failover: leads || self.failover.unwrap_or(false),
+            },
+        })
+    }
+}
+
+fn env_name(flag: &str) -> String {
+    flag.to_uppercase().replace('-', "_")
+}
+
+fn socket_addr(value: &str, flag: &str) -> anyhow::Result<SocketAddr> {
+    value
+        .parse()
+        .with_context(|| format!("--{flag} {value:?} is not an IP:port address"))
+}
