@@ -174,6 +174,12 @@ pub enum Error {
     NoLeader { cluster: String },
     #[error("cannot reach the node at {addr}: {reason}")]
     Unreachable { addr: String, reason: String },
+    #[error("node {node} {what}; its log is {}", log.display())]
+    NodeProcess {
+        node: String,
+        what: String,
+        log: PathBuf,
+    },
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     #[error("{message}")]

@@ -19,6 +19,7 @@
 //! - [`primary`]: the append API and the double-buffered commit pipeline;
 //! - [`standby`]: follows the committed log into the local store (read, then watch);
 //! - [`node`]: a standby that takes over when the primary goes, and follows again after;
+//! - [`node_process`]: a daemon as a child process, for the demo and process-level tests;
 //! - [`api`]: the gRPC node API and its client;
 //! - [`http`]: the `/metrics`, `/healthz` and `/readyz` endpoint;
 //! - [`metrics`]: the Prometheus registry;
@@ -37,6 +38,7 @@ pub mod limits;
 pub mod local_store;
 pub mod metrics;
 pub mod node;
+pub mod node_process;
 pub mod pointer;
 pub mod primary;
 pub mod record;

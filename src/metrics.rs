@@ -10,6 +10,7 @@ use prometheus::{
 use crate::batch::unix_micros_now;
 use crate::error::Result;
 use crate::record::Seq;
+use crate::standby::lifecycle::State;
 
 /// Seconds from `micros` (since the Unix epoch) to now; 0 if the clock says it is ahead.
 fn seconds_since(micros: u64) -> f64 {
@@ -102,7 +103,7 @@ impl Metrics {
             registry.register(Box::new(h.clone()))?;
             Ok(h)
         };
-        Ok(Metrics {
+        let metrics = Metrics {
             commits: counter("commits_total", "Batches committed to etcd")?,
             committed_records: counter("committed_records_total", "Records committed to etcd")?,
             commit_refusals: counter_vec(
@@ -203,7 +204,23 @@ impl Metrics {
                 g
             },
             registry,
-        })
+        };
+        // Label values known up front are exported from the start, at 0, so that rates and
+        // alerts work before the first event.
+        for reason in ["fenced", "conflict"] {
+            metrics.commit_refusals.with_label_values(&[reason]);
+        }
+        for op in ["commit", "follow"] {
+            metrics.etcd_errors.with_label_values(&[op]);
+        }
+        for reason in ["fenced", "leadership_lost", "pipeline_failed", "shutdown"] {
+            metrics.step_downs.with_label_values(&[reason]);
+        }
+        for state in State::ALL {
+            metrics.state_transitions.with_label_values(&[state.name()]);
+            metrics.state.with_label_values(&[state.name()]);
+        }
+        Ok(metrics)
     }
 
     /// Records that etcd holds the log through `seq`: the committed seq only moves forward.

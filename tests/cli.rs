@@ -1,36 +1,28 @@
 //! The `fencelog` command line as a person runs it.
 
-use std::process::Command;
+mod common;
 
+use common::fencelog;
 use fencelog::local_store::{LocalStore, StoreOptions};
 
-fn fencelog(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_fencelog"))
-        .args(args)
-        .output()
-        .expect("runs");
-    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
-    (
-        output.status.success(),
-        text(output.stdout),
-        text(output.stderr),
-    )
-}
-
 #[test]
-fn demo_appends_through_a_primary_and_rebuilds_an_identical_store_from_etcd() {
-    let (ok, stdout, stderr) = fencelog(&["demo", "--records", "5000", "--batch-records", "300"]);
+fn demo_fails_over_mid_load_and_finds_every_acknowledged_record_on_the_new_primary() {
+    let (ok, stdout, stderr) = fencelog(&["demo", "--records", "6000"]);
     assert!(ok, "demo failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("appended      5000 records"), "{stdout}");
-    assert!(stdout.contains("applied through seq 5000"), "{stdout}");
-    assert!(stdout.contains("matches the primary's"), "{stdout}");
+    assert!(stdout.contains("killed the primary demo-a"), "{stdout}");
+    assert!(stdout.contains("demo-b promoted itself"), "{stdout}");
+    assert!(stdout.contains("load summary"), "{stdout}");
+    assert!(
+        stdout.contains("acknowledged records are on the new primary"),
+        "{stdout}"
+    );
 }
 
 #[test]
-fn demo_refuses_zero_records() {
+fn demo_refuses_too_few_records() {
     let (ok, _, stderr) = fencelog(&["demo", "--records", "0"]);
     assert!(!ok);
-    assert!(stderr.contains("at least 1"), "{stderr}");
+    assert!(stderr.contains("at least 100"), "{stderr}");
 }
 
 #[test]

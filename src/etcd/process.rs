@@ -209,7 +209,7 @@ impl Drop for EtcdProcess {
 }
 
 /// A port that was free a moment ago; etcd may still lose a race for it, hence the retries.
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

@@ -159,3 +159,67 @@ pub async fn received(standby: &fencelog::standby::Standby, seq: Seq) {
         standby.status()
     );
 }
+
+/// Runs the `fencelog` binary; returns (success, stdout, stderr).
+pub fn fencelog(args: &[&str]) -> (bool, String, String) {
+    fencelog_with_env(args, &[])
+}
+
+/// Runs the `fencelog` binary with extra environment variables.
+pub fn fencelog_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fencelog"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("the fencelog binary runs");
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    (
+        output.status.success(),
+        text(output.stdout),
+        text(output.stderr),
+    )
+}
+
+/// A daemon process of the `fencelog` binary, with its data directory and log in `dir`.
+pub fn daemon(
+    etcd: &EtcdProcess,
+    dir: &std::path::Path,
+    role: &str,
+    name: &str,
+    extra_args: &[&str],
+) -> fencelog::node_process::NodeProcess {
+    let spec = fencelog::node_process::NodeSpec {
+        binary: env!("CARGO_BIN_EXE_fencelog").into(),
+        role: role.to_owned(),
+        cluster: CLUSTER.to_owned(),
+        node: name.to_owned(),
+        etcd: etcd.endpoint().to_owned(),
+        data_dir: dir.join(name),
+        log: dir.join(format!("{name}.log")),
+        extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+    };
+    fencelog::node_process::NodeProcess::spawn(spec).expect("the daemon starts")
+}
+
+/// A plain HTTP/1.1 GET; returns the status code and the body.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("sends");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("reads");
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let code = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("an HTTP status line");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}

@@ -5,13 +5,13 @@
 //! started is stopped at the end, on success or failure.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use fencelog::api::{Endpoint, WalClient};
+use fencelog::api::WalClient;
 use fencelog::etcd::process::EtcdProcess;
+use fencelog::node_process::{NodeProcess, NodeSpec};
 use fencelog::record::Seq;
 
 use crate::commands::{tsv_line, Target};
@@ -33,16 +33,16 @@ pub async fn run(records: u64) -> anyhow::Result<()> {
     let endpoint = etcd.endpoint().to_owned();
     println!("etcd is up at {endpoint}");
 
-    let mut primary = Daemon::spawn(work.path(), "primary", "demo-a", &endpoint, false)?;
-    let mut standby = Daemon::spawn(work.path(), "standby", "demo-b", &endpoint, true)?;
+    let mut primary = spawn(work.path(), "primary", "demo-a", &endpoint)?;
+    let mut standby = spawn(work.path(), "standby", "demo-b", &endpoint)?;
     let leader = primary
         .wait_for("primary", None, Duration::from_secs(30))
         .await?;
-    println!("demo-a leads at {} (epoch {})", primary.api, leader.epoch);
+    println!("demo-a leads at {} (epoch {})", primary.api(), leader.epoch);
     standby
         .wait_for("standby", Some("watching"), Duration::from_secs(30))
         .await?;
-    println!("demo-b follows at {} with failover on", standby.api);
+    println!("demo-b follows at {} with failover on", standby.api());
 
     let acked_path = work.path().join("acked.tsv");
     let options = LoadOptions {
@@ -98,7 +98,10 @@ pub async fn run(records: u64) -> anyhow::Result<()> {
         );
     }
     println!("result        all {checked} acknowledged records are on the new primary, same key, same value digest");
-    standby.stop()?;
+    let stopped = standby.stop(Duration::from_secs(15)).await?;
+    if !stopped.success() {
+        bail!("the new primary did not stop cleanly ({stopped})");
+    }
     Ok(())
 }
 
@@ -128,111 +131,20 @@ async fn check_acked(client: &mut WalClient, acked: &Path) -> anyhow::Result<u64
     Ok(checked)
 }
 
-/// A daemon child process; killed when dropped.
-struct Daemon {
-    name: String,
-    api: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn spawn(
-        work: &Path,
-        role: &str,
-        name: &str,
-        etcd: &str,
-        failover: bool,
-    ) -> anyhow::Result<Daemon> {
-        let api = format!("127.0.0.1:{}", free_port()?);
-        let metrics = format!("127.0.0.1:{}", free_port()?);
-        let log = work.join(format!("{name}.log"));
-        let mut command = Command::new(std::env::current_exe()?);
-        command
-            .arg(role)
-            .args(["--cluster", CLUSTER, "--node", name, "--etcd", etcd])
-            .args(["--listen", &api, "--metrics", &metrics])
-            .args(["--lease-ttl", LEASE_TTL_SECONDS])
-            .arg("--data-dir")
-            .arg(work.join(name))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?);
-        if failover {
-            command.arg("--failover");
-        }
-        let child = command
-            .spawn()
-            .with_context(|| format!("cannot start the {role} daemon"))?;
-        Ok(Daemon {
-            name: name.to_owned(),
-            api,
-            child,
-            log,
-        })
+/// A daemon of this binary, with its data and log under `work`.
+fn spawn(work: &Path, role: &str, name: &str, etcd: &str) -> anyhow::Result<NodeProcess> {
+    let mut extra_args = vec!["--lease-ttl".to_owned(), LEASE_TTL_SECONDS.to_owned()];
+    if role == "standby" {
+        extra_args.push("--failover".to_owned());
     }
-
-    async fn client(&self) -> anyhow::Result<WalClient> {
-        Ok(WalClient::connect(Endpoint::Server(self.api.clone())).await?)
-    }
-
-    /// Polls the node's status until it has `role` (and `state`).
-    async fn wait_for(
-        &mut self,
-        role: &str,
-        state: Option<&str>,
-        limit: Duration,
-    ) -> anyhow::Result<fencelog::api::proto::StatusResponse> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(exit) = self.child.try_wait()? {
-                bail!(
-                    "{} exited ({exit}); its log is in {}",
-                    self.name,
-                    self.log.display()
-                );
-            }
-            if let Ok(mut client) = self.client().await {
-                if let Ok(status) = client.status().await {
-                    if status.role == role && state.map_or(true, |s| s == status.state) {
-                        return Ok(status);
-                    }
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("{} is not {role} after {limit:?}", self.name);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn kill(&mut self) {
-        // Already gone is fine: the point is that it is not running.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, and waits for a clean exit.
-    fn stop(&mut self) -> anyhow::Result<()> {
-        let pid = i32::try_from(self.child.id())?;
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let status = self.child.wait()?;
-        if !status.success() {
-            bail!("{} did not stop cleanly ({status})", self.name);
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(NodeProcess::spawn(NodeSpec {
+        binary: std::env::current_exe()?,
+        role: role.to_owned(),
+        cluster: CLUSTER.to_owned(),
+        node: name.to_owned(),
+        etcd: etcd.to_owned(),
+        data_dir: work.join(name),
+        log: work.join(format!("{name}.log")),
+        extra_args,
+    })?)
 }

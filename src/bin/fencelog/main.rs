@@ -145,8 +145,12 @@ fn main() {
         Err(e) if e.use_stderr() => {
             // One line: the reason, without the usage block.
             let rendered = e.render().to_string();
-            let reason = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{reason} (see --help)");
+            let reason: Vec<&str> = rendered
+                .lines()
+                .take_while(|line| !line.is_empty() && !line.starts_with("Usage:"))
+                .map(str::trim)
+                .collect();
+            eprintln!("{} (see --help)", reason.join(" "));
             std::process::exit(2);
         }
         Err(e) => e.exit(),

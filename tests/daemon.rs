@@ -1,0 +1,634 @@
+//! The daemons, the API and the CLI end to end: real `fencelog primary` / `fencelog standby`
+//! processes against a real etcd, driven through the CLI exactly as a person (or an external
+//! harness) would.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{daemon, fencelog, http_get, CLUSTER};
+use fencelog::api::proto;
+use fencelog::record::{Record, Seq};
+
+const STARTUP: Duration = Duration::from_secs(30);
+
+fn lines(text: &str) -> Vec<&str> {
+    text.lines().filter(|l| !l.trim().is_empty()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn append_read_get_and_status_work_through_the_cli() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut primary = daemon(&etcd, dir.path(), "primary", "alpha", &[]);
+    primary.wait_for("primary", None, STARTUP).await.unwrap();
+    let api = primary.api().to_owned();
+
+    let (ok, out, err) = fencelog(&["append", "--server", &api, "color", "blue"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "seq 1");
+    let (ok, out, err) = fencelog(&[
+        "append",
+        "--etcd",
+        etcd.endpoint(),
+        "--cluster",
+        CLUSTER,
+        "shape",
+        "round",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "seq 2");
+
+    let (ok, out, err) = fencelog(&["read", "--server", &api, "--from", "1", "--format", "tsv"]);
+    assert!(ok, "{err}");
+    let blue = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(b"blue"));
+    let round = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(b"round"));
+    assert_eq!(
+        lines(&out),
+        [format!("1\tcolor\t{blue}"), format!("2\tshape\t{round}")]
+    );
+
+    let (ok, out, err) = fencelog(&["get", "--server", &api, "--min-seq", "2", "shape"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "round");
+
+    let (ok, out, err) = fencelog(&["status", "--server", &api, "--json"]);
+    assert!(ok, "{err}");
+    let status: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(status["node"], "alpha");
+    assert_eq!(status["role"], "primary");
+    assert_eq!(status["state"], "promoted");
+    assert_eq!(status["committed_seq"], 2);
+    assert_eq!(status["applied_seq"], 2);
+    assert_eq!(status["lag_records"], 0);
+    assert_eq!(status["leader"], api.as_str());
+    assert!(status["epoch"].as_u64().unwrap() > 0);
+    primary.stop(STARTUP).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_refuses_appends_and_names_the_leader() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut primary = daemon(&etcd, dir.path(), "primary", "alpha", &[]);
+    primary.wait_for("primary", None, STARTUP).await.unwrap();
+    let mut standby = daemon(&etcd, dir.path(), "standby", "beta", &[]);
+    standby
+        .wait_for("standby", Some("watching"), STARTUP)
+        .await
+        .unwrap();
+
+    let (ok, out, err) = fencelog(&["append", "--server", standby.api(), "k", "v"]);
+    assert!(!ok, "a standby acknowledged an append: {out}");
+    assert_eq!(lines(&err).len(), 1, "{err}");
+    assert!(err.contains("not the primary"), "{err}");
+    assert!(err.contains(primary.api()), "{err}");
+
+    let (ok, out, _) = fencelog(&["status", "--server", standby.api(), "--json"]);
+    assert!(ok);
+    let status: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(status["role"], "standby");
+    assert_eq!(status["state"], "watching");
+    assert_eq!(status["leader"], primary.api());
+    standby.stop(STARTUP).await.unwrap();
+    primary.stop(STARTUP).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn load_writes_exactly_the_acknowledged_records_and_read_agrees() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut primary = daemon(&etcd, dir.path(), "primary", "alpha", &[]);
+    primary.wait_for("primary", None, STARTUP).await.unwrap();
+    let acked = dir.path().join("acked.tsv");
+    let (ok, out, err) = fencelog(&[
+        "load",
+        "--etcd",
+        etcd.endpoint(),
+        "--cluster",
+        CLUSTER,
+        "--records",
+        "3000",
+        "--value-size",
+        "200",
+        "--concurrency",
+        "4",
+        "--acked-out",
+        acked.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("acknowledged  3000 records (0 failed)"),
+        "{out}"
+    );
+    assert!(out.contains("records/s"), "{out}");
+    assert!(out.contains("p99"), "{out}");
+
+    let acked = std::fs::read_to_string(&acked).unwrap();
+    let (ok, read, err) = fencelog(&[
+        "read",
+        "--server",
+        primary.api(),
+        "--from",
+        "1",
+        "--format",
+        "tsv",
+    ]);
+    assert!(ok, "{err}");
+    let mut acked_lines = lines(&acked);
+    acked_lines.sort_by_key(|l| l.split('\t').next().unwrap().parse::<u64>().unwrap());
+    assert_eq!(acked_lines, lines(&read));
+    let keys: std::collections::HashSet<_> = acked_lines
+        .iter()
+        .map(|l| l.split('\t').nth(1).unwrap())
+        .collect();
+    assert_eq!(keys.len(), 3000, "keys are unique per run");
+    primary.stop(STARTUP).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_resigns_so_a_failover_standby_takes_over_before_the_lease_expires() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A TTL far longer than the wait below: only a resignation explains a prompt takeover.
+    let ttl = ["--lease-ttl", "60"];
+    let mut primary = daemon(&etcd, dir.path(), "primary", "alpha", &ttl);
+    primary.wait_for("primary", None, STARTUP).await.unwrap();
+    let mut standby = daemon(
+        &etcd,
+        dir.path(),
+        "standby",
+        "beta",
+        &[&ttl[..], &["--failover"]].concat(),
+    );
+    standby
+        .wait_for("standby", Some("watching"), STARTUP)
+        .await
+        .unwrap();
+    let (ok, _, err) = fencelog(&["append", "--server", primary.api(), "k", "v1"]);
+    assert!(ok, "{err}");
+
+    let exit = primary.stop(STARTUP).await.unwrap();
+    assert!(
+        exit.success(),
+        "the primary exited with {exit}: {}",
+        primary.log_text()
+    );
+    let promoted = standby
+        .wait_for("primary", None, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(promoted.committed_seq >= 1);
+    let (ok, out, err) = fencelog(&["append", "--server", standby.api(), "k", "v2"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), format!("seq {}", promoted.committed_seq + 1));
+    assert!(primary.log_text().contains("shutting down"));
+    standby.stop(STARTUP).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_parse_as_prometheus_text_and_move_with_appends() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut primary = daemon(&etcd, dir.path(), "primary", "alpha", &[]);
+    primary.wait_for("primary", None, STARTUP).await.unwrap();
+    let metrics = primary.metrics_addr().to_owned();
+    assert_eq!(http_get(&metrics, "/healthz").await.0, 200);
+    assert_eq!(http_get(&metrics, "/readyz").await.0, 200);
+
+    let scrape = |body: String| {
+        let lines = body.lines().map(|l| Ok(l.to_owned()));
+        prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text")
+    };
+    let value = |scrape: &prometheus_parse::Scrape, name: &str| -> f64 {
+        let sample = scrape.samples.iter().find(|s| s.metric == name);
+        match sample.unwrap_or_else(|| panic!("no {name}")).value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
+            ref other => panic!("{name} is {other:?}"),
+        }
+    };
+    let (code, body) = http_get(&metrics, "/metrics").await;
+    assert_eq!(code, 200);
+    let before = scrape(body);
+    for name in [
+        "fencelog_batch_bytes",
+        "fencelog_commit_seconds",
+        "fencelog_apply_seconds",
+        "fencelog_etcd_errors_total",
+        "fencelog_checksum_failures_total",
+        "fencelog_watch_reconnects_total",
+        "fencelog_commit_refusals_total",
+    ] {
+        assert!(before.docs.contains_key(name), "{name} is not exported");
+    }
+
+    let mut client = primary.client().await.unwrap();
+    let records = (0..10).map(|i| Record::put(format!("k{i}"), "v")).collect();
+    client.append(records).await.unwrap();
+    client
+        .get(b"k9".to_vec(), Seq(10), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let after = scrape(http_get(&metrics, "/metrics").await.1);
+    let moved = |name: &str| value(&after, name) - value(&before, name);
+    assert_eq!(moved("fencelog_appends_total"), 1.0);
+    assert_eq!(moved("fencelog_appended_records_total"), 10.0);
+    assert!(moved("fencelog_commits_total") >= 1.0);
+    assert_eq!(value(&after, "fencelog_committed_seq"), 10.0);
+    assert_eq!(value(&after, "fencelog_applied_seq"), 10.0);
+    let promoted = after
+        .samples
+        .iter()
+        .find(|s| s.metric == "fencelog_state" && s.labels.get("state") == Some("promoted"));
+    assert!(matches!(promoted.unwrap().value, prometheus_parse::Value::Gauge(v) if v == 1.0));
+    primary.stop(STARTUP).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_come_from_the_config_file_and_env_and_flags_win() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = |()| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (listen, metrics) = (port(()), port(()));
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cluster = \"{CLUSTER}\"\nnode = \"from-file\"\ndata-dir = \"{}\"\netcd = [\"{}\"]\nlisten = \"{listen}\"\nlease-ttl = 7\n",
+            dir.path().join("data").display(),
+            etcd.endpoint()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fencelog"))
+        .args([
+            "primary",
+            "--config",
+            config.to_str().unwrap(),
+            "--node",
+            "from-flag",
+        ])
+        .env("FENCELOG_METRICS", metrics.to_string())
+        .env("FENCELOG_NODE", "from-env")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let api = listen.to_string();
+    let mut status = None;
+    for _ in 0..300 {
+        let (ok, out, _) = fencelog(&["status", "--server", &api, "--json"]);
+        if ok {
+            let s: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+            if s["role"] == "primary" {
+                status = Some(s);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = status.expect("the daemon leads on the address from the file");
+    assert_eq!(status["node"], "from-flag", "a flag wins over env and file");
+    assert_eq!(
+        http_get(&metrics.to_string(), "/healthz").await.0,
+        200,
+        "metrics address from env"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_flags_and_an_unreachable_etcd_give_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["primary", "--bogus"], "--bogus"),
+        (
+            vec![
+                "primary",
+                "--node",
+                "a",
+                "--data-dir",
+                data,
+                "--etcd",
+                "http://127.0.0.1:1",
+            ],
+            "--cluster is required",
+        ),
+        (
+            vec![
+                "primary",
+                "--cluster",
+                "../x",
+                "--node",
+                "a",
+                "--data-dir",
+                data,
+                "--etcd",
+                "http://127.0.0.1:1",
+            ],
+            "invalid cluster",
+        ),
+        (
+            vec![
+                "primary",
+                "--cluster",
+                "c",
+                "--node",
+                "a",
+                "--data-dir",
+                data,
+                "--etcd",
+                "http://127.0.0.1:1",
+                "--listen",
+                "nowhere",
+            ],
+            "not an IP:port",
+        ),
+        (
+            vec![
+                "primary",
+                "--cluster",
+                "c",
+                "--node",
+                "a",
+                "--data-dir",
+                data,
+                "--etcd",
+                "http://127.0.0.1:1",
+                "--lease-ttl",
+                "1",
+            ],
+            "lease_ttl",
+        ),
+        (
+            vec![
+                "primary",
+                "--cluster",
+                "c",
+                "--node",
+                "a",
+                "--data-dir",
+                data,
+                "--etcd",
+                "http://127.0.0.1:1",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics",
+                "127.0.0.1:0",
+            ],
+            "cannot reach etcd",
+        ),
+        (
+            vec![
+                "append",
+                "--etcd",
+                "http://127.0.0.1:1",
+                "--cluster",
+                "c",
+                "k",
+                "v",
+            ],
+            "error:",
+        ),
+        (
+            vec!["append", "--server", "127.0.0.1:1", "k", "v"],
+            "cannot reach the node at 127.0.0.1:1",
+        ),
+        (vec!["append", "k", "v"], "--server"),
+        (
+            vec!["read", "--server", "127.0.0.1:1", "--from", "0"],
+            "at least 1",
+        ),
+    ];
+    for (args, expected) in cases {
+        let (ok, _, err) = fencelog(&args);
+        assert!(!ok, "{args:?} succeeded");
+        assert_eq!(
+            lines(&err).len(),
+            1,
+            "{args:?} printed more than one line:\n{err}"
+        );
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_and_oversized_messages_get_errors_and_the_node_keeps_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut primary = daemon(&etcd, dir.path(), "primary", "alpha", &[]);
+    primary.wait_for("primary", None, STARTUP).await.unwrap();
+
+    for addr in [primary.api(), primary.metrics_addr()] {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let garbage: Vec<u8> = (0..64 * 1024u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        // The server may hang up mid-write; both outcomes are fine, a crash is not.
+        let _ = stream.write_all(&garbage).await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut sink)).await;
+    }
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", primary.api()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = proto::wal_client::WalClient::new(channel).max_encoding_message_size(64 << 20);
+    let huge = proto::AppendRequest {
+        records: vec![proto::Record {
+            key: b"k".to_vec(),
+            value: vec![7; 8 << 20],
+            delete: false,
+        }],
+        request_id: 0,
+    };
+    let refused = raw.append(huge).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused}");
+
+    let mut client = primary.client().await.unwrap();
+    let over_limit = Record::put("k", vec![1u8; 1024 * 1024 + 1]);
+    let refused = client.append(vec![over_limit]).await.unwrap_err();
+    assert!(refused.to_string().contains("over the limit"), "{refused}");
+    let empty = client.append(vec![]).await.unwrap_err();
+    assert!(empty.to_string().contains("at least one record"), "{empty}");
+
+    let ack = client
+        .append(vec![Record::put("still", "alive")])
+        .await
+        .unwrap();
+    assert_eq!(ack.first_seq, Seq(1));
+    assert_eq!(http_get(primary.metrics_addr(), "/healthz").await.0, 200);
+    primary.stop(STARTUP).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_append_stream_answers_every_request_with_its_own_seqs() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut primary = daemon(&etcd, dir.path(), "primary", "alpha", &[]);
+    primary.wait_for("primary", None, STARTUP).await.unwrap();
+    let mut client = primary.client().await.unwrap();
+    let requests: Vec<_> = (0..50u64)
+        .map(|id| proto::AppendRequest {
+            records: (0..4)
+                .map(|i| Record::put(format!("s{id}-{i}"), "v").into())
+                .collect(),
+            request_id: id,
+        })
+        .collect();
+    let mut answers = client
+        .append_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap();
+    let mut acked = HashMap::new();
+    while let Some(answer) = answers.message().await.unwrap() {
+        match answer.outcome {
+            Some(proto::append_stream_response::Outcome::Ack(ack)) => {
+                assert_eq!(ack.last_seq - ack.first_seq, 3);
+                acked.insert(answer.request_id, ack.first_seq);
+            }
+            other => panic!("request {} failed: {other:?}", answer.request_id),
+        }
+    }
+    assert_eq!(acked.len(), 50);
+    let mut firsts: Vec<_> = acked.values().copied().collect();
+    firsts.sort_unstable();
+    assert_eq!(firsts, (0..50).map(|i| 1 + 4 * i).collect::<Vec<_>>());
+    primary.stop(STARTUP).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn promote_is_refused_while_the_primary_lives_and_forced_deposes_it() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut primary = daemon(
+        &etcd,
+        dir.path(),
+        "primary",
+        "alpha",
+        &["--lease-ttl", "60"],
+    );
+    primary.wait_for("primary", None, STARTUP).await.unwrap();
+    let mut standby = daemon(&etcd, dir.path(), "standby", "beta", &[]);
+    standby
+        .wait_for("standby", Some("watching"), STARTUP)
+        .await
+        .unwrap();
+
+    let (ok, _, err) = fencelog(&["promote", "--server", standby.api()]);
+    assert!(!ok);
+    assert!(err.contains("alpha") && err.contains("force"), "{err}");
+    let (ok, out, err) = fencelog(&["promote", "--server", standby.api(), "--force"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("leading as epoch"), "{out}");
+    standby.wait_for("primary", None, STARTUP).await.unwrap();
+    let (ok, out, err) = fencelog(&["append", "--server", standby.api(), "after", "promotion"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "seq 1");
+    let (ok, _, err) = fencelog(&["append", "--server", primary.api(), "deposed", "primary"]);
+    assert!(!ok, "the deposed primary acknowledged an append");
+    assert!(
+        err.contains("fenced") || err.contains("not the primary"),
+        "{err}"
+    );
+    primary.wait_for("standby", None, STARTUP).await.unwrap();
+    let (ok, _, err) = fencelog(&["append", "--server", primary.api(), "deposed", "primary"]);
+    assert!(!ok, "the deposed primary acknowledged an append");
+    assert!(err.contains(standby.api()), "{err}");
+    standby.stop(STARTUP).await.unwrap();
+    primary.stop(STARTUP).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_with_a_min_seq_not_reached_fails_after_its_timeout() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut primary = daemon(&etcd, dir.path(), "primary", "alpha", &[]);
+    primary.wait_for("primary", None, STARTUP).await.unwrap();
+    let (ok, _, err) = fencelog(&[
+        "get",
+        "--server",
+        primary.api(),
+        "--min-seq",
+        "1000",
+        "--timeout",
+        "1",
+        "k",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("not yet seq 1000"), "{err}");
+    let (ok, _, err) = fencelog(&["get", "--server", primary.api(), "missing"]);
+    assert!(!ok);
+    assert!(err.contains("not found"), "{err}");
+    primary.stop(STARTUP).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inspect_json_shows_equal_digests_for_a_primary_and_its_standby() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut primary = daemon(&etcd, dir.path(), "primary", "alpha", &[]);
+    primary.wait_for("primary", None, STARTUP).await.unwrap();
+    let mut standby = daemon(&etcd, dir.path(), "standby", "beta", &[]);
+    standby
+        .wait_for("standby", Some("watching"), STARTUP)
+        .await
+        .unwrap();
+    let (ok, out, err) = fencelog(&[
+        "load",
+        "--server",
+        primary.api(),
+        "--records",
+        "2000",
+        "--concurrency",
+        "4",
+    ]);
+    assert!(ok, "{out}\n{err}");
+    standby
+        .client()
+        .await
+        .unwrap()
+        .get(b"none".to_vec(), Seq(2000), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(standby.stop(STARTUP).await.unwrap().success());
+    assert!(primary.stop(STARTUP).await.unwrap().success());
+
+    let inspect = |node: &fencelog::node_process::NodeProcess| {
+        let (ok, out, err) = fencelog(&[
+            "inspect",
+            "--data-dir",
+            node.data_dir().to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()
+    };
+    let (p, s) = (inspect(&primary), inspect(&standby));
+    assert_eq!(p["last_applied_seq"], 2000);
+    assert_eq!(p["received_seq"], 2000);
+    assert_eq!(p["keys"], 2000);
+    assert!(p["epoch"].as_u64().unwrap() > 0);
+    assert_eq!(p["state_digest"].as_str().unwrap().len(), 16);
+    for field in [
+        "last_applied_seq",
+        "received_seq",
+        "keys",
+        "state_digest",
+        "epoch",
+    ] {
+        assert_eq!(p[field], s[field], "{field}");
+    }
+}
