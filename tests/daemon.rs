@@ -260,13 +260,14 @@ async fn settings_come_from_the_config_file_and_env_and_flags_win() {
     std::fs::write(
         &config,
         format!(
-            "cluster = \"{CLUSTER}\"\nnode = \"from-file\"\ndata-dir = \"{}\"\netcd = [\"{}\"]\nlisten = \"{listen}\"\nlease-ttl = 7\n",
+            "cluster = \"{CLUSTER}\"\nnode = \"from-file\"\ndata-dir = \"{}\"\netcd = [\"{}\"]\nlisten = \"{listen}\"\nlease-ttl = 7\nlog-format = \"json\"\n",
             dir.path().join("data").display(),
             etcd.endpoint()
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
+    let log_path = dir.path().join("node.log");
+    let log = std::fs::File::create(&log_path).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fencelog"))
         .args([
             "primary",
@@ -302,6 +303,10 @@ async fn settings_come_from_the_config_file_and_env_and_flags_win() {
     );
     child.kill().unwrap();
     child.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap())
+        .unwrap_or_else(|e| panic!("log-format json from the file: {e}\n{log}"));
+    assert!(first["fields"]["message"].is_string(), "{first}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -631,4 +636,38 @@ async fn inspect_json_shows_equal_digests_for_a_primary_and_its_standby() {
     ] {
         assert_eq!(p[field], s[field], "{field}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_primary_waits_for_the_leadership_and_says_so() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = ["--lease-ttl", "2"];
+    let mut first = daemon(&etcd, dir.path(), "primary", "alpha", &ttl);
+    first.wait_for("primary", None, STARTUP).await.unwrap();
+    let (ok, _, err) = fencelog(&["append", "--server", first.api(), "k", "v"]);
+    assert!(ok, "{err}");
+    let mut second = daemon(&etcd, dir.path(), "primary", "beta", &ttl);
+    second
+        .wait_for("standby", Some("watching"), STARTUP)
+        .await
+        .unwrap();
+    assert!(
+        second.log_text().contains("another node leads"),
+        "{}",
+        second.log_text()
+    );
+    assert_eq!(
+        first.status().await.unwrap().role,
+        "primary",
+        "the first keeps its leadership"
+    );
+
+    first.kill();
+    let took_over = second.wait_for("primary", None, STARTUP).await.unwrap();
+    assert_eq!(
+        took_over.committed_seq, 1,
+        "the acknowledged record survives"
+    );
+    second.stop(STARTUP).await.unwrap();
 }

@@ -34,11 +34,12 @@ pub async fn run(records: u64) -> anyhow::Result<()> {
     println!("etcd is up at {endpoint}");
 
     let mut primary = spawn(work.path(), "primary", "demo-a", &endpoint)?;
-    let mut standby = spawn(work.path(), "standby", "demo-b", &endpoint)?;
     let leader = primary
         .wait_for("primary", None, Duration::from_secs(30))
         .await?;
     println!("demo-a leads at {} (epoch {})", primary.api(), leader.epoch);
+    // Started once demo-a leads: a failover standby takes any leadership nobody holds.
+    let mut standby = spawn(work.path(), "standby", "demo-b", &endpoint)?;
     standby
         .wait_for("standby", Some("watching"), Duration::from_secs(30))
         .await?;
