@@ -95,11 +95,21 @@ pub fn from_status(status: &tonic::Status) -> Error {
             return Error::NotLeader { leader: None };
         }
     }
-    let message = if status.message().is_empty() {
+    let mut message = if status.message().is_empty() {
         format!("{:?}", status.code())
     } else {
         status.message().replace('\n', " ")
     };
+    // A transport failure says what happened only in its causes ("connection reset").
+    let mut cause = std::error::Error::source(status);
+    while let Some(inner) = cause {
+        let text = inner.to_string();
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        cause = inner.source();
+    }
     Error::Rpc {
         code: status.code(),
         message,

@@ -48,7 +48,8 @@ pub async fn serve(
     let service = WalServer::new(api)
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Without TCP_NODELAY, small answers wait ~40 ms for the client's delayed ACK.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)

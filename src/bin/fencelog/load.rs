@@ -39,8 +39,8 @@ struct Tally {
     acked: u64,
     failed_records: u64,
     failed_appends: u64,
-    /// Failed appends by kind.
-    errors: BTreeMap<String, u64>,
+    /// Failed appends by kind, with the first message of each kind.
+    errors: BTreeMap<String, (u64, String)>,
     /// Per append, in microseconds.
     latencies: Vec<u64>,
     /// Connections to a new primary after a failure.
@@ -207,12 +207,14 @@ impl Worker {
     }
 
     fn failed(&self, records: u64, error: &Error) {
+        tracing::debug!(%error, addr = self.client.addr(), "append failed");
         let kind = error_kind(error);
         let message = {
             let mut tally = self.shared.tally();
             tally.failed_records += records;
             tally.failed_appends += 1;
-            *tally.errors.entry(kind).or_default() += 1;
+            let entry = tally.errors.entry(kind).or_insert((0, error.to_string()));
+            entry.0 += 1;
             format!("{} failed", tally.failed_records)
         };
         self.shared.progress.inc(records);
@@ -235,6 +237,7 @@ impl Worker {
         loop {
             match self.client.reconnect(hint.as_deref()).await {
                 Ok(()) => {
+                    tracing::debug!(addr = self.client.addr(), "reconnected");
                     self.shared.tally().reconnects += 1;
                     return Ok(());
                 }
@@ -292,9 +295,9 @@ fn summarize(tally: &Tally, elapsed: Duration, value_bytes: u64, batch: usize) -
         let kinds: Vec<_> = tally
             .errors
             .iter()
-            .map(|(k, n)| format!("{k} {n}"))
+            .map(|(kind, (n, first))| format!("\n    {kind} {n}, first: {first}"))
             .collect();
-        format!("{} appends ({})", tally.failed_appends, kinds.join(", "))
+        format!("{} appends{}", tally.failed_appends, kinds.concat())
     };
     format!(
         "load summary\n  acknowledged  {} records ({} failed) in {:.2} s\n  throughput    {:.0} records/s, {:.1} MB/s of values\n  ack latency   p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (per append of up to {batch} records)\n  errors        {errors}\n  reconnects    {}",
