@@ -9,9 +9,42 @@ use std::time::Duration;
 
 use common::{daemon, fencelog, http_get, CLUSTER};
 use fencelog::api::proto;
+use fencelog::node_process::NodeProcess;
 use fencelog::record::{Record, Seq};
 
 const STARTUP: Duration = Duration::from_secs(30);
+
+/// A real etcd and a directory for the daemons' stores and logs; both go when it drops, after
+/// the daemons (declared later, dropped first).
+struct Cluster {
+    etcd: common::EtcdProcess,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        Cluster {
+            etcd: common::etcd().await,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// A `primary` daemon, once it leads.
+    async fn primary(&self, name: &str, args: &[&str]) -> NodeProcess {
+        let mut node = daemon(&self.etcd, self.dir.path(), "primary", name, args);
+        node.wait_for("primary", None, STARTUP).await.unwrap();
+        node
+    }
+
+    /// A `standby` daemon, once it follows caught up.
+    async fn standby(&self, name: &str, args: &[&str]) -> NodeProcess {
+        let mut node = daemon(&self.etcd, self.dir.path(), "standby", name, args);
+        node.wait_for("standby", Some("watching"), STARTUP)
+            .await
+            .unwrap();
+        node
+    }
+}
 
 fn lines(text: &str) -> Vec<&str> {
     text.lines().filter(|l| !l.trim().is_empty()).collect()
@@ -19,10 +52,8 @@ fn lines(text: &str) -> Vec<&str> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn append_read_get_and_status_work_through_the_cli() {
-    let etcd = common::etcd().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut primary = daemon(&etcd, dir.path(), "primary", "alpha", &[]);
-    primary.wait_for("primary", None, STARTUP).await.unwrap();
+    let cluster = Cluster::start().await;
+    let mut primary = cluster.primary("alpha", &[]).await;
     let api = primary.api().to_owned();
 
     let (ok, out, err) = fencelog(&["append", "--server", &api, "color", "blue"]);
@@ -31,7 +62,7 @@ async fn append_read_get_and_status_work_through_the_cli() {
     let (ok, out, err) = fencelog(&[
         "append",
         "--etcd",
-        etcd.endpoint(),
+        cluster.etcd.endpoint(),
         "--cluster",
         CLUSTER,
         "shape",
@@ -69,15 +100,9 @@ async fn append_read_get_and_status_work_through_the_cli() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_standby_refuses_appends_and_names_the_leader() {
-    let etcd = common::etcd().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut primary = daemon(&etcd, dir.path(), "primary", "alpha", &[]);
-    primary.wait_for("primary", None, STARTUP).await.unwrap();
-    let mut standby = daemon(&etcd, dir.path(), "standby", "beta", &[]);
-    standby
-        .wait_for("standby", Some("watching"), STARTUP)
-        .await
-        .unwrap();
+    let cluster = Cluster::start().await;
+    let mut primary = cluster.primary("alpha", &[]).await;
+    let mut standby = cluster.standby("beta", &[]).await;
 
     let (ok, out, err) = fencelog(&["append", "--server", standby.api(), "k", "v"]);
     assert!(!ok, "a standby acknowledged an append: {out}");
@@ -97,15 +122,13 @@ async fn a_standby_refuses_appends_and_names_the_leader() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn load_writes_exactly_the_acknowledged_records_and_read_agrees() {
-    let etcd = common::etcd().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut primary = daemon(&etcd, dir.path(), "primary", "alpha", &[]);
-    primary.wait_for("primary", None, STARTUP).await.unwrap();
-    let acked = dir.path().join("acked.tsv");
+    let cluster = Cluster::start().await;
+    let mut primary = cluster.primary("alpha", &[]).await;
+    let acked = cluster.dir.path().join("acked.tsv");
     let (ok, out, err) = fencelog(&[
         "load",
         "--etcd",
-        etcd.endpoint(),
+        cluster.etcd.endpoint(),
         "--cluster",
         CLUSTER,
         "--records",
@@ -149,23 +172,13 @@ async fn load_writes_exactly_the_acknowledged_records_and_read_agrees() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_resigns_so_a_failover_standby_takes_over_before_the_lease_expires() {
-    let etcd = common::etcd().await;
-    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start().await;
     // A TTL far longer than the wait below: only a resignation explains a prompt takeover.
     let ttl = ["--lease-ttl", "60"];
-    let mut primary = daemon(&etcd, dir.path(), "primary", "alpha", &ttl);
-    primary.wait_for("primary", None, STARTUP).await.unwrap();
-    let mut standby = daemon(
-        &etcd,
-        dir.path(),
-        "standby",
-        "beta",
-        &[&ttl[..], &["--failover"]].concat(),
-    );
-    standby
-        .wait_for("standby", Some("watching"), STARTUP)
-        .await
-        .unwrap();
+    let mut primary = cluster.primary("alpha", &ttl).await;
+    let mut standby = cluster
+        .standby("beta", &[&ttl[..], &["--failover"]].concat())
+        .await;
     let (ok, _, err) = fencelog(&["append", "--server", primary.api(), "k", "v1"]);
     assert!(ok, "{err}");
 
@@ -189,10 +202,8 @@ async fn sigterm_resigns_so_a_failover_standby_takes_over_before_the_lease_expir
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_parse_as_prometheus_text_and_move_with_appends() {
-    let etcd = common::etcd().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut primary = daemon(&etcd, dir.path(), "primary", "alpha", &[]);
-    primary.wait_for("primary", None, STARTUP).await.unwrap();
+    let cluster = Cluster::start().await;
+    let mut primary = cluster.primary("alpha", &[]).await;
     let metrics = primary.metrics_addr().to_owned();
     assert_eq!(http_get(&metrics, "/healthz").await.0, 200);
     assert_eq!(http_get(&metrics, "/readyz").await.0, 200);
@@ -247,8 +258,7 @@ async fn metrics_parse_as_prometheus_text_and_move_with_appends() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn settings_come_from_the_config_file_and_env_and_flags_win() {
-    let etcd = common::etcd().await;
-    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start().await;
     let port = |()| {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -256,17 +266,17 @@ async fn settings_come_from_the_config_file_and_env_and_flags_win() {
             .unwrap()
     };
     let (listen, metrics) = (port(()), port(()));
-    let config = dir.path().join("node.toml");
+    let config = cluster.dir.path().join("node.toml");
     std::fs::write(
         &config,
         format!(
             "cluster = \"{CLUSTER}\"\nnode = \"from-file\"\ndata-dir = \"{}\"\netcd = [\"{}\"]\nlisten = \"{listen}\"\nlease-ttl = 7\nlog-format = \"json\"\n",
-            dir.path().join("data").display(),
-            etcd.endpoint()
+            cluster.dir.path().join("data").display(),
+            cluster.etcd.endpoint()
         ),
     )
     .unwrap();
-    let log_path = dir.path().join("node.log");
+    let log_path = cluster.dir.path().join("node.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fencelog"))
         .args([
@@ -312,127 +322,55 @@ async fn settings_come_from_the_config_file_and_env_and_flags_win() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_flags_and_an_unreachable_etcd_give_one_line_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let data = data.to_str().unwrap();
-    let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["primary", "--bogus"], "--bogus"),
+    let daemon = format!(
+        "primary --cluster c --node a --data-dir {} --etcd http://127.0.0.1:1",
+        dir.path().join("data").display()
+    );
+    let cases = [
+        ("primary --bogus".to_owned(), "--bogus"),
+        (daemon.replace("--cluster c ", ""), "--cluster is required"),
         (
-            vec![
-                "primary",
-                "--node",
-                "a",
-                "--data-dir",
-                data,
-                "--etcd",
-                "http://127.0.0.1:1",
-            ],
-            "--cluster is required",
-        ),
-        (
-            vec![
-                "primary",
-                "--cluster",
-                "../x",
-                "--node",
-                "a",
-                "--data-dir",
-                data,
-                "--etcd",
-                "http://127.0.0.1:1",
-            ],
+            daemon.replace("--cluster c", "--cluster ../x"),
             "invalid cluster",
         ),
+        (format!("{daemon} --listen nowhere"), "not an IP:port"),
+        (format!("{daemon} --lease-ttl 1"), "lease_ttl"),
         (
-            vec![
-                "primary",
-                "--cluster",
-                "c",
-                "--node",
-                "a",
-                "--data-dir",
-                data,
-                "--etcd",
-                "http://127.0.0.1:1",
-                "--listen",
-                "nowhere",
-            ],
-            "not an IP:port",
-        ),
-        (
-            vec![
-                "primary",
-                "--cluster",
-                "c",
-                "--node",
-                "a",
-                "--data-dir",
-                data,
-                "--etcd",
-                "http://127.0.0.1:1",
-                "--lease-ttl",
-                "1",
-            ],
-            "lease_ttl",
-        ),
-        (
-            vec![
-                "primary",
-                "--cluster",
-                "c",
-                "--node",
-                "a",
-                "--data-dir",
-                data,
-                "--etcd",
-                "http://127.0.0.1:1",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics",
-                "127.0.0.1:0",
-            ],
+            format!("{daemon} --listen 127.0.0.1:0 --metrics 127.0.0.1:0"),
             "cannot reach etcd",
         ),
         (
-            vec![
-                "append",
-                "--etcd",
-                "http://127.0.0.1:1",
-                "--cluster",
-                "c",
-                "k",
-                "v",
-            ],
+            "append --etcd http://127.0.0.1:1 --cluster c k v".to_owned(),
             "error:",
         ),
         (
-            vec!["append", "--server", "127.0.0.1:1", "k", "v"],
+            "append --server 127.0.0.1:1 k v".to_owned(),
             "cannot reach the node at 127.0.0.1:1",
         ),
-        (vec!["append", "k", "v"], "--server"),
+        ("append k v".to_owned(), "--server"),
         (
-            vec!["read", "--server", "127.0.0.1:1", "--from", "0"],
+            "read --server 127.0.0.1:1 --from 0".to_owned(),
             "at least 1",
         ),
     ];
-    for (args, expected) in cases {
+    for (command, expected) in cases {
+        let args: Vec<&str> = command.split_whitespace().collect();
         let (ok, _, err) = fencelog(&args);
-        assert!(!ok, "{args:?} succeeded");
+        assert!(!ok, "{command} succeeded");
         assert_eq!(
             lines(&err).len(),
             1,
-            "{args:?} printed more than one line:\n{err}"
+            "{command} printed more than one line:\n{err}"
         );
-        assert!(err.contains(expected), "{args:?}: {err}");
+        assert!(err.contains(expected), "{command}: {err}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn garbage_and_oversized_messages_get_errors_and_the_node_keeps_serving() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let etcd = common::etcd().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut primary = daemon(&etcd, dir.path(), "primary", "alpha", &[]);
-    primary.wait_for("primary", None, STARTUP).await.unwrap();
+    let cluster = Cluster::start().await;
+    let mut primary = cluster.primary("alpha", &[]).await;
 
     for addr in [primary.api(), primary.metrics_addr()] {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -480,10 +418,8 @@ async fn garbage_and_oversized_messages_get_errors_and_the_node_keeps_serving() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_append_stream_answers_every_request_with_its_own_seqs() {
-    let etcd = common::etcd().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut primary = daemon(&etcd, dir.path(), "primary", "alpha", &[]);
-    primary.wait_for("primary", None, STARTUP).await.unwrap();
+    let cluster = Cluster::start().await;
+    let mut primary = cluster.primary("alpha", &[]).await;
     let mut client = primary.client().await.unwrap();
     let requests: Vec<_> = (0..50u64)
         .map(|id| proto::AppendRequest {
@@ -516,21 +452,9 @@ async fn an_append_stream_answers_every_request_with_its_own_seqs() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn promote_is_refused_while_the_primary_lives_and_forced_deposes_it() {
-    let etcd = common::etcd().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut primary = daemon(
-        &etcd,
-        dir.path(),
-        "primary",
-        "alpha",
-        &["--lease-ttl", "60"],
-    );
-    primary.wait_for("primary", None, STARTUP).await.unwrap();
-    let mut standby = daemon(&etcd, dir.path(), "standby", "beta", &[]);
-    standby
-        .wait_for("standby", Some("watching"), STARTUP)
-        .await
-        .unwrap();
+    let cluster = Cluster::start().await;
+    let mut primary = cluster.primary("alpha", &["--lease-ttl", "60"]).await;
+    let mut standby = cluster.standby("beta", &[]).await;
 
     let (ok, _, err) = fencelog(&["promote", "--server", standby.api()]);
     assert!(!ok);
@@ -558,10 +482,8 @@ async fn promote_is_refused_while_the_primary_lives_and_forced_deposes_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn get_with_a_min_seq_not_reached_fails_after_its_timeout() {
-    let etcd = common::etcd().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut primary = daemon(&etcd, dir.path(), "primary", "alpha", &[]);
-    primary.wait_for("primary", None, STARTUP).await.unwrap();
+    let cluster = Cluster::start().await;
+    let mut primary = cluster.primary("alpha", &[]).await;
     let (ok, _, err) = fencelog(&[
         "get",
         "--server",
@@ -582,15 +504,9 @@ async fn get_with_a_min_seq_not_reached_fails_after_its_timeout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn inspect_json_shows_equal_digests_for_a_primary_and_its_standby() {
-    let etcd = common::etcd().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut primary = daemon(&etcd, dir.path(), "primary", "alpha", &[]);
-    primary.wait_for("primary", None, STARTUP).await.unwrap();
-    let mut standby = daemon(&etcd, dir.path(), "standby", "beta", &[]);
-    standby
-        .wait_for("standby", Some("watching"), STARTUP)
-        .await
-        .unwrap();
+    let cluster = Cluster::start().await;
+    let mut primary = cluster.primary("alpha", &[]).await;
+    let mut standby = cluster.standby("beta", &[]).await;
     let (ok, out, err) = fencelog(&[
         "load",
         "--server",
@@ -640,14 +556,12 @@ async fn inspect_json_shows_equal_digests_for_a_primary_and_its_standby() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_primary_waits_for_the_leadership_and_says_so() {
-    let etcd = common::etcd().await;
-    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start().await;
     let ttl = ["--lease-ttl", "2"];
-    let mut first = daemon(&etcd, dir.path(), "primary", "alpha", &ttl);
-    first.wait_for("primary", None, STARTUP).await.unwrap();
+    let mut first = cluster.primary("alpha", &ttl).await;
     let (ok, _, err) = fencelog(&["append", "--server", first.api(), "k", "v"]);
     assert!(ok, "{err}");
-    let mut second = daemon(&etcd, dir.path(), "primary", "beta", &ttl);
+    let mut second = daemon(&cluster.etcd, cluster.dir.path(), "primary", "beta", &ttl);
     second
         .wait_for("standby", Some("watching"), STARTUP)
         .await

@@ -58,7 +58,7 @@ pub async fn run(records: u64) -> anyhow::Result<()> {
         batch: 64,
         acked_out: Some(acked_path.clone()),
         random_values: false,
-        failover_timeout: Duration::from_secs(30),
+        failover_timeout: 30,
     };
     println!("appending {records} records through the API (16 workers, 64 records per call) ...");
     let loading = tokio::spawn(load::run(options));

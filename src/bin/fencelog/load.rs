@@ -21,17 +21,31 @@ use tokio::sync::mpsc;
 
 use crate::commands::{tsv_columns, Target};
 
+#[derive(clap::Args)]
 pub struct LoadOptions {
+    #[command(flatten)]
     pub target: Target,
+    /// Records to append.
+    #[arg(long)]
     pub records: u64,
+    /// Bytes per value.
+    #[arg(long, default_value_t = 256)]
     pub value_size: usize,
+    /// Concurrent append calls.
+    #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
     /// Records per append call.
+    #[arg(long, default_value_t = 64)]
     pub batch: usize,
+    /// Write `<seq>\t<key>\t<xxh3 of value>` for every acknowledged record.
+    #[arg(long)]
     pub acked_out: Option<PathBuf>,
+    /// Incompressible values instead of JSON-like ones.
+    #[arg(long)]
     pub random_values: bool,
-    /// How long a worker keeps looking for a primary after losing it.
-    pub failover_timeout: Duration,
+    /// Seconds a worker keeps looking for a primary after losing it.
+    #[arg(long, default_value_t = 30)]
+    pub failover_timeout: u64,
 }
 
 #[derive(Default)]
@@ -90,7 +104,7 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadSummary> {
                 batch: options.batch as u64,
                 value_size: options.value_size,
                 random_values: options.random_values,
-                failover_timeout: options.failover_timeout,
+                failover_timeout: Duration::from_secs(options.failover_timeout),
             };
             tokio::spawn(worker_run.run())
         })

@@ -55,31 +55,7 @@ enum Command {
         value: String,
     },
     /// Drive appends from concurrent workers and print throughput and ack latency.
-    Load {
-        #[command(flatten)]
-        target: Target,
-        /// Records to append.
-        #[arg(long)]
-        records: u64,
-        /// Bytes per value.
-        #[arg(long, default_value_t = 256)]
-        value_size: usize,
-        /// Concurrent append calls.
-        #[arg(long, default_value_t = 16)]
-        concurrency: usize,
-        /// Records per append call.
-        #[arg(long, default_value_t = 64)]
-        batch: usize,
-        /// Write `<seq>\t<key>\t<xxh3 of value>` for every acknowledged record.
-        #[arg(long)]
-        acked_out: Option<PathBuf>,
-        /// Incompressible values instead of JSON-like ones.
-        #[arg(long)]
-        random_values: bool,
-        /// Seconds to keep looking for a primary after losing it.
-        #[arg(long, default_value_t = 30)]
-        failover_timeout: u64,
-    },
+    Load(load::LoadOptions),
     /// Print committed records `--from..=--to` as `<seq>\t<key>\t<xxh3 of value>`.
     Read {
         #[command(flatten)]
@@ -192,26 +168,7 @@ async fn run_daemon(args: DaemonArgs, leads: bool) -> anyhow::Result<()> {
 async fn run_client(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Append { target, key, value } => commands::append(&target, key, value).await,
-        Command::Load {
-            target,
-            records,
-            value_size,
-            concurrency,
-            batch,
-            acked_out,
-            random_values,
-            failover_timeout,
-        } => {
-            let options = load::LoadOptions {
-                target,
-                records,
-                value_size,
-                concurrency,
-                batch,
-                acked_out,
-                random_values,
-                failover_timeout: Duration::from_secs(failover_timeout),
-            };
+        Command::Load(options) => {
             let summary = load::run(options).await?;
             println!("{}", summary.summary);
             Ok(())
