@@ -446,9 +446,16 @@ impl LocalStore {
         Ok(batch)
     }
 
-    /// Up to `max_records` received records from `from` on. Empty when `from` is past
-    /// `received_seq`; an error when `from` is below the oldest seq the log holds.
-    pub fn read(&self, from: Seq, max_records: usize) -> Result<Vec<(Seq, Record)>> {
+    /// Up to `max_records` received records from `from` on, stopping before the payload (keys
+    /// and values) would pass `max_bytes` — but always at least one record when there is one.
+    /// Empty when `from` is past `received_seq`; an error when `from` is below the oldest seq the
+    /// log holds.
+    pub fn read(
+        &self,
+        from: Seq,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(Seq, Record)>> {
         let (received, _) = self.received()?;
         if from > received || max_records == 0 {
             return Ok(Vec::new());
@@ -473,21 +480,26 @@ impl LocalStore {
             .min(from.0.saturating_add(max_records as u64 - 1)));
         let mut decoder = BatchDecoder::new(self.limits.clone())?;
         let mut records = Vec::new();
+        let mut payload = 0;
         for entry in self.log.range(start_key..) {
             let (key, bytes) = entry.map_err(|e| self.io(e))?;
             let batch = decoder.decode(&bytes).map_err(|e| {
                 self.corrupt(format!("the log's batch at seq {}: {e}", seq_of_key(&key)))
             })?;
             let first_seq = batch.first_seq();
-            let in_range = |(seq, _): &(Seq, Record)| (from..=last_wanted).contains(seq);
-            records.extend(
-                (first_seq.0..)
-                    .map(Seq)
-                    .zip(batch.into_records())
-                    .filter(in_range),
-            );
-            if records.last().is_some_and(|(seq, _)| *seq >= last_wanted) {
-                break;
+            for (seq, record) in (first_seq.0..).map(Seq).zip(batch.into_records()) {
+                if seq < from {
+                    continue;
+                }
+                let size = record.key.len() + record.value.len();
+                if seq > last_wanted || (!records.is_empty() && payload + size > max_bytes) {
+                    return Ok(records);
+                }
+                payload += size;
+                records.push((seq, record));
+                if seq == last_wanted {
+                    return Ok(records);
+                }
             }
         }
         Ok(records)

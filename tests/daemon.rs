@@ -585,3 +585,25 @@ async fn a_second_primary_waits_for_the_leadership_and_says_so() {
     );
     second.stop(STARTUP).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_streams_records_whose_total_is_far_over_one_message() {
+    let cluster = Cluster::start().await;
+    let mut primary = cluster.primary("alpha", &[]).await;
+    let mut client = primary.client().await.unwrap();
+    for i in 0..4u8 {
+        let record = Record::put(format!("big{i}"), vec![i; 1024 * 1024]);
+        client.append(vec![record]).await.unwrap();
+    }
+    let mut stream = client.read(Seq(1), None).await.unwrap();
+    let mut seqs = Vec::new();
+    while let Some(chunk) = stream.next_chunk().await.unwrap() {
+        assert!(chunk.len() <= 1, "a message over the size limit");
+        seqs.extend(chunk.iter().map(|(seq, record)| {
+            assert_eq!(record.value.len(), 1024 * 1024);
+            seq.0
+        }));
+    }
+    assert_eq!(seqs, [1, 2, 3, 4]);
+    primary.stop(STARTUP).await.unwrap();
+}

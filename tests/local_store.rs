@@ -64,7 +64,7 @@ fn replay(records: &[(Seq, Record)]) -> BTreeMap<Vec<u8>, Vec<u8>> {
 fn assert_state_is_replay_of_log(store: &LocalStore) {
     let positions = store.positions().unwrap();
     let applied = positions.applied_seq.0 as usize;
-    let log = store.read(Seq(1), applied).unwrap();
+    let log = store.read(Seq(1), applied, usize::MAX).unwrap();
     assert_eq!(log.len(), applied);
     let expected = replay(&log);
     let digest = store.state_digest().unwrap();
@@ -163,7 +163,7 @@ fn an_apply_step_cut_short_by_a_crash_is_redone_on_open() {
         let store = open(dir.path());
         store.append_committed_all(&batches).unwrap();
         store.apply_next(5).unwrap();
-        store.read(Seq(6), 3).unwrap()
+        store.read(Seq(6), 3, usize::MAX).unwrap()
     };
     // What a crash leaves behind: the step's mark and the first three of its ten writes.
     {
@@ -198,25 +198,40 @@ fn read_starts_in_the_middle_of_a_batch_and_crosses_batches() {
     for batch in &batches {
         store.append_committed(batch).unwrap();
     }
-    let all = store.read(Seq(1), 1000).unwrap();
+    let all = store.read(Seq(1), 1000, usize::MAX).unwrap();
     assert_eq!(all.len(), 300);
-    let middle = store.read(Seq(150), 100).unwrap();
+    let middle = store.read(Seq(150), 100, usize::MAX).unwrap();
     let seqs: Vec<u64> = middle.iter().map(|(s, _)| s.0).collect();
     assert_eq!(seqs, (150..250).collect::<Vec<_>>());
     assert_eq!(middle[..], all[149..249]);
 }
 
 #[test]
+fn read_stops_at_its_byte_budget_but_returns_at_least_one_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .append_committed(&common::encoded_batches(Epoch(1), 1, 10)[0])
+        .unwrap();
+    let all = store.read(Seq(1), 10, usize::MAX).unwrap();
+    let size = |(_, r): &(Seq, fencelog::record::Record)| r.key.len() + r.value.len();
+    let three = size(&all[0]) + size(&all[1]) + size(&all[2]);
+    assert_eq!(store.read(Seq(1), 10, three).unwrap(), all[..3]);
+    assert_eq!(store.read(Seq(1), 10, three - 1).unwrap(), all[..2]);
+    assert_eq!(store.read(Seq(1), 10, 1).unwrap(), all[..1]);
+}
+
+#[test]
 fn read_past_the_received_seq_is_empty_and_below_the_log_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    assert!(store.read(Seq(1), 10).unwrap().is_empty());
+    assert!(store.read(Seq(1), 10, usize::MAX).unwrap().is_empty());
     store
         .append_committed(&common::encoded_batches(Epoch(1), 1, 5)[0])
         .unwrap();
-    assert!(store.read(Seq(6), 10).unwrap().is_empty());
+    assert!(store.read(Seq(6), 10, usize::MAX).unwrap().is_empty());
     assert!(matches!(
-        store.read(Seq(0), 10),
+        store.read(Seq(0), 10, usize::MAX),
         Err(Error::SeqNotInLog {
             seq: Seq(0),
             oldest: Seq(1),
@@ -265,12 +280,12 @@ fn a_pending_batch_is_neither_read_nor_applied_until_committed() {
     store.append_pending(&batches[1]).unwrap();
     let p = store.positions().unwrap();
     assert_eq!((p.received_seq, p.log_end_seq), (Seq(10), Seq(20)));
-    assert_eq!(store.read(Seq(1), 100).unwrap().len(), 10);
+    assert_eq!(store.read(Seq(1), 100, usize::MAX).unwrap().len(), 10);
     apply_all(&store);
     assert_eq!(store.positions().unwrap().applied_seq, Seq(10));
 
     store.mark_committed(Seq(20)).unwrap();
-    assert_eq!(store.read(Seq(1), 100).unwrap().len(), 20);
+    assert_eq!(store.read(Seq(1), 100, usize::MAX).unwrap().len(), 20);
     apply_all(&store);
     assert_eq!(store.positions().unwrap().applied_seq, Seq(20));
 }
@@ -321,7 +336,7 @@ fn truncate_drops_an_uncommitted_suffix_so_another_batch_can_take_its_place() {
     store.append_committed(&next_epoch[1]).unwrap();
     assert_eq!(store.positions().unwrap().received_epoch, Epoch(9));
     let replaced: Vec<Record> = store
-        .read(Seq(11), 10)
+        .read(Seq(11), 10, usize::MAX)
         .unwrap()
         .into_iter()
         .map(|(_, r)| r)

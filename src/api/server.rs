@@ -19,8 +19,11 @@ use crate::local_store::blocking;
 use crate::node::Node;
 use crate::record::{Record, Seq};
 
-/// Records per `Read` response message.
+/// Records per `Read` response message, at most.
 const READ_CHUNK_RECORDS: usize = 1024;
+/// Payload bytes per `Read` response message, at most (unless one record is larger): keeps
+/// each message under the decode limit whatever the record sizes.
+const READ_CHUNK_BYTES: usize = 1024 * 1024;
 /// Appends of one `AppendStream` in flight at once; the stream stops reading beyond it.
 const STREAM_IN_FLIGHT: usize = 64;
 /// How long `Get` waits for `min_seq` when the request does not say.
@@ -174,7 +177,7 @@ impl Wal for WalApi {
             while next <= to {
                 let want = ((to.0 - next.0 + 1) as usize).min(READ_CHUNK_RECORDS);
                 let store = store.clone();
-                let read = blocking(move || store.read(next, want)).await;
+                let read = blocking(move || store.read(next, want, READ_CHUNK_BYTES)).await;
                 let message = match read {
                     Ok(records) if records.is_empty() => return,
                     Ok(records) => {
