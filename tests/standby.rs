@@ -80,8 +80,8 @@ async fn a_standby_catches_up_from_empty_then_follows_the_live_tail() {
         primary_node.store.state_digest().unwrap()
     );
     let (copy, original) = (
-        standby_node.store.read(Seq(1), 10_000).unwrap(),
-        primary_node.store.read(Seq(1), 10_000).unwrap(),
+        standby_node.store.read(Seq(1), 10_000, usize::MAX).unwrap(),
+        primary_node.store.read(Seq(1), 10_000, usize::MAX).unwrap(),
     );
     assert!(
         copy.len() == original.len() && copy == original,
@@ -234,7 +234,10 @@ async fn a_standby_survives_an_etcd_restart_without_a_gap() {
     assert!(standby_metrics.watch_reconnects.get() >= 1);
     // etcd is the truth: the standby's log must be exactly its committed log, no gap.
     let in_etcd = common::committed_records(&etcd).await;
-    let in_standby = standby_node.store.read(Seq(1), 100_000).unwrap();
+    let in_standby = standby_node
+        .store
+        .read(Seq(1), 100_000, usize::MAX)
+        .unwrap();
     assert_eq!(
         in_standby.len(),
         in_etcd.len(),
