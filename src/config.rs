@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::etcd::leadership::{LeaderInfo, LeaseSettings};
+use crate::etcd::trim::Retention;
 use crate::keys::{ClusterId, NodeName};
 use crate::limits::Limits;
 
@@ -58,6 +59,8 @@ pub struct PrimaryConfig {
     /// zstd level for batches. Default 1 (fastest, and no larger than 3 on log records).
     pub zstd_level: i32,
     pub limits: Limits,
+    /// How much of the log etcd keeps; see [`Retention`] for the defaults.
+    pub retention: Retention,
 }
 
 impl PrimaryConfig {
@@ -77,6 +80,7 @@ impl PrimaryConfig {
             etcd_request_timeout: Duration::from_secs(2),
             zstd_level: 1,
             limits: Limits::default(),
+            retention: Retention::default(),
         }
     }
 
@@ -134,6 +138,9 @@ impl PrimaryConfig {
                 "max_pending_bytes {} must hold at least one full batch and one maximal value",
                 self.max_pending_bytes
             ));
+        }
+        if self.retention.interval.is_zero() {
+            return fail("retention interval must be above zero".into());
         }
         if self.max_pending_bytes > u32::MAX as usize {
             return fail(format!(

@@ -154,6 +154,8 @@ pub enum Error {
     EtcdBehindLocal { local: Seq, etcd: Seq },
     #[error("etcd has no batch at seq {expected} ({}): the log has a gap", match found { Some(f) => format!("the next one starts at {f}"), None => "the log ends before it".into() })]
     MissingBatches { expected: Seq, found: Option<Seq> },
+    #[error("seq {needed} was trimmed from etcd, which holds the log from seq {trimmed} on: this node needs a snapshot")]
+    Trimmed { needed: Seq, trimmed: Seq },
     #[error("etcd did not answer within {0:?}")]
     EtcdTimeout(std::time::Duration),
     #[error("{leader} leads: promote only once its lease has expired, or force it (which revokes that lease)")]

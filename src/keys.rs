@@ -108,6 +108,11 @@ impl KeyLayout {
         format!("{}latest", self.root)
     }
 
+    /// The lowest seq still in etcd, moved by each trim.
+    pub fn trimmed(&self) -> String {
+        format!("{}trimmed", self.root)
+    }
+
     pub fn batches_prefix(&self) -> String {
         format!("{}batches/", self.root)
     }

@@ -116,6 +116,16 @@ pub struct LogStats {
     pub bytes: u64,
 }
 
+/// One batch of the log as retention sees it: its seqs, size and seal time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoggedBatch {
+    pub first_seq: Seq,
+    pub last_seq: Seq,
+    /// Encoded (compressed) bytes.
+    pub bytes: u64,
+    pub sealed_at_micros: u64,
+}
+
 /// The seqs just applied to the state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AppliedRange {
@@ -517,6 +527,26 @@ impl LocalStore {
             stats.bytes += bytes.len() as u64;
         }
         Ok(stats)
+    }
+
+    /// The received batches from the one starting at `from` on, by their headers.
+    pub fn logged_batches(&self, from: Seq) -> Result<Vec<LoggedBatch>> {
+        let (received, _) = self.received()?;
+        let mut batches = Vec::new();
+        for entry in self.log.range(from.to_be_bytes()..) {
+            let (key, bytes) = entry.map_err(|e| self.io(e))?;
+            let header = self.header(&key, &bytes)?;
+            if header.last_seq() > received {
+                break;
+            }
+            batches.push(LoggedBatch {
+                first_seq: header.first_seq,
+                last_seq: header.last_seq(),
+                bytes: bytes.len() as u64,
+                sealed_at_micros: header.sealed_at_micros,
+            });
+        }
+        Ok(batches)
     }
 
     /// The applied value of `key`, if any.

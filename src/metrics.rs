@@ -71,6 +71,14 @@ pub struct Metrics {
     pub state_transitions: IntCounterVec,
     /// Gaps in the watched log that a standby filled by reading etcd.
     pub gap_fills: IntCounter,
+    /// The lowest seq still in etcd, as this node last trimmed it.
+    pub trimmed_seq: IntGauge,
+    /// Encoded bytes of the batches in etcd, as the primary counts them.
+    pub etcd_log_bytes: IntGauge,
+    /// Trim transactions that deleted old batches from etcd.
+    pub trims: IntCounter,
+    /// etcd revision compactions run after trims.
+    pub compactions: IntCounter,
     /// 1 for the node's current lifecycle state, 0 for the others.
     pub state: IntGaugeVec,
 }
@@ -195,6 +203,16 @@ impl Metrics {
                 "gap_fills_total",
                 "Gaps in the watched log filled by reading etcd",
             )?,
+            trimmed_seq: gauge("trimmed_seq", "Lowest seq still in etcd, as last trimmed")?,
+            etcd_log_bytes: gauge(
+                "etcd_log_bytes",
+                "Encoded bytes of the batches in etcd, as the primary counts them",
+            )?,
+            trims: counter("trims_total", "Trim transactions that deleted old batches")?,
+            compactions: counter(
+                "compactions_total",
+                "etcd revision compactions run after trims",
+            )?,
             state: {
                 let g = IntGaugeVec::new(
                     Opts::new("state", "1 for the node's current lifecycle state"),
@@ -210,7 +228,7 @@ impl Metrics {
         for reason in ["fenced", "conflict"] {
             metrics.commit_refusals.with_label_values(&[reason]);
         }
-        for op in ["commit", "follow"] {
+        for op in ["commit", "follow", "trim"] {
             metrics.etcd_errors.with_label_values(&[op]);
         }
         for reason in ["fenced", "leadership_lost", "pipeline_failed", "shutdown"] {

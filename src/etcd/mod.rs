@@ -11,6 +11,7 @@ pub mod fetch;
 pub mod leadership;
 pub mod process;
 pub mod reconcile;
+pub mod trim;
 
 use std::collections::hash_map::RandomState;
 use std::future::Future;

@@ -18,6 +18,7 @@ mod accumulator;
 mod pipeline;
 mod recovery;
 mod service;
+mod trimmer;
 
 pub use service::PrimaryService;
 
@@ -220,7 +221,10 @@ impl Primary {
             leadership,
             committed,
         });
-        let tasks = pipeline::spawn(term.clone(), resume, committed_tx, received_tx)?;
+        let mut tasks = pipeline::spawn(term.clone(), resume, committed_tx, received_tx)?;
+        tasks
+            .pipeline
+            .push(tokio::spawn(trimmer::run(term.clone())));
         Ok(Primary {
             term,
             tasks: std::sync::Mutex::new(Some(tasks)),

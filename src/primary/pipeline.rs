@@ -59,7 +59,7 @@ enum CommitFailure {
 
 /// The running tasks of a term's pipeline.
 pub(super) struct Tasks {
-    /// Sealer, committer and the leadership watchdog: aborted on shutdown.
+    /// Sealer, committer, the leadership watchdog and the trimmer: aborted on shutdown.
     pub pipeline: Vec<JoinHandle<()>>,
     /// The local log writer: ends by itself once the sealer and the committer are gone and
     /// everything committed is marked.

@@ -21,6 +21,7 @@ use crate::batch::{BatchDecoder, EncodedBatch};
 use crate::error::{Error, Result};
 use crate::etcd::fetch::{append_verified, BatchPages};
 use crate::etcd::reconcile::reconcile;
+use crate::etcd::trim::read_trimmed;
 use crate::etcd::{timed, Backoff};
 use crate::keys::KeyLayout;
 use crate::limits::Limits;
@@ -99,6 +100,9 @@ impl Follower {
             self.lifecycle
                 .raise(Event::ConnectionLost, cause.to_string());
             backoff.wait().await;
+        } else if let Some(trimmed) = self.trimmed_past_us(&cause).await {
+            self.lifecycle.raise(Event::Trimmed, trimmed.to_string());
+            tokio::time::sleep(self.recovery_retry).await;
         } else {
             if matches!(cause, Error::CorruptBatch(_)) {
                 self.metrics.checksum_failures.inc();
@@ -113,6 +117,25 @@ impl Follower {
         self.lifecycle.raise(Event::RetryDue, "reading again");
     }
 
+    /// `Trimmed` when `cause` (or a batch missing from etcd) comes from the log being trimmed
+    /// past this node's `received_seq`.
+    async fn trimmed_past_us(&self, cause: &Error) -> Option<Error> {
+        match cause {
+            Error::Trimmed { needed, trimmed } => Some(Error::Trimmed {
+                needed: *needed,
+                trimmed: *trimmed,
+            }),
+            Error::MissingBatches { .. } => {
+                let needed = self.received.borrow().next().ok()?;
+                let trimmed = read_trimmed(&self.client, &self.layout, self.request_timeout)
+                    .await
+                    .ok()?;
+                (needed < trimmed).then_some(Error::Trimmed { needed, trimmed })
+            }
+            _ => None,
+        }
+    }
+
     /// Cuts the local log back to a prefix of etcd's, then reads every committed batch after
     /// `received_seq` by key range; returns the revision read.
     async fn catch_up(&self) -> Result<i64> {
@@ -125,6 +148,13 @@ impl Follower {
         .await?;
         self.metrics.saw_committed(etcd.last_seq);
         let from = self.received.borrow().next()?;
+        let trimmed = read_trimmed(&self.client, &self.layout, self.request_timeout).await?;
+        if from < trimmed && from <= etcd.last_seq {
+            return Err(Error::Trimmed {
+                needed: from,
+                trimmed,
+            });
+        }
         self.fill(from, None).await
     }
 

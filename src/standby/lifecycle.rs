@@ -12,6 +12,7 @@
 //!                    │              ▼            ▼
 //!                    │         Recovering ◀──────┘   (RetryDue: read again, from Syncing)
 //!
+//! Syncing, Watching ── Trimmed ──▶ NeedsSnapshot ── RetryDue ──▶ Syncing
 //! Syncing, Watching, Reconnecting, Recovering ── Promote ──▶ Promoting ── TookOver ──▶ Promoted
 //!                                            PromotionFailed: Promoting ──▶ Stopped
 //! any state ── Stop ──▶ Stopped
@@ -20,7 +21,8 @@
 //! Every state has a way out that a component drives: the follower raises `CaughtUp`,
 //! `Compacted`, `ConnectionLost` and `LogBroken`; its backoff raises `RetryDue` in
 //! `Reconnecting`, and its recovery timer in `Recovering` (a damaged or missing batch may be
-//! repaired, or, with retention, the node bootstrapped from a snapshot); the
+//! repaired) and in `NeedsSnapshot` (the log was trimmed past this node: the
+//! [`crate::node::Node`] installs a snapshot meanwhile, which restarts the standby); the
 //! [`crate::node::Node`] raises `Promote` once it has won the leadership, `TookOver` or
 //! `PromotionFailed` when the new term starts or cannot, `Stop` when the term ends and `Start`
 //! when it follows again (a former primary rejoins as a standby); shutdown raises `Stop`.
@@ -44,6 +46,9 @@ pub enum State {
     /// Stopped at the last good seq: a batch is missing or damaged. Retried on a timer; says so
     /// loudly meanwhile.
     Recovering,
+    /// etcd no longer holds the batches after this node's `received_seq` (trimmed): only a
+    /// snapshot of the state brings it back. Retried on a timer.
+    NeedsSnapshot,
     /// Won the leadership: receiving the rest of the committed log, then starting a term.
     Promoting,
     /// Leading as the primary.
@@ -51,12 +56,13 @@ pub enum State {
 }
 
 impl State {
-    pub const ALL: [State; 7] = [
+    pub const ALL: [State; 8] = [
         State::Stopped,
         State::Syncing,
         State::Watching,
         State::Reconnecting,
         State::Recovering,
+        State::NeedsSnapshot,
         State::Promoting,
         State::Promoted,
     ];
@@ -68,6 +74,7 @@ impl State {
             State::Watching => "watching",
             State::Reconnecting => "reconnecting",
             State::Recovering => "recovering",
+            State::NeedsSnapshot => "needs_snapshot",
             State::Promoting => "promoting",
             State::Promoted => "promoted",
         }
@@ -87,6 +94,7 @@ pub enum Event {
     Compacted,
     ConnectionLost,
     LogBroken,
+    Trimmed,
     RetryDue,
     Promote,
     TookOver,
@@ -95,12 +103,13 @@ pub enum Event {
 }
 
 impl Event {
-    pub const ALL: [Event; 10] = [
+    pub const ALL: [Event; 11] = [
         Event::Start,
         Event::CaughtUp,
         Event::Compacted,
         Event::ConnectionLost,
         Event::LogBroken,
+        Event::Trimmed,
         Event::RetryDue,
         Event::Promote,
         Event::TookOver,
@@ -119,13 +128,15 @@ pub fn next(state: State, event: Event) -> Option<State> {
         (Watching, Compacted) => Some(Syncing),
         (Syncing | Watching, ConnectionLost) => Some(Reconnecting),
         (Syncing | Watching, LogBroken) => Some(Recovering),
-        (Reconnecting | Recovering, RetryDue) => Some(Syncing),
+        (Syncing | Watching, Trimmed) => Some(NeedsSnapshot),
+        (Reconnecting | Recovering | NeedsSnapshot, RetryDue) => Some(Syncing),
         (Syncing | Watching | Reconnecting | Recovering, Promote) => Some(Promoting),
         (Promoting, TookOver) => Some(Promoted),
         (Promoting, PromotionFailed) => Some(Stopped),
-        (Syncing | Watching | Reconnecting | Recovering | Promoting | Promoted, Stop) => {
-            Some(Stopped)
-        }
+        (
+            Syncing | Watching | Reconnecting | Recovering | NeedsSnapshot | Promoting | Promoted,
+            Stop,
+        ) => Some(Stopped),
         _ => None,
     }
 }
@@ -274,11 +285,13 @@ mod tests {
                 (Syncing, CaughtUp, Watching),
                 (Syncing, ConnectionLost, Reconnecting),
                 (Syncing, LogBroken, Recovering),
+                (Syncing, Trimmed, NeedsSnapshot),
                 (Syncing, Promote, Promoting),
                 (Syncing, Stop, Stopped),
                 (Watching, Compacted, Syncing),
                 (Watching, ConnectionLost, Reconnecting),
                 (Watching, LogBroken, Recovering),
+                (Watching, Trimmed, NeedsSnapshot),
                 (Watching, Promote, Promoting),
                 (Watching, Stop, Stopped),
                 (Reconnecting, RetryDue, Syncing),
@@ -287,6 +300,8 @@ mod tests {
                 (Recovering, RetryDue, Syncing),
                 (Recovering, Promote, Promoting),
                 (Recovering, Stop, Stopped),
+                (NeedsSnapshot, RetryDue, Syncing),
+                (NeedsSnapshot, Stop, Stopped),
                 (Promoting, TookOver, Promoted),
                 (Promoting, PromotionFailed, Stopped),
                 (Promoting, Stop, Stopped),

@@ -1,6 +1,7 @@
 //! A daemon's settings, from three sources: flags win over `FENCELOG_*` environment variables
 //! (clap reads both), which win over the TOML file given with `--config`; what none of them
-//! sets takes the default from [`Defaults`], the one place defaults live.
+//! sets takes the default from [`Defaults`] or, for the library's own settings (batching,
+//! retention), from their `Default` in the library, documented beside them.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -80,6 +81,19 @@ pub struct NodeSettings {
     /// Commit pipeline: `double` overlaps the next batch with the commit [default: double].
     #[arg(long, env = "FENCELOG_PIPELINE")]
     pub pipeline: Option<PipelineArg>,
+    /// Primary: always keep at least this many of the newest records in etcd [default: 100000].
+    #[arg(long, env = "FENCELOG_RETAIN_RECORDS")]
+    pub retain_records: Option<u64>,
+    /// Primary: always keep the batches of the last S seconds in etcd [default: 60].
+    #[arg(long, env = "FENCELOG_RETAIN_SECONDS")]
+    pub retain_seconds: Option<u64>,
+    /// Primary: most encoded bytes of batches etcd keeps; past it, the oldest go even if a
+    /// standby still needs them [default: 536870912].
+    #[arg(long, env = "FENCELOG_MAX_ETCD_LOG_BYTES")]
+    pub max_etcd_log_bytes: Option<u64>,
+    /// Primary: milliseconds between trims [default: 5000].
+    #[arg(long, env = "FENCELOG_TRIM_INTERVAL_MS")]
+    pub trim_interval_ms: Option<u64>,
     /// Log format [default: text].
     #[arg(long, env = "FENCELOG_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -121,6 +135,10 @@ impl NodeSettings {
             max_batch_records: self.max_batch_records.or(lower.max_batch_records),
             linger_ms: self.linger_ms.or(lower.linger_ms),
             pipeline: self.pipeline.or(lower.pipeline),
+            retain_records: self.retain_records.or(lower.retain_records),
+            retain_seconds: self.retain_seconds.or(lower.retain_seconds),
+            max_etcd_log_bytes: self.max_etcd_log_bytes.or(lower.max_etcd_log_bytes),
+            trim_interval_ms: self.trim_interval_ms.or(lower.trim_interval_ms),
             log_format: self.log_format.or(lower.log_format),
         }
     }
@@ -165,6 +183,15 @@ impl NodeSettings {
             PipelineArg::Double => Pipeline::Double,
             PipelineArg::Single => Pipeline::Single,
         };
+        let retention = &mut primary.retention;
+        retention.retain_records = self.retain_records.unwrap_or(retention.retain_records);
+        retention.retain_seconds = self.retain_seconds.unwrap_or(retention.retain_seconds);
+        retention.max_etcd_log_bytes = self
+            .max_etcd_log_bytes
+            .unwrap_or(retention.max_etcd_log_bytes);
+        if let Some(ms) = self.trim_interval_ms {
+            retention.interval = Duration::from_millis(ms);
+        }
         primary.validate()?;
         let standby = StandbyConfig::new(cluster, node);
         Ok(Resolved {

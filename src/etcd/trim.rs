@@ -1,0 +1,245 @@
+//! Retention of the log in etcd. etcd is the commit layer, not an archive: the primary deletes
+//! old batches, in a transaction fenced on its leadership, together with the `trimmed` pointer
+//! (the lowest seq still in etcd), so readers can always tell "trimmed" from "missing".
+//!
+//! ```text
+//! If(   create_revision(leader) == epoch )
+//! Then( DeleteRange(batches/ .. batches/<trimmed>), Put(trimmed, "<trimmed>") )
+//! ```
+//!
+//! Where to trim ([`trim_point`]) is pure: below what every live standby still needs, but
+//! never into the retained tail (`retain_records`, `retain_seconds`); and, past
+//! `max_etcd_log_bytes`, the oldest batches go even if a lagging standby needs them (it will
+//! bootstrap from a snapshot).
+
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, DeleteOptions, Txn, TxnOp};
+
+use crate::error::{Error, Result};
+use crate::etcd::commit::epoch_as_revision;
+use crate::etcd::timed;
+use crate::keys::KeyLayout;
+use crate::local_store::LoggedBatch;
+use crate::record::{Epoch, Seq};
+
+/// How much of the log etcd keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Always keep at least this many of the newest records. Default 100,000.
+    pub retain_records: u64,
+    /// Always keep the batches sealed in this last stretch of time. Default 60 s.
+    pub retain_seconds: u64,
+    /// Never keep more encoded bytes of batches than this. Default 512 MiB (a quarter of etcd's
+    /// default 2 GiB quota: old revisions and compaction need room too).
+    pub max_etcd_log_bytes: u64,
+    /// How often the primary considers trimming. Default 5 s.
+    pub interval: Duration,
+    /// Compact etcd's revision history behind each trim (one trim behind, so a reader's view
+    /// at an older revision stays readable for an interval). Default on.
+    pub compact: bool,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            retain_records: 100_000,
+            retain_seconds: 60,
+            max_etcd_log_bytes: 512 << 20,
+            interval: Duration::from_secs(5),
+            compact: true,
+        }
+    }
+}
+
+/// The new `trimmed` (the first seq of the oldest batch to keep), when it is past `trimmed`.
+///
+/// `batches` are the batches in etcd, oldest first; `members` the received seqs of the live
+/// standbys. The newest batch is always kept.
+pub fn trim_point(
+    batches: &[LoggedBatch],
+    members: &[Seq],
+    retention: &Retention,
+    now_micros: u64,
+    trimmed: Seq,
+) -> Option<Seq> {
+    let newest = batches.last()?;
+    // The tail to keep whatever the standbys need.
+    let keep_records = Seq(newest
+        .last_seq
+        .0
+        .saturating_sub(retention.retain_records)
+        .saturating_add(1));
+    let cutoff = now_micros.saturating_sub(retention.retain_seconds.saturating_mul(1_000_000));
+    let keep_recent = batches
+        .iter()
+        .find(|b| b.sealed_at_micros >= cutoff)
+        .map_or(newest.first_seq, |b| b.first_seq);
+    let mut keep_from = keep_records.min(keep_recent);
+    // What the live standbys still need.
+    if let Some(lowest) = members.iter().min() {
+        keep_from = keep_from.min(Seq(lowest.0.saturating_add(1)));
+    }
+    // The byte budget wins over everything but the newest batch.
+    let mut kept_bytes = 0u64;
+    let mut budget_floor = newest.first_seq;
+    for batch in batches.iter().rev() {
+        kept_bytes = kept_bytes.saturating_add(batch.bytes);
+        if kept_bytes > retention.max_etcd_log_bytes && batch.first_seq != newest.first_seq {
+            break;
+        }
+        budget_floor = batch.first_seq;
+    }
+    keep_from = keep_from.max(budget_floor).min(newest.first_seq);
+    // Only whole batches go: keep the one holding `keep_from`.
+    let point = batches
+        .iter()
+        .find(|b| b.last_seq >= keep_from)
+        .map_or(newest.first_seq, |b| b.first_seq);
+    (point > trimmed).then_some(point)
+}
+
+/// The fenced transaction that deletes every batch below `below` and records it as `trimmed`.
+pub fn trim_txn(layout: &KeyLayout, epoch: Epoch, below: Seq) -> Txn {
+    Txn::new()
+        .when([Compare::create_revision(
+            layout.leader(),
+            CompareOp::Equal,
+            epoch_as_revision(epoch),
+        )])
+        .and_then([
+            TxnOp::delete(
+                layout.batches_prefix(),
+                Some(DeleteOptions::new().with_range(layout.batch(below))),
+            ),
+            TxnOp::put(layout.trimmed(), below.0.to_string(), None),
+        ])
+}
+
+/// Runs [`trim_txn`]; returns its revision, or `Fenced` if `epoch` no longer leads.
+pub async fn trim(
+    client: &Client,
+    layout: &KeyLayout,
+    epoch: Epoch,
+    below: Seq,
+    request_timeout: Duration,
+) -> Result<i64> {
+    let txn = trim_txn(layout, epoch, below);
+    let response = timed(request_timeout, client.kv_client().txn(txn)).await?;
+    if !response.succeeded() {
+        return Err(Error::Fenced {
+            epoch,
+            leader_epoch: None,
+        });
+    }
+    Ok(response.header().map_or(0, |h| h.revision()))
+}
+
+/// The lowest seq still in etcd: 1 until the first trim.
+pub async fn read_trimmed(
+    client: &Client,
+    layout: &KeyLayout,
+    request_timeout: Duration,
+) -> Result<Seq> {
+    let response = timed(
+        request_timeout,
+        client.kv_client().get(layout.trimmed(), None),
+    )
+    .await?;
+    let Some(kv) = response.kvs().first() else {
+        return Ok(Seq(1));
+    };
+    std::str::from_utf8(kv.value())
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .map(Seq)
+        .ok_or_else(|| {
+            Error::CorruptPointer(format!(
+                "trimmed is {:?}, not a seq",
+                String::from_utf8_lossy(kv.value())
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ten batches of 100 records and 1,000 bytes, sealed one second apart, the last at 100 s.
+    fn log() -> Vec<LoggedBatch> {
+        (0..10u64)
+            .map(|i| LoggedBatch {
+                first_seq: Seq(1 + 100 * i),
+                last_seq: Seq(100 * (i + 1)),
+                bytes: 1_000,
+                sealed_at_micros: (91 + i) * 1_000_000,
+            })
+            .collect()
+    }
+
+    fn retention(records: u64, seconds: u64, bytes: u64) -> Retention {
+        Retention {
+            retain_records: records,
+            retain_seconds: seconds,
+            max_etcd_log_bytes: bytes,
+            ..Retention::default()
+        }
+    }
+
+    const NOW: u64 = 100_000_000;
+
+    #[test]
+    fn keeps_the_retained_records_and_trims_at_a_batch_boundary() {
+        let point = trim_point(&log(), &[], &retention(250, 0, u64::MAX), NOW, Seq(1));
+        assert_eq!(
+            point,
+            Some(Seq(701)),
+            "seqs 751..=1000 live in batches from 701"
+        );
+    }
+
+    #[test]
+    fn keeps_the_batches_sealed_within_the_retained_seconds() {
+        let point = trim_point(&log(), &[], &retention(0, 3, u64::MAX), NOW, Seq(1));
+        assert_eq!(point, Some(Seq(601)), "sealed at 97 s or later");
+    }
+
+    #[test]
+    fn a_live_standby_holds_trimming_back_to_what_it_still_needs() {
+        let point = trim_point(&log(), &[Seq(300)], &retention(0, 0, u64::MAX), NOW, Seq(1));
+        assert_eq!(point, Some(Seq(301)));
+        let behind = trim_point(
+            &log(),
+            &[Seq(900), Seq(0)],
+            &retention(0, 0, u64::MAX),
+            NOW,
+            Seq(1),
+        );
+        assert_eq!(behind, None, "a standby with nothing received needs seq 1");
+    }
+
+    #[test]
+    fn the_byte_budget_trims_past_a_lagging_standby() {
+        let point = trim_point(&log(), &[Seq(100)], &retention(0, 0, 3_500), NOW, Seq(1));
+        assert_eq!(point, Some(Seq(701)), "three batches fit 3,500 bytes");
+    }
+
+    #[test]
+    fn the_newest_batch_is_always_kept() {
+        let point = trim_point(&log(), &[], &retention(0, 0, 0), NOW, Seq(1));
+        assert_eq!(point, Some(Seq(901)));
+    }
+
+    #[test]
+    fn nothing_to_trim_below_what_is_already_trimmed() {
+        let point = trim_point(
+            &log()[7..],
+            &[],
+            &retention(250, 0, u64::MAX),
+            NOW,
+            Seq(701),
+        );
+        assert_eq!(point, None);
+        assert_eq!(trim_point(&[], &[], &retention(0, 0, 0), NOW, Seq(1)), None);
+    }
+}

@@ -1,0 +1,283 @@
+//! Retention against a real etcd: the primary trims old batches in a fenced transaction with
+//! the `trimmed` pointer, never below what a live standby needs (within the byte budget), and
+//! compacts revisions behind; a standby the log was trimmed past knows it needs a snapshot.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{node, received, start_primary};
+use etcd_client::{GetOptions, PutOptions};
+use fencelog::etcd::trim::{read_trimmed, trim, Retention};
+use fencelog::keys::KeyLayout;
+use fencelog::metrics::Metrics;
+use fencelog::primary::Primary;
+use fencelog::record::{Epoch, Seq};
+use fencelog::standby::lifecycle::State;
+use fencelog::standby::membership::MemberInfo;
+use fencelog::standby::{Standby, StandbyConfig};
+use fencelog::workload::RecordGenerator;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn layout() -> KeyLayout {
+    KeyLayout::new(&common::CLUSTER.parse().unwrap())
+}
+
+/// Quick trims: every 100 ms, keeping `retain_records` and no time window.
+fn retention(retain_records: u64, max_etcd_log_bytes: u64) -> Retention {
+    Retention {
+        retain_records,
+        retain_seconds: 0,
+        max_etcd_log_bytes,
+        interval: Duration::from_millis(100),
+        compact: true,
+    }
+}
+
+/// `appends` appends of 100 records (one batch each when appended one at a time).
+async fn append(primary: &Primary, appends: usize) -> Seq {
+    let mut generator = RecordGenerator::new(7, 10_000, 256);
+    let mut last = Seq::NONE;
+    for _ in 0..appends {
+        last = primary
+            .append(generator.take_records(100))
+            .await
+            .unwrap()
+            .last_seq;
+    }
+    last
+}
+
+/// Waits until etcd's `trimmed` passes `seq`; returns it.
+async fn trimmed_past(etcd: &common::EtcdProcess, seq: Seq) -> Seq {
+    let client = common::client(etcd).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let trimmed = read_trimmed(&client, &layout(), WAIT).await.unwrap();
+        if trimmed > seq {
+            return trimmed;
+        }
+        assert!(Instant::now() < deadline, "trimmed stayed at {trimmed}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The first seqs of the batches still in etcd.
+async fn batch_keys(etcd: &common::EtcdProcess) -> Vec<Seq> {
+    let layout = layout();
+    let response = common::client(etcd)
+        .await
+        .get(
+            layout.batches_prefix(),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await
+        .unwrap();
+    response
+        .kvs()
+        .iter()
+        .map(|kv| layout.parse_batch_key(kv.key()).unwrap())
+        .collect()
+}
+
+/// Registers a standby at `received` under a lease of its own, as a live standby would.
+async fn register_member(etcd: &common::EtcdProcess, name: &str, received: Seq) -> i64 {
+    let mut client = common::client(etcd).await;
+    let lease = client.lease_grant(60, None).await.unwrap().id();
+    let info = MemberInfo {
+        received_seq: received,
+        applied_seq: received,
+    };
+    client
+        .put(
+            layout().member(&name.parse().unwrap()),
+            info.encode(),
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    lease
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_primary_trims_old_batches_and_keeps_the_retained_tail() {
+    let etcd = common::etcd().await;
+    let mut primary_node = node("primary");
+    primary_node.config.retention = retention(1_000, u64::MAX);
+    let primary = start_primary(&etcd, &primary_node).await.unwrap();
+    let last = append(&primary, 50).await;
+
+    let trimmed = trimmed_past(&etcd, Seq(3_000)).await;
+    let keys = batch_keys(&etcd).await;
+    assert_eq!(
+        keys.first(),
+        Some(&trimmed),
+        "the oldest batch left starts at trimmed"
+    );
+    assert!(
+        trimmed.0 <= last.0 - 1_000 + 1,
+        "at least 1,000 records are kept"
+    );
+    assert_eq!(common::latest(&etcd).await.unwrap().last_seq, last);
+    primary.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_standby_holds_trimming_back_until_its_lease_expires() {
+    let etcd = common::etcd().await;
+    let mut primary_node = node("primary");
+    primary_node.config.retention = retention(100, u64::MAX);
+    let primary = start_primary(&etcd, &primary_node).await.unwrap();
+    let lease = register_member(&etcd, "lagging", Seq(1_000)).await;
+    append(&primary, 50).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let trimmed = read_trimmed(&common::client(&etcd).await, &layout(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        trimmed,
+        Seq(1_001),
+        "trimmed exactly to what the standby needs next"
+    );
+
+    common::client(&etcd)
+        .await
+        .lease_revoke(lease)
+        .await
+        .unwrap();
+    trimmed_past(&etcd, Seq(4_000)).await;
+    primary.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_byte_budget_the_oldest_batches_go_even_if_a_standby_needs_them() {
+    let etcd = common::etcd().await;
+    let mut primary_node = node("primary");
+    // About ten 100-record batches of compressed 256-byte records.
+    primary_node.config.retention = retention(100, 100_000);
+    let primary = start_primary(&etcd, &primary_node).await.unwrap();
+    register_member(&etcd, "lagging", Seq(100)).await;
+    append(&primary, 50).await;
+    // The standby at seq 100 would hold everything back; the budget moves past it.
+    trimmed_past(&etcd, Seq(2_000)).await;
+    let kept = batch_keys(&etcd).await.len();
+    assert!(
+        kept <= 15,
+        "{kept} batches of ~8 KB kept under a 100 KB budget"
+    );
+    primary.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deposed_primary_cannot_trim() {
+    let etcd = common::etcd().await;
+    let primary_node = node("primary");
+    let primary = start_primary(&etcd, &primary_node).await.unwrap();
+    append(&primary, 5).await;
+    let stale = Epoch(primary.epoch().0 - 1);
+    let client = common::client(&etcd).await;
+    let refused = trim(&client, &layout(), stale, Seq(301), WAIT).await;
+    assert!(
+        matches!(refused, Err(fencelog::Error::Fenced { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(batch_keys(&etcd).await.len(), 5, "nothing was deleted");
+    assert_eq!(
+        read_trimmed(&client, &layout(), WAIT).await.unwrap(),
+        Seq(1)
+    );
+    primary.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revisions_behind_the_trims_are_compacted() {
+    let etcd = common::etcd().await;
+    let mut primary_node = node("primary");
+    primary_node.config.retention = retention(100, u64::MAX);
+    let primary = start_primary(&etcd, &primary_node).await.unwrap();
+    let mut client = common::client(&etcd).await;
+    for round in 1..=3 {
+        append(&primary, 10).await;
+        trimmed_past(&etcd, Seq(1_000 * round - 200)).await;
+    }
+    let old = client
+        .get(layout().latest(), Some(GetOptions::new().with_revision(2)))
+        .await;
+    assert!(
+        old.is_err_and(|e| e.to_string().contains("compacted")),
+        "revision 2 is still readable"
+    );
+    primary.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_the_log_was_trimmed_past_needs_a_snapshot() {
+    let etcd = common::etcd().await;
+    let mut primary_node = node("primary");
+    primary_node.config.retention = retention(100, u64::MAX);
+    let primary = start_primary(&etcd, &primary_node).await.unwrap();
+    append(&primary, 20).await;
+    trimmed_past(&etcd, Seq(1_000)).await;
+
+    let standby_node = node("standby");
+    let mut config =
+        StandbyConfig::new(common::CLUSTER.parse().unwrap(), "standby".parse().unwrap());
+    config.recovery_retry = Duration::from_secs(60);
+    let standby = Standby::start(
+        common::client(&etcd).await,
+        standby_node.store.clone(),
+        config,
+        Arc::new(Metrics::new().unwrap()),
+    )
+    .await
+    .unwrap();
+    let state = tokio::time::timeout(WAIT, standby.wait_state(State::NeedsSnapshot)).await;
+    assert_eq!(
+        state.unwrap(),
+        State::NeedsSnapshot,
+        "{:?}",
+        standby.status()
+    );
+    assert!(standby.status().detail.contains("needs a snapshot"));
+    assert_eq!(
+        standby.received_seq(),
+        Seq::NONE,
+        "nothing was received around the gap"
+    );
+    standby.shutdown().await.unwrap();
+
+    primary.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_following_standby_is_never_trimmed_past() {
+    let etcd = common::etcd().await;
+    let mut primary_node = node("primary");
+    primary_node.config.retention = retention(0, u64::MAX);
+    let primary = start_primary(&etcd, &primary_node).await.unwrap();
+    let standby_node = node("standby");
+    let standby = Standby::start(
+        common::client(&etcd).await,
+        standby_node.store.clone(),
+        StandbyConfig::new(common::CLUSTER.parse().unwrap(), "standby".parse().unwrap()),
+        Arc::new(Metrics::new().unwrap()),
+    )
+    .await
+    .unwrap();
+    for _ in 0..5 {
+        let last = append(&primary, 10).await;
+        received(&standby, last).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(standby.state(), State::Watching, "{:?}", standby.history());
+    assert!(
+        read_trimmed(&common::client(&etcd).await, &layout(), WAIT)
+            .await
+            .unwrap()
+            > Seq(1)
+    );
+    standby.shutdown().await.unwrap();
+    primary.shutdown().await.unwrap();
+}
