@@ -182,6 +182,8 @@ pub enum Error {
         what: String,
         log: PathBuf,
     },
+    #[error("the snapshot is invalid: {0}; it was discarded and the store left as it was")]
+    SnapshotInvalid(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     #[error("{message}")]

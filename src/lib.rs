@@ -22,6 +22,8 @@
 //! - [`node_process`]: a daemon as a child process, for the demo and process-level tests;
 //! - [`api`]: the gRPC node API and its client;
 //! - [`http`]: the `/metrics`, `/healthz` and `/readyz` endpoint;
+//! - [`snapshot`]: a node's state exported, streamed and installed, for nodes the log was
+//!   trimmed past;
 //! - [`metrics`]: the Prometheus registry;
 //! - [`workload`]: synthetic records for benches, tests and the load tool;
 //! - [`error`]: the crate's error type.
@@ -42,6 +44,7 @@ pub mod node_process;
 pub mod pointer;
 pub mod primary;
 pub mod record;
+pub mod snapshot;
 pub mod standby;
 pub mod workload;
 

@@ -54,6 +54,8 @@ const RECEIVED: &[u8] = b"received";
 const APPLIED_SEQ: &[u8] = b"applied_seq";
 const APPLYING_THROUGH: &[u8] = b"applying_through";
 const LEASE_ID: &[u8] = b"lease_id";
+/// The seq the log starts after: the state up to it came from a snapshot (0: from the start).
+const LOG_BASE: &[u8] = b"log_base";
 
 /// When the store makes its writes durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +106,32 @@ pub struct StateDigest {
     pub keys: u64,
     /// xxh3-64 over every (key, value) in key order, each length-prefixed.
     pub digest: u64,
+}
+
+/// The state digest, fed pair by pair in key order: xxh3-64 over each key and value, each
+/// preceded by its length (u64, little-endian).
+#[derive(Default)]
+pub struct StateHasher {
+    hasher: Xxh3,
+    keys: u64,
+}
+
+impl StateHasher {
+    pub fn add(&mut self, key: &[u8], value: &[u8]) {
+        self.hasher.update(&(key.len() as u64).to_le_bytes());
+        self.hasher.update(key);
+        self.hasher.update(&(value.len() as u64).to_le_bytes());
+        self.hasher.update(value);
+        self.keys += 1;
+    }
+
+    pub fn finish(&self, applied_seq: Seq) -> StateDigest {
+        StateDigest {
+            applied_seq,
+            keys: self.keys,
+            digest: self.hasher.digest(),
+        }
+    }
 }
 
 /// What the log holds, for operators.
@@ -322,7 +350,7 @@ impl LocalStore {
                 applied: positions.applied_seq,
             });
         }
-        if seq != Seq::NONE && self.batch_ending_at(seq)?.is_none() {
+        if seq != self.log_base()? && self.batch_ending_at(seq)?.is_none() {
             return Err(Error::NotBatchBoundary {
                 seq,
                 what: "the log can only be cut between batches",
@@ -339,8 +367,7 @@ impl LocalStore {
             Seq::NONE => Epoch::default(),
             seq => self
                 .batch_ending_at(seq)?
-                .map(|h| h.epoch)
-                .unwrap_or(positions.received_epoch),
+                .map_or(positions.received_epoch, |h| h.epoch),
         };
         // Position first, then the batches newest first: a crash part way leaves a shorter
         // tail past `received_seq`, still contiguous, still never read.
@@ -478,7 +505,10 @@ impl LocalStore {
             .map_err(|e| self.io(e))?;
         let Some((start_key, _)) = first_batch.filter(|_| from != Seq::NONE) else {
             let oldest = self.log.first().map_err(|e| self.io(e))?.map(|(k, _)| k);
-            let oldest = oldest.map_or(Ok(Seq::NONE), |k| self.key_seq(&k))?;
+            let oldest = match oldest {
+                Some(key) => self.key_seq(&key)?,
+                None => self.log_base()?.next()?,
+            };
             return Err(Error::SeqNotInLog {
                 seq: from,
                 oldest,
@@ -561,21 +591,66 @@ impl LocalStore {
     /// A digest of the whole state at one `applied_seq`.
     pub fn state_digest(&self) -> Result<StateDigest> {
         let _applier = lock(&self.applier);
-        let mut hasher = Xxh3::new();
-        let mut keys = 0u64;
+        let mut hasher = StateHasher::default();
         for entry in self.state.iter() {
             let (key, value) = entry.map_err(|e| self.io(e))?;
-            hasher.update(&(key.len() as u64).to_le_bytes());
-            hasher.update(&key);
-            hasher.update(&(value.len() as u64).to_le_bytes());
-            hasher.update(&value);
-            keys += 1;
+            hasher.add(&key, &value);
         }
-        Ok(StateDigest {
-            applied_seq: Seq(self.meta_u64(APPLIED_SEQ)?),
-            keys,
-            digest: hasher.digest(),
-        })
+        Ok(hasher.finish(Seq(self.meta_u64(APPLIED_SEQ)?)))
+    }
+
+    /// Hands every key/value pair of the state, in key order, to `each`, at one `applied_seq`
+    /// that ends a batch (the rest of a batch applied part way is applied first), and returns
+    /// that point. Applying waits meanwhile; appends and receiving do not.
+    pub(crate) fn export_state(
+        &self,
+        mut each: impl FnMut(&[u8], &[u8]) -> Result<()>,
+    ) -> Result<(StateDigest, Epoch)> {
+        let mut applier = lock(&self.applier);
+        let mut applied = Seq(self.meta_u64(APPLIED_SEQ)?);
+        let epoch = loop {
+            if applied == self.log_base()? {
+                break self.received()?.1;
+            }
+            let batch = self.batch_holding(applied, &mut applier)?;
+            if batch.last_seq() == applied {
+                break batch.epoch();
+            }
+            applied = self
+                .apply_step(applied, batch.last_seq(), &mut applier)?
+                .last_seq;
+        };
+        let mut hasher = StateHasher::default();
+        for entry in self.state.iter() {
+            let (key, value) = entry.map_err(|e| self.io(e))?;
+            hasher.add(&key, &value);
+            each(&key, &value)?;
+        }
+        Ok((hasher.finish(applied), epoch))
+    }
+
+    /// Writes snapshot pairs into an empty store being installed; see
+    /// [`finish_snapshot`](Self::finish_snapshot).
+    pub(crate) fn insert_snapshot_pairs(&self, pairs: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in pairs {
+            batch.insert(key.as_slice(), value.as_slice());
+        }
+        self.state.apply_batch(batch).map_err(|e| self.io(e))
+    }
+
+    /// Makes a store filled by [`insert_snapshot_pairs`](Self::insert_snapshot_pairs) the
+    /// state as of `seq` (epoch `epoch`): an empty log after `seq`, received and applied at
+    /// `seq`, flushed.
+    pub(crate) fn finish_snapshot(&self, seq: Seq, epoch: Epoch) -> Result<()> {
+        if self.log.first().map_err(|e| self.io(e))?.is_some() {
+            return Err(self.corrupt("a snapshot is installed only into an empty store".into()));
+        }
+        self.put_meta(LOG_BASE, seq.0)?;
+        self.put_meta(APPLYING_THROUGH, seq.0)?;
+        self.put_meta(APPLIED_SEQ, seq.0)?;
+        self.set_received(seq, epoch)?;
+        self.flush()
     }
 
     /// The etcd lease this node last led under, so that a restarted primary can recognise its
@@ -637,7 +712,8 @@ impl LocalStore {
                 p.applied_seq, p.received_seq, p.log_end_seq
             )));
         }
-        if p.received_seq != Seq::NONE && self.batch_ending_at(p.received_seq)?.is_none() {
+        let at_base = p.received_seq == self.log_base()?;
+        if !at_base && self.batch_ending_at(p.received_seq)?.is_none() {
             return Err(self.corrupt(format!(
                 "received_seq {} does not end a batch in the log",
                 p.received_seq
@@ -661,8 +737,12 @@ impl LocalStore {
     fn log_end(&self) -> Result<Seq> {
         match self.log.last().map_err(|e| self.io(e))? {
             Some((key, bytes)) => Ok(self.header(&key, &bytes)?.last_seq()),
-            None => Ok(Seq::NONE),
+            None => self.log_base(),
         }
+    }
+
+    fn log_base(&self) -> Result<Seq> {
+        Ok(Seq(self.meta_u64(LOG_BASE)?))
     }
 
     /// The header of the batch that ends exactly at `seq`, if there is one.

@@ -79,6 +79,10 @@ pub struct Metrics {
     pub trims: IntCounter,
     /// etcd revision compactions run after trims.
     pub compactions: IntCounter,
+    /// Bytes of the snapshot being installed received so far.
+    pub snapshot_bytes: IntGauge,
+    /// Snapshots installed into this node's store.
+    pub snapshots_installed: IntCounter,
     /// 1 for the node's current lifecycle state, 0 for the others.
     pub state: IntGaugeVec,
 }
@@ -212,6 +216,14 @@ impl Metrics {
             compactions: counter(
                 "compactions_total",
                 "etcd revision compactions run after trims",
+            )?,
+            snapshot_bytes: gauge(
+                "snapshot_bytes",
+                "Bytes of the snapshot being installed received so far",
+            )?,
+            snapshots_installed: counter(
+                "snapshots_installed_total",
+                "Snapshots installed into this node's store",
             )?,
             state: {
                 let g = IntGaugeVec::new(

@@ -12,7 +12,7 @@
 //! record etcd did not commit.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use etcd_client::Client;
@@ -23,7 +23,7 @@ use crate::config::PrimaryConfig;
 use crate::error::{Error, Result};
 use crate::etcd::leadership::{current_leader, Leadership};
 use crate::keys::KeyLayout;
-use crate::local_store::LocalStore;
+use crate::local_store::{blocking, LocalStore, StoreOptions};
 use crate::metrics::Metrics;
 use crate::primary::{AppendAck, Primary};
 use crate::record::{Epoch, Record, Seq};
@@ -75,10 +75,26 @@ pub struct NodeStatus {
     pub apply_lag_seconds: f64,
 }
 
+/// The node's store; replaced as a whole when a snapshot is installed.
+type StoreSlot = Arc<RwLock<Arc<LocalStore>>>;
+
+fn current(slot: &StoreSlot) -> Arc<LocalStore> {
+    slot.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// How following ended.
+enum FollowEnd {
+    /// This node won the leadership (answering a manual promotion, if one asked).
+    Won(Box<Leadership>, Option<oneshot::Sender<Result<()>>>),
+    /// The log was trimmed past this node: install a snapshot, then follow again.
+    NeedsSnapshot,
+    Stopped,
+}
+
 pub struct Node {
     client: Client,
     config: NodeConfig,
-    store: Arc<LocalStore>,
+    store: StoreSlot,
     metrics: Arc<Metrics>,
     role: watch::Receiver<Role>,
     lifecycle: Arc<LifecycleCell>,
@@ -113,6 +129,7 @@ impl Node {
         .await?;
         let (role_tx, role) = watch::channel(Role::Standby(Arc::new(standby)));
         let (requests, inbox) = mpsc::channel(8);
+        let store = Arc::new(RwLock::new(store));
         let runner = Runner {
             client: client.clone(),
             store: store.clone(),
@@ -142,8 +159,9 @@ impl Node {
         *self.lifecycle.subscribe().borrow()
     }
 
-    pub fn store(&self) -> &Arc<LocalStore> {
-        &self.store
+    /// The store the node uses now (a snapshot install replaces it).
+    pub fn store(&self) -> Arc<LocalStore> {
+        current(&self.store)
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -307,7 +325,7 @@ impl Node {
 /// The task that owns the node's roles and moves between them.
 struct Runner {
     client: Client,
-    store: Arc<LocalStore>,
+    store: StoreSlot,
     config: NodeConfig,
     metrics: Arc<Metrics>,
     lifecycle: Arc<LifecycleCell>,
@@ -331,8 +349,19 @@ impl Runner {
             let Role::Standby(standby) = self.role.borrow().clone() else {
                 return Err(Error::ShuttingDown);
             };
-            let Some((leadership, answer)) = self.follow(&standby, campaign_delay).await? else {
-                return Ok(());
+            let (leadership, answer) = match self.follow(&standby, campaign_delay).await? {
+                FollowEnd::Won(leadership, answer) => (*leadership, answer),
+                FollowEnd::Stopped => return Ok(()),
+                FollowEnd::NeedsSnapshot => {
+                    standby.shutdown().await?;
+                    drop(standby);
+                    if let Err(e) = self.install_snapshot().await {
+                        tracing::error!(error = %e, "cannot install a snapshot; trying again after the recovery delay");
+                        tokio::time::sleep(self.config.standby.recovery_retry).await;
+                    }
+                    self.rejoin().await?;
+                    continue;
+                }
             };
             let led = standby
                 .hand_over(leadership, self.config.primary.clone())
@@ -362,35 +391,80 @@ impl Runner {
         }
     }
 
-    /// Follows until this node wins a leadership (by failover or a manual promotion); `None`
-    /// when asked to stop.
-    async fn follow(
-        &mut self,
-        standby: &Standby,
-        campaign_delay: Duration,
-    ) -> Result<Option<(Leadership, Option<oneshot::Sender<Result<()>>>)>> {
+    /// Follows until this node wins a leadership (by failover or a manual promotion), needs a
+    /// snapshot, or is asked to stop.
+    async fn follow(&mut self, standby: &Standby, campaign_delay: Duration) -> Result<FollowEnd> {
         let mut campaign = std::pin::pin!(self.campaign(campaign_delay));
+        let mut state = self.lifecycle.subscribe();
+        let needs_snapshot = async move {
+            let reached = state.wait_for(|s| *s == State::NeedsSnapshot).await.is_ok();
+            if !reached {
+                std::future::pending::<()>().await;
+            }
+        };
+        let mut needs_snapshot = std::pin::pin!(needs_snapshot);
         loop {
             tokio::select! {
-                won = &mut campaign => return Ok(Some((won?, None))),
+                won = &mut campaign => return Ok(FollowEnd::Won(Box::new(won?), None)),
+                () = &mut needs_snapshot => return Ok(FollowEnd::NeedsSnapshot),
                 request = self.inbox.recv() => match request {
                     Some(Request::Promote { force, answer }) => {
                         match standby.take_leadership(&self.config.primary, force).await {
-                            Ok(leadership) => return Ok(Some((leadership, Some(answer)))),
+                            Ok(leadership) => {
+                                return Ok(FollowEnd::Won(Box::new(leadership), Some(answer)));
+                            }
                             Err(e) => reply(Some(answer), Err(e)),
                         }
                     }
                     Some(Request::Stop { answer }) => {
                         reply(Some(answer), standby.shutdown().await);
-                        return Ok(None);
+                        return Ok(FollowEnd::Stopped);
                     }
                     None => {
                         standby.shutdown().await?;
-                        return Ok(None);
+                        return Ok(FollowEnd::Stopped);
                     }
                 },
             }
         }
+    }
+
+    /// Replaces the store with a snapshot of the primary's state. The old store stays as it
+    /// was until the new one is complete and verified.
+    async fn install_snapshot(&mut self) -> Result<()> {
+        let layout = KeyLayout::new(&self.config.primary.cluster);
+        let mut source = crate::snapshot::source(
+            &self.client,
+            &layout,
+            self.config.standby.etcd_request_timeout,
+        )
+        .await?;
+        tracing::warn!(
+            source = source.addr(),
+            "the log was trimmed past this node: installing a snapshot"
+        );
+        let dir = current(&self.store).dir().to_path_buf();
+        let metrics = self.metrics.clone();
+        let header = crate::snapshot::bootstrap(
+            &mut source,
+            &dir,
+            self.config.standby.limits.clone(),
+            |progress| metrics.snapshot_bytes.set(progress.bytes as i64),
+        )
+        .await?;
+        let options = StoreOptions {
+            limits: self.config.standby.limits.clone(),
+            ..StoreOptions::default()
+        };
+        let store = blocking(move || LocalStore::open(&dir, options)).await?;
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(store);
+        self.metrics.snapshots_installed.inc();
+        tracing::info!(
+            seq = header.seq,
+            keys = header.keys,
+            "snapshot installed; following from there"
+        );
+        Ok(())
     }
 
     /// With failover on, waits `delay`, then until this node wins the leadership; otherwise
@@ -398,7 +472,7 @@ impl Runner {
     fn campaign(&self, delay: Duration) -> impl Future<Output = Result<Leadership>> + 'static {
         let failover = self.config.failover;
         let client = self.client.clone();
-        let store = self.store.clone();
+        let store = current(&self.store);
         let primary = self.config.primary.clone();
         async move {
             if !failover {
@@ -449,7 +523,7 @@ impl Runner {
     async fn rejoin(&mut self) -> Result<()> {
         let standby = Standby::start_with(
             self.client.clone(),
-            self.store.clone(),
+            current(&self.store),
             self.config.standby.clone(),
             self.metrics.clone(),
             self.lifecycle.clone(),

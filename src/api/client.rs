@@ -153,6 +153,12 @@ impl WalClient {
         Ok(response.map_err(|s| from_status(&s))?.into_inner())
     }
 
+    /// The node's state as a snapshot: a header, then data chunks (see [`crate::snapshot`]).
+    pub async fn snapshot(&mut self) -> Result<tonic::Streaming<proto::SnapshotChunk>> {
+        let response = self.stub.snapshot(proto::SnapshotRequest {}).await;
+        Ok(response.map_err(|s| from_status(&s))?.into_inner())
+    }
+
     /// Makes the node the primary; returns its epoch.
     pub async fn promote(&mut self, force: bool) -> Result<Epoch> {
         let response = self.stub.promote(proto::PromoteRequest { force }).await;

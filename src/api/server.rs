@@ -262,6 +262,51 @@ impl Wal for WalApi {
         }))
     }
 
+    type SnapshotStream = BoxStream<proto::SnapshotChunk>;
+
+    async fn snapshot(
+        &self,
+        _request: Request<proto::SnapshotRequest>,
+    ) -> std::result::Result<Response<Self::SnapshotStream>, Status> {
+        let store = self.node.store().clone();
+        let (header, file) = blocking(move || crate::snapshot::export(&store))
+            .await
+            .map_err(|e| to_status(&e))?;
+        tracing::info!(
+            seq = header.seq,
+            keys = header.keys,
+            bytes = header.bytes,
+            "sending a snapshot"
+        );
+        let (chunks, chunked) = mpsc::channel(2);
+        tokio::task::spawn_blocking(move || {
+            use proto::snapshot_chunk::Kind;
+            let first = proto::SnapshotChunk {
+                kind: Some(Kind::Header(header)),
+            };
+            if chunks.blocking_send(Ok(first)).is_err() {
+                return;
+            }
+            let mut frames = crate::snapshot::FrameReader::new(file);
+            loop {
+                let chunk = match frames.next_frame() {
+                    Ok(Some(data)) => Ok(proto::SnapshotChunk {
+                        kind: Some(Kind::Data(data)),
+                    }),
+                    Ok(None) => return,
+                    Err(e) => Err(to_status(&e)),
+                };
+                let chunk = cut_off(chunk);
+                let failed = chunk.is_err();
+                // A client that hung up no longer wants the rest.
+                if chunks.blocking_send(chunk).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(chunked))))
+    }
+
     async fn promote(
         &self,
         request: Request<proto::PromoteRequest>,
@@ -272,4 +317,14 @@ impl Wal for WalApi {
             epoch: self.node.status().epoch.0,
         }))
     }
+}
+
+/// Fail point `snapshot::cut_off` (tests): the snapshot stream breaks instead of sending a chunk.
+fn cut_off(
+    chunk: std::result::Result<proto::SnapshotChunk, Status>,
+) -> std::result::Result<proto::SnapshotChunk, Status> {
+    fail::fail_point!("snapshot::cut_off", |_| Err(Status::aborted(
+        "the snapshot stream was cut off"
+    )));
+    chunk
 }

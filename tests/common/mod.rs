@@ -223,3 +223,61 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (code, body)
 }
+
+/// A node (standby role, campaigning with `failover`) serving the API on a free loopback port,
+/// which its leader key advertises. Stop it with [`ServedNode::stop`].
+pub struct ServedNode {
+    pub node: std::sync::Arc<fencelog::node::Node>,
+    pub addr: String,
+    stop: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<fencelog::Result<()>>,
+}
+
+impl ServedNode {
+    pub async fn start(
+        etcd: &EtcdProcess,
+        pieces: &Node,
+        retention: fencelog::etcd::trim::Retention,
+        failover: bool,
+    ) -> ServedNode {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let addr = listener.local_addr().expect("bound").to_string();
+        let mut primary = pieces.config.clone();
+        primary.advertise_addr = addr.clone();
+        primary.retention = retention;
+        let mut standby =
+            fencelog::standby::StandbyConfig::new(primary.cluster.clone(), primary.node.clone());
+        standby.recovery_retry = std::time::Duration::from_millis(300);
+        let config = fencelog::node::NodeConfig {
+            standby,
+            primary,
+            failover,
+        };
+        let metrics = std::sync::Arc::new(fencelog::metrics::Metrics::new().expect("metrics"));
+        let node = std::sync::Arc::new(
+            fencelog::node::Node::start(client(etcd).await, pieces.store.clone(), config, metrics)
+                .await
+                .expect("the node starts"),
+        );
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let api = fencelog::api::WalApi::new(node.clone(), addr.clone());
+        let server = tokio::spawn(fencelog::api::serve(api, listener, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }));
+        ServedNode {
+            node,
+            addr,
+            stop,
+            server,
+        }
+    }
+
+    /// Shuts the node down (a primary resigns) and stops serving.
+    pub async fn stop(self) {
+        self.node.shutdown().await.expect("clean shutdown");
+        self.stop.send_replace(true);
+        self.server.await.expect("joins").expect("served");
+    }
+}

@@ -1,0 +1,329 @@
+//! State snapshots: how a node that the log in etcd was trimmed past gets the state back.
+//!
+//! A healthy node (the primary) exports its applied state as of one seq `S` that ends a batch
+//! ([`export`]: applying pauses while it iterates, appends do not) into a temporary file of
+//! checksummed frames, and streams it over the API: a header (`S`, epoch, key count, state
+//! digest, bytes), then the frames. The receiver installs it into a fresh store beside its
+//! data directory ([`Installer`]): every frame's checksum, the keys' order and limits, and at the
+//! end the key count and the digest are verified; only then does the new store replace the old
+//! one (two renames), with received = applied = `S` and an empty log after `S`, from which the
+//! node follows etcd. An interrupted or corrupt snapshot leaves the old store as it was.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::api::proto::{snapshot_chunk, SnapshotData, SnapshotHeader};
+use crate::api::{Endpoint, WalClient};
+use crate::error::{Error, Result};
+use crate::etcd::leadership::current_leader;
+use crate::keys::KeyLayout;
+use crate::limits::Limits;
+use crate::local_store::{blocking, LocalStore, StateHasher, StoreOptions};
+use crate::record::{Epoch, Seq};
+
+/// Pair bytes per frame (one larger pair goes alone): well under the API's message limit.
+pub const FRAME_BYTES: usize = 1024 * 1024;
+
+/// Exports `store`'s state into a temporary file of frames; blocking. Returns the header and
+/// the file, rewound.
+pub fn export(store: &LocalStore) -> Result<(SnapshotHeader, File)> {
+    let mut file = BufWriter::new(tempfile::tempfile()?);
+    let mut frame = Vec::with_capacity(FRAME_BYTES + 64 * 1024);
+    let mut bytes = 0u64;
+    let (digest, epoch) = store.export_state(|key, value| {
+        if !frame.is_empty() && frame.len() + 8 + key.len() + value.len() > FRAME_BYTES {
+            write_frame(&mut file, &frame)?;
+            frame.clear();
+        }
+        for part in [key, value] {
+            frame.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            frame.extend_from_slice(part);
+        }
+        bytes += (8 + key.len() + value.len()) as u64;
+        Ok(())
+    })?;
+    if !frame.is_empty() {
+        write_frame(&mut file, &frame)?;
+    }
+    let mut file = file.into_inner().map_err(|e| Error::Io(e.into_error()))?;
+    std::io::Seek::rewind(&mut file)?;
+    let header = SnapshotHeader {
+        seq: digest.applied_seq.0,
+        epoch: epoch.0,
+        keys: digest.keys,
+        digest: digest.digest,
+        bytes,
+    };
+    Ok((header, file))
+}
+
+fn write_frame(out: &mut impl Write, pairs: &[u8]) -> Result<()> {
+    out.write_all(&(pairs.len() as u32).to_be_bytes())?;
+    out.write_all(pairs)?;
+    out.write_all(&xxh3_64(pairs).to_be_bytes())?;
+    Ok(())
+}
+
+/// Reads the frames [`export`] wrote, one at a time.
+pub struct FrameReader {
+    file: BufReader<File>,
+}
+
+impl FrameReader {
+    pub fn new(file: File) -> FrameReader {
+        FrameReader {
+            file: BufReader::new(file),
+        }
+    }
+
+    /// The next frame as a chunk of the stream; `None` at the end.
+    pub fn next_frame(&mut self) -> Result<Option<SnapshotData>> {
+        let mut len = [0u8; 4];
+        match self.file.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let mut pairs = vec![0u8; u32::from_be_bytes(len) as usize];
+        self.file.read_exact(&mut pairs)?;
+        let mut checksum = [0u8; 8];
+        self.file.read_exact(&mut checksum)?;
+        Ok(Some(SnapshotData {
+            pairs,
+            checksum: u64::from_be_bytes(checksum),
+        }))
+    }
+}
+
+fn invalid(reason: impl Into<String>) -> Error {
+    Error::SnapshotInvalid(reason.into())
+}
+
+/// Installs a snapshot into a fresh store at `dir`, verifying as it goes.
+pub struct Installer {
+    store: LocalStore,
+    header: SnapshotHeader,
+    limits: Limits,
+    hasher: StateHasher,
+    last_key: Option<Vec<u8>>,
+    bytes: u64,
+}
+
+impl Installer {
+    /// Creates an empty store at `dir` (removing what a failed install left there).
+    pub fn create(dir: &Path, header: SnapshotHeader, limits: Limits) -> Result<Installer> {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
+        }
+        let options = StoreOptions {
+            limits: limits.clone(),
+            ..StoreOptions::default()
+        };
+        Ok(Installer {
+            store: LocalStore::open(dir, options)?,
+            header,
+            limits,
+            hasher: StateHasher::default(),
+            last_key: None,
+            bytes: 0,
+        })
+    }
+
+    /// Verifies and writes one chunk.
+    pub fn add(&mut self, data: &SnapshotData) -> Result<()> {
+        let computed = xxh3_64(&data.pairs);
+        if computed != data.checksum {
+            return Err(invalid(format!(
+                "chunk checksum mismatch: says {:#018x}, content hashes to {computed:#018x}",
+                data.checksum
+            )));
+        }
+        let pairs = self.decode(&data.pairs)?;
+        self.bytes += data.pairs.len() as u64;
+        if self.bytes > self.header.bytes {
+            return Err(invalid(format!(
+                "more than the {} bytes the header announced",
+                self.header.bytes
+            )));
+        }
+        self.store.insert_snapshot_pairs(&pairs)
+    }
+
+    fn decode(&mut self, mut bytes: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut pairs = Vec::new();
+        while !bytes.is_empty() {
+            let mut take = |limit: usize, what: &str| -> Result<Vec<u8>> {
+                let (len, rest) = bytes
+                    .split_first_chunk::<4>()
+                    .ok_or_else(|| invalid(format!("a chunk ends inside a {what} length")))?;
+                let len = u32::from_be_bytes(*len) as usize;
+                if len > limit || len > rest.len() {
+                    return Err(invalid(format!(
+                        "a {what} of {len} bytes is over the limit of {limit} or past the chunk"
+                    )));
+                }
+                let (part, rest) = rest.split_at(len);
+                bytes = rest;
+                Ok(part.to_vec())
+            };
+            let key = take(self.limits.max_key_bytes, "key")?;
+            let value = take(self.limits.max_value_bytes, "value")?;
+            if self.last_key.as_ref().is_some_and(|last| *last >= key) {
+                return Err(invalid("keys are not in strictly increasing order"));
+            }
+            self.hasher.add(&key, &value);
+            self.last_key = Some(key.clone());
+            pairs.push((key, value));
+        }
+        Ok(pairs)
+    }
+
+    /// Keys and pair bytes installed so far.
+    pub fn progress(&self) -> (u64, u64) {
+        (self.hasher.finish(Seq::NONE).keys, self.bytes)
+    }
+
+    /// Checks the whole against the header and makes the store the state as of its seq.
+    pub fn finish(self) -> Result<()> {
+        let got = self.hasher.finish(Seq(self.header.seq));
+        if got.keys != self.header.keys
+            || got.digest != self.header.digest
+            || self.bytes != self.header.bytes
+        {
+            return Err(invalid(format!(
+                "got {} keys, {} bytes, digest {:016x}; the header says {} keys, {} bytes, digest {:016x}",
+                got.keys, self.bytes, got.digest, self.header.keys, self.header.bytes, self.header.digest
+            )));
+        }
+        self.store
+            .finish_snapshot(Seq(self.header.seq), Epoch(self.header.epoch))
+    }
+}
+
+/// How far a bootstrap got.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    pub keys: u64,
+    pub bytes: u64,
+    pub total_keys: u64,
+    pub total_bytes: u64,
+}
+
+/// The node to take a snapshot from: the primary, found through its leader key.
+pub async fn source(
+    client: &etcd_client::Client,
+    layout: &KeyLayout,
+    request_timeout: Duration,
+) -> Result<WalClient> {
+    let (leader, _) = current_leader(client, layout, request_timeout)
+        .await?
+        .ok_or_else(|| Error::NoLeader {
+            cluster: layout.root().to_owned(),
+        })?;
+    WalClient::connect(Endpoint::Server(leader.addr)).await
+}
+
+/// Downloads a snapshot from `source` and makes it the store in `data_dir`, which must not be
+/// open. Until the snapshot is complete and verified, `data_dir` is not touched.
+pub async fn bootstrap(
+    source: &mut WalClient,
+    data_dir: &Path,
+    limits: Limits,
+    mut progress: impl FnMut(Progress),
+) -> Result<SnapshotHeader> {
+    let staging = sibling(data_dir, "snapshot");
+    let installed = download(source, &staging, limits, &mut progress).await;
+    let header = match installed {
+        Ok(header) => header,
+        Err(e) => {
+            if let Err(cleanup) = std::fs::remove_dir_all(&staging) {
+                tracing::debug!(error = %cleanup, "no staging directory to remove");
+            }
+            return Err(e);
+        }
+    };
+    let replaced = sibling(
+        data_dir,
+        &format!("replaced-{}", crate::batch::unix_micros_now()),
+    );
+    if data_dir.exists() {
+        std::fs::rename(data_dir, &replaced)?;
+    }
+    std::fs::rename(&staging, data_dir)?;
+    if replaced.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&replaced) {
+            tracing::warn!(error = %e, dir = %replaced.display(), "cannot remove the replaced store");
+        }
+    }
+    tracing::info!(seq = header.seq, keys = header.keys, dir = %data_dir.display(), "installed a snapshot");
+    Ok(header)
+}
+
+async fn download(
+    source: &mut WalClient,
+    staging: &Path,
+    limits: Limits,
+    progress: &mut impl FnMut(Progress),
+) -> Result<SnapshotHeader> {
+    let mut stream = source.snapshot().await?;
+    let header = match stream
+        .message()
+        .await
+        .map_err(|s| crate::api::from_status(&s))?
+    {
+        Some(crate::api::proto::SnapshotChunk {
+            kind: Some(snapshot_chunk::Kind::Header(header)),
+        }) => header,
+        _ => return Err(invalid("the stream does not start with a header")),
+    };
+    tracing::info!(
+        seq = header.seq,
+        keys = header.keys,
+        bytes = header.bytes,
+        "receiving a snapshot"
+    );
+    let dir = staging.to_path_buf();
+    let mut installer = blocking(move || Installer::create(&dir, header, limits)).await?;
+    while let Some(chunk) = stream
+        .message()
+        .await
+        .map_err(|s| crate::api::from_status(&s))?
+    {
+        let Some(snapshot_chunk::Kind::Data(data)) = chunk.kind else {
+            return Err(invalid("a second header"));
+        };
+        let mut data = data;
+        corrupt_chunk(&mut data);
+        installer = blocking(move || installer.add(&data).map(|()| installer)).await?;
+        let (keys, bytes) = installer.progress();
+        progress(Progress {
+            keys,
+            bytes,
+            total_keys: header.keys,
+            total_bytes: header.bytes,
+        });
+    }
+    blocking(move || installer.finish()).await?;
+    Ok(header)
+}
+
+/// `<data_dir>.<suffix>`, beside the data directory.
+fn sibling(data_dir: &Path, suffix: &str) -> PathBuf {
+    let mut name = data_dir.as_os_str().to_owned();
+    name.push(format!(".{suffix}"));
+    PathBuf::from(name)
+}
+
+/// Fail point `snapshot::corrupt_chunk` (tests): flips a byte of a received chunk.
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+fn corrupt_chunk(data: &mut SnapshotData) {
+    fail::fail_point!("snapshot::corrupt_chunk", |_| {
+        if let Some(byte) = data.pairs.first_mut() {
+            *byte ^= 0xff;
+        }
+    });
+}

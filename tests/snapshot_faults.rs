@@ -1,0 +1,114 @@
+//! A snapshot that is cut off midway or corrupt is discarded: the old store is untouched, and
+//! a retry installs a complete one. Fail points place the fault (`--features failpoints`).
+
+#![cfg(feature = "failpoints")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{node, ServedNode};
+use fail::FailScenario;
+use fencelog::api::{Endpoint, WalClient};
+use fencelog::etcd::trim::Retention;
+use fencelog::limits::Limits;
+use fencelog::local_store::{LocalStore, StoreOptions};
+use fencelog::record::Seq;
+use fencelog::snapshot::bootstrap;
+use fencelog::workload::RecordGenerator;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A primary serving the API with 2,000 applied records (with its pieces, which must outlive
+/// it), and a closed store in `old` holding another state, whose digest is returned.
+async fn setup(
+    etcd: &common::EtcdProcess,
+    old: &tempfile::TempDir,
+) -> (common::Node, ServedNode, fencelog::local_store::StateDigest) {
+    let pieces = node("primary");
+    let primary = ServedNode::start(etcd, &pieces, Retention::default(), true).await;
+    tokio::time::timeout(WAIT, primary.node.leading())
+        .await
+        .unwrap();
+    let mut generator = RecordGenerator::new(5, 5_000, 256);
+    for _ in 0..20 {
+        primary
+            .node
+            .append(generator.take_records(100))
+            .await
+            .unwrap();
+    }
+    primary.node.wait_applied(Seq(2_000)).await.unwrap();
+    let store = LocalStore::open(old.path(), StoreOptions::default()).unwrap();
+    let batches = common::encoded_batches(fencelog::record::Epoch(1), 3, 10);
+    store.append_committed_all(&batches).unwrap();
+    while store.apply_next(100).unwrap().is_some() {}
+    let digest = store.state_digest().unwrap();
+    drop(store);
+    (pieces, primary, digest)
+}
+
+async fn install(primary: &ServedNode, dir: &std::path::Path) -> fencelog::Result<u64> {
+    let mut source = WalClient::connect(Endpoint::Server(primary.addr.clone())).await?;
+    bootstrap(&mut source, dir, Limits::default(), |_| {})
+        .await
+        .map(|header| header.seq)
+}
+
+fn digest_of(dir: &std::path::Path) -> fencelog::local_store::StateDigest {
+    LocalStore::open(dir, StoreOptions::default())
+        .unwrap()
+        .state_digest()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_cut_off_midway_leaves_the_old_store_and_a_retry_succeeds() {
+    let scenario = FailScenario::setup();
+    let etcd = common::etcd().await;
+    let old = tempfile::tempdir().unwrap();
+    let (_pieces, primary, old_digest) = setup(&etcd, &old).await;
+
+    fail::cfg("snapshot::cut_off", "return").unwrap();
+    let cut = install(&primary, old.path()).await;
+    assert!(cut.is_err_and(|e| e.to_string().contains("cut off")));
+    assert_eq!(
+        digest_of(old.path()),
+        old_digest,
+        "the old store is untouched"
+    );
+
+    fail::remove("snapshot::cut_off");
+    assert_eq!(install(&primary, old.path()).await.unwrap(), 2_000);
+    assert_eq!(
+        digest_of(old.path()),
+        primary.node.store().state_digest().unwrap()
+    );
+    primary.stop().await;
+    scenario.teardown();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_snapshot_chunk_is_refused_and_the_old_store_kept() {
+    let scenario = FailScenario::setup();
+    let etcd = common::etcd().await;
+    let old = tempfile::tempdir().unwrap();
+    let (_pieces, primary, old_digest) = setup(&etcd, &old).await;
+
+    fail::cfg("snapshot::corrupt_chunk", "return").unwrap();
+    let corrupt = install(&primary, old.path()).await;
+    assert!(
+        corrupt.is_err_and(|e| e.to_string().contains("checksum mismatch")),
+        "a corrupt chunk was accepted"
+    );
+    assert_eq!(digest_of(old.path()), old_digest);
+
+    fail::remove("snapshot::corrupt_chunk");
+    assert_eq!(install(&primary, old.path()).await.unwrap(), 2_000);
+    assert_eq!(
+        digest_of(old.path()),
+        primary.node.store().state_digest().unwrap()
+    );
+    primary.stop().await;
+    scenario.teardown();
+}
