@@ -443,6 +443,10 @@ impl Runner {
             source = source.addr(),
             "the log was trimmed past this node: installing a snapshot"
         );
+        self.lifecycle.raise(
+            Event::Bootstrap,
+            format!("installing a snapshot from {}", source.addr()),
+        );
         let dir = current(&self.store).dir().to_path_buf();
         let metrics = self.metrics.clone();
         let header = crate::snapshot::bootstrap(

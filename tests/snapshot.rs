@@ -98,6 +98,13 @@ async fn a_standby_trimmed_past_while_stopped_bootstraps_from_a_snapshot_and_mat
     let more = append(&primary, 3, 5).await;
     applied(&standby, more).await;
     applied(&primary, more).await;
+    if let Role::Standby(following) = standby.node.role() {
+        let states: Vec<State> = following.history().iter().map(|t| t.to).collect();
+        assert!(
+            states.contains(&State::NeedsSnapshot) && states.contains(&State::Bootstrapping),
+            "{states:?}"
+        );
+    }
     let oldest = standby.node.store().log_stats().unwrap().oldest_seq;
     assert!(
         oldest > first,

@@ -13,6 +13,7 @@
 //!                    │         Recovering ◀──────┘   (RetryDue: read again, from Syncing)
 //!
 //! Syncing, Watching ── Trimmed ──▶ NeedsSnapshot ── RetryDue ──▶ Syncing
+//! Stopped ── Bootstrap ──▶ Bootstrapping ── Start ──▶ Syncing      (a snapshot being installed)
 //! Syncing, Watching, Reconnecting, Recovering ── Promote ──▶ Promoting ── TookOver ──▶ Promoted
 //!                                            PromotionFailed: Promoting ──▶ Stopped
 //! any state ── Stop ──▶ Stopped
@@ -49,6 +50,8 @@ pub enum State {
     /// etcd no longer holds the batches after this node's `received_seq` (trimmed): only a
     /// snapshot of the state brings it back. Retried on a timer.
     NeedsSnapshot,
+    /// Installing a snapshot (the follower is stopped); then following from its seq.
+    Bootstrapping,
     /// Won the leadership: receiving the rest of the committed log, then starting a term.
     Promoting,
     /// Leading as the primary.
@@ -56,13 +59,14 @@ pub enum State {
 }
 
 impl State {
-    pub const ALL: [State; 8] = [
+    pub const ALL: [State; 9] = [
         State::Stopped,
         State::Syncing,
         State::Watching,
         State::Reconnecting,
         State::Recovering,
         State::NeedsSnapshot,
+        State::Bootstrapping,
         State::Promoting,
         State::Promoted,
     ];
@@ -75,6 +79,7 @@ impl State {
             State::Reconnecting => "reconnecting",
             State::Recovering => "recovering",
             State::NeedsSnapshot => "needs_snapshot",
+            State::Bootstrapping => "bootstrapping",
             State::Promoting => "promoting",
             State::Promoted => "promoted",
         }
@@ -95,6 +100,7 @@ pub enum Event {
     ConnectionLost,
     LogBroken,
     Trimmed,
+    Bootstrap,
     RetryDue,
     Promote,
     TookOver,
@@ -103,13 +109,14 @@ pub enum Event {
 }
 
 impl Event {
-    pub const ALL: [Event; 11] = [
+    pub const ALL: [Event; 12] = [
         Event::Start,
         Event::CaughtUp,
         Event::Compacted,
         Event::ConnectionLost,
         Event::LogBroken,
         Event::Trimmed,
+        Event::Bootstrap,
         Event::RetryDue,
         Event::Promote,
         Event::TookOver,
@@ -123,7 +130,8 @@ pub fn next(state: State, event: Event) -> Option<State> {
     use Event::*;
     use State::*;
     match (state, event) {
-        (Stopped, Start) => Some(Syncing),
+        (Stopped | Bootstrapping, Start) => Some(Syncing),
+        (Stopped, Bootstrap) => Some(Bootstrapping),
         (Syncing, CaughtUp) => Some(Watching),
         (Watching, Compacted) => Some(Syncing),
         (Syncing | Watching, ConnectionLost) => Some(Reconnecting),
@@ -134,7 +142,8 @@ pub fn next(state: State, event: Event) -> Option<State> {
         (Promoting, TookOver) => Some(Promoted),
         (Promoting, PromotionFailed) => Some(Stopped),
         (
-            Syncing | Watching | Reconnecting | Recovering | NeedsSnapshot | Promoting | Promoted,
+            Syncing | Watching | Reconnecting | Recovering | NeedsSnapshot | Bootstrapping
+            | Promoting | Promoted,
             Stop,
         ) => Some(Stopped),
         _ => None,
@@ -282,6 +291,7 @@ mod tests {
             allowed,
             vec![
                 (Stopped, Start, Syncing),
+                (Stopped, Bootstrap, Bootstrapping),
                 (Syncing, CaughtUp, Watching),
                 (Syncing, ConnectionLost, Reconnecting),
                 (Syncing, LogBroken, Recovering),
@@ -302,6 +312,8 @@ mod tests {
                 (Recovering, Stop, Stopped),
                 (NeedsSnapshot, RetryDue, Syncing),
                 (NeedsSnapshot, Stop, Stopped),
+                (Bootstrapping, Start, Syncing),
+                (Bootstrapping, Stop, Stopped),
                 (Promoting, TookOver, Promoted),
                 (Promoting, PromotionFailed, Stopped),
                 (Promoting, Stop, Stopped),
