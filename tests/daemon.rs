@@ -607,3 +607,63 @@ async fn read_streams_records_whose_total_is_far_over_one_message() {
     assert_eq!(seqs, [1, 2, 3, 4]);
     primary.stop(STARTUP).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bootstrap_installs_the_primarys_state_and_the_node_follows_from_there() {
+    let cluster = Cluster::start().await;
+    let quick_trims = [
+        "--retain-records",
+        "100",
+        "--retain-seconds",
+        "0",
+        "--trim-interval-ms",
+        "100",
+    ];
+    let mut primary = cluster.primary("alpha", &quick_trims).await;
+    let (ok, out, err) = fencelog(&[
+        "load",
+        "--server",
+        primary.api(),
+        "--records",
+        "3000",
+        "--concurrency",
+        "4",
+    ]);
+    assert!(ok, "{out}\n{err}");
+    let data = cluster.dir.path().join("beta");
+    let (ok, out, err) = fencelog(&[
+        "bootstrap",
+        "--etcd",
+        cluster.etcd.endpoint(),
+        "--cluster",
+        CLUSTER,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("installed the state of"), "{out}");
+    let (ok, out, err) = fencelog(&["inspect", "--data-dir", data.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    let installed: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    // The state as of the primary's applied seq (unique keys: one key per record).
+    assert!(installed["last_applied_seq"].as_u64().unwrap() > 0);
+    assert_eq!(installed["keys"], installed["last_applied_seq"]);
+
+    let mut standby = cluster.standby("beta", &[]).await;
+    let (ok, _, err) = fencelog(&["append", "--server", primary.api(), "after", "bootstrap"]);
+    assert!(ok, "{err}");
+    standby
+        .client()
+        .await
+        .unwrap()
+        .get(b"after".to_vec(), Seq(3001), Duration::from_secs(20))
+        .await
+        .unwrap();
+    let status = standby.status().await.unwrap();
+    assert_eq!(
+        (status.applied_seq, status.state.as_str()),
+        (3001, "watching")
+    );
+    standby.stop(STARTUP).await.unwrap();
+    primary.stop(STARTUP).await.unwrap();
+}

@@ -173,3 +173,42 @@ pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Installs a snapshot of the target's state into a stopped node's data directory, with a
+/// progress bar; the old store stays as it was unless the new one is complete and verified.
+pub async fn bootstrap(target: &Target, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut client = target.connect().await?;
+    let source = client.addr().to_owned();
+    let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}) {msg}",
+    )?);
+    let started = std::time::Instant::now();
+    let header = fencelog::snapshot::bootstrap(
+        &mut client,
+        data_dir,
+        fencelog::limits::Limits::default(),
+        |progress| {
+            bar.set_length(progress.total_bytes);
+            bar.set_position(progress.bytes);
+            bar.set_message(format!("{}/{} keys", progress.keys, progress.total_keys));
+        },
+    )
+    .await
+    .with_context(|| format!("bootstrapping {} from {source}", data_dir.display()))?;
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64().max(1e-9);
+    println!(
+        "installed the state of {source} as of seq {} into {}",
+        header.seq,
+        data_dir.display()
+    );
+    println!(
+        "  {} keys, {:.1} MB in {seconds:.2} s ({:.0} keys/s, {:.1} MB/s), digest {:016x}",
+        header.keys,
+        header.bytes as f64 / 1e6,
+        header.keys as f64 / seconds,
+        header.bytes as f64 / 1e6 / seconds,
+        header.digest
+    );
+    Ok(())
+}

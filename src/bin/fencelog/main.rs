@@ -97,6 +97,15 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Replace a stopped node's store with a snapshot of another node's state (the primary's
+    /// with --etcd/--cluster), for a node the log in etcd was trimmed past.
+    Bootstrap {
+        #[command(flatten)]
+        target: Target,
+        /// The stopped node's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// Print a stopped node's store: positions, log size and state digest.
     Inspect {
         /// The node's data directory.
@@ -188,6 +197,7 @@ async fn run_client(command: Command) -> anyhow::Result<()> {
         Command::Status { target, json } => commands::status(&target, json).await,
         Command::Promote { server, force } => commands::promote(server, force).await,
         Command::Inspect { data_dir, json } => inspect::run(&data_dir, json),
+        Command::Bootstrap { target, data_dir } => commands::bootstrap(&target, &data_dir).await,
         Command::Demo { records } => demo::run(records).await,
         Command::Primary(_) | Command::Standby(_) => unreachable!("daemons are run by `run`"),
     }
