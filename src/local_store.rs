@@ -144,6 +144,28 @@ pub struct LogStats {
     pub bytes: u64,
 }
 
+/// How much of its local log a node keeps ([`LocalStore::trim_log`]); by default everything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalRetention {
+    pub retain_records: u64,
+    pub retain_bytes: u64,
+}
+
+impl Default for LocalRetention {
+    fn default() -> Self {
+        LocalRetention {
+            retain_records: u64::MAX,
+            retain_bytes: u64::MAX,
+        }
+    }
+}
+
+impl LocalRetention {
+    pub fn keeps_everything(&self) -> bool {
+        *self == LocalRetention::default()
+    }
+}
+
 /// One batch of the log as retention sees it: its seqs, size and seal time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoggedBatch {
@@ -557,6 +579,48 @@ impl LocalStore {
             stats.bytes += bytes.len() as u64;
         }
         Ok(stats)
+    }
+
+    /// Drops the oldest batches of the log while more than `retain_records` records or
+    /// `retain_bytes` encoded bytes would remain, but never a batch the state has not fully
+    /// applied. Returns the new oldest seq when it dropped anything. Reads below it then fail
+    /// with [`Error::SeqNotInLog`] naming it.
+    pub fn trim_log(&self, retain_records: u64, retain_bytes: u64) -> Result<Option<Seq>> {
+        let _writer = lock(&self.writer);
+        let applied = Seq(self.meta_u64(APPLIED_SEQ)?);
+        let end = self.log_end()?;
+        let mut kept_bytes = 0u64;
+        let mut keep_from = None;
+        for entry in self.log.iter().rev() {
+            let (key, bytes) = entry.map_err(|e| self.io(e))?;
+            let header = self.header(&key, &bytes)?;
+            kept_bytes = kept_bytes.saturating_add(bytes.len() as u64);
+            let kept_records = end.0 - header.first_seq.0 + 1;
+            let over = kept_bytes > retain_bytes || kept_records > retain_records;
+            if over && header.last_seq() <= applied && keep_from.is_some() {
+                break;
+            }
+            keep_from = Some(header.first_seq);
+        }
+        let Some(keep_from) = keep_from else {
+            return Ok(None);
+        };
+        let doomed = self
+            .log
+            .range(..keep_from.to_be_bytes())
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.io(e))?;
+        if doomed.is_empty() {
+            return Ok(None);
+        }
+        // The base first: a crash part way leaves batches below it, which are never read.
+        self.put_meta(LOG_BASE, keep_from.0 - 1)?;
+        for key in &doomed {
+            self.log.remove(key).map_err(|e| self.io(e))?;
+        }
+        self.flush_if_every_write()?;
+        Ok(Some(keep_from))
     }
 
     /// The received batches from the one starting at `from` on, by their headers.

@@ -23,7 +23,7 @@ use crate::config::PrimaryConfig;
 use crate::error::{Error, Result};
 use crate::etcd::leadership::{current_leader, Leadership};
 use crate::keys::KeyLayout;
-use crate::local_store::{blocking, LocalStore, StoreOptions};
+use crate::local_store::{blocking, LocalRetention, LocalStore, StoreOptions};
 use crate::metrics::Metrics;
 use crate::primary::{AppendAck, Primary};
 use crate::record::{Epoch, Record, Seq};
@@ -38,7 +38,12 @@ pub struct NodeConfig {
     pub primary: PrimaryConfig,
     /// Take over by itself when the leader key goes.
     pub failover: bool,
+    /// How much of the local log to keep (checked every [`LOCAL_TRIM_INTERVAL`]).
+    pub local_retention: LocalRetention,
 }
+
+/// How often a node with a bounded local log trims it.
+pub const LOCAL_TRIM_INTERVAL: Duration = Duration::from_secs(5);
 
 /// What the node is doing now.
 #[derive(Clone)]
@@ -130,6 +135,13 @@ impl Node {
         let (role_tx, role) = watch::channel(Role::Standby(Arc::new(standby)));
         let (requests, inbox) = mpsc::channel(8);
         let store = Arc::new(RwLock::new(store));
+        if !config.local_retention.keeps_everything() {
+            tokio::spawn(trim_local_log(
+                store.clone(),
+                config.local_retention,
+                role.clone(),
+            ));
+        }
         let runner = Runner {
             client: client.clone(),
             store: store.clone(),
@@ -542,5 +554,28 @@ fn reply(answer: Option<oneshot::Sender<Result<()>>>, outcome: Result<()>) {
     if let Some(answer) = answer {
         // The asker may have given up waiting; the outcome is logged by whoever acted on it.
         let _ = answer.send(outcome);
+    }
+}
+
+/// Keeps the local log within `retention` until the node stops.
+async fn trim_local_log(
+    store: StoreSlot,
+    retention: LocalRetention,
+    mut role: watch::Receiver<Role>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(LOCAL_TRIM_INTERVAL) => {}
+            _ = role.wait_for(|role| matches!(role, Role::Stopped)) => return,
+        }
+        let store = current(&store);
+        let trimmed =
+            blocking(move || store.trim_log(retention.retain_records, retention.retain_bytes))
+                .await;
+        match trimmed {
+            Ok(Some(oldest)) => tracing::debug!(%oldest, "trimmed the local log"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot trim the local log"),
+        }
     }
 }

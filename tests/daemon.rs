@@ -667,3 +667,54 @@ async fn bootstrap_installs_the_primarys_state_and_the_node_follows_from_there()
     standby.stop(STARTUP).await.unwrap();
     primary.stop(STARTUP).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_below_the_local_log_names_the_oldest_seq_the_node_holds() {
+    let cluster = Cluster::start().await;
+    let mut primary = cluster
+        .primary("alpha", &["--local-retain-records", "500"])
+        .await;
+    let (ok, out, err) = fencelog(&[
+        "load",
+        "--server",
+        primary.api(),
+        "--records",
+        "3000",
+        "--concurrency",
+        "4",
+    ]);
+    assert!(ok, "{out}\n{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        let (ok, _, err) = fencelog(&[
+            "read",
+            "--server",
+            primary.api(),
+            "--from",
+            "1",
+            "--to",
+            "1",
+        ]);
+        if !ok {
+            break err;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the local log was never trimmed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(err.contains("seq 1 is not in the local log"), "{err}");
+    let (ok, out, err) = fencelog(&[
+        "read",
+        "--server",
+        primary.api(),
+        "--from",
+        "2900",
+        "--format",
+        "tsv",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(lines(&out).len(), 101);
+    primary.stop(STARTUP).await.unwrap();
+}

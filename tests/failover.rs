@@ -30,6 +30,7 @@ fn node_config(pieces: &Pieces, failover: bool) -> NodeConfig {
         standby,
         primary,
         failover,
+        local_retention: Default::default(),
     }
 }
 

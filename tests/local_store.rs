@@ -573,3 +573,45 @@ fn a_store_whose_sled_file_was_truncated_is_refused_or_keeps_a_consistent_prefix
         Ok(store) => assert_state_is_replay_of_log(&store),
     }
 }
+
+#[test]
+fn trimming_the_log_keeps_the_newest_records_and_never_unapplied_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .append_committed_all(&common::encoded_batches(Epoch(1), 10, 10))
+        .unwrap();
+    for _ in 0..5 {
+        store.apply_next(10).unwrap();
+    }
+    assert_eq!(store.trim_log(20, u64::MAX).unwrap(), Some(Seq(51)));
+    while store.apply_next(10).unwrap().is_some() {}
+    assert_eq!(store.trim_log(20, u64::MAX).unwrap(), Some(Seq(81)));
+    assert_eq!(store.trim_log(20, u64::MAX).unwrap(), None);
+    assert!(matches!(
+        store.read(Seq(10), 10, usize::MAX),
+        Err(Error::SeqNotInLog {
+            oldest: Seq(81),
+            ..
+        })
+    ));
+    assert_eq!(store.read(Seq(81), 5, usize::MAX).unwrap().len(), 5);
+    drop(store);
+
+    let reopened = open(dir.path());
+    let next = common::encoded_batches(Epoch(1), 11, 10).pop().unwrap();
+    reopened.append_committed(&next).unwrap();
+    assert_eq!(reopened.positions().unwrap().received_seq, Seq(110));
+}
+
+#[test]
+fn trimming_the_log_by_bytes_keeps_at_least_the_newest_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .append_committed_all(&common::encoded_batches(Epoch(1), 4, 10))
+        .unwrap();
+    while store.apply_next(10).unwrap().is_some() {}
+    assert_eq!(store.trim_log(u64::MAX, 1).unwrap(), Some(Seq(31)));
+    assert_eq!(store.log_stats().unwrap().batches, 1);
+}

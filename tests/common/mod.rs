@@ -254,6 +254,7 @@ impl ServedNode {
             standby,
             primary,
             failover,
+            local_retention: Default::default(),
         };
         let metrics = std::sync::Arc::new(fencelog::metrics::Metrics::new().expect("metrics"));
         let node = std::sync::Arc::new(

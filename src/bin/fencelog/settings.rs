@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use fencelog::config::{Pipeline, PrimaryConfig};
 use fencelog::keys::{ClusterId, NodeName};
+use fencelog::local_store::LocalRetention;
 use fencelog::node::NodeConfig;
 use fencelog::standby::StandbyConfig;
 use serde::Deserialize;
@@ -94,6 +95,12 @@ pub struct NodeSettings {
     /// Primary: milliseconds between trims [default: 5000].
     #[arg(long, env = "FENCELOG_TRIM_INTERVAL_MS")]
     pub trim_interval_ms: Option<u64>,
+    /// Keep at most this many records in the local log (never unapplied ones) [default: all].
+    #[arg(long, env = "FENCELOG_LOCAL_RETAIN_RECORDS")]
+    pub local_retain_records: Option<u64>,
+    /// Keep at most this many bytes of batches in the local log [default: all].
+    #[arg(long, env = "FENCELOG_LOCAL_RETAIN_BYTES")]
+    pub local_retain_bytes: Option<u64>,
     /// Log format [default: text].
     #[arg(long, env = "FENCELOG_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -139,6 +146,8 @@ impl NodeSettings {
             retain_seconds: self.retain_seconds.or(lower.retain_seconds),
             max_etcd_log_bytes: self.max_etcd_log_bytes.or(lower.max_etcd_log_bytes),
             trim_interval_ms: self.trim_interval_ms.or(lower.trim_interval_ms),
+            local_retain_records: self.local_retain_records.or(lower.local_retain_records),
+            local_retain_bytes: self.local_retain_bytes.or(lower.local_retain_bytes),
             log_format: self.log_format.or(lower.log_format),
         }
     }
@@ -204,6 +213,10 @@ impl NodeSettings {
                 standby,
                 primary,
                 failover: leads || self.failover.unwrap_or(false),
+                local_retention: LocalRetention {
+                    retain_records: self.local_retain_records.unwrap_or(u64::MAX),
+                    retain_bytes: self.local_retain_bytes.unwrap_or(u64::MAX),
+                },
             },
         })
     }
