@@ -281,3 +281,73 @@ async fn a_following_standby_is_never_trimmed_past() {
     standby.shutdown().await.unwrap();
     primary.shutdown().await.unwrap();
 }
+
+/// Records for the long-load test: `FENCELOG_LONG_RECORDS`, default 300,000 (the figures in
+/// `docs/OPERATIONS.md` come from a run with 5,000,000 in a release build).
+fn long_records() -> u64 {
+    std::env::var("FENCELOG_LONG_RECORDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(300_000)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_a_long_load_etcd_stays_bounded_and_trimmed_advances() {
+    let etcd = common::etcd().await;
+    let mut primary_node = node("primary");
+    primary_node.config.retention = Retention {
+        retain_records: 10_000,
+        retain_seconds: 0,
+        max_etcd_log_bytes: 4 << 20,
+        interval: Duration::from_millis(200),
+        compact: true,
+    };
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let primary = Arc::new(
+        Primary::start(
+            common::client(&etcd).await,
+            primary_node.store.clone(),
+            primary_node.config.clone(),
+            metrics.clone(),
+        )
+        .await
+        .unwrap(),
+    );
+    let records = long_records();
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let producers: Vec<_> = (0..16)
+        .map(|p| {
+            let (primary, next) = (primary.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut generator = RecordGenerator::new(p, 1_000_000, 256);
+                while next.fetch_add(64, std::sync::atomic::Ordering::Relaxed) < records
+                    && Instant::now() < deadline
+                {
+                    primary.append(generator.take_records(64)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut status_client = common::client(&etcd).await;
+    let mut largest_db = 0;
+    while !producers.iter().all(|p| p.is_finished()) {
+        let status = status_client.status().await.unwrap();
+        largest_db = largest_db.max(status.db_size());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for producer in producers {
+        producer.await.unwrap();
+    }
+    let committed_bytes = metrics.batch_bytes.get_sample_sum() as i64;
+    let last = common::latest(&etcd).await.unwrap().last_seq;
+    let trimmed = trimmed_past(&etcd, Seq(last.0.saturating_sub(200_000))).await;
+    println!(
+        "{last} records, {committed_bytes} bytes of batches committed; etcd db at most {largest_db} bytes; trimmed {trimmed}"
+    );
+    assert!(
+        largest_db < committed_bytes / 2 && largest_db < 256 << 20,
+        "etcd's db reached {largest_db} bytes for {committed_bytes} committed"
+    );
+    Arc::into_inner(primary).unwrap().shutdown().await.unwrap();
+}
