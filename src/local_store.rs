@@ -696,11 +696,14 @@ impl LocalStore {
     /// Writes snapshot pairs into an empty store being installed; see
     /// [`finish_snapshot`](Self::finish_snapshot).
     pub(crate) fn insert_snapshot_pairs(&self, pairs: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
-        let mut batch = sled::Batch::default();
+        // Plain inserts, not a sled batch: the store is staged, so a chunk need not be atomic,
+        // and sled 0.34 runs batches under its process-wide concurrency lock.
         for (key, value) in pairs {
-            batch.insert(key.as_slice(), value.as_slice());
+            self.state
+                .insert(key.as_slice(), value.as_slice())
+                .map_err(|e| self.io(e))?;
         }
-        self.state.apply_batch(batch).map_err(|e| self.io(e))
+        Ok(())
     }
 
     /// Makes a store filled by [`insert_snapshot_pairs`](Self::insert_snapshot_pairs) the

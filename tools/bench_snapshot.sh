@@ -2,11 +2,13 @@
 # Measures, in one run on this machine: a snapshot of a ~1M-key state transferred and installed
 # (`fencelog bootstrap`, keys/s and MB/s), and how long a new standby takes to join a cluster
 # with that history by snapshot versus by replaying the whole log from etcd.
-# Usage: tools/bench_snapshot.sh [RECORDS]   (default 1000000; release build; etcd on loopback)
+# Usage: tools/bench_snapshot.sh [RECORDS [KEYSPACE]]   (default 1000000 records, a key each;
+# with KEYSPACE, records overwrite KEYSPACE keys: a long history over a smaller state)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/deps.sh
 records=${1:-1000000}
+keyspace=${2:-$records}
 cargo build --release --locked -q
 bin=target/release/fencelog
 work=$(mktemp -d)
@@ -22,35 +24,35 @@ etcd --data-dir "$work/etcd" --listen-client-urls "http://127.0.0.1:$etcd_client
 pids+=($!)
 endpoint="http://127.0.0.1:$etcd_client"
 sleep 2
-daemon() { # role name extra...
-  local role=$1 name=$2; shift 2
+daemon() { # VAR role name extra...: starts a daemon, sets VAR to its API address
+  local var=$1 role=$2 name=$3; shift 3
   local api=127.0.0.1:$(port)
   "$bin" "$role" --cluster bench --node "$name" --data-dir "$work/$name" --etcd "$endpoint" \
-    --listen "$api" --metrics "127.0.0.1:$(port)" "$@" 2>"$work/$name.log" &
+    --listen "$api" --metrics "127.0.0.1:$(port)" "$@" >/dev/null 2>"$work/$name.log" &
   pids+=($!)
-  echo "$api"
+  printf -v "$var" '%s' "$api"
 }
 field() { "$bin" status --server "$1" --json 2>/dev/null | python3 -c "import json,sys; print(json.load(sys.stdin)['$2'])" 2>/dev/null || echo -1; }
 wait_applied() { # api seq
   while [ "$(field "$1" applied_seq)" -lt "$2" ]; do sleep 0.05; done
 }
-primary=$(daemon primary a --retain-records 100000000 --max-etcd-log-bytes 4000000000)
+daemon primary primary a --retain-records 100000000 --max-etcd-log-bytes 4000000000
 until [ "$(field "$primary" role)" = primary ]; do sleep 0.1; done
-echo "== loading $records records with unique keys"
-"$bin" load --server "$primary" --records "$records" --concurrency 32 --batch 256 | sed 's/^/   /'
+echo "== loading $records records over $keyspace keys"
+"$bin" load --server "$primary" --records "$records" --keyspace "$keyspace" --concurrency 32 --batch 256 | sed 's/^/   /'
 wait_applied "$primary" "$records"
 
 echo "== snapshot: transfer and install (fencelog bootstrap)"
 start=$(date +%s.%N)
 "$bin" bootstrap --server "$primary" --data-dir "$work/b" | sed 's/^/   /'
-snap_api=$(daemon standby b)
+daemon snap_api standby b
 wait_applied "$snap_api" "$records"
 until [ "$(field "$snap_api" state)" = watching ]; do sleep 0.05; done
 join_snapshot=$(echo "$(date +%s.%N) - $start" | bc)
 
 echo "== replay: a new standby reading the whole log from etcd"
 start=$(date +%s.%N)
-replay_api=$(daemon standby c)
+daemon replay_api standby c
 wait_applied "$replay_api" "$records"
 join_replay=$(echo "$(date +%s.%N) - $start" | bc)
 printf '   join by snapshot (bootstrap + start + catch-up): %.2f s\n' "$join_snapshot"

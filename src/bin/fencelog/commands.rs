@@ -183,11 +183,13 @@ pub async fn bootstrap(target: &Target, data_dir: &std::path::Path) -> anyhow::R
         "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}) {msg}",
     )?);
     let started = std::time::Instant::now();
+    let mut first_chunk = None;
     let header = fencelog::snapshot::bootstrap(
         &mut client,
         data_dir,
         fencelog::limits::Limits::default(),
         |progress| {
+            first_chunk.get_or_insert_with(|| started.elapsed());
             bar.set_length(progress.total_bytes);
             bar.set_position(progress.bytes);
             bar.set_message(format!("{}/{} keys", progress.keys, progress.total_keys));
@@ -210,5 +212,11 @@ pub async fn bootstrap(target: &Target, data_dir: &std::path::Path) -> anyhow::R
         header.bytes as f64 / 1e6 / seconds,
         header.digest
     );
+    if let Some(first) = first_chunk {
+        println!(
+            "  the source exported its state in about {:.2} s (until the first chunk was installed)",
+            first.as_secs_f64()
+        );
+    }
     Ok(())
 }

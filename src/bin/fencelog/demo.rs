@@ -57,6 +57,7 @@ pub async fn run(records: u64) -> anyhow::Result<()> {
         concurrency: 16,
         batch: 64,
         acked_out: Some(acked_path.clone()),
+        keyspace: None,
         random_values: false,
         failover_timeout: 30,
     };

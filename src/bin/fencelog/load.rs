@@ -40,6 +40,10 @@ pub struct LoadOptions {
     /// Write `<seq>\t<key>\t<xxh3 of value>` for every acknowledged record.
     #[arg(long)]
     pub acked_out: Option<PathBuf>,
+    /// Write over this many keys (record i goes to key i mod N) instead of a new key per
+    /// record: a long history over a smaller state.
+    #[arg(long)]
+    pub keyspace: Option<u64>,
     /// Incompressible values instead of JSON-like ones.
     #[arg(long)]
     pub random_values: bool,
@@ -103,6 +107,7 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadSummary> {
                 records: options.records,
                 batch: options.batch as u64,
                 value_size: options.value_size,
+                keyspace: options.keyspace.unwrap_or(u64::MAX).max(1),
                 random_values: options.random_values,
                 failover_timeout: Duration::from_secs(options.failover_timeout),
             };
@@ -158,6 +163,7 @@ struct Worker {
     records: u64,
     batch: u64,
     value_size: usize,
+    keyspace: u64,
     random_values: bool,
     failover_timeout: Duration,
 }
@@ -211,7 +217,7 @@ impl Worker {
     }
 
     fn record(&mut self, index: u64) -> Record {
-        let key = format!("{}{index:010}", self.shared.key_prefix);
+        let key = format!("{}{:010}", self.shared.key_prefix, index % self.keyspace);
         let value = if self.random_values {
             self.values.next_random_value(self.value_size)
         } else {
