@@ -76,9 +76,11 @@ pub fn trim_point(
         .find(|b| b.sealed_at_micros >= cutoff)
         .map_or(newest.first_seq, |b| b.first_seq);
     let mut keep_from = keep_records.min(keep_recent);
-    // What the live standbys still need.
-    if let Some(lowest) = members.iter().min() {
-        keep_from = keep_from.min(Seq(lowest.0.saturating_add(1)));
+    // What the live standbys still need; one already trimmed past needs a snapshot instead,
+    // and must not hold trimming back for the others.
+    let needed = members.iter().map(|m| Seq(m.0.saturating_add(1)));
+    if let Some(lowest) = needed.filter(|&next| next >= trimmed).min() {
+        keep_from = keep_from.min(lowest);
     }
     // The byte budget wins over everything but the newest batch.
     let mut kept_bytes = 0u64;
@@ -216,6 +218,19 @@ mod tests {
             Seq(1),
         );
         assert_eq!(behind, None, "a standby with nothing received needs seq 1");
+    }
+
+    #[test]
+    fn a_standby_already_trimmed_past_does_not_hold_trimming_back() {
+        let batches = &log()[3..];
+        let point = trim_point(
+            batches,
+            &[Seq(100)],
+            &retention(0, 0, u64::MAX),
+            NOW,
+            Seq(301),
+        );
+        assert_eq!(point, Some(Seq(901)));
     }
 
     #[test]
