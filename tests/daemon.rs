@@ -46,6 +46,20 @@ impl Cluster {
     }
 }
 
+/// `fencelog load` of `records` records into the node at `server`, 4 workers; must succeed.
+fn load(server: &str, records: &str) {
+    let (ok, out, err) = fencelog(&[
+        "load",
+        "--server",
+        server,
+        "--records",
+        records,
+        "--concurrency",
+        "4",
+    ]);
+    assert!(ok, "{out}\n{err}");
+}
+
 fn lines(text: &str) -> Vec<&str> {
     text.lines().filter(|l| !l.trim().is_empty()).collect()
 }
@@ -507,16 +521,7 @@ async fn inspect_json_shows_equal_digests_for_a_primary_and_its_standby() {
     let cluster = Cluster::start().await;
     let mut primary = cluster.primary("alpha", &[]).await;
     let mut standby = cluster.standby("beta", &[]).await;
-    let (ok, out, err) = fencelog(&[
-        "load",
-        "--server",
-        primary.api(),
-        "--records",
-        "2000",
-        "--concurrency",
-        "4",
-    ]);
-    assert!(ok, "{out}\n{err}");
+    load(primary.api(), "2000");
     standby
         .client()
         .await
@@ -620,16 +625,7 @@ async fn bootstrap_installs_the_primarys_state_and_the_node_follows_from_there()
         "100",
     ];
     let mut primary = cluster.primary("alpha", &quick_trims).await;
-    let (ok, out, err) = fencelog(&[
-        "load",
-        "--server",
-        primary.api(),
-        "--records",
-        "3000",
-        "--concurrency",
-        "4",
-    ]);
-    assert!(ok, "{out}\n{err}");
+    load(primary.api(), "3000");
     let data = cluster.dir.path().join("beta");
     let (ok, out, err) = fencelog(&[
         "bootstrap",
@@ -674,16 +670,7 @@ async fn a_read_below_the_local_log_names_the_oldest_seq_the_node_holds() {
     let mut primary = cluster
         .primary("alpha", &["--local-retain-records", "500"])
         .await;
-    let (ok, out, err) = fencelog(&[
-        "load",
-        "--server",
-        primary.api(),
-        "--records",
-        "3000",
-        "--concurrency",
-        "4",
-    ]);
-    assert!(ok, "{out}\n{err}");
+    load(primary.api(), "3000");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let err = loop {
         let (ok, _, err) = fencelog(&[

@@ -62,23 +62,32 @@ fn digest_of(dir: &std::path::Path) -> fencelog::local_store::StateDigest {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_snapshot_cut_off_midway_leaves_the_old_store_and_a_retry_succeeds() {
+/// With `fail_point` on, an install fails with `expected` in its error and leaves the old
+/// store as it was; with it off again, a retry installs the primary's state.
+async fn a_failed_install_keeps_the_old_store_and_a_retry_succeeds(
+    fail_point: &str,
+    expected: &str,
+) {
     let scenario = FailScenario::setup();
     let etcd = common::etcd().await;
     let old = tempfile::tempdir().unwrap();
     let (_pieces, primary, old_digest) = setup(&etcd, &old).await;
 
-    fail::cfg("snapshot::cut_off", "return").unwrap();
-    let cut = install(&primary, old.path()).await;
-    assert!(cut.is_err_and(|e| e.to_string().contains("cut off")));
+    fail::cfg(fail_point, "return").unwrap();
+    let failed = install(&primary, old.path()).await;
+    assert!(
+        failed
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains(expected)),
+        "{failed:?}"
+    );
     assert_eq!(
         digest_of(old.path()),
         old_digest,
         "the old store is untouched"
     );
 
-    fail::remove("snapshot::cut_off");
+    fail::remove(fail_point);
     assert_eq!(install(&primary, old.path()).await.unwrap(), 2_000);
     assert_eq!(
         digest_of(old.path()),
@@ -89,26 +98,15 @@ async fn a_snapshot_cut_off_midway_leaves_the_old_store_and_a_retry_succeeds() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_cut_off_midway_leaves_the_old_store_and_a_retry_succeeds() {
+    a_failed_install_keeps_the_old_store_and_a_retry_succeeds("snapshot::cut_off", "cut off").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_corrupt_snapshot_chunk_is_refused_and_the_old_store_kept() {
-    let scenario = FailScenario::setup();
-    let etcd = common::etcd().await;
-    let old = tempfile::tempdir().unwrap();
-    let (_pieces, primary, old_digest) = setup(&etcd, &old).await;
-
-    fail::cfg("snapshot::corrupt_chunk", "return").unwrap();
-    let corrupt = install(&primary, old.path()).await;
-    assert!(
-        corrupt.is_err_and(|e| e.to_string().contains("checksum mismatch")),
-        "a corrupt chunk was accepted"
-    );
-    assert_eq!(digest_of(old.path()), old_digest);
-
-    fail::remove("snapshot::corrupt_chunk");
-    assert_eq!(install(&primary, old.path()).await.unwrap(), 2_000);
-    assert_eq!(
-        digest_of(old.path()),
-        primary.node.store().state_digest().unwrap()
-    );
-    primary.stop().await;
-    scenario.teardown();
+    a_failed_install_keeps_the_old_store_and_a_retry_succeeds(
+        "snapshot::corrupt_chunk",
+        "checksum mismatch",
+    )
+    .await;
 }
