@@ -25,12 +25,14 @@
 //! - [`snapshot`]: a node's state exported, streamed and installed, for nodes the log was
 //!   trimmed past;
 //! - [`metrics`]: the Prometheus registry;
+//! - [`checker`]: the history checker (acknowledged vs committed vs applied);
 //! - [`workload`]: synthetic records for benches, tests and the load tool;
 //! - [`error`]: the crate's error type.
 
 pub mod api;
 pub mod applier;
 pub mod batch;
+pub mod checker;
 pub mod config;
 pub mod error;
 pub mod etcd;

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use fencelog::api::{Endpoint, WalClient};
-use fencelog::record::{Op, Record, Seq};
-use xxhash_rust::xxh3::xxh3_64;
+use fencelog::checker::tsv_line;
+use fencelog::record::{Record, Seq};
 
 /// Which node a command talks to: one address, or the leader found through etcd.
 #[derive(Args, Debug, Clone)]
@@ -45,25 +45,6 @@ impl Target {
 pub enum ReadFormat {
     /// `<seq>\t<key>\t<xxh3-64 of the value, 16 hex digits>`; a delete shows `-` as its digest.
     Tsv,
-}
-
-/// One line of the TSV format shared by `read` and `load --acked-out`. Keys are printed with
-/// non-printable bytes escaped (`\t`, `\xff`), so that a line always has three columns.
-pub fn tsv_line(seq: Seq, record: &Record) -> String {
-    format!("{seq}\t{}", tsv_columns(record))
-}
-
-/// The key and digest columns of [`tsv_line`].
-pub fn tsv_columns(record: &Record) -> String {
-    let digest = match record.op {
-        Op::Put => value_digest(&record.value),
-        Op::Delete => "-".to_owned(),
-    };
-    format!("{}\t{digest}", record.key.escape_ascii())
-}
-
-pub fn value_digest(value: &[u8]) -> String {
-    format!("{:016x}", xxh3_64(value))
 }
 
 pub async fn append(target: &Target, key: String, value: String) -> anyhow::Result<()> {
@@ -219,4 +200,93 @@ pub async fn bootstrap(target: &Target, data_dir: &std::path::Path) -> anyhow::R
         );
     }
     Ok(())
+}
+
+/// `fencelog check`: the history checker over acknowledged-records files, the committed log
+/// (with `--etcd`, the batches in etcd themselves, verified; with `--server`, a node's `Read`),
+/// and stopped nodes' stores.
+pub async fn check(
+    target: &Target,
+    acked_files: &[std::path::PathBuf],
+    data_dirs: &[std::path::PathBuf],
+) -> anyhow::Result<()> {
+    use fencelog::checker::{parse_acked, Checker};
+    let mut text = String::new();
+    for file in acked_files {
+        text.push_str(
+            &std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?,
+        );
+        text.push('\n');
+    }
+    let (acked, mut violations) = parse_acked(&text)?;
+    let acknowledged = acked.len();
+    let mut nodes = Vec::new();
+    for dir in data_dirs {
+        let store = fencelog::local_store::LocalStore::open(dir, Default::default())
+            .with_context(|| format!("inspecting {}", dir.display()))?;
+        nodes.push((dir.display().to_string(), store.state_digest()?));
+    }
+    let mut checker = Checker::new(acked, nodes);
+    let (source, batches) = match (&target.server, &target.etcd, &target.cluster) {
+        (None, Some(endpoints), Some(cluster)) => {
+            let batches = read_etcd_log(endpoints, cluster, &mut checker).await?;
+            (format!("etcd at {}", endpoints.join(",")), batches)
+        }
+        _ => {
+            let mut client = target.connect().await?;
+            let mut stream = client.read(Seq(1), None).await?;
+            while let Some(chunk) = stream.next_chunk().await? {
+                for (seq, record) in chunk {
+                    checker.committed(seq, &record);
+                }
+            }
+            (client.addr().to_owned(), Vec::new())
+        }
+    };
+    let epochs = fencelog::checker::epochs(&batches).len();
+    let mut report = checker.finish(&batches);
+    violations.append(&mut report.violations);
+    println!(
+        "checked {acknowledged} acknowledged records against the committed log {}..={} from {}",
+        report.committed_first, report.committed_last, source
+    );
+    println!(
+        "  {} acknowledged records found as acknowledged; {} batches in etcd over {epochs} epochs; {} node states replayed",
+        report.acknowledged, report.batches_checked, report.nodes_checked
+    );
+    if violations.is_empty() {
+        println!("  no violations");
+        return Ok(());
+    }
+    for violation in &violations {
+        println!("  VIOLATION {violation}");
+    }
+    anyhow::bail!("{} violations of the history", violations.len())
+}
+
+/// Feeds the committed log in etcd to `checker`, each batch verified; returns the headers.
+async fn read_etcd_log(
+    endpoints: &[String],
+    cluster: &str,
+    checker: &mut fencelog::checker::Checker,
+) -> anyhow::Result<Vec<fencelog::batch::BatchHeader>> {
+    let timeout = std::time::Duration::from_secs(5);
+    let client = fencelog::etcd::connect(endpoints, timeout).await?;
+    let layout = fencelog::keys::KeyLayout::new(&cluster.parse()?);
+    let limits = fencelog::limits::Limits::default();
+    let trimmed = fencelog::etcd::trim::read_trimmed(&client, &layout, timeout).await?;
+    let mut pages =
+        fencelog::etcd::fetch::BatchPages::new(&client, &layout, &limits, trimmed, None, timeout);
+    let mut decoder = fencelog::batch::BatchDecoder::new(limits.clone())?;
+    let mut headers = Vec::new();
+    while let Some(page) = pages.next_page().await? {
+        for batch in page {
+            headers.push(*batch.header());
+            for (seq, record) in decoder.decode(batch.as_bytes())?.iter() {
+                checker.committed(seq, record);
+            }
+        }
+    }
+    Ok(headers)
 }

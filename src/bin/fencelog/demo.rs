@@ -14,8 +14,9 @@ use fencelog::etcd::process::EtcdProcess;
 use fencelog::node_process::{NodeProcess, NodeSpec};
 use fencelog::record::Seq;
 
-use crate::commands::{tsv_line, Target};
+use crate::commands::Target;
 use crate::load::{self, LoadOptions};
+use fencelog::checker::tsv_line;
 
 const CLUSTER: &str = "demo";
 /// Short, so the failover shows within seconds.

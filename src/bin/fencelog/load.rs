@@ -19,7 +19,8 @@ use fencelog::workload::RecordGenerator;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 
-use crate::commands::{tsv_columns, Target};
+use crate::commands::Target;
+use fencelog::checker::tsv_columns;
 
 #[derive(clap::Args)]
 pub struct LoadOptions {

@@ -106,6 +106,18 @@ enum Command {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// Check a history after faults: every acknowledged record committed once, unchanged; the
+    /// log dense; epochs never going back (with --etcd); stopped nodes' states equal the replay.
+    Check {
+        #[command(flatten)]
+        target: Target,
+        /// `load --acked-out` files (repeatable).
+        #[arg(long = "acked", required = true)]
+        acked: Vec<PathBuf>,
+        /// A stopped node's data directory whose state to check (repeatable).
+        #[arg(long = "data-dir")]
+        data_dirs: Vec<PathBuf>,
+    },
     /// Print a stopped node's store: positions, log size and state digest.
     Inspect {
         /// The node's data directory.
@@ -197,6 +209,11 @@ async fn run_client(command: Command) -> anyhow::Result<()> {
         Command::Status { target, json } => commands::status(&target, json).await,
         Command::Promote { server, force } => commands::promote(server, force).await,
         Command::Inspect { data_dir, json } => inspect::run(&data_dir, json),
+        Command::Check {
+            target,
+            acked,
+            data_dirs,
+        } => commands::check(&target, &acked, &data_dirs).await,
         Command::Bootstrap { target, data_dir } => commands::bootstrap(&target, &data_dir).await,
         Command::Demo { records } => demo::run(records).await,
         Command::Primary(_) | Command::Standby(_) => unreachable!("daemons are run by `run`"),
