@@ -94,6 +94,7 @@ async fn check(etcd: &common::EtcdProcess, acked: &[PathBuf], nodes: &mut [NodeP
     let (ok, out, err) = fencelog(&args);
     assert!(ok, "{out}{err}");
     assert!(out.contains("no violations"), "{out}");
+    println!("{out}");
     assert!(
         out.contains(&format!("{} node states replayed", nodes.len())),
         "{out}"
@@ -146,11 +147,17 @@ async fn kill_9_of_the_primary_under_load_loses_no_acknowledged_record() {
         let load = start_load(&etcd, 20_000, &file);
         committed(&nodes[leader], base + 5_000).await;
         nodes[leader].kill();
+        let killed = Instant::now();
         let survivor = 1 - leader;
         nodes[survivor]
             .wait_for("primary", None, WAIT)
             .await
             .unwrap();
+        println!(
+            "round {round}: {} took over {:.2} s after the kill",
+            nodes[survivor].name(),
+            killed.elapsed().as_secs_f64()
+        );
         // The killed node comes back as a failover standby on its old store.
         let mut restarted = daemon(
             &etcd,
