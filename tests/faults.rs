@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{daemon, fencelog, CLUSTER};
+use fencelog::api::proto::StatusResponse;
 use fencelog::node_process::NodeProcess;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -50,11 +51,16 @@ fn finish_load(load: Child) -> String {
 
 /// Waits until the node's committed seq reaches `seq`.
 async fn committed(node: &NodeProcess, seq: u64) {
+    reached(node, seq, |s| s.committed_seq).await;
+}
+
+/// Waits until `position` of the node's status reaches `seq`.
+async fn reached(node: &NodeProcess, seq: u64, position: fn(&StatusResponse) -> u64) {
     let deadline = Instant::now() + WAIT;
-    while node.status().await.map_or(0, |s| s.committed_seq) < seq {
+    while node.status().await.map_or(0, |s| position(&s)) < seq {
         assert!(
             Instant::now() < deadline,
-            "{} never committed seq {seq}",
+            "{} never reached seq {seq}",
             node.name()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -194,4 +200,96 @@ async fn a_paused_primary_is_fenced_and_acknowledges_nothing_after() {
     nodes[0].wait_for("standby", None, WAIT).await.unwrap();
     finish_load(load);
     check(&etcd, &[file], &mut nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_of_a_standby_while_it_applies_restarts_it_warm_with_the_same_state() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut primary = daemon(&etcd, dir.path(), "primary", "a", &NODE_ARGS);
+    primary.wait_for("primary", None, WAIT).await.unwrap();
+    let mut standby = daemon(&etcd, dir.path(), "standby", "b", &NODE_ARGS);
+    standby
+        .wait_for("standby", Some("watching"), WAIT)
+        .await
+        .unwrap();
+    let file = dir.path().join("acked.tsv");
+    let load = start_load(&etcd, 10_000 * rounds() as u64, &file);
+    for round in 0..rounds() {
+        reached(&standby, 5_000 * (round as u64 + 1), |s| s.received_seq).await;
+        standby.kill();
+        let restarted = Instant::now();
+        standby.start().unwrap();
+        let status = standby.wait_for("standby", None, WAIT).await.unwrap();
+        assert!(
+            status.received_seq > 0,
+            "round {round}: the standby restarted from zero"
+        );
+        println!(
+            "round {round}: restarted at received seq {} in {:.2} s",
+            status.received_seq,
+            restarted.elapsed().as_secs_f64()
+        );
+    }
+    finish_load(load);
+    check(&etcd, &[file], &mut [primary, standby]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_killed_and_restarted_under_load_loses_no_acknowledged_record() {
+    let mut etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start_pair(&etcd, dir.path()).await;
+    let file = dir.path().join("acked.tsv");
+    let load = start_load(&etcd, 30_000, &file);
+    for round in 0..rounds() {
+        committed(&nodes[0], 5_000 * (round as u64 + 1)).await;
+        etcd.kill();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        etcd.restart().await.unwrap();
+        println!("round {round}: etcd killed and restarted");
+    }
+    finish_load(load);
+    check(&etcd, &[file], &mut nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_store_is_moved_aside_and_rebuilt_from_etcd() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut primary = daemon(&etcd, dir.path(), "primary", "a", &NODE_ARGS);
+    primary.wait_for("primary", None, WAIT).await.unwrap();
+    let mut standby = daemon(&etcd, dir.path(), "standby", "b", &NODE_ARGS);
+    standby
+        .wait_for("standby", Some("watching"), WAIT)
+        .await
+        .unwrap();
+    let file = dir.path().join("acked.tsv");
+    finish_load(start_load(&etcd, 5_000, &file));
+    reached(&standby, 5_000, |s| s.applied_seq).await;
+    assert!(standby.stop(WAIT).await.unwrap().success());
+
+    // Lose sled's data file, as a bad disk or an operator's mistake would.
+    let db = standby.data_dir().join("db");
+    std::fs::write(&db, b"").unwrap();
+    standby.start().unwrap();
+    let status = standby
+        .wait_for("standby", Some("watching"), WAIT)
+        .await
+        .unwrap();
+    reached(&standby, 5_000, |s| s.applied_seq).await;
+    let log = standby.log_text();
+    assert!(log.contains("moved it aside"), "{log}");
+    let aside = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|entry| entry.ok())
+        .any(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("b.damaged-")
+        });
+    assert!(aside, "the damaged store was not kept aside");
+    assert!(status.received_seq <= 5_000);
+    check(&etcd, &[file], &mut [primary, standby]).await;
 }
