@@ -705,3 +705,25 @@ async fn a_read_below_the_local_log_names_the_oldest_seq_the_node_holds() {
     assert_eq!(lines(&out).len(), 101);
     primary.stop(STARTUP).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_primary_with_the_same_node_name_does_not_take_over() {
+    let cluster = Cluster::start().await;
+    let mut first = cluster.primary("alpha", &[]).await;
+    let other_dir = tempfile::tempdir().unwrap();
+    let mut impostor = daemon(&cluster.etcd, other_dir.path(), "primary", "alpha", &[]);
+    impostor
+        .wait_for("standby", Some("watching"), STARTUP)
+        .await
+        .unwrap();
+    let (ok, out, err) = fencelog(&["append", "--server", first.api(), "k", "v"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "seq 1");
+    let status = first.status().await.unwrap();
+    assert_eq!(
+        (status.role.as_str(), status.leader.as_deref()),
+        ("primary", Some(first.api()))
+    );
+    impostor.stop(STARTUP).await.unwrap();
+    first.stop(STARTUP).await.unwrap();
+}
