@@ -35,8 +35,17 @@ fn codec() -> (BatchEncoder, BatchDecoder) {
     )
 }
 
+/// Cases per property: `FENCELOG_FUZZ_CASES`, default 200 (docs/RELIABILITY.md records a long
+/// run).
+fn fuzz_cases() -> u32 {
+    std::env::var("FENCELOG_FUZZ_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(200)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(200))]
+    #![proptest_config(ProptestConfig::with_cases(fuzz_cases()))]
 
     #[test]
     fn decode_returns_exactly_what_was_encoded(batch in batch()) {
