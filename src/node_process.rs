@@ -26,6 +26,8 @@ pub struct NodeSpec {
     pub log: PathBuf,
     /// More flags, e.g. `--failover`, `--lease-ttl 2`.
     pub extra_args: Vec<String>,
+    /// Extra environment variables (e.g. `FAILPOINTS` for a build with fail points).
+    pub env: Vec<(String, String)>,
 }
 
 pub struct NodeProcess {
@@ -64,6 +66,7 @@ impl NodeProcess {
             .arg("--data-dir")
             .arg(&spec.data_dir)
             .args(&spec.extra_args)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

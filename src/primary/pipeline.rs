@@ -195,8 +195,12 @@ async fn commit_loop(
         }
         let span = tracing::debug_span!("commit", epoch = %term.epoch(), first_seq = %batch.encoded.first_seq(), last_seq = %batch.encoded.last_seq());
         let _entered = span.enter();
+        // Fail point (tests): sealed and going to the local log, not yet sent to etcd.
+        fail::fail_point!("primary::before_commit");
         match commit_resolved(&term, &batch.encoded, latest_revision).await {
             Ok(revision) => {
+                // Fail point (tests): committed in etcd, not yet acknowledged.
+                fail::fail_point!("primary::before_ack");
                 latest_revision = revision;
                 record_commit(&term, &batch);
                 committed.send_replace(batch.encoded.last_seq());

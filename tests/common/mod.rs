@@ -188,6 +188,18 @@ pub fn daemon(
     name: &str,
     extra_args: &[&str],
 ) -> fencelog::node_process::NodeProcess {
+    daemon_with_env(etcd, dir, role, name, extra_args, &[])
+}
+
+/// [`daemon`] with extra environment variables.
+pub fn daemon_with_env(
+    etcd: &EtcdProcess,
+    dir: &std::path::Path,
+    role: &str,
+    name: &str,
+    extra_args: &[&str],
+    env: &[(&str, &str)],
+) -> fencelog::node_process::NodeProcess {
     let spec = fencelog::node_process::NodeSpec {
         binary: env!("CARGO_BIN_EXE_fencelog").into(),
         role: role.to_owned(),
@@ -197,6 +209,10 @@ pub fn daemon(
         data_dir: dir.join(name),
         log: dir.join(format!("{name}.log")),
         extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     };
     fencelog::node_process::NodeProcess::spawn(spec).expect("the daemon starts")
 }

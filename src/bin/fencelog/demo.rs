@@ -149,5 +149,6 @@ fn spawn(work: &Path, role: &str, name: &str, etcd: &str) -> anyhow::Result<Node
         data_dir: work.join(name),
         log: work.join(format!("{name}.log")),
         extra_args,
+        env: Vec::new(),
     })?)
 }

@@ -137,6 +137,10 @@ enum Command {
 }
 
 fn main() {
+    // Builds with fail points take them from the FAILPOINTS variable (tests crash daemons at
+    // exact steps this way); other builds have none.
+    #[cfg(feature = "failpoints")]
+    let _fail_points = fail::FailScenario::setup();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
