@@ -123,6 +123,12 @@ pub enum Error {
         "the log holds uncommitted batches up to seq {log_end}; commit or truncate them first"
     )]
     PendingTail { log_end: Seq },
+    #[error("the batch at seq {seq} is from epoch {epoch}, older than epoch {previous}, which committed the seqs before it: refused")]
+    EpochRegression {
+        seq: Seq,
+        epoch: Epoch,
+        previous: Epoch,
+    },
     #[error("seq {seq} is not in the local log, which holds seqs {oldest} through {newest}")]
     SeqNotInLog { seq: Seq, oldest: Seq, newest: Seq },
 

@@ -321,6 +321,14 @@ impl LocalStore {
         }
         self.check_follows(positions.log_end_seq, batch)?;
         let header = batch.header();
+        // Epochs only grow along the log: an older one was never committed by a fenced txn.
+        if header.epoch < positions.received_epoch {
+            return Err(Error::EpochRegression {
+                seq: header.first_seq,
+                epoch: header.epoch,
+                previous: positions.received_epoch,
+            });
+        }
         self.log
             .insert(header.first_seq.to_be_bytes(), batch.as_bytes())
             .map_err(|e| self.io(e))?;

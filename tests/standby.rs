@@ -188,6 +188,53 @@ async fn a_damaged_batch_stops_the_standby_at_the_last_good_seq_until_it_is_repa
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_from_an_older_epoch_is_refused_and_never_applied() {
+    let etcd = common::etcd().await;
+    let primary_node = node("primary");
+    let primary = start_primary(&etcd, &primary_node).await.unwrap();
+    let good = append(&primary, 1, 10, 10).await;
+    let epoch = primary.epoch();
+    primary.shutdown().await.unwrap();
+
+    // A well-formed batch that no fenced commit could have written: an epoch older than the
+    // one that committed the seqs before it.
+    let layout = KeyLayout::new(&common::CLUSTER.parse().unwrap());
+    let records = RecordGenerator::new(5, 300, 256).take_records(10);
+    let stale = Epoch(epoch.0 - 1);
+    let batch = Batch::new(stale, good.next().unwrap(), records).unwrap();
+    let bytes = BatchEncoder::new(Limits::default(), 1)
+        .unwrap()
+        .encode(&batch)
+        .unwrap()
+        .into_bytes();
+    let mut client = common::client(&etcd).await;
+    client
+        .put(layout.batch(batch.first_seq()), bytes, None)
+        .await
+        .unwrap();
+    let pointer = CommitPointer {
+        last_seq: batch.last_seq(),
+        epoch: stale,
+        batch_first_seq: batch.first_seq(),
+    };
+    client
+        .put(layout.latest(), pointer.encode(), None)
+        .await
+        .unwrap();
+
+    let standby_node = node("standby");
+    let (standby, _) = start_standby(&etcd, &standby_node.store).await;
+    tokio::time::timeout(WAIT, standby.wait_state(State::Recovering))
+        .await
+        .unwrap();
+    let status = standby.status();
+    assert!(status.detail.contains("older than epoch"), "{status:?}");
+    assert_eq!(status.received_seq, good);
+    assert_eq!(standby.wait_applied(good).await, good);
+    standby.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_survives_an_etcd_restart_without_a_gap() {
     let mut etcd = common::etcd().await;
     let primary_node = node("primary");
