@@ -15,7 +15,7 @@ use super::proto::wal_server::{Wal, WalServer};
 use super::proto::{self, append_stream_response::Outcome};
 use super::{max_message_bytes, to_status};
 use crate::error::{Error, Result};
-use crate::local_store::blocking;
+use crate::local_store::{blocking, LocalStore};
 use crate::node::Node;
 use crate::record::{Record, Seq};
 
@@ -61,6 +61,19 @@ pub async fn serve(
             code: tonic::Code::Internal,
             message: format!("the API server failed: {e}"),
         })
+}
+
+/// The local log's received seq once it reaches `wanted`, or after [`DEFAULT_GET_TIMEOUT`].
+async fn local_log_reaching(store: &Arc<LocalStore>, wanted: Seq) -> Result<Seq> {
+    let deadline = tokio::time::Instant::now() + DEFAULT_GET_TIMEOUT;
+    loop {
+        let reader = store.clone();
+        let received = blocking(move || reader.positions()).await?.received_seq;
+        if received >= wanted || tokio::time::Instant::now() >= deadline {
+            return Ok(received);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 fn records_of(request: proto::AppendRequest) -> Vec<Record> {
@@ -160,13 +173,16 @@ impl Wal for WalApi {
             ))));
         }
         let store = self.node.store().clone();
-        let received = blocking({
-            let store = store.clone();
-            move || store.positions()
-        })
-        .await
-        .map_err(|e| to_status(&e))?
-        .received_seq;
+        // Read-your-writes: an acknowledged seq may reach the local log a moment after its
+        // ack, so wait (briefly) for the log to hold what this node knows is committed.
+        let committed = self.node.status().committed_seq;
+        let wanted = match request.to_seq {
+            0 => committed,
+            to => Seq(to.min(committed.0)),
+        };
+        let received = local_log_reaching(&store, wanted)
+            .await
+            .map_err(|e| to_status(&e))?;
         let to = match request.to_seq {
             0 => received,
             to => Seq(to.min(received.0)),
