@@ -129,8 +129,13 @@ impl NodeProcess {
         }
     }
 
+    /// The node's status; a node that does not answer within 10 s is an error, not a hang.
     pub async fn status(&self) -> Result<StatusResponse> {
-        self.client().await?.status().await
+        let limit = Duration::from_secs(10);
+        let status = async { self.client().await?.status().await };
+        tokio::time::timeout(limit, status)
+            .await
+            .map_err(|_| self.failed(format!("did not answer a status call within {limit:?}")))?
     }
 
     /// SIGKILL; does nothing if it is not running.

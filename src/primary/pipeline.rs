@@ -195,12 +195,14 @@ async fn commit_loop(
         }
         let span = tracing::debug_span!("commit", epoch = %term.epoch(), first_seq = %batch.encoded.first_seq(), last_seq = %batch.encoded.last_seq());
         let _entered = span.enter();
-        // Fail point (tests): sealed and going to the local log, not yet sent to etcd.
-        fail::fail_point!("primary::before_commit");
+        // Fail point (tests): the process dies here, as with SIGKILL, with the batch sealed
+        // and going to the local log but not yet sent to etcd.
+        fail::fail_point!("primary::before_commit", |_| std::process::abort());
         match commit_resolved(&term, &batch.encoded, latest_revision).await {
             Ok(revision) => {
-                // Fail point (tests): committed in etcd, not yet acknowledged.
-                fail::fail_point!("primary::before_ack");
+                // Fail point (tests): the process dies here, committed in etcd but not yet
+                // acknowledged.
+                fail::fail_point!("primary::before_ack", |_| std::process::abort());
                 latest_revision = revision;
                 record_commit(&term, &batch);
                 committed.send_replace(batch.encoded.last_seq());
