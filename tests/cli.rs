@@ -40,7 +40,18 @@ fn inspect_of_a_store_of_another_format_says_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
     drop(LocalStore::open(dir.path(), StoreOptions::default()).unwrap());
     {
-        let db = sled::open(dir.path()).unwrap();
+        // sled lets go of its lock a moment after the store is dropped (its flusher thread).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let db = loop {
+            match sled::open(dir.path()) {
+                Ok(db) => break db,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         db.open_tree("meta")
             .unwrap()
             .insert("format", &7u64.to_be_bytes())
