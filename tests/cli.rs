@@ -45,9 +45,8 @@ fn inspect_of_a_store_of_another_format_says_what_to_do() {
         let db = loop {
             match sled::open(dir.path()) {
                 Ok(db) => break db,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
                 }
                 Err(e) => panic!("{e}"),
             }
