@@ -6,6 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/deps.sh
 
+# FENCELOG_LONG=1: the long mode, with the rounds and sizes quoted in docs/RELIABILITY.md and
+# docs/BENCHMARKS.md (fault rounds, a 5M-record retention run, a long decoder fuzz).
+if [ "${FENCELOG_LONG:-0}" = 1 ]; then
+  export FENCELOG_FAULT_ROUNDS=${FENCELOG_FAULT_ROUNDS:-10}
+  export FENCELOG_LONG_RECORDS=${FENCELOG_LONG_RECORDS:-5000000}
+  export FENCELOG_FUZZ_CASES=${FENCELOG_FUZZ_CASES:-300000}
+fi
+
 cargo fmt --all -- --check
 cargo clippy --all-targets --features failpoints --locked -- -D warnings
 cargo test --benches --locked
