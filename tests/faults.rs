@@ -127,17 +127,29 @@ async fn check(etcd: &common::EtcdProcess, acked: &[PathBuf], nodes: &mut [NodeP
     );
 }
 
-/// A primary `a`, and once it leads, a failover standby `b` following it.
-async fn start_pair(etcd: &common::EtcdProcess, dir: &std::path::Path) -> Vec<NodeProcess> {
+/// A primary `a`, and once it leads, a standby `b` following it (taking over if `failover`).
+async fn start_pair_with(
+    etcd: &common::EtcdProcess,
+    dir: &std::path::Path,
+    failover: bool,
+) -> Vec<NodeProcess> {
     let mut primary = daemon(etcd, dir, "primary", "a", &NODE_ARGS);
     primary.wait_for("primary", None, WAIT).await.unwrap();
-    let failover = [&NODE_ARGS[..], &["--failover"]].concat();
-    let mut standby = daemon(etcd, dir, "standby", "b", &failover);
+    let mut args = NODE_ARGS.to_vec();
+    if failover {
+        args.push("--failover");
+    }
+    let mut standby = daemon(etcd, dir, "standby", "b", &args);
     standby
         .wait_for("standby", Some("watching"), WAIT)
         .await
         .unwrap();
     vec![primary, standby]
+}
+
+/// [`start_pair_with`] a failover standby.
+async fn start_pair(etcd: &common::EtcdProcess, dir: &std::path::Path) -> Vec<NodeProcess> {
+    start_pair_with(etcd, dir, true).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -206,13 +218,8 @@ async fn a_paused_primary_is_fenced_and_acknowledges_nothing_after() {
 async fn kill_9_of_a_standby_while_it_applies_restarts_it_warm_with_the_same_state() {
     let etcd = common::etcd().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut primary = daemon(&etcd, dir.path(), "primary", "a", &NODE_ARGS);
-    primary.wait_for("primary", None, WAIT).await.unwrap();
-    let mut standby = daemon(&etcd, dir.path(), "standby", "b", &NODE_ARGS);
-    standby
-        .wait_for("standby", Some("watching"), WAIT)
-        .await
-        .unwrap();
+    let mut pair = start_pair_with(&etcd, dir.path(), false).await;
+    let (mut standby, primary) = (pair.remove(1), pair.remove(0));
     let file = dir.path().join("acked.tsv");
     let load = start_load(&etcd, 10_000 * rounds() as u64, &file);
     for round in 0..rounds() {
@@ -257,13 +264,8 @@ async fn etcd_killed_and_restarted_under_load_loses_no_acknowledged_record() {
 async fn a_damaged_store_is_moved_aside_and_rebuilt_from_etcd() {
     let etcd = common::etcd().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut primary = daemon(&etcd, dir.path(), "primary", "a", &NODE_ARGS);
-    primary.wait_for("primary", None, WAIT).await.unwrap();
-    let mut standby = daemon(&etcd, dir.path(), "standby", "b", &NODE_ARGS);
-    standby
-        .wait_for("standby", Some("watching"), WAIT)
-        .await
-        .unwrap();
+    let mut pair = start_pair_with(&etcd, dir.path(), false).await;
+    let (mut standby, primary) = (pair.remove(1), pair.remove(0));
     let file = dir.path().join("acked.tsv");
     finish_load(start_load(&etcd, 5_000, &file));
     reached(&standby, 5_000, |s| s.applied_seq).await;

@@ -120,6 +120,29 @@ async fn a_restarted_standby_reads_only_the_tail_it_missed() {
     primary.shutdown().await.unwrap();
 }
 
+/// Writes `bytes` as `batch`'s key and moves `latest` over it, straight into etcd, as no fenced
+/// commit would: how hostile or damaged batches get there in these tests.
+async fn write_past_the_fence(
+    client: &mut etcd_client::Client,
+    layout: &KeyLayout,
+    batch: &Batch,
+    bytes: Vec<u8>,
+) {
+    client
+        .put(layout.batch(batch.first_seq()), bytes, None)
+        .await
+        .unwrap();
+    let pointer = CommitPointer {
+        last_seq: batch.last_seq(),
+        epoch: batch.epoch(),
+        batch_first_seq: batch.first_seq(),
+    };
+    client
+        .put(layout.latest(), pointer.encode(), None)
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_batch_stops_the_standby_at_the_last_good_seq_until_it_is_repaired() {
     let etcd = common::etcd().await;
@@ -141,19 +164,7 @@ async fn a_damaged_batch_stops_the_standby_at_the_last_good_seq_until_it_is_repa
     let last = damaged.len() - 1;
     damaged[last] ^= 0x5A;
     let mut client = common::client(&etcd).await;
-    client
-        .put(layout.batch(batch.first_seq()), damaged, None)
-        .await
-        .unwrap();
-    let pointer = CommitPointer {
-        last_seq: batch.last_seq(),
-        epoch: Epoch(99),
-        batch_first_seq: batch.first_seq(),
-    };
-    client
-        .put(layout.latest(), pointer.encode(), None)
-        .await
-        .unwrap();
+    write_past_the_fence(&mut client, &layout, &batch, damaged).await;
 
     let standby_node = node("standby");
     let (standby, metrics) = start_standby(&etcd, &standby_node.store).await;
@@ -207,20 +218,7 @@ async fn a_batch_from_an_older_epoch_is_refused_and_never_applied() {
         .encode(&batch)
         .unwrap()
         .into_bytes();
-    let mut client = common::client(&etcd).await;
-    client
-        .put(layout.batch(batch.first_seq()), bytes, None)
-        .await
-        .unwrap();
-    let pointer = CommitPointer {
-        last_seq: batch.last_seq(),
-        epoch: stale,
-        batch_first_seq: batch.first_seq(),
-    };
-    client
-        .put(layout.latest(), pointer.encode(), None)
-        .await
-        .unwrap();
+    write_past_the_fence(&mut common::client(&etcd).await, &layout, &batch, bytes).await;
 
     let standby_node = node("standby");
     let (standby, _) = start_standby(&etcd, &standby_node.store).await;
