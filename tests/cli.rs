@@ -40,17 +40,7 @@ fn inspect_of_a_store_of_another_format_says_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
     drop(LocalStore::open(dir.path(), StoreOptions::default()).unwrap());
     {
-        // sled lets go of its lock a moment after the store is dropped (its flusher thread).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let db = loop {
-            match sled::open(dir.path()) {
-                Ok(db) => break db,
-                Err(_) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20))
-                }
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let db = common::raw_sled(dir.path());
         db.open_tree("meta")
             .unwrap()
             .insert("format", &7u64.to_be_bytes())

@@ -36,7 +36,7 @@ fn fill_and_close(dir: &std::path::Path, batches: usize, per_batch: usize) {
 
 /// Rewrites the closed store's format marker, as a store from another build would have it.
 fn set_format(dir: &std::path::Path, format: u64) {
-    let db = sled::open(dir).unwrap();
+    let db = common::raw_sled(dir);
     db.open_tree("meta")
         .unwrap()
         .insert("format", &format.to_be_bytes())
@@ -167,7 +167,7 @@ fn an_apply_step_cut_short_by_a_crash_is_redone_on_open() {
     };
     // What a crash leaves behind: the step's mark and the first three of its ten writes.
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = common::raw_sled(dir.path());
         let meta = db.open_tree("meta").unwrap();
         meta.insert("applying_through", &15u64.to_be_bytes())
             .unwrap();
@@ -416,7 +416,7 @@ fn positions_that_point_past_the_log_are_refused() {
             .unwrap();
     }
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = common::raw_sled(dir.path());
         db.open_tree("meta")
             .unwrap()
             .insert("applied_seq", &15u64.to_be_bytes())

@@ -298,3 +298,18 @@ impl ServedNode {
         self.server.await.expect("joins").expect("served");
     }
 }
+
+/// Opens a closed store's sled database directly (to damage it on purpose). sled lets go of
+/// its lock a moment after a store is dropped (its flusher thread), so this waits up to 10 s.
+pub fn raw_sled(dir: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("cannot open {}: {e}", dir.display()),
+        }
+    }
+}
