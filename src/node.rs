@@ -444,10 +444,9 @@ impl Runner {
     /// Replaces the store with a snapshot of the primary's state. The old store stays as it
     /// was until the new one is complete and verified.
     async fn install_snapshot(&mut self) -> Result<()> {
-        let layout = KeyLayout::new(&self.config.primary.cluster);
         let mut source = crate::snapshot::source(
             &self.client,
-            &layout,
+            &self.config.primary.cluster,
             self.config.standby.etcd_request_timeout,
         )
         .await?;

@@ -20,7 +20,7 @@ use crate::api::proto::{snapshot_chunk, SnapshotData, SnapshotHeader};
 use crate::api::{Endpoint, WalClient};
 use crate::error::{Error, Result};
 use crate::etcd::leadership::current_leader;
-use crate::keys::KeyLayout;
+use crate::keys::{ClusterId, KeyLayout};
 use crate::limits::Limits;
 use crate::local_store::{blocking, LocalStore, StateHasher, StoreOptions};
 use crate::record::{Epoch, Seq};
@@ -216,13 +216,14 @@ pub struct Progress {
 /// The node to take a snapshot from: the primary, found through its leader key.
 pub async fn source(
     client: &etcd_client::Client,
-    layout: &KeyLayout,
+    cluster: &ClusterId,
     request_timeout: Duration,
 ) -> Result<WalClient> {
-    let (leader, _) = current_leader(client, layout, request_timeout)
+    let layout = KeyLayout::new(cluster);
+    let (leader, _) = current_leader(client, &layout, request_timeout)
         .await?
         .ok_or_else(|| Error::NoLeader {
-            cluster: layout.root().to_owned(),
+            cluster: cluster.as_str().to_owned(),
         })?;
     WalClient::connect(Endpoint::Server(leader.addr)).await
 }

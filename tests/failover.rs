@@ -109,10 +109,7 @@ async fn a_failover_standby_takes_over_when_the_primary_dies_and_keeps_every_ack
     assert_eq!(more.first().unwrap().0, last_acked.next().unwrap());
     acked.extend(more);
     assert_all_acked_committed(&etcd, &acked).await;
-    let local = standby_pieces
-        .store
-        .read(Seq(1), usize::MAX, usize::MAX)
-        .unwrap();
+    let local = common::whole_log(&standby_pieces.store);
     assert_eq!(local, acked, "the new primary's log holds every ack");
 
     standby.shutdown().await.unwrap();
@@ -148,10 +145,7 @@ async fn of_two_failover_standbys_one_takes_over_and_the_other_follows_it() {
     let reached = tokio::time::timeout(WAIT, follower.wait_received(last)).await;
     assert_eq!(reached.expect("the loser keeps following"), Some(last));
     assert_eq!(
-        loser_pieces
-            .store
-            .read(Seq(1), usize::MAX, usize::MAX)
-            .unwrap(),
+        common::whole_log(&loser_pieces.store),
         acked,
         "the loser's log is the committed log"
     );
@@ -244,7 +238,7 @@ async fn a_deposed_primary_rejoins_as_a_standby_without_its_unconfirmed_tail() {
     let reached = tokio::time::timeout(WAIT, follower.wait_received(last)).await;
     assert_eq!(reached.expect("the former primary follows"), Some(last));
     assert_eq!(
-        old.store.read(Seq(1), usize::MAX, usize::MAX).unwrap(),
+        common::whole_log(&old.store),
         committed,
         "the orphan tail is gone and the new primary's records took its seqs"
     );
@@ -275,13 +269,7 @@ async fn a_promoted_node_whose_term_ends_follows_again() {
         .expect("the node is running");
     let reached = tokio::time::timeout(WAIT, follower.wait_received(last)).await;
     assert_eq!(reached.expect("it receives the new term"), Some(last));
-    assert_eq!(
-        first_pieces
-            .store
-            .read(Seq(1), usize::MAX, usize::MAX)
-            .unwrap(),
-        acked
-    );
+    assert_eq!(common::whole_log(&first_pieces.store), acked);
     first.shutdown().await.unwrap();
     second.shutdown().await.unwrap();
 }

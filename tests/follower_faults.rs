@@ -75,10 +75,7 @@ async fn a_compacted_watch_revision_sends_the_follower_back_to_read() {
     assert!(events.contains(&Event::Compacted), "{events:?}");
     assert_eq!(standby.wait_state(State::Watching).await, State::Watching);
     assert_eq!(
-        standby_node
-            .store
-            .read(Seq(1), usize::MAX, usize::MAX)
-            .unwrap(),
+        common::whole_log(&standby_node.store),
         common::committed_records(&etcd).await
     );
     standby.shutdown().await.unwrap();
@@ -104,10 +101,7 @@ async fn a_batch_lost_from_the_watch_is_read_back_from_etcd() {
     assert_eq!(metrics.gap_fills.get(), 1, "the gap was filled from etcd");
     assert_eq!(standby.state(), State::Watching);
     assert_eq!(
-        standby_node
-            .store
-            .read(Seq(1), usize::MAX, usize::MAX)
-            .unwrap(),
+        common::whole_log(&standby_node.store),
         common::committed_records(&etcd).await
     );
     standby.shutdown().await.unwrap();

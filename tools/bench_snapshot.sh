@@ -6,6 +6,7 @@
 # with KEYSPACE, records overwrite KEYSPACE keys: a long history over a smaller state)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+extra_tools=(python3 bc)
 source tools/deps.sh
 records=${1:-1000000}
 keyspace=${2:-$records}

@@ -5,6 +5,10 @@ need_packages=()
 command -v etcd >/dev/null 2>&1 || need_packages+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || need_packages+=(protobuf-compiler)
 command -v cc >/dev/null 2>&1 || need_packages+=(build-essential)
+# A script may ask for more commands whose Debian package has the same name.
+for tool in "${extra_tools[@]}"; do
+  command -v "$tool" >/dev/null 2>&1 || need_packages+=("$tool")
+done
 if [ ${#need_packages[@]} -gt 0 ]; then
   echo "installing ${need_packages[*]} ..."
   sudo_cmd=()

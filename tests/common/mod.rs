@@ -313,3 +313,10 @@ pub fn raw_sled(dir: &std::path::Path) -> sled::Db {
         }
     }
 }
+
+/// Every record a store's log holds as received, by seq.
+pub fn whole_log(store: &fencelog::local_store::LocalStore) -> Vec<(Seq, Record)> {
+    store
+        .read(Seq(1), usize::MAX, usize::MAX)
+        .expect("the log reads from seq 1")
+}
