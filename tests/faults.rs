@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{daemon, fencelog, CLUSTER};
+use common::EtcdCluster;
+use common::{daemon, fencelog, Etcd, CLUSTER};
 use fencelog::api::proto::StatusResponse;
 use fencelog::node_process::NodeProcess;
 
@@ -26,9 +27,9 @@ fn rounds() -> usize {
 }
 
 /// `fencelog load` in the background through etcd's leader key, writing what was acknowledged.
-fn start_load(etcd: &common::EtcdProcess, records: u64, acked: &std::path::Path) -> Child {
+fn start_load(etcd: &impl Etcd, records: u64, acked: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_fencelog"))
-        .args(["load", "--etcd", etcd.endpoint(), "--cluster", CLUSTER])
+        .args(["load", "--etcd", &etcd.endpoints(), "--cluster", CLUSTER])
         .args(["--records", &records.to_string(), "--concurrency", "8"])
         .args(["--failover-timeout", "30", "--acked-out"])
         .arg(acked)
@@ -54,6 +55,22 @@ async fn committed(node: &NodeProcess, seq: u64) {
     reached(node, seq, |s| s.committed_seq).await;
 }
 
+/// Waits until whichever node leads has committed `seq` (leadership may move during a fault).
+async fn committed_by_either(nodes: &[NodeProcess], seq: u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut most = 0;
+        for node in nodes {
+            most = most.max(node.status().await.map_or(0, |s| s.committed_seq));
+        }
+        if most >= seq {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no node committed seq {seq}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until `position` of the node's status reaches `seq`.
 async fn reached(node: &NodeProcess, seq: u64, position: fn(&StatusResponse) -> u64) {
     let deadline = Instant::now() + WAIT;
@@ -69,8 +86,9 @@ async fn reached(node: &NodeProcess, seq: u64, position: fn(&StatusResponse) -> 
 
 /// `fencelog check` over the acked files against the leader and etcd, then over the stopped
 /// nodes' stores; panics with its report on any violation.
-async fn check(etcd: &common::EtcdProcess, acked: &[PathBuf], nodes: &mut [NodeProcess]) {
-    let mut args = vec!["check", "--etcd", etcd.endpoint(), "--cluster", CLUSTER];
+async fn check(etcd: &impl Etcd, acked: &[PathBuf], nodes: &mut [NodeProcess]) {
+    let endpoints = etcd.endpoints();
+    let mut args = vec!["check", "--etcd", &endpoints, "--cluster", CLUSTER];
     let acked: Vec<String> = acked.iter().map(|p| p.display().to_string()).collect();
     for file in &acked {
         args.extend(["--acked", file]);
@@ -115,7 +133,7 @@ async fn check(etcd: &common::EtcdProcess, acked: &[PathBuf], nodes: &mut [NodeP
     let (ok, out, _) = fencelog(&[
         "check",
         "--etcd",
-        etcd.endpoint(),
+        &endpoints,
         "--cluster",
         CLUSTER,
         "--acked",
@@ -129,7 +147,7 @@ async fn check(etcd: &common::EtcdProcess, acked: &[PathBuf], nodes: &mut [NodeP
 
 /// A primary `a`, and once it leads, a standby `b` following it (taking over if `failover`).
 async fn start_pair_with(
-    etcd: &common::EtcdProcess,
+    etcd: &impl Etcd,
     dir: &std::path::Path,
     failover: bool,
 ) -> Vec<NodeProcess> {
@@ -148,7 +166,7 @@ async fn start_pair_with(
 }
 
 /// [`start_pair_with`] a failover standby.
-async fn start_pair(etcd: &common::EtcdProcess, dir: &std::path::Path) -> Vec<NodeProcess> {
+async fn start_pair(etcd: &impl Etcd, dir: &std::path::Path) -> Vec<NodeProcess> {
     start_pair_with(etcd, dir, true).await
 }
 
@@ -258,6 +276,43 @@ async fn etcd_killed_and_restarted_under_load_loses_no_acknowledged_record() {
     }
     finish_load(load);
     check(&etcd, &[file], &mut nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_members_and_the_raft_leader_killed_under_load_lose_no_acknowledged_record() {
+    let mut cluster = EtcdCluster::start(3)
+        .await
+        .expect("a 3-member etcd cluster starts");
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = start_pair(&cluster, dir.path()).await;
+    let file = dir.path().join("acked.tsv");
+    let load = start_load(&cluster, 30_000, &file);
+    let mut progress = 0;
+    for (round, kill_leader) in [false, true].into_iter().enumerate() {
+        progress += 5_000;
+        committed_by_either(&nodes, progress).await;
+        let leader = cluster.leader().await.unwrap();
+        let victim = if kill_leader {
+            leader
+        } else {
+            (leader + 1) % 3
+        };
+        cluster.member(victim).kill();
+        // Appends keep committing on the two members left.
+        progress += 5_000;
+        committed_by_either(&nodes, progress).await;
+        cluster.member(victim).restart().await.unwrap();
+        println!(
+            "round {round}: etcd member {victim} ({}) killed, {progress} committed, restarted",
+            if kill_leader {
+                "the raft leader"
+            } else {
+                "a follower"
+            }
+        );
+    }
+    finish_load(load);
+    check(&cluster, &[file], &mut nodes).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,7 +4,8 @@
 //! should use (a low `--snapshot-count`, so etcd does not keep gigabytes of raft entries in
 //! memory), and is killed when dropped. The binary is `etcd` on the PATH, or `FENCELOG_ETCD_BIN`.
 //! Fault tests can kill it (`kill -9`), restart it on the same ports and data, or pause it
-//! (`SIGSTOP`) to make it hang rather than refuse.
+//! (`SIGSTOP`) to make it hang rather than refuse. [`EtcdCluster`] runs several members as one
+//! cluster, so that a member (or the raft leader) can be killed while the others serve.
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Seek, SeekFrom};
@@ -27,6 +28,9 @@ const LOG_TAIL_BYTES: u64 = 4096;
 pub struct EtcdProcess {
     child: Option<Child>,
     binary: String,
+    name: String,
+    /// `--initial-cluster`: every member's `name=peer-url`.
+    initial_cluster: String,
     client_url: String,
     peer_url: String,
     data_dir: TempDir,
@@ -49,21 +53,29 @@ impl EtcdProcess {
     }
 
     async fn start_once() -> Result<EtcdProcess> {
-        let binary = std::env::var("FENCELOG_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
-        let data_dir = tempfile::Builder::new()
-            .prefix("fencelog-etcd-")
-            .tempdir()?;
-        let mut etcd = EtcdProcess {
-            child: None,
-            binary,
-            client_url: format!("http://127.0.0.1:{}", free_port()?),
-            peer_url: format!("http://127.0.0.1:{}", free_port()?),
-            log_path: data_dir.path().join("etcd.log"),
-            data_dir,
-        };
+        let (name, peer_url) = ("fencelog-test".to_owned(), loopback_url()?);
+        let initial_cluster = format!("{name}={peer_url}");
+        let mut etcd = EtcdProcess::member(name, peer_url, initial_cluster)?;
         etcd.spawn()?;
         etcd.wait_ready().await?;
         Ok(etcd)
+    }
+
+    /// A member not started yet, with its own data directory and client port.
+    fn member(name: String, peer_url: String, initial_cluster: String) -> Result<EtcdProcess> {
+        let data_dir = tempfile::Builder::new()
+            .prefix("fencelog-etcd-")
+            .tempdir()?;
+        Ok(EtcdProcess {
+            child: None,
+            binary: std::env::var("FENCELOG_ETCD_BIN").unwrap_or_else(|_| "etcd".into()),
+            name,
+            initial_cluster,
+            client_url: loopback_url()?,
+            peer_url,
+            log_path: data_dir.path().join("etcd.log"),
+            data_dir,
+        })
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -73,7 +85,7 @@ impl EtcdProcess {
             .open(&self.log_path)?;
         let (client_url, peer_url) = (&self.client_url, &self.peer_url);
         let child = Command::new(&self.binary)
-            .args(["--name", "fencelog-test"])
+            .args(["--name", &self.name])
             .arg("--data-dir")
             .arg(self.data_dir.path().join("member"))
             .args([
@@ -88,7 +100,7 @@ impl EtcdProcess {
                 "--initial-advertise-peer-urls",
                 peer_url,
             ])
-            .args(["--initial-cluster", &format!("fencelog-test={peer_url}")])
+            .args(["--initial-cluster", &self.initial_cluster])
             .args([
                 "--snapshot-count",
                 "5000",
@@ -206,6 +218,84 @@ impl Drop for EtcdProcess {
         // SIGKILL ends a paused (SIGSTOPped) etcd as well.
         self.kill();
     }
+}
+
+/// Several etcd members forming one cluster on loopback, each killed on drop.
+pub struct EtcdCluster {
+    members: Vec<EtcdProcess>,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members together (none answers before a quorum has started) and waits
+    /// until each answers. Retries with new ports if another process took the ones it picked.
+    pub async fn start(size: usize) -> Result<EtcdCluster> {
+        let mut last_error = None;
+        for _ in 0..3 {
+            match Self::start_once(size).await {
+                Ok(cluster) => return Ok(cluster),
+                Err(e @ Error::EtcdNotInstalled { .. }) => return Err(e),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.expect("three attempts were made"))
+    }
+
+    async fn start_once(size: usize) -> Result<EtcdCluster> {
+        let peers = (0..size)
+            .map(|i| Ok((format!("member-{i}"), loopback_url()?)))
+            .collect::<Result<Vec<_>>>()?;
+        let initial_cluster = peers
+            .iter()
+            .map(|(name, url)| format!("{name}={url}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = peers
+            .into_iter()
+            .map(|(name, url)| EtcdProcess::member(name, url, initial_cluster.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        for member in &mut members {
+            member.spawn()?;
+        }
+        for member in &mut members {
+            member.wait_ready().await?;
+        }
+        Ok(EtcdCluster { members })
+    }
+
+    /// Every member's client URL, comma-separated, as `--etcd` takes them.
+    pub fn endpoints(&self) -> String {
+        let urls: Vec<&str> = self.members.iter().map(EtcdProcess::endpoint).collect();
+        urls.join(",")
+    }
+
+    pub fn member(&mut self, index: usize) -> &mut EtcdProcess {
+        &mut self.members[index]
+    }
+
+    /// The index of the member that is raft leader now: the one that says it leads itself.
+    pub async fn leader(&self) -> Result<usize> {
+        for (index, member) in self.members.iter().enumerate() {
+            if member.child.is_none() {
+                continue;
+            }
+            let Ok(mut client) = member.client().await else {
+                continue;
+            };
+            if let Ok(status) = client.status().await {
+                if status.header().map(|h| h.member_id()) == Some(status.leader()) {
+                    return Ok(index);
+                }
+            }
+        }
+        Err(Error::Io(std::io::Error::other(
+            "no running etcd member says it leads",
+        )))
+    }
+}
+
+/// `http://127.0.0.1:PORT` on a port that was free a moment ago.
+fn loopback_url() -> Result<String> {
+    Ok(format!("http://127.0.0.1:{}", free_port()?))
 }
 
 /// A port that was free a moment ago; etcd may still lose a race for it, hence the retries.

@@ -7,7 +7,25 @@ use fencelog::limits::Limits;
 use fencelog::record::{Epoch, Record, Seq};
 use fencelog::workload::RecordGenerator;
 
-pub use fencelog::etcd::process::EtcdProcess;
+pub use fencelog::etcd::process::{EtcdCluster, EtcdProcess};
+
+/// What a fencelog process can be pointed at: one etcd, or a cluster of several.
+pub trait Etcd {
+    /// The `--etcd` argument: client URLs, comma-separated.
+    fn endpoints(&self) -> String;
+}
+
+impl Etcd for EtcdProcess {
+    fn endpoints(&self) -> String {
+        self.endpoint().to_owned()
+    }
+}
+
+impl Etcd for EtcdCluster {
+    fn endpoints(&self) -> String {
+        EtcdCluster::endpoints(self)
+    }
+}
 
 /// Starts a real etcd; panics with etcd's own message (and how to install it) if it cannot.
 pub async fn etcd() -> EtcdProcess {
@@ -182,7 +200,7 @@ pub fn fencelog_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, 
 
 /// A daemon process of the `fencelog` binary, with its data directory and log in `dir`.
 pub fn daemon(
-    etcd: &EtcdProcess,
+    etcd: &impl Etcd,
     dir: &std::path::Path,
     role: &str,
     name: &str,
@@ -193,7 +211,7 @@ pub fn daemon(
 
 /// [`daemon`] with extra environment variables.
 pub fn daemon_with_env(
-    etcd: &EtcdProcess,
+    etcd: &impl Etcd,
     dir: &std::path::Path,
     role: &str,
     name: &str,
@@ -205,7 +223,7 @@ pub fn daemon_with_env(
         role: role.to_owned(),
         cluster: CLUSTER.to_owned(),
         node: name.to_owned(),
-        etcd: etcd.endpoint().to_owned(),
+        etcd: etcd.endpoints(),
         data_dir: dir.join(name),
         log: dir.join(format!("{name}.log")),
         extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
