@@ -190,6 +190,8 @@ pub enum Error {
     },
     #[error("the snapshot is invalid: {0}; it was discarded and the store left as it was")]
     SnapshotInvalid(String),
+    #[error("cannot hold the log in etcd for a snapshot: it was trimmed past the hold {attempts} times in a row")]
+    TrimmedPastHold { attempts: usize },
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     #[error("{message}")]

@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::primary::{AppendAck, Primary};
 use crate::record::{Epoch, Record, Seq};
 use crate::standby::lifecycle::{Event, State};
+use crate::standby::membership::SnapshotHold;
 use crate::standby::{LifecycleCell, Standby, StandbyConfig};
 
 /// A node's settings.
@@ -460,13 +461,24 @@ impl Runner {
         );
         let dir = current(&self.store).dir().to_path_buf();
         let metrics = self.metrics.clone();
-        let header = crate::snapshot::bootstrap(
-            &mut source,
-            &dir,
-            self.config.standby.limits.clone(),
-            |progress| metrics.snapshot_bytes.set(progress.bytes as i64),
+        let standby = &self.config.standby;
+        let layout = KeyLayout::new(&standby.cluster);
+        let hold = SnapshotHold::register(
+            self.client.clone(),
+            &layout,
+            &standby.node,
+            standby.member_ttl,
+            standby.etcd_request_timeout,
         )
         .await?;
+        let installed =
+            crate::snapshot::bootstrap(&mut source, &dir, standby.limits.clone(), |progress| {
+                hold.at_snapshot(progress.seq);
+                metrics.snapshot_bytes.set(progress.bytes as i64);
+            })
+            .await;
+        drop(hold);
+        let header = installed?;
         let options = StoreOptions {
             limits: self.config.standby.limits.clone(),
             ..StoreOptions::default()

@@ -207,6 +207,8 @@ impl Installer {
 /// How far a bootstrap got.
 #[derive(Clone, Copy, Debug)]
 pub struct Progress {
+    /// The seq the snapshot's state is at: the node follows the log from the next one.
+    pub seq: Seq,
     pub keys: u64,
     pub bytes: u64,
     pub total_keys: u64,
@@ -289,6 +291,13 @@ async fn download(
     );
     let dir = staging.to_path_buf();
     let mut installer = blocking(move || Installer::create(&dir, header, limits)).await?;
+    progress(Progress {
+        seq: Seq(header.seq),
+        keys: 0,
+        bytes: 0,
+        total_keys: header.keys,
+        total_bytes: header.bytes,
+    });
     while let Some(chunk) = stream
         .message()
         .await
@@ -302,6 +311,7 @@ async fn download(
         installer = blocking(move || installer.add(&data).map(|()| installer)).await?;
         let (keys, bytes) = installer.progress();
         progress(Progress {
+            seq: Seq(header.seq),
             keys,
             bytes,
             total_keys: header.keys,

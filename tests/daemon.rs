@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{daemon, fencelog, http_get, CLUSTER};
+use common::{daemon, fencelog, http_get, sample, scrape, CLUSTER};
 use fencelog::api::proto;
 use fencelog::node_process::NodeProcess;
 use fencelog::record::{Record, Seq};
@@ -222,20 +222,7 @@ async fn metrics_parse_as_prometheus_text_and_move_with_appends() {
     assert_eq!(http_get(&metrics, "/healthz").await.0, 200);
     assert_eq!(http_get(&metrics, "/readyz").await.0, 200);
 
-    let scrape = |body: String| {
-        let lines = body.lines().map(|l| Ok(l.to_owned()));
-        prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text")
-    };
-    let value = |scrape: &prometheus_parse::Scrape, name: &str| -> f64 {
-        let sample = scrape.samples.iter().find(|s| s.metric == name);
-        match sample.unwrap_or_else(|| panic!("no {name}")).value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
-            ref other => panic!("{name} is {other:?}"),
-        }
-    };
-    let (code, body) = http_get(&metrics, "/metrics").await;
-    assert_eq!(code, 200);
-    let before = scrape(body);
+    let before = scrape(&metrics).await;
     for name in [
         "fencelog_batch_bytes",
         "fencelog_commit_seconds",
@@ -255,13 +242,13 @@ async fn metrics_parse_as_prometheus_text_and_move_with_appends() {
         .get(b"k9".to_vec(), Seq(10), Duration::from_secs(10))
         .await
         .unwrap();
-    let after = scrape(http_get(&metrics, "/metrics").await.1);
-    let moved = |name: &str| value(&after, name) - value(&before, name);
+    let after = scrape(&metrics).await;
+    let moved = |name: &str| sample(&after, name) - sample(&before, name);
     assert_eq!(moved("fencelog_appends_total"), 1.0);
     assert_eq!(moved("fencelog_appended_records_total"), 10.0);
     assert!(moved("fencelog_commits_total") >= 1.0);
-    assert_eq!(value(&after, "fencelog_committed_seq"), 10.0);
-    assert_eq!(value(&after, "fencelog_applied_seq"), 10.0);
+    assert_eq!(sample(&after, "fencelog_committed_seq"), 10.0);
+    assert_eq!(sample(&after, "fencelog_applied_seq"), 10.0);
     let promoted = after
         .samples
         .iter()

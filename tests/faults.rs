@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::EtcdCluster;
-use common::{daemon, fencelog, Etcd, CLUSTER};
+use common::{daemon, fencelog, metric, Etcd, CLUSTER};
 use fencelog::api::proto::StatusResponse;
 use fencelog::node_process::NodeProcess;
 
@@ -313,6 +313,125 @@ async fn etcd_members_and_the_raft_leader_killed_under_load_lose_no_acknowledged
     }
     finish_load(load);
     check(&cluster, &[file], &mut nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_stopped_past_compaction_and_then_past_trimming_catches_up_under_load() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let retention = [
+        "--retain-records",
+        "8000",
+        "--retain-seconds",
+        "0",
+        "--trim-interval-ms",
+        "50",
+    ];
+    let primary_args = [&NODE_ARGS[..], &retention].concat();
+    let mut primary = daemon(&etcd, dir.path(), "primary", "a", &primary_args);
+    primary.wait_for("primary", None, WAIT).await.unwrap();
+    let mut standby = daemon(&etcd, dir.path(), "standby", "b", &NODE_ARGS);
+    standby
+        .wait_for("standby", Some("watching"), WAIT)
+        .await
+        .unwrap();
+    let acked: Vec<PathBuf> = (0..5)
+        .map(|n| dir.path().join(format!("acked-{n}.tsv")))
+        .collect();
+    let snapshots = "fencelog_snapshots_installed_total";
+
+    // Away while etcd's revisions are compacted past where it stopped, its records retained.
+    finish_load(start_load(&etcd, 10_000, &acked[0]));
+    reached(&standby, 10_000, |s| s.received_seq).await;
+    assert!(standby.stop(WAIT).await.unwrap().success());
+    let stopped_at = etcd_revision(&etcd).await;
+    finish_load(start_load(&etcd, 7_000, &acked[1]));
+    compacted_past(&etcd, stopped_at).await;
+    // Once it is registered again its position holds the trimming back (before, it held nothing).
+    standby.start().unwrap();
+    registered(&etcd, "b").await;
+    finish_load(start_load(&etcd, 10_000, &acked[2]));
+    let end = primary.status().await.unwrap().committed_seq;
+    reached(&standby, end, |s| s.applied_seq).await;
+    assert_eq!(metric(standby.metrics_addr(), snapshots).await, 0.0);
+
+    // Away while the log is trimmed past it: it installs a snapshot, then follows.
+    assert!(standby.stop(WAIT).await.unwrap().success());
+    finish_load(start_load(&etcd, 15_000, &acked[3]));
+    let trimmed = metric(primary.metrics_addr(), "fencelog_trimmed_seq").await;
+    assert!(trimmed > end as f64, "trimmed only to {trimmed}");
+    let load = start_load(&etcd, 10_000, &acked[4]);
+    standby.start().unwrap();
+    finish_load(load);
+    let end = primary.status().await.unwrap().committed_seq;
+    reached(&standby, end, |s| s.applied_seq).await;
+    let installed = metric(standby.metrics_addr(), snapshots).await;
+    assert_eq!(
+        installed,
+        1.0,
+        "{}\nPRIMARY\n{}",
+        standby.log_text(),
+        primary.log_text()
+    );
+
+    // etcd holds only the tail now: check against the primary's full local log.
+    assert!(standby.stop(WAIT).await.unwrap().success());
+    let mut args = vec!["check".to_owned(), "--server".into(), primary.api().into()];
+    for file in &acked {
+        args.extend(["--acked".into(), file.display().to_string()]);
+    }
+    args.extend([
+        "--data-dir".into(),
+        standby.data_dir().display().to_string(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = fencelog(&args);
+    assert!(ok && out.contains("1 node states replayed"), "{out}{err}");
+    println!("{out}");
+    let exit = primary.stop(WAIT).await.unwrap();
+    assert!(exit.success(), "{exit}: {}", primary.log_text());
+}
+
+/// Waits until `node`'s standby registration is in etcd.
+async fn registered(etcd: &common::EtcdProcess, node: &str) {
+    let mut client = common::client(etcd).await;
+    let layout = fencelog::keys::KeyLayout::new(&CLUSTER.parse().unwrap());
+    let key = layout.member(&node.parse().unwrap());
+    let deadline = Instant::now() + WAIT;
+    while client
+        .get(key.clone(), None)
+        .await
+        .unwrap()
+        .kvs()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "{node} never registered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// etcd's current revision.
+async fn etcd_revision(etcd: &common::EtcdProcess) -> i64 {
+    let mut client = common::client(etcd).await;
+    let answer = client.get("-", None).await.unwrap();
+    answer
+        .header()
+        .expect("etcd answers with a header")
+        .revision()
+}
+
+/// Waits until etcd has compacted its history past `revision`.
+async fn compacted_past(etcd: &common::EtcdProcess, revision: i64) {
+    let mut client = common::client(etcd).await;
+    let deadline = Instant::now() + WAIT;
+    let at_revision = || Some(etcd_client::GetOptions::new().with_revision(revision));
+    while client.get("-", at_revision()).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "etcd never compacted past revision {revision}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

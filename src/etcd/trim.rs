@@ -55,7 +55,8 @@ impl Default for Retention {
 /// The new `trimmed` (the first seq of the oldest batch to keep), when it is past `trimmed`.
 ///
 /// `batches` are the batches in etcd, oldest first; `members` the received seqs of the live
-/// standbys. The newest batch is always kept.
+/// standbys (and the primary's applied seq, where its snapshots start). The newest batch is
+/// always kept.
 pub fn trim_point(
     batches: &[LoggedBatch],
     members: &[Seq],

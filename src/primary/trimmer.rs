@@ -84,7 +84,11 @@ impl Trimmer {
             .etcd_log_bytes
             .set(self.index.iter().map(|b| b.bytes).sum::<u64>() as i64);
 
-        let members = self.member_positions().await?;
+        let mut members = self.member_positions().await?;
+        // The primary's own applied state is where the snapshots it serves start: trimming past
+        // it would send a bootstrapping standby a snapshot the log no longer follows on from.
+        let store = term.store.clone();
+        members.push(blocking(move || store.positions()).await?.applied_seq);
         let retention = &term.config.retention;
         let Some(point) = trim_point(&self.index, &members, retention, unix_micros_now(), trimmed)
         else {

@@ -11,8 +11,9 @@ use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper, PutOptions};
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
+use crate::etcd::trim::read_trimmed;
 use crate::etcd::{revoke_lease, timed, Backoff};
-use crate::keys::KeyLayout;
+use crate::keys::{KeyLayout, NodeName};
 use crate::record::Seq;
 
 /// How often the registration is refreshed.
@@ -63,41 +64,42 @@ impl Membership {
     pub async fn run(self) {
         let mut backoff = Backoff::new(Duration::from_secs(5));
         loop {
-            if let Err(e) = self.serve_one_lease().await {
+            let served = match self.register().await {
+                Ok(registration) => self.keep(registration).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = served {
                 tracing::warn!(error = %e, key = %self.key, "standby registration lost; registering again");
                 backoff.wait().await;
             }
         }
     }
 
-    async fn serve_one_lease(&self) -> Result<()> {
+    /// Puts the registration under a new lease.
+    async fn register(&self) -> Result<Registration> {
         let mut leases = self.client.lease_client();
         let ttl = self.ttl.as_secs().max(2) as i64;
         let lease = timed(self.request_timeout, leases.grant(ttl, None))
             .await?
             .id();
         self.lease.store(lease, Ordering::SeqCst);
-        let (mut keeper, mut answers): (LeaseKeeper, LeaseKeepAliveStream) =
-            timed(self.request_timeout, leases.keep_alive(lease)).await?;
-        let mut published = None;
+        let (keeper, answers) = timed(self.request_timeout, leases.keep_alive(lease)).await?;
+        let mut registration = Registration {
+            lease,
+            keeper,
+            answers,
+            published: None,
+        };
+        self.publish(&mut registration).await?;
+        Ok(registration)
+    }
+
+    /// Keeps the lease alive and the positions current until the lease is lost.
+    async fn keep(&self, mut registration: Registration) -> Result<()> {
         loop {
-            let info = MemberInfo {
-                received_seq: *self.received.borrow(),
-                applied_seq: *self.applied.borrow(),
-            };
-            if published != Some(info) {
-                let put = PutOptions::new().with_lease(lease);
-                timed(
-                    self.request_timeout,
-                    self.client
-                        .kv_client()
-                        .put(self.key.clone(), info.encode(), Some(put)),
-                )
-                .await?;
-                published = Some(info);
-            }
-            timed(self.request_timeout, keeper.keep_alive()).await?;
-            match timed(self.request_timeout, answers.message()).await? {
+            self.publish(&mut registration).await?;
+            timed(self.request_timeout, registration.keeper.keep_alive()).await?;
+            match timed(self.request_timeout, registration.answers.message()).await? {
                 Some(answer) if answer.ttl() > 0 => {}
                 _ => {
                     return Err(Error::LeadershipLost {
@@ -107,6 +109,110 @@ impl Membership {
             }
             tokio::time::sleep(REFRESH).await;
         }
+    }
+
+    /// Puts the positions, if they changed since they were last put.
+    async fn publish(&self, registration: &mut Registration) -> Result<()> {
+        let info = MemberInfo {
+            received_seq: *self.received.borrow(),
+            applied_seq: *self.applied.borrow(),
+        };
+        if registration.published == Some(info) {
+            return Ok(());
+        }
+        let put = PutOptions::new().with_lease(registration.lease);
+        timed(
+            self.request_timeout,
+            self.client
+                .kv_client()
+                .put(self.key.clone(), info.encode(), Some(put)),
+        )
+        .await?;
+        registration.published = Some(info);
+        Ok(())
+    }
+}
+
+/// A registration under a live lease.
+struct Registration {
+    lease: i64,
+    keeper: LeaseKeeper,
+    answers: LeaseKeepAliveStream,
+    published: Option<MemberInfo>,
+}
+
+/// Holds the log in etcd from being trimmed past a snapshot being installed, until dropped.
+///
+/// Without it, a snapshot that takes longer to install than the primary's retained tail lasts
+/// would be trimmed past at once, and the node would install snapshots forever. It registers the
+/// node at `trimmed - 1`, which freezes trimming where it is, then at the snapshot's seq once the
+/// header arrives ([`SnapshotHold::at_snapshot`]; received and applied: what the store will
+/// hold). The primary never trims past its own applied seq, where its snapshots start, so the
+/// snapshot is always at or past the hold. Once dropped, the registration lapses with its lease,
+/// unless the node's standby has registered over it.
+pub(crate) struct SnapshotHold {
+    seq: watch::Sender<Seq>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How often [`SnapshotHold::register`] follows a trim that passed it before it gives up.
+const HOLD_ATTEMPTS: usize = 10;
+
+impl SnapshotHold {
+    /// Returns once the hold is in etcd and no trim has passed it.
+    pub async fn register(
+        client: Client,
+        layout: &KeyLayout,
+        node: &NodeName,
+        ttl: Duration,
+        request_timeout: Duration,
+    ) -> Result<SnapshotHold> {
+        let (seq, at) = watch::channel(Seq::NONE);
+        let hold = Membership {
+            client: client.clone(),
+            lease: Arc::new(AtomicI64::new(0)),
+            key: layout.member(node),
+            ttl,
+            request_timeout,
+            received: at.clone(),
+            applied: at,
+        };
+        let mut registration = None;
+        for _ in 0..HOLD_ATTEMPTS {
+            // A trim that read the members before the hold was put may still pass it: follow it
+            // until a read of `trimmed` after the put finds the hold still in force.
+            let trimmed = read_trimmed(&client, layout, request_timeout).await?;
+            let held = Seq(trimmed.0.saturating_sub(1));
+            if registration.is_some() && *seq.borrow() == held {
+                let registration = registration.expect("checked just above");
+                let task = tokio::spawn(async move {
+                    if let Err(e) = hold.keep(registration).await {
+                        tracing::warn!(error = %e, key = %hold.key, "snapshot hold lost; registering again");
+                    }
+                    hold.run().await
+                });
+                return Ok(SnapshotHold { seq, task });
+            }
+            seq.send_replace(held);
+            match registration.as_mut() {
+                None => registration = Some(hold.register().await?),
+                Some(registration) => hold.publish(registration).await?,
+            }
+        }
+        Err(Error::TrimmedPastHold {
+            attempts: HOLD_ATTEMPTS,
+        })
+    }
+
+    /// Moves the hold to the snapshot's seq (published within [`REFRESH`]).
+    pub fn at_snapshot(&self, seq: Seq) {
+        self.seq.send_replace(seq);
+    }
+}
+
+impl Drop for SnapshotHold {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

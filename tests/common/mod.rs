@@ -235,6 +235,28 @@ pub fn daemon_with_env(
     fencelog::node_process::NodeProcess::spawn(spec).expect("the daemon starts")
 }
 
+/// The node's `/metrics`, parsed as Prometheus text.
+pub async fn scrape(metrics_addr: &str) -> prometheus_parse::Scrape {
+    let (code, body) = http_get(metrics_addr, "/metrics").await;
+    assert_eq!(code, 200, "{body}");
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text")
+}
+
+/// The value of the counter or gauge `name` (its first series) in `scrape`.
+pub fn sample(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
+    let sample = scrape.samples.iter().find(|s| s.metric == name);
+    match sample.unwrap_or_else(|| panic!("no {name}")).value {
+        prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
+        ref other => panic!("{name} is {other:?}"),
+    }
+}
+
+/// The current value of the counter or gauge `name` on the node's `/metrics`.
+pub async fn metric(metrics_addr: &str, name: &str) -> f64 {
+    sample(&scrape(metrics_addr).await, name)
+}
+
 /// A plain HTTP/1.1 GET; returns the status code and the body.
 pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
