@@ -177,14 +177,18 @@ impl SnapshotHold {
             received: at.clone(),
             applied: at,
         };
-        let mut registration = None;
+        // Just below `trimmed`: the trimmer counts a member only if it needs what etcd still has.
+        let below_trimmed = || async {
+            let trimmed = read_trimmed(&client, layout, request_timeout).await?;
+            Ok::<_, Error>(Seq(trimmed.0.saturating_sub(1)))
+        };
+        seq.send_replace(below_trimmed().await?);
+        let mut registration = hold.register().await?;
         for _ in 0..HOLD_ATTEMPTS {
             // A trim that read the members before the hold was put may still pass it: follow it
             // until a read of `trimmed` after the put finds the hold still in force.
-            let trimmed = read_trimmed(&client, layout, request_timeout).await?;
-            let held = Seq(trimmed.0.saturating_sub(1));
-            if registration.is_some() && *seq.borrow() == held {
-                let registration = registration.expect("checked just above");
+            let held = below_trimmed().await?;
+            if *seq.borrow() == held {
                 let task = tokio::spawn(async move {
                     if let Err(e) = hold.keep(registration).await {
                         tracing::warn!(error = %e, key = %hold.key, "snapshot hold lost; registering again");
@@ -194,10 +198,7 @@ impl SnapshotHold {
                 return Ok(SnapshotHold { seq, task });
             }
             seq.send_replace(held);
-            match registration.as_mut() {
-                None => registration = Some(hold.register().await?),
-                Some(registration) => hold.publish(registration).await?,
-            }
+            hold.publish(&mut registration).await?;
         }
         Err(Error::TrimmedPastHold {
             attempts: HOLD_ATTEMPTS,
