@@ -230,6 +230,46 @@ pub async fn source(
     WalClient::connect(Endpoint::Server(leader.addr)).await
 }
 
+/// Completes a snapshot swap that a crash cut between its two renames, when the old store had
+/// gone to `<dir>.replaced-*` and the verified snapshot not yet from `<dir>.snapshot` to `<dir>`
+/// (a replaced store exists only once the snapshot is complete). Returns whether it did; call it
+/// before opening the store.
+pub fn finish_interrupted_swap(data_dir: &Path) -> Result<bool> {
+    let staging = sibling(data_dir, "snapshot");
+    if data_dir.exists() || !staging.exists() {
+        return Ok(false);
+    }
+    let (Some(parent), Some(name)) = (data_dir.parent(), data_dir.file_name()) else {
+        return Ok(false);
+    };
+    let mut prefix = name.to_owned();
+    prefix.push(".replaced-");
+    let prefix = prefix.to_string_lossy().into_owned();
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let mut replaced = Vec::new();
+    for entry in std::fs::read_dir(parent)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            replaced.push(entry.path());
+        }
+    }
+    if replaced.is_empty() {
+        return Ok(false);
+    }
+    std::fs::rename(&staging, data_dir)?;
+    tracing::warn!(dir = %data_dir.display(), "completed a snapshot install that a crash interrupted");
+    for old in replaced {
+        if let Err(e) = std::fs::remove_dir_all(&old) {
+            tracing::warn!(error = %e, dir = %old.display(), "cannot remove the replaced store");
+        }
+    }
+    Ok(true)
+}
+
 /// Downloads a snapshot from `source` and makes it the store in `data_dir`, which must not be
 /// open. Until the snapshot is complete and verified, `data_dir` is not touched.
 pub async fn bootstrap(
@@ -256,6 +296,8 @@ pub async fn bootstrap(
     if data_dir.exists() {
         std::fs::rename(data_dir, &replaced)?;
     }
+    // A crash here leaves no store in `data_dir`: `finish_interrupted_swap` completes the swap.
+    fail::fail_point!("snapshot::between_renames", |_| std::process::abort());
     std::fs::rename(&staging, data_dir)?;
     if replaced.exists() {
         if let Err(e) = std::fs::remove_dir_all(&replaced) {
@@ -309,6 +351,7 @@ async fn download(
         let mut data = data;
         corrupt_chunk(&mut data);
         installer = blocking(move || installer.add(&data).map(|()| installer)).await?;
+        fail::fail_point!("snapshot::mid_install", |_| std::process::abort());
         let (keys, bytes) = installer.progress();
         progress(Progress {
             seq: Seq(header.seq),

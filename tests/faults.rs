@@ -66,7 +66,10 @@ async fn committed_by_either(nodes: &[NodeProcess], seq: u64) {
         if most >= seq {
             return;
         }
-        assert!(Instant::now() < deadline, "no node committed seq {seq}");
+        if Instant::now() > deadline {
+            let logs: Vec<String> = nodes.iter().map(NodeProcess::log_text).collect();
+            panic!("no node committed seq {seq}:\n{}", logs.join("\n"));
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -374,10 +377,17 @@ async fn a_standby_stopped_past_compaction_and_then_past_trimming_catches_up_und
         primary.log_text()
     );
 
-    // etcd holds only the tail now: check against the primary's full local log.
+    check_trimmed(primary, standby, &acked).await;
+}
+
+/// [`check`] for a log that etcd holds only the tail of: against the primary's full local log,
+/// with the standby's state, once both have applied everything; stops both.
+async fn check_trimmed(mut primary: NodeProcess, mut standby: NodeProcess, acked: &[PathBuf]) {
+    let end = primary.status().await.unwrap().committed_seq;
+    reached(&standby, end, |s| s.applied_seq).await;
     assert!(standby.stop(WAIT).await.unwrap().success());
     let mut args = vec!["check".to_owned(), "--server".into(), primary.api().into()];
-    for file in &acked {
+    for file in acked {
         args.extend(["--acked".into(), file.display().to_string()]);
     }
     args.extend([
@@ -517,4 +527,131 @@ async fn a_primary_killed_between_sealing_and_its_etcd_txn_loses_nothing_acknowl
 #[tokio::test(flavor = "multi_thread")]
 async fn a_primary_killed_after_its_etcd_txn_before_the_ack_loses_nothing_acknowledged() {
     a_primary_killed_at_an_exact_step("primary::before_ack").await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_killed_in_the_middle_of_an_apply_step_comes_back_with_the_same_state() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut primary = daemon(&etcd, dir.path(), "primary", "a", &NODE_ARGS);
+    primary.wait_for("primary", None, WAIT).await.unwrap();
+    let crash = [("FAILPOINTS", "store::mid_apply=20*off->return")];
+    let mut standby =
+        common::daemon_with_env(&etcd, dir.path(), "standby", "b", &NODE_ARGS, &crash);
+    standby
+        .wait_for("standby", Some("watching"), WAIT)
+        .await
+        .unwrap();
+    let file = dir.path().join("acked.tsv");
+    let load = start_load(&etcd, 10_000, &file);
+    let exit = standby.wait_exit(WAIT).await.unwrap();
+    assert!(!exit.success(), "store::mid_apply was never reached");
+    let mut standby = daemon(&etcd, dir.path(), "standby", "b", &NODE_ARGS);
+    standby.wait_for("standby", None, WAIT).await.unwrap();
+    let redone = standby.log_text().contains("redoing an interrupted apply");
+    println!("restarted; the interrupted step was redone on open: {redone}");
+    finish_load(load);
+    check(&etcd, &[file], &mut [primary, standby]).await;
+}
+
+/// A primary keeping only 2,000 records in etcd, and a standby `b` (started with `env`) that was
+/// away while the log was trimmed past it: it needs a snapshot as soon as it starts.
+#[cfg(feature = "failpoints")]
+async fn a_standby_trimmed_past(
+    etcd: &common::EtcdProcess,
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (NodeProcess, NodeProcess, Vec<PathBuf>) {
+    let retention = [
+        "--retain-records",
+        "2000",
+        "--retain-seconds",
+        "0",
+        "--trim-interval-ms",
+        "50",
+    ];
+    let primary_args = [&NODE_ARGS[..], &retention].concat();
+    let mut primary = daemon(etcd, dir, "primary", "a", &primary_args);
+    primary.wait_for("primary", None, WAIT).await.unwrap();
+    let mut standby = daemon(etcd, dir, "standby", "b", &NODE_ARGS);
+    standby
+        .wait_for("standby", Some("watching"), WAIT)
+        .await
+        .unwrap();
+    let acked = vec![dir.join("acked-0.tsv"), dir.join("acked-1.tsv")];
+    finish_load(start_load(etcd, 5_000, &acked[0]));
+    reached(&standby, 5_000, |s| s.applied_seq).await;
+    assert!(standby.stop(WAIT).await.unwrap().success());
+    finish_load(start_load(etcd, 20_000, &acked[1]));
+    let trimmed = metric(primary.metrics_addr(), "fencelog_trimmed_seq").await;
+    assert!(trimmed > 5_001.0, "trimmed only to {trimmed}");
+    let standby = common::daemon_with_env(etcd, dir, "standby", "b", &NODE_ARGS, env);
+    (primary, standby, acked)
+}
+
+/// The applied seq in a stopped node's store, from `fencelog inspect --json`.
+#[cfg(feature = "failpoints")]
+fn applied_in_store(data_dir: &std::path::Path) -> u64 {
+    let dir = data_dir.display().to_string();
+    let (ok, out, err) = fencelog(&["inspect", "--json", "--data-dir", &dir]);
+    assert!(ok, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    json["last_applied_seq"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{out}"))
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_killed_in_the_middle_of_a_snapshot_install_keeps_its_store_and_installs_again() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let crash = [("FAILPOINTS", "snapshot::mid_install=1*off->return")];
+    let (primary, mut standby, acked) = a_standby_trimmed_past(&etcd, dir.path(), &crash).await;
+    let exit = standby.wait_exit(WAIT).await.unwrap();
+    assert!(!exit.success(), "snapshot::mid_install was never reached");
+    assert_eq!(
+        applied_in_store(standby.data_dir()),
+        5_000,
+        "the old store changed"
+    );
+
+    let mut standby = daemon(&etcd, dir.path(), "standby", "b", &NODE_ARGS);
+    let end = primary.status().await.unwrap().committed_seq;
+    reached(&standby, end, |s| s.applied_seq).await;
+    let installed = metric(standby.metrics_addr(), "fencelog_snapshots_installed_total").await;
+    assert_eq!(installed, 1.0);
+    standby.wait_for("standby", None, WAIT).await.unwrap();
+    check_trimmed(primary, standby, &acked).await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_killed_between_the_snapshot_renames_finishes_the_install_on_restart() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let crash = [("FAILPOINTS", "snapshot::between_renames=return")];
+    let (primary, mut standby, acked) = a_standby_trimmed_past(&etcd, dir.path(), &crash).await;
+    let exit = standby.wait_exit(WAIT).await.unwrap();
+    assert!(
+        !exit.success(),
+        "snapshot::between_renames was never reached"
+    );
+    assert!(
+        !standby.data_dir().exists(),
+        "the old store was not moved yet"
+    );
+
+    let standby = daemon(&etcd, dir.path(), "standby", "b", &NODE_ARGS);
+    let end = primary.status().await.unwrap().committed_seq;
+    reached(&standby, end, |s| s.applied_seq).await;
+    let log = standby.log_text();
+    assert!(
+        log.contains("completed a snapshot install that a crash interrupted"),
+        "{log}"
+    );
+    let installed = metric(standby.metrics_addr(), "fencelog_snapshots_installed_total").await;
+    assert_eq!(installed, 0.0, "it downloaded a second snapshot");
+    check_trimmed(primary, standby, &acked).await;
 }

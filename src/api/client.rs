@@ -36,6 +36,8 @@ pub enum Endpoint {
 #[derive(Clone)]
 pub struct WalClient {
     endpoint: Endpoint,
+    /// For [`Endpoint::Etcd`]: the one etcd client every leader lookup uses.
+    etcd: Option<etcd_client::Client>,
     addr: String,
     stub: Stub<Channel>,
 }
@@ -43,13 +45,17 @@ pub struct WalClient {
 impl WalClient {
     /// Connects to the node `endpoint` names (for `Etcd`, the current leader).
     pub async fn connect(endpoint: Endpoint) -> Result<WalClient> {
-        let addr = match &endpoint {
-            Endpoint::Server(addr) => addr.clone(),
-            Endpoint::Etcd { endpoints, cluster } => find_leader(endpoints, cluster).await?,
+        let (addr, etcd) = match &endpoint {
+            Endpoint::Server(addr) => (addr.clone(), None),
+            Endpoint::Etcd { endpoints, cluster } => {
+                let etcd = etcd::connect(endpoints, CONNECT_TIMEOUT).await?;
+                (find_leader(&etcd, cluster).await?, Some(etcd))
+            }
         };
         let stub = open(&addr).await?;
         Ok(WalClient {
             endpoint,
+            etcd,
             addr,
             stub,
         })
@@ -63,12 +69,14 @@ impl WalClient {
     /// After a failover: connects to `leader` when a refusal named it, else finds the leader
     /// again through etcd (or reconnects to the same server).
     pub async fn reconnect(&mut self, leader: Option<&str>) -> Result<()> {
-        let addr = match (leader, &self.endpoint) {
-            (Some(leader), _) => leader.to_owned(),
-            (None, Endpoint::Server(addr)) => addr.clone(),
-            (None, Endpoint::Etcd { endpoints, cluster }) => {
-                find_leader(endpoints, cluster).await?
+        let addr = match (leader, &self.endpoint, &self.etcd) {
+            (Some(leader), _, _) => leader.to_owned(),
+            (None, Endpoint::Server(addr), _) => addr.clone(),
+            (None, Endpoint::Etcd { cluster, .. }, Some(etcd)) => {
+                find_leader(etcd, cluster).await?
             }
+            // `connect` always makes the etcd client for an `Etcd` endpoint.
+            (None, Endpoint::Etcd { .. }, None) => self.addr.clone(),
         };
         self.stub = open(&addr).await?;
         self.addr = addr;
@@ -213,10 +221,9 @@ async fn open(addr: &str) -> Result<Stub<Channel>> {
 }
 
 /// The leader's API address, from the leader key.
-async fn find_leader(endpoints: &[String], cluster: &ClusterId) -> Result<String> {
-    let client = etcd::connect(endpoints, CONNECT_TIMEOUT).await?;
+async fn find_leader(etcd: &etcd_client::Client, cluster: &ClusterId) -> Result<String> {
     let layout = KeyLayout::new(cluster);
-    match current_leader(&client, &layout, CONNECT_TIMEOUT).await? {
+    match current_leader(etcd, &layout, CONNECT_TIMEOUT).await? {
         Some((leader, _)) => Ok(leader.addr),
         None => Err(Error::NoLeader {
             cluster: cluster.as_str().to_owned(),

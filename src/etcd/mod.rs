@@ -4,9 +4,11 @@
 //! - [`commit`]: the one fenced transaction per batch;
 //! - [`fetch`]: committed batches read back by key range, in pages, at one revision;
 //! - [`reconcile`]: a local log cut back to a prefix of etcd's before a node builds on it;
-//! - [`process`]: a real etcd child process for tests, benches and demos.
+//! - [`process`]: a real etcd child process for tests, benches and demos;
+//! - [`endpoints`]: a client of several members kept off the ones that are down.
 
 pub mod commit;
+pub mod endpoints;
 pub mod fetch;
 pub mod leadership;
 pub mod process;
@@ -22,13 +24,18 @@ use etcd_client::{Client, ConnectOptions};
 
 use crate::error::{Error, Result};
 
-/// Connects to etcd at `endpoints` with fencelog's timeouts.
+/// Connects to etcd at `endpoints` with fencelog's timeouts; with several, a guard keeps the
+/// client off members that are down ([`endpoints::guard`]).
 pub async fn connect(endpoints: &[String], request_timeout: Duration) -> Result<Client> {
     let options = ConnectOptions::new()
         .with_connect_timeout(request_timeout)
         .with_timeout(request_timeout)
         .with_keep_alive(Duration::from_secs(2), request_timeout);
-    Ok(Client::connect(endpoints, Some(options)).await?)
+    let client = Client::connect(endpoints, Some(options.clone())).await?;
+    if endpoints.len() > 1 {
+        endpoints::guard(&client, endpoints, &options);
+    }
+    Ok(client)
 }
 
 /// Runs one etcd call, giving up after `limit`: a call to an unreachable etcd must not hang

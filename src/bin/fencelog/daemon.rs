@@ -45,9 +45,12 @@ pub async fn run(settings: Resolved, role: &str) -> anyhow::Result<()> {
         .with_context(|| format!("cannot reach etcd at {}", settings.etcd.join(",")))?;
 
     let dir = settings.data_dir.clone();
-    let store = blocking(move || LocalStore::open_or_rebuild(&dir, StoreOptions::default()))
-        .await
-        .with_context(|| format!("cannot open the store in {}", settings.data_dir.display()))?;
+    let store = blocking(move || {
+        fencelog::snapshot::finish_interrupted_swap(&dir)?;
+        LocalStore::open_or_rebuild(&dir, StoreOptions::default())
+    })
+    .await
+    .with_context(|| format!("cannot open the store in {}", settings.data_dir.display()))?;
     let (store, moved_aside) = store;
     if let Some(damaged) = moved_aside {
         tracing::warn!(

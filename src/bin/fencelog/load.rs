@@ -256,7 +256,7 @@ impl Worker {
         };
         let deadline = Instant::now() + self.failover_timeout;
         loop {
-            match self.client.reconnect(hint.as_deref()).await {
+            match self.reconnect_to_primary(hint.as_deref()).await {
                 Ok(()) => {
                     tracing::debug!(addr = self.client.addr(), "reconnected");
                     self.shared.tally().reconnects += 1;
@@ -273,6 +273,20 @@ impl Worker {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
+        }
+    }
+
+    /// Connects to `hint` (else whoever etcd names) and makes sure it leads: a node in the middle
+    /// of a failover may name a leader that is gone, and appending there would only fail again.
+    async fn reconnect_to_primary(&mut self, hint: Option<&str>) -> fencelog::Result<()> {
+        self.client.reconnect(hint).await?;
+        let status = self.client.status().await?;
+        if status.role == "primary" {
+            Ok(())
+        } else {
+            Err(Error::NotLeader {
+                leader: status.leader,
+            })
         }
     }
 }
