@@ -1,0 +1,63 @@
+//! fencelog's etcd client against a 3-member etcd cluster with members going down.
+
+mod common;
+
+use std::time::Duration;
+
+use common::EtcdCluster;
+use fencelog::etcd::endpoints::PROBE_INTERVAL;
+
+async fn cluster_and_client() -> (EtcdCluster, etcd_client::Client) {
+    let cluster = EtcdCluster::start(3)
+        .await
+        .expect("a 3-member etcd cluster starts");
+    let endpoints: Vec<String> = cluster.endpoints().split(',').map(str::to_owned).collect();
+    let client = fencelog::etcd::connect(&endpoints, Duration::from_secs(2))
+        .await
+        .unwrap();
+    (cluster, client)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_one_member_killed_every_request_goes_to_the_members_left() {
+    let (mut cluster, client) = cluster_and_client().await;
+    let follower = (cluster.leader().await.unwrap() + 1) % 3;
+    cluster.member(follower).kill();
+    tokio::time::sleep(PROBE_INTERVAL * 4).await;
+    let mut kv = client.kv_client();
+    for i in 0..200 {
+        kv.put(format!("k{i}"), "v", None)
+            .await
+            .unwrap_or_else(|e| panic!("put {i} failed with member {follower} down: {e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn members_that_come_back_are_used_again() {
+    let (mut cluster, client) = cluster_and_client().await;
+    let leader = cluster.leader().await.unwrap();
+    // Each follower down and back in turn: were one not taken back into use, only the leader
+    // would be left to the client once it is killed below.
+    for follower in (0..3).filter(|&m| m != leader) {
+        cluster.member(follower).kill();
+        tokio::time::sleep(PROBE_INTERVAL * 4).await;
+        cluster.member(follower).restart().await.unwrap();
+        tokio::time::sleep(PROBE_INTERVAL * 4).await;
+    }
+    cluster.member(leader).kill();
+    let mut kv = client.kv_client();
+    // The two left elect a leader first.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while let Err(e) = kv.put("first", "v", None).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no put succeeded after the leader member died: {e}"
+        );
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+    for i in 0..50 {
+        kv.put(format!("k{i}"), "v", None)
+            .await
+            .unwrap_or_else(|e| panic!("put {i} failed: {e}"));
+    }
+}
