@@ -32,7 +32,7 @@
 //! `flush_async` from many tasks (it deadlocks in 0.34.7): this store flushes with `flush()`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use sled::Tree;
 use xxhash_rust::xxh3::Xxh3;
@@ -205,6 +205,9 @@ pub struct LocalStore {
     flusher: Mutex<()>,
     /// Serializes applying and digesting, so a digest sees one `applied_seq`.
     applier: Mutex<Applying>,
+    /// The first I/O error sled reported. sled 0.34 fails every later write once one failed
+    /// (disk full, a failing disk), even when the cause is gone: only reopening recovers.
+    failure: OnceLock<String>,
 }
 
 impl LocalStore {
@@ -233,6 +236,7 @@ impl LocalStore {
                 decoder: BatchDecoder::new(options.limits.clone())?,
                 cached: None,
             }),
+            failure: OnceLock::new(),
             limits: options.limits,
             flush: options.flush,
             writer: Mutex::new(()),
@@ -283,6 +287,11 @@ impl LocalStore {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The I/O error that made this store unusable until it is reopened, if one did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
     }
 
     pub fn positions(&self) -> Result<Positions> {
@@ -904,6 +913,13 @@ impl LocalStore {
     fn io(&self, source: sled::Error) -> Error {
         match source {
             sled::Error::Corruption { .. } => self.corrupt(source.to_string()),
+            sled::Error::Io(ref e) => {
+                self.failure.get_or_init(|| e.to_string());
+                Error::StoreIo {
+                    dir: self.dir.clone(),
+                    source,
+                }
+            }
             source => Error::StoreIo {
                 dir: self.dir.clone(),
                 source,

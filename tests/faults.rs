@@ -655,3 +655,124 @@ async fn a_standby_killed_between_the_snapshot_renames_finishes_the_install_on_r
     assert_eq!(installed, 0.0, "it downloaded a second snapshot");
     check_trimmed(primary, standby, &acked).await;
 }
+
+/// A small tmpfs mounted on a temporary directory, unmounted on drop.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(megabytes: u64) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("mount runs");
+        assert!(
+            status.success(),
+            "cannot mount a tmpfs (the disk-full test needs root and CAP_SYS_ADMIN)"
+        );
+        SmallDisk { dir }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fills the disk up to `free_bytes` left with a file; returns the file.
+    fn fill(&self, free_bytes: u64) -> PathBuf {
+        let stats = nix_free_bytes(self.path());
+        let filler = self.path().join("filler");
+        let file = std::fs::File::create(&filler).unwrap();
+        file.set_len(0).unwrap();
+        let mut left = stats.saturating_sub(free_bytes);
+        let chunk = vec![0u8; 1 << 20];
+        let mut writer = std::io::BufWriter::new(file);
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            std::io::Write::write_all(&mut writer, &chunk[..n]).unwrap();
+            left -= n as u64;
+        }
+        std::io::Write::flush(&mut writer).unwrap();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn nix_free_bytes(path: &std::path::Path) -> u64 {
+    let out = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_primary_whose_disk_fills_up_stops_clearly_and_recovers_once_there_is_space() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(64);
+    let spec = fencelog::node_process::NodeSpec {
+        binary: env!("CARGO_BIN_EXE_fencelog").into(),
+        role: "primary".into(),
+        cluster: CLUSTER.into(),
+        node: "a".into(),
+        etcd: etcd.endpoint().into(),
+        data_dir: disk.path().join("a"),
+        log: dir.path().join("a.log"),
+        extra_args: NODE_ARGS.iter().map(|a| a.to_string()).collect(),
+        env: Vec::new(),
+    };
+    let mut primary = NodeProcess::spawn(spec.clone()).unwrap();
+    primary.wait_for("primary", None, WAIT).await.unwrap();
+    let failover = [&NODE_ARGS[..], &["--failover"]].concat();
+    let mut standby = daemon(&etcd, dir.path(), "standby", "b", &failover);
+    standby
+        .wait_for("standby", Some("watching"), WAIT)
+        .await
+        .unwrap();
+    // About 6 MB left: the primary's log and state fill it within the first 10,000 records.
+    let filler = disk.fill(6 << 20);
+    let file = dir.path().join("acked.tsv");
+    let load = start_load(&etcd, 40_000, &file);
+    let exit = primary.wait_exit(WAIT).await.unwrap();
+    assert!(!exit.success());
+    let log = primary.log_text();
+    assert!(log.contains("No space left on device"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("the local store in") && last.contains("start the node again"),
+        "{last}"
+    );
+    println!("{last}");
+    standby.wait_for("primary", None, WAIT).await.unwrap();
+    let summary = finish_load(load);
+    println!("{summary}");
+
+    // Space returns; the node starts again on its store, as a supervisor would restart it.
+    std::fs::remove_file(filler).unwrap();
+    let spec = fencelog::node_process::NodeSpec {
+        role: "standby".into(),
+        extra_args: failover.iter().map(|a| a.to_string()).collect(),
+        ..spec
+    };
+    let mut restarted = NodeProcess::spawn(spec).unwrap();
+    let status = restarted.wait_for("standby", None, WAIT).await.unwrap();
+    assert!(status.received_seq > 0, "it restarted from zero");
+    check(&etcd, &[file], &mut [restarted, standby]).await;
+}

@@ -25,6 +25,8 @@ use crate::settings::Resolved;
 
 /// How long the servers may take to finish their calls after the node stopped.
 const SERVER_DRAIN: Duration = Duration::from_secs(5);
+/// How often the daemon looks whether its local store has failed.
+const STORE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 pub async fn run(settings: Resolved, role: &str) -> anyhow::Result<()> {
     let config = settings.node.clone();
@@ -95,7 +97,18 @@ pub async fn run(settings: Resolved, role: &str) -> anyhow::Result<()> {
 
     tokio::select! {
         signal_name = wait_for_signal() => tracing::info!(signal = signal_name?, "shutting down"),
-        _ = node.stopped() => anyhow::bail!("the node stopped on an error (see the log above)"),
+        _ = node.stopped() => match node.store().failure() {
+            Some(failure) => return Err(store_failed(&node, failure)),
+            None => anyhow::bail!("the node stopped on an error (see the log above)"),
+        },
+        failure = store_failure(&node) => {
+            tracing::error!(error = %failure, "the local store failed; stopping the node");
+            // Leadership is given up on the way if etcd lets it; the store cannot be flushed.
+            if tokio::time::timeout(SERVER_DRAIN, node.shutdown()).await.is_err() {
+                tracing::warn!("the node did not shut down in time");
+            }
+            return Err(store_failed(&node, &failure));
+        }
     }
     let shut = node.shutdown().await;
     stop.send_replace(true);
@@ -112,6 +125,25 @@ pub async fn run(settings: Resolved, role: &str) -> anyhow::Result<()> {
     flushed.context("cannot flush the local store")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Resolves with the local store's I/O failure: sled refuses every write after one, so the
+/// process stops (a supervisor restarts it) rather than serve from a store that cannot move.
+async fn store_failure(node: &Node) -> String {
+    loop {
+        tokio::time::sleep(STORE_CHECK_INTERVAL).await;
+        if let Some(failure) = node.store().failure() {
+            return failure.to_owned();
+        }
+    }
+}
+
+fn store_failed(node: &Node, failure: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the local store in {} failed: {failure}. Once the cause is fixed (disk space, the disk), \
+         start the node again: it recovers its store and catches up from etcd",
+        node.store().dir().display()
+    )
 }
 
 async fn wait_for_signal() -> anyhow::Result<&'static str> {
