@@ -334,6 +334,13 @@ async fn bad_flags_and_an_unreachable_etcd_give_one_line_errors() {
             daemon.replace("--cluster c", "--cluster ../x"),
             "invalid cluster",
         ),
+        (
+            daemon.replace("--cluster c", &format!("--cluster {}", "x".repeat(65))),
+            "invalid cluster",
+        ),
+        (daemon.replace("--node a", "--node a/b"), "invalid node"),
+        (daemon.replace("--node a", "--node é"), "invalid node"),
+        (daemon.replace("--node a", "--node .."), "invalid node"),
         (format!("{daemon} --listen nowhere"), "not an IP:port"),
         (format!("{daemon} --lease-ttl 1"), "lease_ttl"),
         (
@@ -414,6 +421,66 @@ async fn garbage_and_oversized_messages_get_errors_and_the_node_keeps_serving() 
         .unwrap();
     assert_eq!(ack.first_seq, Seq(1));
     assert_eq!(http_get(primary.metrics_addr(), "/healthz").await.0, 200);
+    primary.stop(STARTUP).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_at_the_limits_are_committed_and_one_byte_past_them_refused() {
+    let cluster = Cluster::start().await;
+    let mut primary = cluster.primary("alpha", &[]).await;
+    let mut client = primary.client().await.unwrap();
+    let limits = fencelog::limits::Limits::default();
+    let (key_limit, value_limit) = (limits.max_key_bytes, limits.max_value_bytes);
+    let accepted = [
+        (
+            "a key at the limit",
+            Record::put(vec![b'k'; key_limit], "v"),
+        ),
+        (
+            "a value at the limit",
+            Record::put("big", vec![3u8; value_limit]),
+        ),
+        ("an empty value", Record::put("empty", "")),
+        ("an empty key", Record::put("", "v")),
+        ("a delete", Record::delete("empty")),
+    ];
+    let refused = [
+        (
+            "a key one byte past the limit",
+            Record::put(vec![b'k'; key_limit + 1], "v"),
+            "record key is 4097 bytes, over the limit of 4096",
+        ),
+        (
+            "a value one byte past the limit",
+            Record::put("v", vec![3u8; value_limit + 1]),
+            "over the limit",
+        ),
+        (
+            "a delete with a value",
+            Record {
+                op: fencelog::record::Op::Delete,
+                key: b"d".to_vec(),
+                value: b"v".to_vec(),
+            },
+            "delete",
+        ),
+    ];
+    for (case, record, reason) in refused {
+        let error = client.append(vec![record]).await.unwrap_err();
+        assert!(error.to_string().contains(reason), "{case}: {error}");
+    }
+    for (case, record) in accepted {
+        let ack = client
+            .append(vec![record.clone()])
+            .await
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        let read = client
+            .get(record.key.clone(), ack.last_seq, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let expected = (record.op == fencelog::record::Op::Put).then_some(record.value);
+        assert_eq!(read.0, expected, "{case}");
+    }
     primary.stop(STARTUP).await.unwrap();
 }
 

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{node, received, start_primary};
-use fencelog::batch::{Batch, BatchEncoder};
+use fencelog::batch::{Batch, BatchEncoder, HEADER_LEN};
 use fencelog::keys::KeyLayout;
 use fencelog::limits::Limits;
 use fencelog::local_store::LocalStore;
 use fencelog::metrics::Metrics;
 use fencelog::pointer::CommitPointer;
-use fencelog::record::{Epoch, Seq};
+use fencelog::record::{Epoch, Record, Seq};
 use fencelog::standby::lifecycle::State;
 use fencelog::standby::membership::{members, MemberInfo};
 use fencelog::standby::{Standby, StandbyConfig};
@@ -198,8 +198,12 @@ async fn a_damaged_batch_stops_the_standby_at_the_last_good_seq_until_it_is_repa
     standby.shutdown().await.unwrap();
 }
 
+/// Byte offsets of header fields (see `fencelog::batch`).
+const VERSION_AT: usize = 4;
+const UNCOMPRESSED_LEN_AT: usize = 28;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_from_an_older_epoch_is_refused_and_never_applied() {
+async fn hostile_batches_written_into_etcd_are_refused_and_never_applied() {
     let etcd = common::etcd().await;
     let primary_node = node("primary");
     let primary = start_primary(&etcd, &primary_node).await.unwrap();
@@ -207,29 +211,113 @@ async fn a_batch_from_an_older_epoch_is_refused_and_never_applied() {
     let epoch = primary.epoch();
     primary.shutdown().await.unwrap();
 
-    // A well-formed batch that no fenced commit could have written: an epoch older than the
-    // one that committed the seqs before it.
-    let layout = KeyLayout::new(&common::CLUSTER.parse().unwrap());
+    let next = good.next().unwrap();
     let records = RecordGenerator::new(5, 300, 256).take_records(10);
-    let stale = Epoch(epoch.0 - 1);
-    let batch = Batch::new(stale, good.next().unwrap(), records).unwrap();
-    let bytes = BatchEncoder::new(Limits::default(), 1)
-        .unwrap()
-        .encode(&batch)
-        .unwrap()
-        .into_bytes();
-    write_past_the_fence(&mut common::client(&etcd).await, &layout, &batch, bytes).await;
+    let batch = Batch::new(epoch, next, records.clone()).unwrap();
+    let encode = |batch: &Batch, limits: Limits| {
+        BatchEncoder::new(limits, 1)
+            .unwrap()
+            .encode(batch)
+            .unwrap()
+            .into_bytes()
+    };
+    let valid = encode(&batch, Limits::default());
+    let with_header = |edit: &dyn Fn(&mut Vec<u8>), body: &[u8]| {
+        let mut bytes = valid[..HEADER_LEN].to_vec();
+        edit(&mut bytes);
+        bytes.extend_from_slice(body);
+        bytes
+    };
+    let set_u32 = |at: usize, value: u32| {
+        move |bytes: &mut Vec<u8>| bytes[at..at + 4].copy_from_slice(&value.to_le_bytes())
+    };
+    let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 3).unwrap();
+    let huge_key = Limits {
+        max_key_bytes: 8192,
+        ..Limits::default()
+    };
+    let mut flipped = valid.clone();
+    flipped[valid.len() / 2] ^= 0x10;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("a flipped bit", flipped, "checksum"),
+        ("truncated", valid[..valid.len() / 2].to_vec(), "decompress"),
+        ("empty", Vec::new(), "shorter than the 48-byte batch header"),
+        (
+            "garbage",
+            (0..600u32).map(|i| (i * 7919 % 251) as u8).collect(),
+            "magic",
+        ),
+        (
+            "an unknown version",
+            with_header(&set_u32(VERSION_AT, 9), &valid[HEADER_LEN..]),
+            "version 9",
+        ),
+        (
+            "a decompression bomb (64 MiB of zeros announced as 4 KiB)",
+            with_header(&set_u32(UNCOMPRESSED_LEN_AT, 4096), &bomb),
+            "decompress",
+        ),
+        (
+            "a body announced past the uncompressed limit",
+            with_header(&set_u32(UNCOMPRESSED_LEN_AT, u32::MAX), &bomb),
+            "uncompressed",
+        ),
+        (
+            "over the encoded size limit",
+            with_header(&|_| {}, &vec![7u8; Limits::default().max_batch_bytes]),
+            "over the limit",
+        ),
+        (
+            "a key past the key limit",
+            encode(
+                &Batch::new(epoch, next, vec![Record::put(vec![b'k'; 6000], "v")]).unwrap(),
+                huge_key,
+            ),
+            "key",
+        ),
+        (
+            "an epoch older than the one before it",
+            encode(
+                &Batch::new(Epoch(epoch.0 - 1), next, records.clone()).unwrap(),
+                Limits::default(),
+            ),
+            "older than epoch",
+        ),
+        (
+            "a first seq that is not its key's",
+            encode(
+                &Batch::new(epoch, Seq(next.0 + 5), records.clone()).unwrap(),
+                Limits::default(),
+            ),
+            "seq",
+        ),
+    ];
 
-    let standby_node = node("standby");
-    let (standby, _) = start_standby(&etcd, &standby_node.store).await;
-    tokio::time::timeout(WAIT, standby.wait_state(State::Recovering))
-        .await
-        .unwrap();
-    let status = standby.status();
-    assert!(status.detail.contains("older than epoch"), "{status:?}");
-    assert_eq!(status.received_seq, good);
-    assert_eq!(standby.wait_applied(good).await, good);
-    standby.shutdown().await.unwrap();
+    let layout = KeyLayout::new(&common::CLUSTER.parse().unwrap());
+    let mut client = common::client(&etcd).await;
+    for (index, (case, bytes, reason)) in cases.into_iter().enumerate() {
+        write_past_the_fence(&mut client, &layout, &batch, bytes).await;
+        let standby_node = node(&format!("standby-{index}"));
+        let (standby, _) = start_standby(&etcd, &standby_node.store).await;
+        tokio::time::timeout(WAIT, standby.wait_state(State::Recovering))
+            .await
+            .unwrap_or_else(|_| panic!("{case}: not refused; {:?}", standby.status()));
+        let status = standby.status();
+        assert!(
+            status.detail.to_lowercase().contains(reason),
+            "{case}: the reason does not say {reason:?}: {}",
+            status.detail
+        );
+        assert_eq!(status.received_seq, good, "{case}");
+        assert_eq!(standby.wait_applied(good).await, good, "{case}");
+        assert_eq!(
+            standby_node.store.positions().unwrap().log_end_seq,
+            good,
+            "{case}: the batch reached the log"
+        );
+        println!("{case}: refused: {}", status.detail);
+        standby.shutdown().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,6 +33,9 @@ pub struct BatchPages {
     /// 0 until the first page is read; then the revision every page is read at.
     revision: i64,
     done: bool,
+    /// Why the batch after the last page returned cannot be read: returned by the next call,
+    /// so that the good batches before a damaged one still reach the reader.
+    failed: Option<Error>,
 }
 
 impl BatchPages {
@@ -56,6 +59,7 @@ impl BatchPages {
             through,
             revision: 0,
             done: through.is_some_and(|t| t < from),
+            failed: None,
         }
     }
 
@@ -66,6 +70,10 @@ impl BatchPages {
 
     /// The next page in seq order, or `None` when the range is exhausted.
     pub async fn next_page(&mut self) -> Result<Option<Vec<EncodedBatch>>> {
+        if let Some(failed) = self.failed.take() {
+            self.done = true;
+            return Err(failed);
+        }
         if self.done {
             return Ok(None);
         }
@@ -83,14 +91,14 @@ impl BatchPages {
         }
         let mut page = Vec::with_capacity(response.kvs().len());
         for kv in response.kvs() {
-            let key_seq = self.layout.parse_batch_key(kv.key())?;
-            let batch = EncodedBatch::parse(kv.value().to_vec(), &self.limits)?;
-            if batch.first_seq() != self.next || key_seq != self.next {
-                return Err(Error::MissingBatches {
-                    expected: self.next,
-                    found: Some(batch.first_seq()),
-                });
-            }
+            let batch = match self.parse(kv.key(), kv.value()) {
+                Ok(batch) => batch,
+                Err(e) if page.is_empty() => return Err(e),
+                Err(e) => {
+                    self.failed = Some(e);
+                    return Ok(Some(page));
+                }
+            };
             self.next = batch.last_seq().next()?;
             let reached_end = self.through.is_some_and(|t| batch.last_seq() >= t);
             page.push(batch);
@@ -109,6 +117,19 @@ impl BatchPages {
             }
         }
         Ok((!page.is_empty()).then_some(page))
+    }
+
+    /// The batch at `key`, if it is the one expected next.
+    fn parse(&self, key: &[u8], value: &[u8]) -> Result<EncodedBatch> {
+        let key_seq = self.layout.parse_batch_key(key)?;
+        let batch = EncodedBatch::parse(value.to_vec(), &self.limits)?;
+        if batch.first_seq() != self.next || key_seq != self.next {
+            return Err(Error::MissingBatches {
+                expected: self.next,
+                found: Some(batch.first_seq()),
+            });
+        }
+        Ok(batch)
     }
 }
 
