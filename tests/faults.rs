@@ -289,9 +289,12 @@ async fn etcd_members_and_the_raft_leader_killed_under_load_lose_no_acknowledged
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start_pair(&cluster, dir.path()).await;
     let file = dir.path().join("acked.tsv");
-    let load = start_load(&cluster, 30_000, &file);
+    // Rounds alternate: a follower member, then the raft leader's member.
+    let rounds = rounds() as u64;
+    let load = start_load(&cluster, 10_000 * rounds + 10_000, &file);
     let mut progress = 0;
-    for (round, kill_leader) in [false, true].into_iter().enumerate() {
+    for round in 0..rounds {
+        let kill_leader = round % 2 == 1;
         progress += 5_000;
         committed_by_either(&nodes, progress).await;
         let leader = cluster.leader().await.unwrap();
