@@ -156,3 +156,24 @@ fn deletes_decode_as_deletes() {
     let ops: Vec<(Seq, Op)> = decoded.iter().map(|(seq, r)| (seq, r.op)).collect();
     assert_eq!(ops, [(Seq(5), Op::Put), (Seq(6), Op::Delete)]);
 }
+
+/// The fuzzer's kept corpus (fuzz/corpus/decode_batch, see fuzz/README.md) as a regression
+/// suite: every input decodes or is refused without a panic, and the seeds — batches written
+/// by the encoder — still decode.
+#[test]
+fn the_fuzz_corpus_decodes_or_is_refused_without_a_panic() {
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/decode_batch");
+    let (_, mut dec) = codec();
+    let mut inputs = 0;
+    for entry in std::fs::read_dir(&corpus).expect("the corpus is in the repository") {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let decoded = dec.decode(&bytes);
+        let name = path.file_name().unwrap().to_string_lossy();
+        if name.starts_with("seed-") {
+            assert!(decoded.is_ok(), "{name}: {decoded:?}");
+        }
+        inputs += 1;
+    }
+    assert!(inputs >= 7, "only {inputs} inputs in {}", corpus.display());
+}
