@@ -269,7 +269,7 @@ async fn etcd_killed_and_restarted_under_load_loses_no_acknowledged_record() {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = start_pair(&etcd, dir.path()).await;
     let file = dir.path().join("acked.tsv");
-    let load = start_load(&etcd, 30_000, &file);
+    let load = start_load(&etcd, 5_000 * rounds() as u64 + 20_000, &file);
     for round in 0..rounds() {
         committed(&nodes[0], 5_000 * (round as u64 + 1)).await;
         etcd.kill();
@@ -364,8 +364,7 @@ async fn a_standby_stopped_past_compaction_and_then_past_trimming_catches_up_und
     // Away while the log is trimmed past it: it installs a snapshot, then follows.
     assert!(standby.stop(WAIT).await.unwrap().success());
     finish_load(start_load(&etcd, 15_000, &acked[3]));
-    let trimmed = metric(primary.metrics_addr(), "fencelog_trimmed_seq").await;
-    assert!(trimmed > end as f64, "trimmed only to {trimmed}");
+    trimmed_past(&primary, end + 1).await;
     let load = start_load(&etcd, 10_000, &acked[4]);
     standby.start().unwrap();
     finish_load(load);
@@ -403,6 +402,19 @@ async fn check_trimmed(mut primary: NodeProcess, mut standby: NodeProcess, acked
     println!("{out}");
     let exit = primary.stop(WAIT).await.unwrap();
     assert!(exit.success(), "{exit}: {}", primary.log_text());
+}
+
+/// Waits until the primary has trimmed etcd's log past `seq` (it trims as it applies).
+async fn trimmed_past(primary: &NodeProcess, seq: u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let trimmed = metric(primary.metrics_addr(), "fencelog_trimmed_seq").await;
+        if trimmed > seq as f64 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "trimmed only to {trimmed}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits until `node`'s standby registration is in etcd.
@@ -587,8 +599,7 @@ async fn a_standby_trimmed_past(
     reached(&standby, 5_000, |s| s.applied_seq).await;
     assert!(standby.stop(WAIT).await.unwrap().success());
     finish_load(start_load(etcd, 20_000, &acked[1]));
-    let trimmed = metric(primary.metrics_addr(), "fencelog_trimmed_seq").await;
-    assert!(trimmed > 5_001.0, "trimmed only to {trimmed}");
+    trimmed_past(&primary, 5_001).await;
     let standby = common::daemon_with_env(etcd, dir, "standby", "b", &NODE_ARGS, env);
     (primary, standby, acked)
 }
