@@ -192,6 +192,8 @@ pub enum Error {
     SnapshotInvalid(String),
     #[error("cannot hold the log in etcd for a snapshot: it was trimmed past the hold {attempts} times in a row")]
     TrimmedPastHold { attempts: usize },
+    #[error("benchmark: {0}")]
+    Benchmark(String),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     #[error("{message}")]

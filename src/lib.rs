@@ -27,11 +27,13 @@
 //! - [`metrics`]: the Prometheus registry;
 //! - [`checker`]: the history checker (acknowledged vs committed vs applied);
 //! - [`workload`]: synthetic records for benches, tests and the load tool;
+//! - [`bench`]: the workloads `fencelog bench` and the criterion benches share;
 //! - [`error`]: the crate's error type.
 
 pub mod api;
 pub mod applier;
 pub mod batch;
+pub mod bench;
 pub mod checker;
 pub mod config;
 pub mod error;

@@ -54,3 +54,46 @@ fn inspect_of_a_store_of_another_format_says_what_to_do() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bench_measures_every_stage_and_writes_the_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("bench.md");
+    let report_arg = report.display().to_string();
+    let (ok, stdout, stderr) = fencelog(&[
+        "bench",
+        "--seconds",
+        "1",
+        "--caps",
+        "128",
+        "--report",
+        &report_arg,
+    ]);
+    assert!(ok, "bench failed:\n{stdout}\n{stderr}");
+    let written = std::fs::read_to_string(&report).unwrap();
+    assert!(
+        stdout.contains(&written),
+        "the report differs from what was printed"
+    );
+    for row in [
+        "| ceiling: pre-encoded 1024-record fenced txns | ",
+        "| etcd single-key puts",
+        "| fencelog double, batch cap 128 | ",
+        "| fencelog single, batch cap 128 | ",
+        "| seed style: 127 keys per txn + pointer put | ",
+    ] {
+        let line = written
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("no row {row:?} in:\n{written}"));
+        let rate: f64 = line.split('|').nth(2).unwrap().trim().parse().unwrap();
+        assert!(rate > 0.0, "{line}");
+    }
+}
+
+#[test]
+fn bench_refuses_a_zero_duration() {
+    let (ok, _, stderr) = fencelog(&["bench", "--seconds", "0"]);
+    assert!(!ok);
+    assert!(stderr.contains("--seconds must be at least 1"), "{stderr}");
+}

@@ -164,6 +164,11 @@ impl EtcdProcess {
         Ok(())
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The client URL, `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> &str {
         &self.client_url

@@ -4,6 +4,7 @@
 //!
 //! Errors end the process with one line on stderr (`error: ...`) and a non-zero status.
 
+mod bench;
 mod commands;
 mod daemon;
 mod demo;
@@ -127,6 +128,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure the commit layer's ceiling, fencelog's primary and the seed design's writer, each
+    /// on a private etcd, and print the table (see docs/BENCHMARKS.md).
+    Bench(bench::BenchOptions),
     /// Start a private etcd, a primary and a failover standby, push a load, kill the primary,
     /// and check that the promoted standby has every acknowledged record.
     Demo {
@@ -220,6 +224,7 @@ async fn run_client(command: Command) -> anyhow::Result<()> {
         } => commands::check(&target, &acked, &data_dirs).await,
         Command::Bootstrap { target, data_dir } => commands::bootstrap(&target, &data_dir).await,
         Command::Demo { records } => demo::run(records).await,
+        Command::Bench(options) => bench::run(options).await,
         Command::Primary(_) | Command::Standby(_) => unreachable!("daemons are run by `run`"),
     }
 }

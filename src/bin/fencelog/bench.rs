@@ -1,0 +1,295 @@
+//! `fencelog bench`: the benchmark suite in one process and one sitting, each measurement on a
+//! fresh etcd of its own, run for a bounded time, with the CPU fencelog and etcd used beside
+//! each rate; prints a table (and writes it as a markdown report with `--report`).
+//!
+//! Measured so far: the commit layer's ceiling (pre-encoded fenced transactions) and single-key
+//! puts, fencelog's primary end to end in process (double and single pipeline, several batch
+//! caps, producers building each record, the primary's own state apply running), and the seed
+//! design's writer. The criterion benches share the workloads (`fencelog::bench`).
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use fencelog::bench::ceiling::FencedWriter;
+use fencelog::bench::cpu::CpuClock;
+use fencelog::bench::producers::{produce, Producers};
+use fencelog::bench::seed_style::{SeedWriter, KEYS_PER_TXN};
+use fencelog::config::{Pipeline, PrimaryConfig};
+use fencelog::etcd::process::EtcdProcess;
+use fencelog::local_store::LocalStore;
+use fencelog::metrics::Metrics;
+use fencelog::primary::Primary;
+use fencelog::record::Record;
+use fencelog::workload::RecordGenerator;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Records per batch of the ceiling, the size fencelog's batches reach under load.
+const CEILING_BATCH: usize = 1024;
+
+#[derive(Args)]
+pub struct BenchOptions {
+    /// Seconds each measurement runs.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Batch caps (records) of fencelog's own runs.
+    #[arg(long, value_delimiter = ',', default_values_t = [128, 1024, 4096])]
+    caps: Vec<usize>,
+    /// Also write the report, as markdown, to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+/// One measured rate.
+struct Measurement {
+    what: String,
+    records: u64,
+    elapsed: Duration,
+    records_per_batch: Option<f64>,
+    /// Cores used by this process (fencelog) and by etcd while it ran.
+    cpu: (f64, f64),
+}
+
+impl Measurement {
+    fn per_second(&self) -> f64 {
+        self.records as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+enum Stage {
+    Ceiling,
+    SinglePuts,
+    Fencelog { pipeline: Pipeline, cap: usize },
+    SeedStyle,
+}
+
+impl Stage {
+    fn name(&self) -> String {
+        match self {
+            Stage::Ceiling => format!("ceiling: pre-encoded {CEILING_BATCH}-record fenced txns"),
+            Stage::SinglePuts => "etcd single-key puts (256 B), one in flight".into(),
+            Stage::Fencelog { pipeline, cap } => format!(
+                "fencelog {}, batch cap {cap}",
+                match pipeline {
+                    Pipeline::Double => "double",
+                    Pipeline::Single => "single",
+                }
+            ),
+            Stage::SeedStyle => format!("seed style: {KEYS_PER_TXN} keys per txn + pointer put"),
+        }
+    }
+}
+
+pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
+    anyhow::ensure!(options.seconds > 0, "--seconds must be at least 1");
+    anyhow::ensure!(
+        options.caps.iter().all(|&c| c > 0),
+        "--caps must be at least 1"
+    );
+    let duration = Duration::from_secs(options.seconds);
+    let mut stages = vec![Stage::Ceiling, Stage::SinglePuts];
+    for pipeline in [Pipeline::Double, Pipeline::Single] {
+        for &cap in &options.caps {
+            stages.push(Stage::Fencelog { pipeline, cap });
+        }
+    }
+    stages.push(Stage::SeedStyle);
+
+    let progress = ProgressBar::new(stages.len() as u64).with_style(ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} measurements: {msg}",
+    )?);
+    progress.enable_steady_tick(Duration::from_millis(200));
+    let started = Instant::now();
+    let mut results = Vec::new();
+    for stage in &stages {
+        progress.set_message(stage.name());
+        let measurement = measure(stage, duration)
+            .await
+            .with_context(|| format!("measuring {}", stage.name()))?;
+        progress.println(format!(
+            "{:<55} {:>10.0} records/s",
+            measurement.what,
+            measurement.per_second()
+        ));
+        results.push(measurement);
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+
+    let report = report(&results, options.seconds, started.elapsed());
+    println!("{report}");
+    if let Some(path) = &options.report {
+        std::fs::write(path, &report)
+            .with_context(|| format!("cannot write the report to {}", path.display()))?;
+        println!("report written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Runs `stage` on a fresh etcd for `duration`.
+async fn measure(stage: &Stage, duration: Duration) -> anyhow::Result<Measurement> {
+    let etcd = EtcdProcess::start().await?;
+    let client =
+        fencelog::etcd::connect(&[etcd.endpoint().to_owned()], Duration::from_secs(5)).await?;
+    let etcd_pid = etcd.pid().context("etcd is not running")?;
+    let mut records_per_batch = None;
+    let clock = CpuClock::start(&[std::process::id(), etcd_pid])?;
+    let started = Instant::now();
+    let running = || started.elapsed() < duration;
+    let mut records = 0u64;
+    let mut elapsed = None;
+    match stage {
+        Stage::Ceiling => {
+            let mut writer = FencedWriter::lead(&client, "ceiling").await?;
+            let samples = samples(CEILING_BATCH, 16);
+            records_per_batch = Some(CEILING_BATCH as f64);
+            let mut committing = Duration::ZERO;
+            while running() {
+                // Encoded before the commits are timed: only the transactions count.
+                let batches = writer.encode_batches(&samples, samples.len())?;
+                let commits = Instant::now();
+                for batch in &batches {
+                    writer.commit(batch).await?;
+                }
+                committing += commits.elapsed();
+                records += (batches.len() * CEILING_BATCH) as u64;
+            }
+            elapsed = Some(committing);
+        }
+        Stage::SinglePuts => {
+            let mut kv = client.kv_client();
+            while running() {
+                records += 1;
+                kv.put(format!("/puts/{records:020}"), vec![7u8; 256], None)
+                    .await?;
+            }
+        }
+        Stage::Fencelog { pipeline, cap } => {
+            let dir = tempfile::tempdir()?;
+            let store = Arc::new(LocalStore::open(dir.path(), Default::default())?);
+            let mut config = PrimaryConfig::new("bench".parse()?, "bench".parse()?, "127.0.0.1:1");
+            config.pipeline = *pipeline;
+            config.max_batch_records = *cap;
+            let metrics = Arc::new(Metrics::new()?);
+            let primary =
+                Arc::new(Primary::start(client.clone(), store, config, metrics.clone()).await?);
+            let per_append = (*cap).min(16);
+            let producers = (2 * cap / per_append).clamp(4, 512);
+            let chunk = (32 * cap).max(8192) as u64;
+            while running() {
+                produce(&primary, chunk, per_append, producers, Producers::Building).await?;
+                records += chunk;
+            }
+            elapsed = Some(started.elapsed());
+            records_per_batch =
+                Some(metrics.committed_records.get() as f64 / metrics.commits.get().max(1) as f64);
+            Arc::into_inner(primary)
+                .context("the producers still hold the primary")?
+                .shutdown()
+                .await?;
+        }
+        Stage::SeedStyle => {
+            let mut writer = SeedWriter::new(&client);
+            let mut generator = RecordGenerator::new(9, 1_000_000, 256);
+            records_per_batch = Some(KEYS_PER_TXN as f64);
+            while running() {
+                let batch: Vec<Record> = generator.take_records(KEYS_PER_TXN);
+                writer.write(&batch).await?;
+                records += KEYS_PER_TXN as u64;
+            }
+        }
+    }
+    let elapsed = elapsed.unwrap_or_else(|| started.elapsed());
+    let cores = clock.cores()?;
+    Ok(Measurement {
+        what: stage.name(),
+        records,
+        elapsed,
+        records_per_batch,
+        cpu: (cores[0], cores[1]),
+    })
+}
+
+/// `count` distinct runs of `per_batch` 256-byte records.
+fn samples(per_batch: usize, count: usize) -> Vec<Vec<Record>> {
+    let mut generator = RecordGenerator::new(7, 1_000_000, 256);
+    (0..count)
+        .map(|_| generator.take_records(per_batch))
+        .collect()
+}
+
+/// The report: the machine, a table with each rate against the ceiling and the seed style, and
+/// the ratios the targets are about.
+fn report(results: &[Measurement], seconds: u64, took: Duration) -> String {
+    let rate_of = |prefix: &str| {
+        results
+            .iter()
+            .find(|m| m.what.starts_with(prefix))
+            .map(Measurement::per_second)
+    };
+    let ceiling = rate_of("ceiling");
+    let seed = rate_of("seed style");
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let mut out = String::new();
+    let _ = writeln!(out, "# fencelog bench\n");
+    let _ = writeln!(
+        out,
+        "{cores} cores, {}, each measurement {seconds} s on a fresh etcd (whole run {:.0} s); \
+         256-byte records; CPU in cores (CPU seconds per second) of this process and of etcd.\n",
+        etcd_version(),
+        took.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "| what | records/s | vs ceiling | vs seed style | records per batch | fencelog CPU | etcd CPU |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    let ratio = |rate: f64, base: Option<f64>| {
+        base.filter(|b| *b > 0.0)
+            .map_or_else(String::new, |b| format!("{:.2}", rate / b))
+    };
+    for m in results {
+        let rate = m.per_second();
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {} | {} | {} | {:.2} | {:.2} |",
+            m.what,
+            rate,
+            ratio(rate, ceiling),
+            ratio(rate, seed),
+            m.records_per_batch
+                .map_or_else(String::new, |b| format!("{b:.0}")),
+            m.cpu.0,
+            m.cpu.1
+        );
+    }
+    let double = rate_of("fencelog double, batch cap 1024");
+    let single = rate_of("fencelog single, batch cap 1024");
+    if let (Some(double), Some(single)) = (double, single) {
+        let _ = writeln!(
+            out,
+            "\nAt batch cap 1024: double / single = {:.2}x; fencelog / ceiling = {}; \
+             fencelog / seed style = {}x.",
+            double / single.max(1e-9),
+            ratio(double, ceiling),
+            ratio(double, seed)
+        );
+    }
+    out
+}
+
+/// `etcd --version`'s first line, or why it is unknown.
+fn etcd_version() -> String {
+    let binary = std::env::var("FENCELOG_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+    match std::process::Command::new(binary).arg("--version").output() {
+        Ok(output) => String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .next()
+            .unwrap_or("etcd version unknown")
+            .to_owned(),
+        Err(e) => format!("etcd version unknown ({e})"),
+    }
+}
