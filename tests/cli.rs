@@ -59,7 +59,8 @@ fn inspect_of_a_store_of_another_format_says_what_to_do() {
 fn bench_measures_every_stage_and_writes_the_report() {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("bench.md");
-    let report_arg = report.display().to_string();
+    let plot = dir.path().join("bench.png");
+    let (report_arg, plot_arg) = (report.display().to_string(), plot.display().to_string());
     let (ok, stdout, stderr) = fencelog(&[
         "bench",
         "--seconds",
@@ -68,6 +69,8 @@ fn bench_measures_every_stage_and_writes_the_report() {
         "128",
         "--report",
         &report_arg,
+        "--plot",
+        &plot_arg,
     ]);
     assert!(ok, "bench failed:\n{stdout}\n{stderr}");
     let written = std::fs::read_to_string(&report).unwrap();
@@ -76,7 +79,7 @@ fn bench_measures_every_stage_and_writes_the_report() {
         "the report differs from what was printed"
     );
     for row in [
-        "| ceiling: pre-encoded 1024-record fenced txns | ",
+        "| ceiling: pre-encoded 128-record fenced txns | ",
         "| etcd single-key puts",
         "| fencelog double, batch cap 128 | ",
         "| fencelog single, batch cap 128 | ",
@@ -89,6 +92,8 @@ fn bench_measures_every_stage_and_writes_the_report() {
         let rate: f64 = line.split('|').nth(2).unwrap().trim().parse().unwrap();
         assert!(rate > 0.0, "{line}");
     }
+    let png = std::fs::read(&plot).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "the plot is not a PNG");
 }
 
 #[test]

@@ -5,6 +5,8 @@ need_packages=()
 command -v etcd >/dev/null 2>&1 || need_packages+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || need_packages+=(protobuf-compiler)
 command -v cc >/dev/null 2>&1 || need_packages+=(build-essential)
+# The font `fencelog bench --plot` labels its chart with.
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_packages+=(fonts-dejavu-core)
 # A script may ask for more commands whose Debian package has the same name.
 for tool in "${extra_tools[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || need_packages+=("$tool")

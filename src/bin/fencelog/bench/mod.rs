@@ -27,8 +27,10 @@ use fencelog::record::Record;
 use fencelog::workload::RecordGenerator;
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Records per batch of the ceiling, the size fencelog's batches reach under load.
-const CEILING_BATCH: usize = 1024;
+mod plot;
+
+/// The batch size the targets compare at.
+const REFERENCE_BATCH: usize = 1024;
 
 #[derive(Args)]
 pub struct BenchOptions {
@@ -41,11 +43,22 @@ pub struct BenchOptions {
     /// Also write the report, as markdown, to this file.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Draw records/s against batch size into this PNG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// The TrueType font the plot is labelled with.
+    #[arg(
+        long,
+        default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+    )]
+    font: PathBuf,
 }
 
 /// One measured rate.
 struct Measurement {
     what: String,
+    /// The batch size the stage was run at (ceiling and fencelog stages).
+    cap: Option<usize>,
     records: u64,
     elapsed: Duration,
     records_per_batch: Option<f64>,
@@ -60,7 +73,7 @@ impl Measurement {
 }
 
 enum Stage {
-    Ceiling,
+    Ceiling { batch: usize },
     SinglePuts,
     Fencelog { pipeline: Pipeline, cap: usize },
     SeedStyle,
@@ -69,7 +82,7 @@ enum Stage {
 impl Stage {
     fn name(&self) -> String {
         match self {
-            Stage::Ceiling => format!("ceiling: pre-encoded {CEILING_BATCH}-record fenced txns"),
+            Stage::Ceiling { batch } => format!("ceiling: pre-encoded {batch}-record fenced txns"),
             Stage::SinglePuts => "etcd single-key puts (256 B), one in flight".into(),
             Stage::Fencelog { pipeline, cap } => format!(
                 "fencelog {}, batch cap {cap}",
@@ -90,7 +103,12 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         "--caps must be at least 1"
     );
     let duration = Duration::from_secs(options.seconds);
-    let mut stages = vec![Stage::Ceiling, Stage::SinglePuts];
+    let mut stages: Vec<Stage> = options
+        .caps
+        .iter()
+        .map(|&batch| Stage::Ceiling { batch })
+        .collect();
+    stages.push(Stage::SinglePuts);
     for pipeline in [Pipeline::Double, Pipeline::Single] {
         for &cap in &options.caps {
             stages.push(Stage::Fencelog { pipeline, cap });
@@ -126,6 +144,11 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write the report to {}", path.display()))?;
         println!("report written to {}", path.display());
     }
+    if let Some(path) = &options.plot {
+        plot::draw(path, &options.font, &series(&results))
+            .with_context(|| format!("cannot draw {}", path.display()))?;
+        println!("plot written to {}", path.display());
+    }
     Ok(())
 }
 
@@ -142,10 +165,10 @@ async fn measure(stage: &Stage, duration: Duration) -> anyhow::Result<Measuremen
     let mut records = 0u64;
     let mut elapsed = None;
     match stage {
-        Stage::Ceiling => {
+        Stage::Ceiling { batch } => {
             let mut writer = FencedWriter::lead(&client, "ceiling").await?;
-            let samples = samples(CEILING_BATCH, 16);
-            records_per_batch = Some(CEILING_BATCH as f64);
+            let samples = samples(*batch, (16 * 1024 / batch).max(1));
+            records_per_batch = Some(*batch as f64);
             let mut committing = Duration::ZERO;
             while running() {
                 // Encoded before the commits are timed: only the transactions count.
@@ -155,7 +178,7 @@ async fn measure(stage: &Stage, duration: Duration) -> anyhow::Result<Measuremen
                     writer.commit(batch).await?;
                 }
                 committing += commits.elapsed();
-                records += (batches.len() * CEILING_BATCH) as u64;
+                records += (batches.len() * batch) as u64;
             }
             elapsed = Some(committing);
         }
@@ -204,13 +227,40 @@ async fn measure(stage: &Stage, duration: Duration) -> anyhow::Result<Measuremen
     }
     let elapsed = elapsed.unwrap_or_else(|| started.elapsed());
     let cores = clock.cores()?;
+    let cap = match stage {
+        Stage::Ceiling { batch } => Some(*batch),
+        Stage::Fencelog { cap, .. } => Some(*cap),
+        Stage::SinglePuts | Stage::SeedStyle => None,
+    };
     Ok(Measurement {
         what: stage.name(),
+        cap,
         records,
         elapsed,
         records_per_batch,
         cpu: (cores[0], cores[1]),
     })
+}
+
+/// The plotted lines: each writer's records/s against its records per batch.
+fn series(results: &[Measurement]) -> Vec<plot::Series> {
+    [
+        "ceiling",
+        "fencelog double",
+        "fencelog single",
+        "seed style",
+    ]
+    .into_iter()
+    .map(|writer| plot::Series {
+        name: writer.to_owned(),
+        points: results
+            .iter()
+            .filter(|m| m.what.starts_with(writer))
+            .filter_map(|m| m.records_per_batch.map(|b| (b, m.per_second())))
+            .collect(),
+    })
+    .filter(|s| !s.points.is_empty())
+    .collect()
 }
 
 /// `count` distinct runs of `per_batch` 256-byte records.
@@ -230,7 +280,8 @@ fn report(results: &[Measurement], seconds: u64, took: Duration) -> String {
             .find(|m| m.what.starts_with(prefix))
             .map(Measurement::per_second)
     };
-    let ceiling = rate_of("ceiling");
+    let ceiling = rate_of(&format!("ceiling: pre-encoded {REFERENCE_BATCH}-record"))
+        .or_else(|| rate_of("ceiling"));
     let seed = rate_of("seed style");
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     let mut out = String::new();
@@ -238,7 +289,9 @@ fn report(results: &[Measurement], seconds: u64, took: Duration) -> String {
     let _ = writeln!(
         out,
         "{cores} cores, {}, each measurement {seconds} s on a fresh etcd (whole run {:.0} s); \
-         256-byte records; CPU in cores (CPU seconds per second) of this process and of etcd.\n",
+         256-byte records. `vs ceiling`: against the pre-encoded ceiling at the same batch size \
+         ({REFERENCE_BATCH} records for the rows without one). CPU in cores (CPU seconds per \
+         second) of this process and of etcd over the whole measurement.\n",
         etcd_version(),
         took.as_secs_f64()
     );
@@ -253,12 +306,17 @@ fn report(results: &[Measurement], seconds: u64, took: Duration) -> String {
     };
     for m in results {
         let rate = m.per_second();
+        // Against the ceiling at the same batch size where there is one.
+        let same_batch = results
+            .iter()
+            .find(|c| c.what.starts_with("ceiling") && c.cap.is_some() && c.cap == m.cap)
+            .map(Measurement::per_second);
         let _ = writeln!(
             out,
             "| {} | {:.0} | {} | {} | {} | {:.2} | {:.2} |",
             m.what,
             rate,
-            ratio(rate, ceiling),
+            ratio(rate, same_batch.or(ceiling)),
             ratio(rate, seed),
             m.records_per_batch
                 .map_or_else(String::new, |b| format!("{b:.0}")),
@@ -266,12 +324,12 @@ fn report(results: &[Measurement], seconds: u64, took: Duration) -> String {
             m.cpu.1
         );
     }
-    let double = rate_of("fencelog double, batch cap 1024");
-    let single = rate_of("fencelog single, batch cap 1024");
+    let double = rate_of(&format!("fencelog double, batch cap {REFERENCE_BATCH}"));
+    let single = rate_of(&format!("fencelog single, batch cap {REFERENCE_BATCH}"));
     if let (Some(double), Some(single)) = (double, single) {
         let _ = writeln!(
             out,
-            "\nAt batch cap 1024: double / single = {:.2}x; fencelog / ceiling = {}; \
+            "\nAt batch cap {REFERENCE_BATCH}: double / single = {:.2}x; fencelog / ceiling = {}; \
              fencelog / seed style = {}x.",
             double / single.max(1e-9),
             ratio(double, ceiling),
