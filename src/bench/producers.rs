@@ -68,3 +68,45 @@ pub async fn produce(
     }
     Ok(started.elapsed())
 }
+
+/// Appends at a fixed offered rate for `duration`, `per_append` records per append, and returns
+/// each append's latency from when it was due (not when it was sent, so that a stall counts for
+/// every append it delayed) to its acknowledgment. `senders` tasks take the due appends in turn.
+pub async fn paced(
+    primary: &Arc<Primary>,
+    records_per_second: f64,
+    duration: Duration,
+    per_append: usize,
+    senders: usize,
+) -> Result<Vec<Duration>> {
+    let interval = Duration::from_secs_f64(per_append as f64 / records_per_second.max(1.0));
+    let appends = (duration.as_secs_f64() / interval.as_secs_f64()).ceil() as u64;
+    let start = tokio::time::Instant::now();
+    let tasks: Vec<_> = (0..senders as u64)
+        .map(|sender| {
+            let primary = primary.clone();
+            tokio::spawn(async move {
+                let mut generator = RecordGenerator::new(sender + 1, 1_000_000, 256);
+                let mut latencies = Vec::new();
+                let mut slot = sender;
+                while slot < appends {
+                    let due = start + interval.mul_f64(slot as f64);
+                    tokio::time::sleep_until(due).await;
+                    primary.append(generator.take_records(per_append)).await?;
+                    latencies.push(due.elapsed());
+                    slot += senders as u64;
+                }
+                Ok::<_, Error>(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(
+            task.await
+                .map_err(|e| Error::Benchmark(format!("a sender failed: {e}")))??,
+        );
+    }
+    latencies.sort();
+    Ok(latencies)
+}

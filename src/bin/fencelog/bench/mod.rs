@@ -16,7 +16,7 @@ use anyhow::Context;
 use clap::Args;
 use fencelog::bench::ceiling::FencedWriter;
 use fencelog::bench::cpu::CpuClock;
-use fencelog::bench::producers::{produce, Producers};
+use fencelog::bench::producers::{paced, produce, Producers};
 use fencelog::bench::seed_style::{SeedWriter, KEYS_PER_TXN};
 use fencelog::config::{Pipeline, PrimaryConfig};
 use fencelog::etcd::process::EtcdProcess;
@@ -64,6 +64,8 @@ struct Measurement {
     records_per_batch: Option<f64>,
     /// Cores used by this process (fencelog) and by etcd while it ran.
     cpu: (f64, f64),
+    /// Ack latencies (sorted) of a paced run.
+    latencies: Vec<Duration>,
 }
 
 impl Measurement {
@@ -73,10 +75,19 @@ impl Measurement {
 }
 
 enum Stage {
-    Ceiling { batch: usize },
+    Ceiling {
+        batch: usize,
+    },
     SinglePuts,
-    Fencelog { pipeline: Pipeline, cap: usize },
+    Fencelog {
+        pipeline: Pipeline,
+        cap: usize,
+    },
     SeedStyle,
+    /// fencelog double at the reference cap, offered `percent` % of the rate it reached.
+    AckLatency {
+        percent: u32,
+    },
 }
 
 impl Stage {
@@ -92,6 +103,9 @@ impl Stage {
                 }
             ),
             Stage::SeedStyle => format!("seed style: {KEYS_PER_TXN} keys per txn + pointer put"),
+            Stage::AckLatency { percent } => format!(
+                "fencelog double, batch cap {REFERENCE_BATCH}, paced at {percent}% of its rate"
+            ),
         }
     }
 }
@@ -115,6 +129,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         }
     }
     stages.push(Stage::SeedStyle);
+    if options.caps.contains(&REFERENCE_BATCH) {
+        stages.push(Stage::AckLatency { percent: 50 });
+    }
 
     let progress = ProgressBar::new(stages.len() as u64).with_style(ProgressStyle::with_template(
         "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} measurements: {msg}",
@@ -124,7 +141,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for stage in &stages {
         progress.set_message(stage.name());
-        let measurement = measure(stage, duration)
+        let measurement = measure(stage, duration, &results)
             .await
             .with_context(|| format!("measuring {}", stage.name()))?;
         progress.println(format!(
@@ -153,7 +170,11 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
 }
 
 /// Runs `stage` on a fresh etcd for `duration`.
-async fn measure(stage: &Stage, duration: Duration) -> anyhow::Result<Measurement> {
+async fn measure(
+    stage: &Stage,
+    duration: Duration,
+    earlier: &[Measurement],
+) -> anyhow::Result<Measurement> {
     let etcd = EtcdProcess::start().await?;
     let client =
         fencelog::etcd::connect(&[etcd.endpoint().to_owned()], Duration::from_secs(5)).await?;
@@ -164,6 +185,7 @@ async fn measure(stage: &Stage, duration: Duration) -> anyhow::Result<Measuremen
     let running = || started.elapsed() < duration;
     let mut records = 0u64;
     let mut elapsed = None;
+    let mut latencies = Vec::new();
     match stage {
         Stage::Ceiling { batch } => {
             let mut writer = FencedWriter::lead(&client, "ceiling").await?;
@@ -192,13 +214,7 @@ async fn measure(stage: &Stage, duration: Duration) -> anyhow::Result<Measuremen
         }
         Stage::Fencelog { pipeline, cap } => {
             let dir = tempfile::tempdir()?;
-            let store = Arc::new(LocalStore::open(dir.path(), Default::default())?);
-            let mut config = PrimaryConfig::new("bench".parse()?, "bench".parse()?, "127.0.0.1:1");
-            config.pipeline = *pipeline;
-            config.max_batch_records = *cap;
-            let metrics = Arc::new(Metrics::new()?);
-            let primary =
-                Arc::new(Primary::start(client.clone(), store, config, metrics.clone()).await?);
+            let (primary, metrics) = start_primary(&client, dir.path(), *pipeline, *cap).await?;
             let per_append = (*cap).min(16);
             let producers = (2 * cap / per_append).clamp(4, 512);
             let chunk = (32 * cap).max(8192) as u64;
@@ -211,6 +227,31 @@ async fn measure(stage: &Stage, duration: Duration) -> anyhow::Result<Measuremen
                 Some(metrics.committed_records.get() as f64 / metrics.commits.get().max(1) as f64);
             Arc::into_inner(primary)
                 .context("the producers still hold the primary")?
+                .shutdown()
+                .await?;
+        }
+        Stage::AckLatency { percent } => {
+            let saturated_stage = Stage::Fencelog {
+                pipeline: Pipeline::Double,
+                cap: REFERENCE_BATCH,
+            };
+            let saturated = earlier
+                .iter()
+                .find(|m| m.what == saturated_stage.name())
+                .map(Measurement::per_second)
+                .context("the saturated run comes first")?;
+            let dir = tempfile::tempdir()?;
+            let (primary, metrics) =
+                start_primary(&client, dir.path(), Pipeline::Double, REFERENCE_BATCH).await?;
+            let offered = saturated * f64::from(*percent) / 100.0;
+            let sending = Instant::now();
+            latencies = paced(&primary, offered, duration, 16, 256).await?;
+            elapsed = Some(sending.elapsed());
+            records = metrics.appended_records.get();
+            records_per_batch =
+                Some(metrics.committed_records.get() as f64 / metrics.commits.get().max(1) as f64);
+            Arc::into_inner(primary)
+                .context("the senders still hold the primary")?
                 .shutdown()
                 .await?;
         }
@@ -230,16 +271,33 @@ async fn measure(stage: &Stage, duration: Duration) -> anyhow::Result<Measuremen
     let cap = match stage {
         Stage::Ceiling { batch } => Some(*batch),
         Stage::Fencelog { cap, .. } => Some(*cap),
-        Stage::SinglePuts | Stage::SeedStyle => None,
+        Stage::SinglePuts | Stage::SeedStyle | Stage::AckLatency { .. } => None,
     };
     Ok(Measurement {
         what: stage.name(),
         cap,
+        latencies,
         records,
         elapsed,
         records_per_batch,
         cpu: (cores[0], cores[1]),
     })
+}
+
+/// A primary on a fresh store in `dir` with `pipeline` and batch cap `cap`.
+async fn start_primary(
+    client: &etcd_client::Client,
+    dir: &std::path::Path,
+    pipeline: Pipeline,
+    cap: usize,
+) -> anyhow::Result<(Arc<Primary>, Arc<Metrics>)> {
+    let store = Arc::new(LocalStore::open(dir, Default::default())?);
+    let mut config = PrimaryConfig::new("bench".parse()?, "bench".parse()?, "127.0.0.1:1");
+    config.pipeline = pipeline;
+    config.max_batch_records = cap;
+    let metrics = Arc::new(Metrics::new()?);
+    let primary = Primary::start(client.clone(), store, config, metrics.clone()).await?;
+    Ok((Arc::new(primary), metrics))
 }
 
 /// The plotted lines: each writer's records/s against its records per batch.
@@ -255,7 +313,7 @@ fn series(results: &[Measurement]) -> Vec<plot::Series> {
         name: writer.to_owned(),
         points: results
             .iter()
-            .filter(|m| m.what.starts_with(writer))
+            .filter(|m| m.what.starts_with(writer) && m.latencies.is_empty())
             .filter_map(|m| m.records_per_batch.map(|b| (b, m.per_second())))
             .collect(),
     })
@@ -322,6 +380,23 @@ fn report(results: &[Measurement], seconds: u64, took: Duration) -> String {
                 .map_or_else(String::new, |b| format!("{b:.0}")),
             m.cpu.0,
             m.cpu.1
+        );
+    }
+    for m in results.iter().filter(|m| !m.latencies.is_empty()) {
+        let at = |q: f64| {
+            let index = ((m.latencies.len() - 1) as f64 * q).round() as usize;
+            m.latencies[index].as_secs_f64() * 1000.0
+        };
+        let _ = writeln!(
+            out,
+            "\nAck latency, {}: {:.0} records/s acknowledged, p50 {:.2} ms, p99 {:.2} ms, \
+             max {:.2} ms over {} appends of 16 records (from when each append was due).",
+            m.what,
+            m.per_second(),
+            at(0.5),
+            at(0.99),
+            at(1.0),
+            m.latencies.len()
         );
     }
     let double = rate_of(&format!("fencelog double, batch cap {REFERENCE_BATCH}"));
