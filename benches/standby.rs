@@ -10,18 +10,14 @@
 //! docs/BENCHMARKS.md).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use fencelog::config::PrimaryConfig;
+use etcd_client::Client;
+use fencelog::bench::standby::{fill, receive, warm_restart};
 use fencelog::etcd::process::EtcdProcess;
 use fencelog::local_store::LocalStore;
-use fencelog::metrics::Metrics;
-use fencelog::primary::Primary;
 use fencelog::record::Seq;
-use fencelog::standby::lifecycle::State;
-use fencelog::standby::{Standby, StandbyConfig};
-use fencelog::workload::RecordGenerator;
 
 fn records() -> u64 {
     std::env::var("FENCELOG_BENCH_RECORDS")
@@ -30,93 +26,13 @@ fn records() -> u64 {
         .unwrap_or(200_000)
 }
 
-/// Commits `records` records through a primary; returns the last seq.
-async fn fill(etcd: &EtcdProcess, records: u64) -> Seq {
-    let client = fencelog::etcd::connect(&[etcd.endpoint().to_owned()], Duration::from_secs(5))
-        .await
-        .expect("etcd answers");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = Arc::new(LocalStore::open(dir.path(), Default::default()).expect("store"));
-    let config = PrimaryConfig::new(
-        "bench".parse().unwrap(),
-        "primary".parse().unwrap(),
-        "127.0.0.1:1",
-    );
-    let primary = Arc::new(
-        Primary::start(
-            client,
-            store,
-            config,
-            Arc::new(Metrics::new().expect("metrics")),
-        )
-        .await
-        .expect("leads"),
-    );
-    let producers: Vec<_> = (0..64u64)
-        .map(|p| {
-            let primary = primary.clone();
-            tokio::spawn(async move {
-                let mut generator = RecordGenerator::new(p + 1, 1_000_000, 256);
-                for _ in 0..records.div_ceil(64 * 16) {
-                    primary
-                        .append(generator.take_records(16))
-                        .await
-                        .expect("append commits");
-                }
-            })
-        })
-        .collect();
-    for producer in producers {
-        producer.await.expect("producer");
-    }
-    let last = primary.committed_seq();
-    Arc::into_inner(primary)
-        .expect("producers are done")
-        .shutdown()
-        .await
-        .expect("shuts down");
-    last
-}
-
-async fn standby(etcd: &EtcdProcess, store: &Arc<LocalStore>) -> Standby {
-    let client = fencelog::etcd::connect(&[etcd.endpoint().to_owned()], Duration::from_secs(5))
-        .await
-        .expect("etcd answers");
-    let config = StandbyConfig::new("bench".parse().unwrap(), "standby".parse().unwrap());
-    Standby::start(
-        client,
-        store.clone(),
-        config,
-        Arc::new(Metrics::new().expect("metrics")),
-    )
-    .await
-    .expect("starts")
-}
-
 /// Time for a standby on an empty store to receive the log through `last` (and, with
 /// `apply`, to apply all of it).
-fn from_empty(
-    rt: &tokio::runtime::Runtime,
-    etcd: &EtcdProcess,
-    last: Seq,
-    apply: bool,
-) -> Duration {
+fn from_empty(rt: &tokio::runtime::Runtime, client: &Client, last: Seq, apply: bool) -> Duration {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Arc::new(LocalStore::open(dir.path(), Default::default()).expect("store"));
-    rt.block_on(async {
-        let started = Instant::now();
-        let standby = standby(etcd, &store).await;
-        standby
-            .wait_received(last)
-            .await
-            .expect("receives the whole log");
-        if apply {
-            standby.wait_applied(last).await;
-        }
-        let elapsed = started.elapsed();
-        standby.shutdown().await.expect("shuts down");
-        elapsed
-    })
+    rt.block_on(receive(client, &store, last, apply))
+        .expect("receives the log")
 }
 
 fn standby_benches(c: &mut Criterion) {
@@ -128,49 +44,48 @@ fn standby_benches(c: &mut Criterion) {
     let etcd = rt
         .block_on(EtcdProcess::start())
         .expect("etcd starts (tools/test.sh installs it)");
-    let records = records();
-    let last = rt.block_on(fill(&etcd, records));
+    let client = rt
+        .block_on(fencelog::etcd::connect(
+            &[etcd.endpoint().to_owned()],
+            Duration::from_secs(5),
+        ))
+        .expect("etcd answers");
+    let primary_dir = tempfile::tempdir().expect("temp dir");
+    let last = rt
+        .block_on(fill(&client, primary_dir.path(), records()))
+        .expect("fills the log");
     let mut group = c.benchmark_group("standby");
     group.throughput(Throughput::Elements(last.0));
 
-    let warm_dir = tempfile::tempdir().expect("temp dir");
-    let warm_store =
-        Arc::new(LocalStore::open(warm_dir.path(), Default::default()).expect("store"));
     group.bench_function("catch_up", |b| {
         b.iter_custom(|iters| {
             (0..iters)
-                .map(|_| from_empty(&rt, &etcd, last, false))
+                .map(|_| from_empty(&rt, &client, last, false))
                 .sum()
         })
     });
     group.bench_function("full_replay", |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| from_empty(&rt, &etcd, last, true)).sum())
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| from_empty(&rt, &client, last, true))
+                .sum()
+        })
     });
 
-    rt.block_on(async {
-        let standby = standby(&etcd, &warm_store).await;
-        standby
-            .wait_received(last)
-            .await
-            .expect("receives the whole log");
-        standby.wait_applied(last).await;
-        standby.shutdown().await.expect("shuts down");
-    });
+    let warm_dir = tempfile::tempdir().expect("temp dir");
+    let warm_store =
+        Arc::new(LocalStore::open(warm_dir.path(), Default::default()).expect("store"));
+    rt.block_on(receive(&client, &warm_store, last, true))
+        .expect("receives the log");
     group.throughput(Throughput::Elements(1));
     group.bench_function("warm_restart", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                total += rt.block_on(async {
-                    let started = Instant::now();
-                    let standby = standby(&etcd, &warm_store).await;
-                    standby.wait_state(State::Watching).await;
-                    let elapsed = started.elapsed();
-                    standby.shutdown().await.expect("shuts down");
-                    elapsed
-                });
-            }
-            total
+            (0..iters)
+                .map(|_| {
+                    rt.block_on(warm_restart(&client, &warm_store))
+                        .expect("restarts")
+                })
+                .sum()
         })
     });
     group.finish();

@@ -67,6 +67,8 @@ fn bench_measures_every_stage_and_writes_the_report() {
         "1",
         "--caps",
         "128",
+        "--replay-records",
+        "5000",
         "--report",
         &report_arg,
         "--plot",
@@ -84,6 +86,7 @@ fn bench_measures_every_stage_and_writes_the_report() {
         "| fencelog double, batch cap 128 | ",
         "| fencelog single, batch cap 128 | ",
         "| seed style: 127 keys per txn + pointer put | ",
+        "| standby: full replay of 5000 records onto an empty store | ",
     ] {
         let line = written
             .lines()
@@ -92,6 +95,7 @@ fn bench_measures_every_stage_and_writes_the_report() {
         let rate: f64 = line.split('|').nth(2).unwrap().trim().parse().unwrap();
         assert!(rate > 0.0, "{line}");
     }
+    assert!(written.contains("Warm restart vs full replay"), "{written}");
     let png = std::fs::read(&plot).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "the plot is not a PNG");
 }

@@ -18,6 +18,7 @@ use fencelog::bench::ceiling::FencedWriter;
 use fencelog::bench::cpu::CpuClock;
 use fencelog::bench::producers::{paced, produce, Producers};
 use fencelog::bench::seed_style::{SeedWriter, KEYS_PER_TXN};
+use fencelog::bench::standby;
 use fencelog::config::{Pipeline, PrimaryConfig};
 use fencelog::etcd::process::EtcdProcess;
 use fencelog::local_store::LocalStore;
@@ -43,6 +44,9 @@ pub struct BenchOptions {
     /// Also write the report, as markdown, to this file.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Records a standby replays onto an empty store, then restarts warm on (0: skip).
+    #[arg(long, default_value_t = 1_000_000)]
+    replay_records: u64,
     /// Draw records/s against batch size into this PNG.
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -66,6 +70,8 @@ struct Measurement {
     cpu: (f64, f64),
     /// Ack latencies (sorted) of a paced run.
     latencies: Vec<Duration>,
+    /// For the replay: how long a warm restart on the replayed store took.
+    warm_restart: Option<Duration>,
 }
 
 impl Measurement {
@@ -88,6 +94,10 @@ enum Stage {
     AckLatency {
         percent: u32,
     },
+    /// A standby replaying `records` onto an empty store, then restarting warm on it.
+    Replay {
+        records: u64,
+    },
 }
 
 impl Stage {
@@ -106,6 +116,9 @@ impl Stage {
             Stage::AckLatency { percent } => format!(
                 "fencelog double, batch cap {REFERENCE_BATCH}, paced at {percent}% of its rate"
             ),
+            Stage::Replay { records } => {
+                format!("standby: full replay of {records} records onto an empty store")
+            }
         }
     }
 }
@@ -131,6 +144,11 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     stages.push(Stage::SeedStyle);
     if options.caps.contains(&REFERENCE_BATCH) {
         stages.push(Stage::AckLatency { percent: 50 });
+    }
+    if options.replay_records > 0 {
+        stages.push(Stage::Replay {
+            records: options.replay_records,
+        });
     }
 
     let progress = ProgressBar::new(stages.len() as u64).with_style(ProgressStyle::with_template(
@@ -186,6 +204,7 @@ async fn measure(
     let mut records = 0u64;
     let mut elapsed = None;
     let mut latencies = Vec::new();
+    let mut warm_restart = None;
     match stage {
         Stage::Ceiling { batch } => {
             let mut writer = FencedWriter::lead(&client, "ceiling").await?;
@@ -255,6 +274,14 @@ async fn measure(
                 .shutdown()
                 .await?;
         }
+        Stage::Replay { records: wanted } => {
+            let (primary_dir, standby_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
+            let last = standby::fill(&client, primary_dir.path(), *wanted).await?;
+            let store = Arc::new(LocalStore::open(standby_dir.path(), Default::default())?);
+            elapsed = Some(standby::receive(&client, &store, last, true).await?);
+            warm_restart = Some(standby::warm_restart(&client, &store).await?);
+            records = last.0;
+        }
         Stage::SeedStyle => {
             let mut writer = SeedWriter::new(&client);
             let mut generator = RecordGenerator::new(9, 1_000_000, 256);
@@ -271,12 +298,15 @@ async fn measure(
     let cap = match stage {
         Stage::Ceiling { batch } => Some(*batch),
         Stage::Fencelog { cap, .. } => Some(*cap),
-        Stage::SinglePuts | Stage::SeedStyle | Stage::AckLatency { .. } => None,
+        Stage::SinglePuts | Stage::SeedStyle | Stage::AckLatency { .. } | Stage::Replay { .. } => {
+            None
+        }
     };
     Ok(Measurement {
         what: stage.name(),
         cap,
         latencies,
+        warm_restart,
         records,
         elapsed,
         records_per_batch,
@@ -398,6 +428,19 @@ fn report(results: &[Measurement], seconds: u64, took: Duration) -> String {
             at(1.0),
             m.latencies.len()
         );
+    }
+    for m in results.iter() {
+        if let Some(warm) = m.warm_restart {
+            let _ = writeln!(
+                out,
+                "\nWarm restart vs full replay, {} records: replay {:.2} s, warm restart {:.3} s \
+                 = {:.1}% of the replay.",
+                m.records,
+                m.elapsed.as_secs_f64(),
+                warm.as_secs_f64(),
+                100.0 * warm.as_secs_f64() / m.elapsed.as_secs_f64().max(1e-9)
+            );
+        }
     }
     let double = rate_of(&format!("fencelog double, batch cap {REFERENCE_BATCH}"));
     let single = rate_of(&format!("fencelog single, batch cap {REFERENCE_BATCH}"));
