@@ -85,6 +85,7 @@ fn bench_measures_every_stage_and_writes_the_report() {
         "| etcd single-key puts",
         "| fencelog double, batch cap 128 | ",
         "| fencelog single, batch cap 128 | ",
+        "| fencelog primary daemon through the API, 32 clients x 256 records | ",
         "| seed style: 127 keys per txn + pointer put | ",
         "| standby: full replay of 5000 records onto an empty store | ",
     ] {

@@ -23,6 +23,7 @@ use fencelog::config::{Pipeline, PrimaryConfig};
 use fencelog::etcd::process::EtcdProcess;
 use fencelog::local_store::LocalStore;
 use fencelog::metrics::Metrics;
+use fencelog::node_process::{NodeProcess, NodeSpec};
 use fencelog::primary::Primary;
 use fencelog::record::Record;
 use fencelog::workload::RecordGenerator;
@@ -94,6 +95,12 @@ enum Stage {
     AckLatency {
         percent: u32,
     },
+    /// A `fencelog primary` daemon driven through its gRPC API by `concurrency` clients
+    /// appending `per_append` records per call.
+    Api {
+        concurrency: usize,
+        per_append: usize,
+    },
     /// A standby replaying `records` onto an empty store, then restarting warm on it.
     Replay {
         records: u64,
@@ -115,6 +122,12 @@ impl Stage {
             Stage::SeedStyle => format!("seed style: {KEYS_PER_TXN} keys per txn + pointer put"),
             Stage::AckLatency { percent } => format!(
                 "fencelog double, batch cap {REFERENCE_BATCH}, paced at {percent}% of its rate"
+            ),
+            Stage::Api {
+                concurrency,
+                per_append,
+            } => format!(
+                "fencelog primary daemon through the API, {concurrency} clients x {per_append} records"
             ),
             Stage::Replay { records } => {
                 format!("standby: full replay of {records} records onto an empty store")
@@ -141,6 +154,10 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             stages.push(Stage::Fencelog { pipeline, cap });
         }
     }
+    stages.push(Stage::Api {
+        concurrency: 32,
+        per_append: 256,
+    });
     stages.push(Stage::SeedStyle);
     if options.caps.contains(&REFERENCE_BATCH) {
         stages.push(Stage::AckLatency { percent: 50 });
@@ -198,7 +215,16 @@ async fn measure(
         fencelog::etcd::connect(&[etcd.endpoint().to_owned()], Duration::from_secs(5)).await?;
     let etcd_pid = etcd.pid().context("etcd is not running")?;
     let mut records_per_batch = None;
-    let clock = CpuClock::start(&[std::process::id(), etcd_pid])?;
+    // The API stage's fencelog is its daemon, not this process.
+    let daemon = match stage {
+        Stage::Api { .. } => Some(start_daemon(&etcd).await?),
+        _ => None,
+    };
+    let fencelog_pid = match &daemon {
+        Some((node, _)) => node.pid().context("the daemon is not running")?,
+        None => std::process::id(),
+    };
+    let clock = CpuClock::start(&[fencelog_pid, etcd_pid])?;
     let started = Instant::now();
     let running = || started.elapsed() < duration;
     let mut records = 0u64;
@@ -274,6 +300,31 @@ async fn measure(
                 .shutdown()
                 .await?;
         }
+        Stage::Api {
+            concurrency,
+            per_append,
+        } => {
+            let (node, _) = daemon.as_ref().context("the daemon is not running")?;
+            let client = node.client().await?;
+            let per_append = *per_append;
+            let workers: Vec<_> = (0..*concurrency as u64)
+                .map(|worker| {
+                    let mut client = client.clone();
+                    tokio::spawn(async move {
+                        let mut generator = RecordGenerator::new(worker + 1, 1_000_000, 256);
+                        let mut appended = 0u64;
+                        while started.elapsed() < duration {
+                            client.append(generator.take_records(per_append)).await?;
+                            appended += per_append as u64;
+                        }
+                        Ok::<u64, fencelog::Error>(appended)
+                    })
+                })
+                .collect();
+            for worker in workers {
+                records += worker.await??;
+            }
+        }
         Stage::Replay { records: wanted } => {
             let (primary_dir, standby_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
             let last = standby::fill(&client, primary_dir.path(), *wanted).await?;
@@ -295,12 +346,13 @@ async fn measure(
     }
     let elapsed = elapsed.unwrap_or_else(|| started.elapsed());
     let cores = clock.cores()?;
+    if let Some((mut node, _dir)) = daemon {
+        node.stop(Duration::from_secs(10)).await?;
+    }
     let cap = match stage {
         Stage::Ceiling { batch } => Some(*batch),
         Stage::Fencelog { cap, .. } => Some(*cap),
-        Stage::SinglePuts | Stage::SeedStyle | Stage::AckLatency { .. } | Stage::Replay { .. } => {
-            None
-        }
+        _ => None,
     };
     Ok(Measurement {
         what: stage.name(),
@@ -312,6 +364,27 @@ async fn measure(
         records_per_batch,
         cpu: (cores[0], cores[1]),
     })
+}
+
+/// A `fencelog primary` daemon (this binary) leading a cluster of its own on `etcd`, and the
+/// directory that holds its store and log.
+async fn start_daemon(etcd: &EtcdProcess) -> anyhow::Result<(NodeProcess, tempfile::TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let spec = NodeSpec {
+        binary: std::env::current_exe()?,
+        role: "primary".into(),
+        cluster: "bench".into(),
+        node: "api".into(),
+        etcd: etcd.endpoint().into(),
+        data_dir: dir.path().join("data"),
+        log: dir.path().join("primary.log"),
+        extra_args: Vec::new(),
+        env: Vec::new(),
+    };
+    let mut node = NodeProcess::spawn(spec)?;
+    node.wait_for("primary", None, Duration::from_secs(30))
+        .await?;
+    Ok((node, dir))
 }
 
 /// A primary on a fresh store in `dir` with `pipeline` and batch cap `cap`.
