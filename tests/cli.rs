@@ -66,7 +66,7 @@ fn bench_measures_every_stage_and_writes_the_report() {
         "--seconds",
         "1",
         "--caps",
-        "128",
+        "1024",
         "--replay-records",
         "5000",
         "--report",
@@ -81,10 +81,14 @@ fn bench_measures_every_stage_and_writes_the_report() {
         "the report differs from what was printed"
     );
     for row in [
-        "| ceiling: pre-encoded 128-record fenced txns | ",
+        "| ceiling: pre-encoded 1024-record fenced txns | ",
         "| etcd single-key puts",
-        "| fencelog double, batch cap 128 | ",
-        "| fencelog single, batch cap 128 | ",
+        "| fencelog double, batch cap 1024 | ",
+        "| fencelog single, batch cap 1024 | ",
+        "| sled raw random-key inserts, one at a time | ",
+        "| fencelog double, batch cap 1024, paced at 50% of its rate | ",
+        "| standby receiving from a primary at 50% of its rate | ",
+        "| standby receiving from a primary at 100% of its rate | ",
         "| fencelog primary daemon through the API, 32 clients x 256 records | ",
         "| seed style: 127 keys per txn + pointer put | ",
         "| standby: full replay of 5000 records onto an empty store | ",
@@ -96,7 +100,15 @@ fn bench_measures_every_stage_and_writes_the_report() {
         let rate: f64 = line.split('|').nth(2).unwrap().trim().parse().unwrap();
         assert!(rate > 0.0, "{line}");
     }
-    assert!(written.contains("Warm restart vs full replay"), "{written}");
+    for note in [
+        "Ack latency at 50% of the saturated rate",
+        "Standby at 50% of the primary's rate",
+        "Standby at 100% of the primary's rate",
+        "Warm restart vs full replay",
+        "At batch cap 1024: double / single",
+    ] {
+        assert!(written.contains(note), "no {note:?} in:\n{written}");
+    }
     let png = std::fs::read(&plot).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "the plot is not a PNG");
 }

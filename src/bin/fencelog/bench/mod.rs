@@ -69,10 +69,10 @@ struct Measurement {
     records_per_batch: Option<f64>,
     /// Cores used by this process (fencelog) and by etcd while it ran.
     cpu: (f64, f64),
-    /// Ack latencies (sorted) of a paced run.
-    latencies: Vec<Duration>,
-    /// For the replay: how long a warm restart on the replayed store took.
-    warm_restart: Option<Duration>,
+    /// What the rate alone does not say (latencies, lags, restart time), for the report.
+    note: Option<String>,
+    /// Drawn in the plot (a writer's rate at a batch size).
+    plotted: bool,
 }
 
 impl Measurement {
@@ -101,6 +101,13 @@ enum Stage {
         concurrency: usize,
         per_append: usize,
     },
+    /// sled inserting random keys (1M keyspace, 256-byte records): the ceiling of any apply.
+    SledRaw,
+    /// A standby following a primary (double, reference cap) loaded at `percent` % of its
+    /// saturated rate (100: saturated).
+    Follow {
+        percent: u32,
+    },
     /// A standby replaying `records` onto an empty store, then restarting warm on it.
     Replay {
         records: u64,
@@ -128,6 +135,10 @@ impl Stage {
                 per_append,
             } => format!(
                 "fencelog primary daemon through the API, {concurrency} clients x {per_append} records"
+            ),
+            Stage::SledRaw => "sled raw random-key inserts, one at a time".into(),
+            Stage::Follow { percent } => format!(
+                "standby receiving from a primary at {percent}% of its rate"
             ),
             Stage::Replay { records } => {
                 format!("standby: full replay of {records} records onto an empty store")
@@ -159,8 +170,11 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         per_append: 256,
     });
     stages.push(Stage::SeedStyle);
+    stages.push(Stage::SledRaw);
     if options.caps.contains(&REFERENCE_BATCH) {
         stages.push(Stage::AckLatency { percent: 50 });
+        stages.push(Stage::Follow { percent: 50 });
+        stages.push(Stage::Follow { percent: 100 });
     }
     if options.replay_records > 0 {
         stages.push(Stage::Replay {
@@ -229,8 +243,7 @@ async fn measure(
     let running = || started.elapsed() < duration;
     let mut records = 0u64;
     let mut elapsed = None;
-    let mut latencies = Vec::new();
-    let mut warm_restart = None;
+    let mut note = None;
     match stage {
         Stage::Ceiling { batch } => {
             let mut writer = FencedWriter::lead(&client, "ceiling").await?;
@@ -276,23 +289,25 @@ async fn measure(
                 .await?;
         }
         Stage::AckLatency { percent } => {
-            let saturated_stage = Stage::Fencelog {
-                pipeline: Pipeline::Double,
-                cap: REFERENCE_BATCH,
-            };
-            let saturated = earlier
-                .iter()
-                .find(|m| m.what == saturated_stage.name())
-                .map(Measurement::per_second)
-                .context("the saturated run comes first")?;
+            let saturated = saturated_rate(earlier)?;
             let dir = tempfile::tempdir()?;
             let (primary, metrics) =
                 start_primary(&client, dir.path(), Pipeline::Double, REFERENCE_BATCH).await?;
             let offered = saturated * f64::from(*percent) / 100.0;
             let sending = Instant::now();
-            latencies = paced(&primary, offered, duration, 16, 256).await?;
+            let latencies = paced(&primary, offered, duration, 16, 256).await?;
             elapsed = Some(sending.elapsed());
             records = metrics.appended_records.get();
+            note = Some(format!(
+                "Ack latency at {percent}% of the saturated rate ({offered:.0} records/s offered, \
+                 {:.0} acknowledged): p50 {}, p99 {}, max {} over {} appends of 16 records, \
+                 each from when it was due.",
+                records as f64 / sending.elapsed().as_secs_f64().max(1e-9),
+                millis(percentile(&latencies, 0.5)),
+                millis(percentile(&latencies, 0.99)),
+                millis(percentile(&latencies, 1.0)),
+                latencies.len()
+            ));
             records_per_batch =
                 Some(metrics.committed_records.get() as f64 / metrics.commits.get().max(1) as f64);
             Arc::into_inner(primary)
@@ -325,13 +340,104 @@ async fn measure(
                 records += worker.await??;
             }
         }
+        Stage::SledRaw => {
+            let dir = tempfile::tempdir()?;
+            let db = sled::open(dir.path())?;
+            let mut generator = RecordGenerator::new(11, 1_000_000, 256);
+            while running() {
+                let batch = generator.take_records(1024);
+                let db = db.clone();
+                tokio::task::spawn_blocking(move || {
+                    batch
+                        .into_iter()
+                        .try_for_each(|r| db.insert(r.key, r.value).map(drop))
+                })
+                .await??;
+                records += 1024;
+            }
+        }
+        Stage::Follow { percent } => {
+            let offered = saturated_rate(earlier)? * f64::from(*percent) / 100.0;
+            let (primary_dir, standby_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
+            let (primary, _) = start_primary(
+                &client,
+                primary_dir.path(),
+                Pipeline::Double,
+                REFERENCE_BATCH,
+            )
+            .await?;
+            let store = Arc::new(LocalStore::open(standby_dir.path(), Default::default())?);
+            let follower = standby::standby(&client, &store).await?;
+            let saturate = *percent >= 100;
+            let load = {
+                let primary = primary.clone();
+                tokio::spawn(async move {
+                    if saturate {
+                        while started.elapsed() < duration {
+                            produce(&primary, 32_768, 16, 128, Producers::Building).await?;
+                        }
+                    } else {
+                        paced(&primary, offered, duration, 16, 256).await?;
+                    }
+                    Ok::<(), fencelog::Error>(())
+                })
+            };
+            let (mut receive_lags, mut apply_lags) = (Vec::new(), Vec::new());
+            while !load.is_finished() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let status = follower.status();
+                receive_lags.push(status.receive_lag);
+                apply_lags.push(status.apply_lag);
+            }
+            load.await??;
+            let loaded = started.elapsed();
+            let applied_under_load = follower.applied_seq().0;
+            records = follower.received_seq().0;
+            let drain = Instant::now();
+            follower.wait_applied(primary.committed_seq()).await;
+            let drained = drain.elapsed();
+            receive_lags.sort();
+            apply_lags.sort();
+            let raw = earlier
+                .iter()
+                .find(|m| m.what == Stage::SledRaw.name())
+                .map(Measurement::per_second);
+            let apply_rate = applied_under_load as f64 / loaded.as_secs_f64().max(1e-9);
+            note =
+                Some(format!(
+                "Standby at {percent}% of the primary's rate: received {:.0} records/s, applied \
+                 {apply_rate:.0} records/s ({} of sled's raw insert rate); receive lag p50 {} \
+                 p99 {}, apply lag p50 {} p99 {} (sampled every 100 ms); the apply lag drained \
+                 {:.2} s after the load stopped. Primary and standby share this process.",
+                records as f64 / loaded.as_secs_f64().max(1e-9),
+                raw.map_or_else(|| "?".into(), |raw| format!("{:.0}%", 100.0 * apply_rate / raw)),
+                millis(percentile(&receive_lags, 0.5)),
+                millis(percentile(&receive_lags, 0.99)),
+                millis(percentile(&apply_lags, 0.5)),
+                millis(percentile(&apply_lags, 0.99)),
+                drained.as_secs_f64()
+            ));
+            elapsed = Some(loaded);
+            follower.shutdown().await?;
+            Arc::into_inner(primary)
+                .context("the load still holds the primary")?
+                .shutdown()
+                .await?;
+        }
         Stage::Replay { records: wanted } => {
             let (primary_dir, standby_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
             let last = standby::fill(&client, primary_dir.path(), *wanted).await?;
             let store = Arc::new(LocalStore::open(standby_dir.path(), Default::default())?);
             elapsed = Some(standby::receive(&client, &store, last, true).await?);
-            warm_restart = Some(standby::warm_restart(&client, &store).await?);
+            let warm = standby::warm_restart(&client, &store).await?;
             records = last.0;
+            let replay = elapsed.unwrap_or_default().as_secs_f64();
+            note = Some(format!(
+                "Warm restart vs full replay, {records} records: replay {replay:.2} s, warm \
+                 restart {:.3} s = {:.1}% of the replay.",
+                warm.as_secs_f64(),
+                100.0 * warm.as_secs_f64() / replay.max(1e-9)
+            ));
         }
         Stage::SeedStyle => {
             let mut writer = SeedWriter::new(&client);
@@ -357,8 +463,11 @@ async fn measure(
     Ok(Measurement {
         what: stage.name(),
         cap,
-        latencies,
-        warm_restart,
+        note,
+        plotted: matches!(
+            stage,
+            Stage::Ceiling { .. } | Stage::Fencelog { .. } | Stage::SeedStyle
+        ),
         records,
         elapsed,
         records_per_batch,
@@ -403,6 +512,31 @@ async fn start_primary(
     Ok((Arc::new(primary), metrics))
 }
 
+/// The rate fencelog double reached at the reference cap, measured earlier in the run.
+fn saturated_rate(earlier: &[Measurement]) -> anyhow::Result<f64> {
+    let saturated = Stage::Fencelog {
+        pipeline: Pipeline::Double,
+        cap: REFERENCE_BATCH,
+    };
+    earlier
+        .iter()
+        .find(|m| m.what == saturated.name())
+        .map(Measurement::per_second)
+        .context("the saturated run comes first")
+}
+
+/// The `q` quantile of sorted `values` (zero when there are none).
+fn percentile(values: &[Duration], q: f64) -> Duration {
+    if values.is_empty() {
+        return Duration::ZERO;
+    }
+    values[((values.len() - 1) as f64 * q).round() as usize]
+}
+
+fn millis(duration: Duration) -> String {
+    format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
+}
+
 /// The plotted lines: each writer's records/s against its records per batch.
 fn series(results: &[Measurement]) -> Vec<plot::Series> {
     [
@@ -416,7 +550,7 @@ fn series(results: &[Measurement]) -> Vec<plot::Series> {
         name: writer.to_owned(),
         points: results
             .iter()
-            .filter(|m| m.what.starts_with(writer) && m.latencies.is_empty())
+            .filter(|m| m.plotted && m.what.starts_with(writer))
             .filter_map(|m| m.records_per_batch.map(|b| (b, m.per_second())))
             .collect(),
     })
@@ -485,35 +619,8 @@ fn report(results: &[Measurement], seconds: u64, took: Duration) -> String {
             m.cpu.1
         );
     }
-    for m in results.iter().filter(|m| !m.latencies.is_empty()) {
-        let at = |q: f64| {
-            let index = ((m.latencies.len() - 1) as f64 * q).round() as usize;
-            m.latencies[index].as_secs_f64() * 1000.0
-        };
-        let _ = writeln!(
-            out,
-            "\nAck latency, {}: {:.0} records/s acknowledged, p50 {:.2} ms, p99 {:.2} ms, \
-             max {:.2} ms over {} appends of 16 records (from when each append was due).",
-            m.what,
-            m.per_second(),
-            at(0.5),
-            at(0.99),
-            at(1.0),
-            m.latencies.len()
-        );
-    }
-    for m in results.iter() {
-        if let Some(warm) = m.warm_restart {
-            let _ = writeln!(
-                out,
-                "\nWarm restart vs full replay, {} records: replay {:.2} s, warm restart {:.3} s \
-                 = {:.1}% of the replay.",
-                m.records,
-                m.elapsed.as_secs_f64(),
-                warm.as_secs_f64(),
-                100.0 * warm.as_secs_f64() / m.elapsed.as_secs_f64().max(1e-9)
-            );
-        }
+    for note in results.iter().filter_map(|m| m.note.as_ref()) {
+        let _ = writeln!(out, "\n{note}");
     }
     let double = rate_of(&format!("fencelog double, batch cap {REFERENCE_BATCH}"));
     let single = rate_of(&format!("fencelog single, batch cap {REFERENCE_BATCH}"));
