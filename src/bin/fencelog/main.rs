@@ -128,8 +128,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Measure the commit layer's ceiling, fencelog's primary and the seed design's writer, each
-    /// on a private etcd, and print the table (see docs/BENCHMARKS.md).
+    /// The benchmark suite: the commit layer's ceiling, fencelog in process and through its API,
+    /// the seed design's writer, a standby's rates and lags, replay vs warm restart, ack latency
+    /// at a fixed load; each on a private etcd, with CPU use (see docs/BENCHMARKS.md).
     Bench(bench::BenchOptions),
     /// Start a private etcd, a primary and a failover standby, push a load, kill the primary,
     /// and check that the promoted standby has every acknowledged record.

@@ -1,11 +1,15 @@
 //! `fencelog bench`: the benchmark suite in one process and one sitting, each measurement on a
 //! fresh etcd of its own, run for a bounded time, with the CPU fencelog and etcd used beside
-//! each rate; prints a table (and writes it as a markdown report with `--report`).
+//! each rate; prints a table (and writes it as a markdown report with `--report`, and a chart of
+//! records/s against batch size with `--plot`).
 //!
-//! Measured so far: the commit layer's ceiling (pre-encoded fenced transactions) and single-key
-//! puts, fencelog's primary end to end in process (double and single pipeline, several batch
-//! caps, producers building each record, the primary's own state apply running), and the seed
-//! design's writer. The criterion benches share the workloads (`fencelog::bench`).
+//! It measures the commit layer's ceiling (pre-encoded fenced transactions) and single-key puts;
+//! fencelog's primary in process (double and single pipeline at several batch caps, producers
+//! building each record, the primary's own state apply running) and a primary daemon through
+//! its gRPC API; the seed design's writer; sled's raw insert rate; ack latency at half the
+//! saturated rate; a standby's receive and apply rates and lags at half and full rate; and a
+//! full replay against a warm restart. The criterion benches share the workloads
+//! (`fencelog::bench`).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -48,6 +52,10 @@ pub struct BenchOptions {
     /// Records a standby replays onto an empty store, then restarts warm on (0: skip).
     #[arg(long, default_value_t = 1_000_000)]
     replay_records: u64,
+    /// Run only the measurements whose name contains this text (e.g. `fencelog double`; those
+    /// measured against the saturated rate need `fencelog double, batch cap 1024` too).
+    #[arg(long)]
+    only: Option<String>,
     /// Draw records/s against batch size into this PNG.
     #[arg(long)]
     plot: Option<PathBuf>,
@@ -182,6 +190,13 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         });
     }
 
+    if let Some(only) = &options.only {
+        stages.retain(|stage| stage.name().contains(only.as_str()));
+        anyhow::ensure!(
+            !stages.is_empty(),
+            "no measurement's name contains {only:?}"
+        );
+    }
     let progress = ProgressBar::new(stages.len() as u64).with_style(ProgressStyle::with_template(
         "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} measurements: {msg}",
     )?);
@@ -453,7 +468,8 @@ async fn measure(
     let elapsed = elapsed.unwrap_or_else(|| started.elapsed());
     let cores = clock.cores()?;
     if let Some((mut node, _dir)) = daemon {
-        node.stop(Duration::from_secs(10)).await?;
+        // Its store goes with the directory: no need to wait for it to apply its backlog.
+        node.kill();
     }
     let cap = match stage {
         Stage::Ceiling { batch } => Some(*batch),

@@ -46,7 +46,7 @@ pub fn draw(path: &Path, font: &Path, series: &[Series]) -> anyhow::Result<()> {
         .configure_mesh()
         .x_desc("records per batch")
         .y_desc("records/s")
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_label_formatter(&|x| round_label(*x))
         .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
         .label_style(("sans-serif", 14))
         .draw()?;
@@ -82,5 +82,16 @@ fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
         (lo, hi)
     } else {
         (1.0, 2.0)
+    }
+}
+
+/// A label for 1, 2 and 5 times a power of ten only: log axes put a mark at every integer
+/// multiple, and their labels would run into each other.
+fn round_label(value: f64) -> String {
+    let leading = value / 10f64.powf(value.log10().floor());
+    if [1.0, 2.0, 5.0].iter().any(|l| (leading - l).abs() < 0.01) {
+        format!("{value:.0}")
+    } else {
+        String::new()
     }
 }
