@@ -82,6 +82,7 @@ fn bench_measures_every_stage_and_writes_the_report() {
     );
     for row in [
         "| ceiling: pre-encoded 1024-record fenced txns | ",
+        "| plain loop: encode a 1024-record batch, then commit it | ",
         "| etcd single-key puts",
         "| fencelog double, batch cap 1024 | ",
         "| fencelog single, batch cap 1024 | ",

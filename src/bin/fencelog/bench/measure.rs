@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use fencelog::batch::{Batch, BatchEncoder};
 use fencelog::bench::ceiling::FencedWriter;
 use fencelog::bench::cpu::CpuClock;
 use fencelog::bench::producers::{paced, produce, Producers};
@@ -11,6 +12,7 @@ use fencelog::bench::seed_style::{SeedWriter, KEYS_PER_TXN};
 use fencelog::bench::standby;
 use fencelog::config::{Pipeline, PrimaryConfig};
 use fencelog::etcd::process::EtcdProcess;
+use fencelog::limits::Limits;
 use fencelog::local_store::LocalStore;
 use fencelog::metrics::Metrics;
 use fencelog::node_process::{NodeProcess, NodeSpec};
@@ -63,6 +65,21 @@ pub(super) async fn measure(
                 records += (batches.len() * batch) as u64;
             }
             elapsed = Some(committing);
+        }
+        Stage::PlainLoop => {
+            let mut writer = FencedWriter::lead(&client, "plain-loop").await?;
+            let mut encoder = BatchEncoder::new(Limits::default(), 1)?;
+            let samples = samples(REFERENCE_BATCH, 16);
+            records_per_batch = Some(REFERENCE_BATCH as f64);
+            for records_of_batch in samples.iter().cycle() {
+                if !running() {
+                    break;
+                }
+                let batch =
+                    Batch::new(writer.epoch(), writer.next_seq(), records_of_batch.clone())?;
+                writer.commit(&encoder.encode(&batch)?).await?;
+                records += REFERENCE_BATCH as u64;
+            }
         }
         Stage::SinglePuts => {
             let mut kv = client.kv_client();

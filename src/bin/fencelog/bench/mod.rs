@@ -82,6 +82,8 @@ enum Stage {
     Ceiling {
         batch: usize,
     },
+    /// Encode a batch, then commit it, one after another: no pipeline at all.
+    PlainLoop,
     SinglePuts,
     Fencelog {
         pipeline: Pipeline,
@@ -115,6 +117,9 @@ impl Stage {
     fn name(&self) -> String {
         match self {
             Stage::Ceiling { batch } => format!("ceiling: pre-encoded {batch}-record fenced txns"),
+            Stage::PlainLoop => format!(
+                "plain loop: encode a {REFERENCE_BATCH}-record batch, then commit it"
+            ),
             Stage::SinglePuts => "etcd single-key puts (256 B), one in flight".into(),
             Stage::Fencelog { pipeline, cap } => format!(
                 "fencelog {}, batch cap {cap}",
@@ -156,6 +161,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         .iter()
         .map(|&batch| Stage::Ceiling { batch })
         .collect();
+    stages.push(Stage::PlainLoop);
     stages.push(Stage::SinglePuts);
     for pipeline in [Pipeline::Double, Pipeline::Single] {
         for &cap in &options.caps {

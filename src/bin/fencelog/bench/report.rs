@@ -89,9 +89,10 @@ pub(super) fn report(results: &[Measurement], seconds: u64, took: Duration) -> S
         let _ = writeln!(
             out,
             "\nAt batch cap {REFERENCE_BATCH}: double / single = {:.2}x; fencelog / ceiling = {}; \
-             fencelog / seed style = {}x.",
+             fencelog / plain loop = {}x; fencelog / seed style = {}x.",
             double / single.max(1e-9),
             ratio(double, ceiling),
+            ratio(double, rate_of("plain loop")),
             ratio(double, seed)
         );
     }
