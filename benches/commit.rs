@@ -142,11 +142,21 @@ fn fencelog_primary(c: &mut Criterion) {
             if cap == BATCH {
                 variants.push((format!("{name}_prebuilt"), Producers::Prebuilt));
             }
+            // Each measurement builds new records (see `produce`).
+            let mut round = 0;
             for (variant, kind) in variants {
                 group.bench_with_input(BenchmarkId::new(variant, cap), &cap, |b, _| {
                     b.iter_custom(|iters| {
-                        rt.block_on(produce(&primary, iters * unit, per_append, producers, kind))
-                            .expect("appends commit")
+                        round += 1;
+                        rt.block_on(produce(
+                            &primary,
+                            iters * unit,
+                            per_append,
+                            producers,
+                            kind,
+                            round,
+                        ))
+                        .expect("appends commit")
                     })
                 });
             }

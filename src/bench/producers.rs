@@ -23,13 +23,16 @@ pub enum Producers {
 }
 
 /// Appends `records` 256-byte records to `primary` from `producers` tasks, `per_append` records
-/// per call; returns how long it took until every append was acknowledged.
+/// per call; returns how long it took until every append was acknowledged. Calls with different
+/// `round`s build different records: calls that repeated them would apply the same few keys
+/// over and over, a hot set far cheaper for sled than random keys over the whole keyspace.
 pub async fn produce(
     primary: &Arc<Primary>,
     records: u64,
     per_append: usize,
     producers: usize,
     kind: Producers,
+    round: u64,
 ) -> Result<Duration> {
     let prebuilt: Arc<Vec<Record>> = Arc::new(match kind {
         Producers::Building => Vec::new(),
@@ -44,14 +47,16 @@ pub async fn produce(
             let primary = primary.clone();
             let prebuilt = prebuilt.clone();
             tokio::spawn(async move {
-                let mut generator = RecordGenerator::new(p as u64 + 1, 1_000_000, 256);
+                let seed = round * producers as u64 + p as u64 + 1;
+                let mut generator = RecordGenerator::new(seed, 1_000_000, 256);
                 let mut left = per_producer;
                 while left > 0 {
                     let n = left.min(per_append as u64) as usize;
                     let records = match kind {
                         Producers::Building => generator.take_records(n),
                         Producers::Prebuilt => {
-                            let at = (left as usize * 7919 + p * 104_729) % (PREBUILT_RECORDS - n);
+                            let at = (left as usize * 7919 + seed as usize * 104_729)
+                                % (PREBUILT_RECORDS - n);
                             prebuilt[at..at + n].to_vec()
                         }
                     };

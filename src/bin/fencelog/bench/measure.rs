@@ -96,7 +96,16 @@ pub(super) async fn measure(
             let producers = (2 * cap / per_append).clamp(4, 512);
             let chunk = (32 * cap).max(8192) as u64;
             while running() {
-                produce(&primary, chunk, per_append, producers, Producers::Building).await?;
+                let round = records / chunk;
+                produce(
+                    &primary,
+                    chunk,
+                    per_append,
+                    producers,
+                    Producers::Building,
+                    round,
+                )
+                .await?;
                 records += chunk;
             }
             elapsed = Some(started.elapsed());
@@ -192,8 +201,10 @@ pub(super) async fn measure(
                 let primary = primary.clone();
                 tokio::spawn(async move {
                     if saturate {
+                        let mut round = 0;
                         while started.elapsed() < duration {
-                            produce(&primary, 32_768, 16, 128, Producers::Building).await?;
+                            produce(&primary, 32_768, 16, 128, Producers::Building, round).await?;
+                            round += 1;
                         }
                     } else {
                         paced(&primary, offered, duration, 16, 256).await?;
