@@ -470,20 +470,24 @@ impl LocalStore {
         let skip = (first.0 - batch.first_seq().0) as usize;
         let records = &batch.records()[skip..=(last.0 - batch.first_seq().0) as usize];
         self.put_meta(APPLYING_THROUGH, last.0)?;
-        for (index, record) in records.iter().enumerate() {
-            if index == records.len() / 2 {
-                // Tests crash here: `applying_through` written, half the state, not `applied_seq`.
-                fail::fail_point!("store::mid_apply", |_| std::process::abort());
+        let apply = |records: &[Record]| -> Result<()> {
+            for record in records {
+                match record.op {
+                    Op::Put => self
+                        .state
+                        .insert(record.key.as_slice(), record.value.as_slice())
+                        .map(drop),
+                    Op::Delete => self.state.remove(record.key.as_slice()).map(drop),
+                }
+                .map_err(|e| self.io(e))?;
             }
-            match record.op {
-                Op::Put => self
-                    .state
-                    .insert(record.key.as_slice(), record.value.as_slice())
-                    .map(drop),
-                Op::Delete => self.state.remove(record.key.as_slice()).map(drop),
-            }
-            .map_err(|e| self.io(e))?;
-        }
+            Ok(())
+        };
+        let (first_half, second_half) = records.split_at(records.len() / 2);
+        apply(first_half)?;
+        // Tests crash here: `applying_through` written, half the state, not `applied_seq`.
+        fail::fail_point!("store::mid_apply", |_| std::process::abort());
+        apply(second_half)?;
         self.put_meta(APPLIED_SEQ, last.0)?;
         Ok(AppliedRange {
             first_seq: first,

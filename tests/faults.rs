@@ -325,22 +325,7 @@ async fn etcd_members_and_the_raft_leader_killed_under_load_lose_no_acknowledged
 async fn a_standby_stopped_past_compaction_and_then_past_trimming_catches_up_under_load() {
     let etcd = common::etcd().await;
     let dir = tempfile::tempdir().unwrap();
-    let retention = [
-        "--retain-records",
-        "8000",
-        "--retain-seconds",
-        "0",
-        "--trim-interval-ms",
-        "50",
-    ];
-    let primary_args = [&NODE_ARGS[..], &retention].concat();
-    let mut primary = daemon(&etcd, dir.path(), "primary", "a", &primary_args);
-    primary.wait_for("primary", None, WAIT).await.unwrap();
-    let mut standby = daemon(&etcd, dir.path(), "standby", "b", &NODE_ARGS);
-    standby
-        .wait_for("standby", Some("watching"), WAIT)
-        .await
-        .unwrap();
+    let (primary, mut standby) = start_trimming_pair(&etcd, dir.path(), 8_000).await;
     let acked: Vec<PathBuf> = (0..5)
         .map(|n| dir.path().join(format!("acked-{n}.tsv")))
         .collect();
@@ -433,6 +418,33 @@ async fn registered(etcd: &common::EtcdProcess, node: &str) {
         assert!(Instant::now() < deadline, "{node} never registered");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A primary `a` that keeps only the newest `retain_records` records in etcd and trims every
+/// 50 ms, and a standby `b` following it.
+async fn start_trimming_pair(
+    etcd: &common::EtcdProcess,
+    dir: &std::path::Path,
+    retain_records: u64,
+) -> (NodeProcess, NodeProcess) {
+    let retain = retain_records.to_string();
+    let retention = [
+        "--retain-records",
+        &retain,
+        "--retain-seconds",
+        "0",
+        "--trim-interval-ms",
+        "50",
+    ];
+    let primary_args = [&NODE_ARGS[..], &retention].concat();
+    let mut primary = daemon(etcd, dir, "primary", "a", &primary_args);
+    primary.wait_for("primary", None, WAIT).await.unwrap();
+    let mut standby = daemon(etcd, dir, "standby", "b", &NODE_ARGS);
+    standby
+        .wait_for("standby", Some("watching"), WAIT)
+        .await
+        .unwrap();
+    (primary, standby)
 }
 
 /// etcd's current revision.
@@ -578,22 +590,7 @@ async fn a_standby_trimmed_past(
     dir: &std::path::Path,
     env: &[(&str, &str)],
 ) -> (NodeProcess, NodeProcess, Vec<PathBuf>) {
-    let retention = [
-        "--retain-records",
-        "2000",
-        "--retain-seconds",
-        "0",
-        "--trim-interval-ms",
-        "50",
-    ];
-    let primary_args = [&NODE_ARGS[..], &retention].concat();
-    let mut primary = daemon(etcd, dir, "primary", "a", &primary_args);
-    primary.wait_for("primary", None, WAIT).await.unwrap();
-    let mut standby = daemon(etcd, dir, "standby", "b", &NODE_ARGS);
-    standby
-        .wait_for("standby", Some("watching"), WAIT)
-        .await
-        .unwrap();
+    let (primary, mut standby) = start_trimming_pair(etcd, dir, 2_000).await;
     let acked = vec![dir.join("acked-0.tsv"), dir.join("acked-1.tsv")];
     finish_load(start_load(etcd, 5_000, &acked[0]));
     reached(&standby, 5_000, |s| s.applied_seq).await;
@@ -740,16 +737,10 @@ async fn a_primary_whose_disk_fills_up_stops_clearly_and_recovers_once_there_is_
     let etcd = common::etcd().await;
     let dir = tempfile::tempdir().unwrap();
     let disk = SmallDisk::mount(64);
+    // Its data on the small disk, its log where there is room.
     let spec = fencelog::node_process::NodeSpec {
-        binary: env!("CARGO_BIN_EXE_fencelog").into(),
-        role: "primary".into(),
-        cluster: CLUSTER.into(),
-        node: "a".into(),
-        etcd: etcd.endpoint().into(),
         data_dir: disk.path().join("a"),
-        log: dir.path().join("a.log"),
-        extra_args: NODE_ARGS.iter().map(|a| a.to_string()).collect(),
-        env: Vec::new(),
+        ..common::daemon_spec(&etcd, dir.path(), "primary", "a", &NODE_ARGS, &[])
     };
     let mut primary = NodeProcess::spawn(spec.clone()).unwrap();
     primary.wait_for("primary", None, WAIT).await.unwrap();

@@ -120,6 +120,15 @@ async fn a_restarted_standby_reads_only_the_tail_it_missed() {
     primary.shutdown().await.unwrap();
 }
 
+/// `batch` as an encoder with `limits` writes it.
+fn encode(batch: &Batch, limits: Limits) -> Vec<u8> {
+    BatchEncoder::new(limits, 1)
+        .unwrap()
+        .encode(batch)
+        .unwrap()
+        .into_bytes()
+}
+
 /// Writes `bytes` as `batch`'s key and moves `latest` over it, straight into etcd, as no fenced
 /// commit would: how hostile or damaged batches get there in these tests.
 async fn write_past_the_fence(
@@ -155,11 +164,7 @@ async fn a_damaged_batch_stops_the_standby_at_the_last_good_seq_until_it_is_repa
     let layout = KeyLayout::new(&common::CLUSTER.parse().unwrap());
     let records = RecordGenerator::new(5, 300, 256).take_records(10);
     let batch = Batch::new(Epoch(99), good.next().unwrap(), records).unwrap();
-    let valid = BatchEncoder::new(Limits::default(), 1)
-        .unwrap()
-        .encode(&batch)
-        .unwrap()
-        .into_bytes();
+    let valid = encode(&batch, Limits::default());
     let mut damaged = valid.clone();
     let last = damaged.len() - 1;
     damaged[last] ^= 0x5A;
@@ -214,13 +219,6 @@ async fn hostile_batches_written_into_etcd_are_refused_and_never_applied() {
     let next = good.next().unwrap();
     let records = RecordGenerator::new(5, 300, 256).take_records(10);
     let batch = Batch::new(epoch, next, records.clone()).unwrap();
-    let encode = |batch: &Batch, limits: Limits| {
-        BatchEncoder::new(limits, 1)
-            .unwrap()
-            .encode(batch)
-            .unwrap()
-            .into_bytes()
-    };
     let valid = encode(&batch, Limits::default());
     let with_header = |edit: &dyn Fn(&mut Vec<u8>), body: &[u8]| {
         let mut bytes = valid[..HEADER_LEN].to_vec();

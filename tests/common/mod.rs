@@ -218,7 +218,21 @@ pub fn daemon_with_env(
     extra_args: &[&str],
     env: &[(&str, &str)],
 ) -> fencelog::node_process::NodeProcess {
-    let spec = fencelog::node_process::NodeSpec {
+    let spec = daemon_spec(etcd, dir, role, name, extra_args, env);
+    fencelog::node_process::NodeProcess::spawn(spec).expect("the daemon starts")
+}
+
+/// How [`daemon_with_env`] starts a node: its data directory is `dir/<name>`, its log
+/// `dir/<name>.log`.
+pub fn daemon_spec(
+    etcd: &impl Etcd,
+    dir: &std::path::Path,
+    role: &str,
+    name: &str,
+    extra_args: &[&str],
+    env: &[(&str, &str)],
+) -> fencelog::node_process::NodeSpec {
+    fencelog::node_process::NodeSpec {
         binary: env!("CARGO_BIN_EXE_fencelog").into(),
         role: role.to_owned(),
         cluster: CLUSTER.to_owned(),
@@ -231,8 +245,7 @@ pub fn daemon_with_env(
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
-    };
-    fencelog::node_process::NodeProcess::spawn(spec).expect("the daemon starts")
+    }
 }
 
 /// The node's `/metrics`, parsed as Prometheus text.

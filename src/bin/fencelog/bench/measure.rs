@@ -109,12 +109,7 @@ pub(super) async fn measure(
                 records += chunk;
             }
             elapsed = Some(started.elapsed());
-            records_per_batch =
-                Some(metrics.committed_records.get() as f64 / metrics.commits.get().max(1) as f64);
-            Arc::into_inner(primary)
-                .context("the producers still hold the primary")?
-                .shutdown()
-                .await?;
+            records_per_batch = Some(stop_primary(primary, &metrics).await?);
         }
         Stage::AckLatency { percent } => {
             let saturated = saturated_rate(earlier)?;
@@ -136,12 +131,7 @@ pub(super) async fn measure(
                 millis(percentile(&latencies, 1.0)),
                 latencies.len()
             ));
-            records_per_batch =
-                Some(metrics.committed_records.get() as f64 / metrics.commits.get().max(1) as f64);
-            Arc::into_inner(primary)
-                .context("the senders still hold the primary")?
-                .shutdown()
-                .await?;
+            records_per_batch = Some(stop_primary(primary, &metrics).await?);
         }
         Stage::Api {
             concurrency,
@@ -187,7 +177,7 @@ pub(super) async fn measure(
         Stage::Follow { percent } => {
             let offered = saturated_rate(earlier)? * f64::from(*percent) / 100.0;
             let (primary_dir, standby_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
-            let (primary, _) = start_primary(
+            let (primary, metrics) = start_primary(
                 &client,
                 primary_dir.path(),
                 Pipeline::Double,
@@ -249,10 +239,7 @@ pub(super) async fn measure(
             ));
             elapsed = Some(loaded);
             follower.shutdown().await?;
-            Arc::into_inner(primary)
-                .context("the load still holds the primary")?
-                .shutdown()
-                .await?;
+            stop_primary(primary, &metrics).await?;
         }
         Stage::Replay { records: wanted } => {
             let (primary_dir, standby_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
@@ -341,6 +328,15 @@ async fn start_primary(
     let metrics = Arc::new(Metrics::new()?);
     let primary = Primary::start(client.clone(), store, config, metrics.clone()).await?;
     Ok((Arc::new(primary), metrics))
+}
+
+/// Shuts `primary` down once its load has let go of it; returns its records per batch.
+async fn stop_primary(primary: Arc<Primary>, metrics: &Metrics) -> anyhow::Result<f64> {
+    Arc::into_inner(primary)
+        .context("the load still holds the primary")?
+        .shutdown()
+        .await?;
+    Ok(metrics.committed_records.get() as f64 / metrics.commits.get().max(1) as f64)
 }
 
 /// The rate fencelog double reached at the reference cap, measured earlier in the run.
