@@ -18,7 +18,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use etcd_client::Client;
 use fencelog::batch::{Batch, BatchEncoder};
 use fencelog::bench::ceiling::FencedWriter;
-use fencelog::bench::producers::{produce, Producers};
+use fencelog::bench::producers::{produce, saturating, Producers};
 use fencelog::bench::seed_style::{SeedWriter, KEYS_PER_TXN};
 use fencelog::config::{Pipeline, PrimaryConfig};
 use fencelog::etcd::process::EtcdProcess;
@@ -131,7 +131,7 @@ fn fencelog_primary(c: &mut Criterion) {
                     .expect("primary starts"),
             );
             let per_append = cap.min(16);
-            let producers = (2 * cap / per_append).clamp(4, 512);
+            let producers = saturating(cap, per_append);
             let unit = if cap == 1 { 64 } else { BATCH as u64 };
             group.throughput(Throughput::Elements(unit));
             let name = match pipeline {

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub step_downs: IntCounterVec,
     /// Seconds from sending a commit transaction to its answer.
     pub commit_seconds: Histogram,
+    /// Seconds to seal a batch and encode it (bincode, checksum, zstd): the commit path's CPU.
+    pub seal_seconds: Histogram,
     /// Records per committed batch.
     pub batch_records: Histogram,
     /// Encoded bytes per committed batch.
@@ -136,6 +138,11 @@ impl Metrics {
                 "commit_seconds",
                 "etcd commit transaction latency",
                 exponential_buckets(0.0002, 2.0, 16)?,
+            )?,
+            seal_seconds: histogram(
+                "seal_seconds",
+                "Time to seal and encode a batch",
+                exponential_buckets(0.0001, 2.0, 16)?,
             )?,
             batch_records: histogram(
                 "batch_records",

@@ -82,7 +82,7 @@ fn bench_measures_every_stage_and_writes_the_report() {
     );
     for row in [
         "| ceiling: pre-encoded 1024-record fenced txns | ",
-        "| plain loop: encode a 1024-record batch, then commit it | ",
+        "| plain loop: build 1024 records, encode, then commit them | ",
         "| etcd single-key puts",
         "| fencelog double, batch cap 1024 | ",
         "| fencelog single, batch cap 1024 | ",
@@ -103,8 +103,8 @@ fn bench_measures_every_stage_and_writes_the_report() {
     }
     for note in [
         "Ack latency at 50% of the saturated rate",
-        "Standby at 50% of the primary's rate",
-        "Standby at 100% of the primary's rate",
+        "Standby daemon at 50% of the primary's rate",
+        "Standby daemon at 100% of the primary's rate",
         "Warm restart vs full replay",
         "At batch cap 1024: double / single",
     ] {

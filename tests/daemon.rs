@@ -226,6 +226,7 @@ async fn metrics_parse_as_prometheus_text_and_move_with_appends() {
     for name in [
         "fencelog_batch_bytes",
         "fencelog_commit_seconds",
+        "fencelog_seal_seconds",
         "fencelog_apply_seconds",
         "fencelog_etcd_errors_total",
         "fencelog_checksum_failures_total",

@@ -354,6 +354,51 @@ async fn an_append_larger_than_a_batch_is_refused_but_one_large_record_is_not() 
     primary.shutdown().await.unwrap();
 }
 
+/// Freezes etcd with one append's batch in its commit, makes a second append, and returns the
+/// two appends' payload bytes and the bytes pending meanwhile; both commit once etcd runs again,
+/// the second in a batch of its own.
+async fn bytes_pending_behind_a_frozen_commit(pipeline: Pipeline) -> (usize, usize, usize) {
+    let etcd = common::etcd().await;
+    let mut node = node("p1");
+    node.config.pipeline = pipeline;
+    let primary = Arc::new(start_primary(&etcd, &node).await.unwrap());
+    primary
+        .append(vec![Record::put("warm", "up")])
+        .await
+        .unwrap();
+    let append = |key: &'static str, len: usize| {
+        let primary = primary.clone();
+        tokio::spawn(async move { primary.append(vec![Record::put(key, vec![7; len])]).await })
+    };
+
+    etcd.pause().unwrap();
+    let committing = append("a", 1_000);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let next = append("b", 2_000);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pending = primary.pending_bytes();
+    etcd.resume().unwrap();
+
+    let first = committing.await.unwrap().expect("the first append commits");
+    let second = next.await.unwrap().expect("the second append commits");
+    assert_eq!((first.last_seq, second.first_seq), (Seq(2), Seq(3)));
+    assert_eq!(latest(&etcd).await.unwrap().batch_first_seq, Seq(3));
+    Arc::into_inner(primary).unwrap().shutdown().await.unwrap();
+    (1 + 1_000, 1 + 2_000, pending)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_buffered_appends_wait_outside_while_a_batch_commits() {
+    let (committing, _, pending) = bytes_pending_behind_a_frozen_commit(Pipeline::Single).await;
+    assert_eq!(pending, committing, "the second append was taken in");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn double_buffered_appends_accumulate_while_a_batch_commits() {
+    let (committing, next, pending) = bytes_pending_behind_a_frozen_commit(Pipeline::Double).await;
+    assert_eq!(pending, committing + next, "the second append was kept out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_appends_never_exceed_the_byte_bound() {
     let etcd = common::etcd().await;

@@ -22,6 +22,14 @@ pub enum Producers {
     Prebuilt,
 }
 
+/// How many closed-loop producers, each with one append of `per_append` records in flight,
+/// keep `cap`-record batches full: records for the batch committing, the one being sealed and
+/// the one filling, and some to spare. With fewer, the pipeline waits on its producers instead
+/// of etcd, and a double buffer has nothing to overlap.
+pub fn saturating(cap: usize, per_append: usize) -> usize {
+    (4 * cap / per_append.max(1)).clamp(4, 1024)
+}
+
 /// Appends `records` 256-byte records to `primary` from `producers` tasks, `per_append` records
 /// per call; returns how long it took until every append was acknowledged. Calls with different
 /// `round`s build different records: calls that repeated them would apply the same few keys

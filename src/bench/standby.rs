@@ -52,7 +52,7 @@ pub async fn fill(client: &Client, dir: &Path, records: u64) -> Result<Seq> {
 }
 
 /// A standby of the bench cluster on `store`.
-pub async fn standby(client: &Client, store: &Arc<LocalStore>) -> Result<Standby> {
+async fn standby(client: &Client, store: &Arc<LocalStore>) -> Result<Standby> {
     let config = StandbyConfig::new(CLUSTER.parse()?, "standby".parse()?);
     Standby::start(
         client.clone(),

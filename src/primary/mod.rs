@@ -29,7 +29,7 @@ use etcd_client::Client;
 use tokio::sync::{watch, Semaphore};
 
 use crate::applier::Applier;
-use crate::config::PrimaryConfig;
+use crate::config::{Pipeline, PrimaryConfig};
 use crate::error::{Error, Result};
 use crate::etcd::leadership::Leadership;
 use crate::keys::KeyLayout;
@@ -239,6 +239,12 @@ impl Primary {
         let bytes = self.check_append(&records)?;
         if let Some(cause) = self.term.ended() {
             return Err(cause.to_error());
+        }
+        if self.term.config.pipeline == Pipeline::Single {
+            // A single buffer takes no appends while its batch is sealed and committing: wait
+            // for the pipeline's one slot, which the sealer holds from seal to ack. Closed or
+            // not, `push` says next whether the term still takes appends.
+            let _ = self.term.slots.acquire().await;
         }
         let count = records.len() as u64;
         let answer = self.term.accumulator.push(records, bytes).await?;

@@ -145,6 +145,7 @@ async fn seal_loop(
             appends.push((append, ack));
         }
         let epoch = term.epoch();
+        let sealing = Instant::now();
         let work = tokio::task::spawn_blocking(move || {
             // Batch::new refuses a run of seqs that would pass u64::MAX.
             let encoded =
@@ -154,6 +155,9 @@ async fn seal_loop(
         .await;
         let failure = match work {
             Ok((returned, Ok(encoded))) => {
+                term.metrics
+                    .seal_seconds
+                    .observe(sealing.elapsed().as_secs_f64());
                 encoder = returned;
                 let encoded = Arc::new(encoded);
                 let sealed = SealedBatch {

@@ -4,10 +4,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use fencelog::api::proto::StatusResponse;
+use fencelog::api::WalClient;
 use fencelog::batch::{Batch, BatchEncoder};
 use fencelog::bench::ceiling::FencedWriter;
 use fencelog::bench::cpu::CpuClock;
-use fencelog::bench::producers::{paced, produce, Producers};
+use fencelog::bench::producers::{paced, produce, saturating, Producers};
 use fencelog::bench::seed_style::{SeedWriter, KEYS_PER_TXN};
 use fencelog::bench::standby;
 use fencelog::config::{Pipeline, PrimaryConfig};
@@ -33,9 +35,10 @@ pub(super) async fn measure(
         fencelog::etcd::connect(&[etcd.endpoint().to_owned()], Duration::from_secs(5)).await?;
     let etcd_pid = etcd.pid().context("etcd is not running")?;
     let mut records_per_batch = None;
+    let (mut encode_per_batch, mut commit_per_batch) = (None, None);
     // The API stage's fencelog is its daemon, not this process.
     let daemon = match stage {
-        Stage::Api { .. } => Some(start_daemon(&etcd).await?),
+        Stage::Api { .. } => Some(start_daemon(&etcd, "primary").await?),
         _ => None,
     };
     let fencelog_pid = match &daemon {
@@ -48,38 +51,51 @@ pub(super) async fn measure(
     let mut records = 0u64;
     let mut elapsed = None;
     let mut note = None;
+    // Read when the load stops where what follows it (a primary's shutdown waits for its apply
+    // to catch up) would dilute the figures.
+    let mut cores_under_load = None;
     match stage {
         Stage::Ceiling { batch } => {
             let mut writer = FencedWriter::lead(&client, "ceiling").await?;
             let samples = samples(*batch, (16 * 1024 / batch).max(1));
             records_per_batch = Some(*batch as f64);
-            let mut committing = Duration::ZERO;
+            let (mut committing, mut commits) = (Duration::ZERO, 0);
             while running() {
                 // Encoded before the commits are timed: only the transactions count.
                 let batches = writer.encode_batches(&samples, samples.len())?;
-                let commits = Instant::now();
+                let started_commits = Instant::now();
                 for batch in &batches {
                     writer.commit(batch).await?;
                 }
-                committing += commits.elapsed();
+                committing += started_commits.elapsed();
+                commits += batches.len() as u32;
                 records += (batches.len() * batch) as u64;
             }
             elapsed = Some(committing);
+            commit_per_batch = committing.checked_div(commits);
         }
         Stage::PlainLoop => {
             let mut writer = FencedWriter::lead(&client, "plain-loop").await?;
             let mut encoder = BatchEncoder::new(Limits::default(), 1)?;
-            let samples = samples(REFERENCE_BATCH, 16);
+            // The records fencelog's producers build, built here in line: the same work per
+            // record reaches the commit, done one step after another.
+            let mut generator = RecordGenerator::new(7, 1_000_000, 256);
             records_per_batch = Some(REFERENCE_BATCH as f64);
-            for records_of_batch in samples.iter().cycle() {
-                if !running() {
-                    break;
-                }
-                let batch =
-                    Batch::new(writer.epoch(), writer.next_seq(), records_of_batch.clone())?;
-                writer.commit(&encoder.encode(&batch)?).await?;
+            let (mut encoding, mut committing, mut batches) = (Duration::ZERO, Duration::ZERO, 0);
+            while running() {
+                let records_of_batch = generator.take_records(REFERENCE_BATCH);
+                let encode = Instant::now();
+                let batch = Batch::new(writer.epoch(), writer.next_seq(), records_of_batch)?;
+                let encoded = encoder.encode(&batch)?;
+                let commit = Instant::now();
+                encoding += commit - encode;
+                writer.commit(&encoded).await?;
+                committing += commit.elapsed();
+                batches += 1;
                 records += REFERENCE_BATCH as u64;
             }
+            encode_per_batch = encoding.checked_div(batches);
+            commit_per_batch = committing.checked_div(batches);
         }
         Stage::SinglePuts => {
             let mut kv = client.kv_client();
@@ -93,7 +109,7 @@ pub(super) async fn measure(
             let dir = tempfile::tempdir()?;
             let (primary, metrics) = start_primary(&client, dir.path(), *pipeline, *cap).await?;
             let per_append = (*cap).min(16);
-            let producers = (2 * cap / per_append).clamp(4, 512);
+            let producers = saturating(*cap, per_append);
             let chunk = (32 * cap).max(8192) as u64;
             while running() {
                 let round = records / chunk;
@@ -109,7 +125,9 @@ pub(super) async fn measure(
                 records += chunk;
             }
             elapsed = Some(started.elapsed());
-            records_per_batch = Some(stop_primary(primary, &metrics).await?);
+            cores_under_load = Some(clock.cores()?);
+            (records_per_batch, encode_per_batch, commit_per_batch) =
+                stop_primary(primary, &metrics).await?.columns();
         }
         Stage::AckLatency { percent } => {
             let saturated = saturated_rate(earlier)?;
@@ -131,7 +149,9 @@ pub(super) async fn measure(
                 millis(percentile(&latencies, 1.0)),
                 latencies.len()
             ));
-            records_per_batch = Some(stop_primary(primary, &metrics).await?);
+            cores_under_load = Some(clock.cores()?);
+            (records_per_batch, encode_per_batch, commit_per_batch) =
+                stop_primary(primary, &metrics).await?.columns();
         }
         Stage::Api {
             concurrency,
@@ -176,7 +196,7 @@ pub(super) async fn measure(
         }
         Stage::Follow { percent } => {
             let offered = saturated_rate(earlier)? * f64::from(*percent) / 100.0;
-            let (primary_dir, standby_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
+            let primary_dir = tempfile::tempdir()?;
             let (primary, metrics) = start_primary(
                 &client,
                 primary_dir.path(),
@@ -184,8 +204,12 @@ pub(super) async fn measure(
                 REFERENCE_BATCH,
             )
             .await?;
-            let store = Arc::new(LocalStore::open(standby_dir.path(), Default::default())?);
-            let follower = standby::standby(&client, &store).await?;
+            // The standby is a daemon of its own, as in production: its apply thread is
+            // scheduled beside the primary's process, not inside it.
+            let (mut node, _standby_dir) = start_daemon(&etcd, "standby").await?;
+            let mut standby = node.client().await?;
+            let standby_cpu =
+                CpuClock::start(&[node.pid().context("the standby is not running")?])?;
             let saturate = *percent >= 100;
             let load = {
                 let primary = primary.clone();
@@ -205,40 +229,50 @@ pub(super) async fn measure(
             let (mut receive_lags, mut apply_lags) = (Vec::new(), Vec::new());
             while !load.is_finished() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                let status = follower.status();
-                receive_lags.push(status.receive_lag);
-                apply_lags.push(status.apply_lag);
+                let status = standby.status().await?;
+                receive_lags.push(Duration::from_secs_f64(status.receive_lag_seconds));
+                apply_lags.push(Duration::from_secs_f64(status.apply_lag_seconds));
             }
             load.await??;
             let loaded = started.elapsed();
-            let applied_under_load = follower.applied_seq().0;
-            records = follower.received_seq().0;
+            let at_load_end = standby.status().await?;
+            let standby_cores = standby_cpu.cores()?[0];
+            cores_under_load = Some(clock.cores()?);
+            let committed = primary.committed_seq().0;
             let drain = Instant::now();
-            follower.wait_applied(primary.committed_seq()).await;
+            let drained_status = wait_applied(&mut standby, committed).await?;
             let drained = drain.elapsed();
+            records = at_load_end.received_seq;
             receive_lags.sort();
             apply_lags.sort();
             let raw = earlier
                 .iter()
                 .find(|m| m.what == Stage::SledRaw.name())
                 .map(Measurement::per_second);
-            let apply_rate = applied_under_load as f64 / loaded.as_secs_f64().max(1e-9);
-            note =
-                Some(format!(
-                "Standby at {percent}% of the primary's rate: received {:.0} records/s, applied \
-                 {apply_rate:.0} records/s ({} of sled's raw insert rate); receive lag p50 {} \
-                 p99 {}, apply lag p50 {} p99 {} (sampled every 100 ms); the apply lag drained \
-                 {:.2} s after the load stopped. Primary and standby share this process.",
+            let of_raw = |rate: f64| {
+                raw.map_or_else(|| "?".into(), |raw| format!("{:.0}%", 100.0 * rate / raw))
+            };
+            let apply_rate = at_load_end.applied_seq as f64 / loaded.as_secs_f64().max(1e-9);
+            let drain_rate = (drained_status.applied_seq - at_load_end.applied_seq) as f64
+                / drained.as_secs_f64().max(1e-9);
+            note = Some(format!(
+                "Standby daemon at {percent}% of the primary's rate: received {:.0} records/s, \
+                 applied {apply_rate:.0} records/s under load ({} of sled's raw insert rate, \
+                 the standby using {standby_cores:.2} cores beside the primary and etcd); \
+                 receive lag p50 {} p99 {}, apply lag p50 {} p99 {} (sampled every 100 ms); \
+                 the apply lag drained {:.2} s after the load stopped, applying {drain_rate:.0} \
+                 records/s meanwhile ({} of sled's raw rate).",
                 records as f64 / loaded.as_secs_f64().max(1e-9),
-                raw.map_or_else(|| "?".into(), |raw| format!("{:.0}%", 100.0 * apply_rate / raw)),
+                of_raw(apply_rate),
                 millis(percentile(&receive_lags, 0.5)),
                 millis(percentile(&receive_lags, 0.99)),
                 millis(percentile(&apply_lags, 0.5)),
                 millis(percentile(&apply_lags, 0.99)),
-                drained.as_secs_f64()
+                drained.as_secs_f64(),
+                of_raw(drain_rate),
             ));
             elapsed = Some(loaded);
-            follower.shutdown().await?;
+            node.stop(Duration::from_secs(30)).await?;
             stop_primary(primary, &metrics).await?;
         }
         Stage::Replay { records: wanted } => {
@@ -268,7 +302,10 @@ pub(super) async fn measure(
         }
     }
     let elapsed = elapsed.unwrap_or_else(|| started.elapsed());
-    let cores = clock.cores()?;
+    let cores = match cores_under_load {
+        Some(cores) => cores,
+        None => clock.cores()?,
+    };
     if let Some((mut node, _dir)) = daemon {
         // Its store goes with the directory: no need to wait for it to apply its backlog.
         node.kill();
@@ -289,29 +326,52 @@ pub(super) async fn measure(
         records,
         elapsed,
         records_per_batch,
+        encode_per_batch,
+        commit_per_batch,
         cpu: (cores[0], cores[1]),
     })
 }
 
-/// A `fencelog primary` daemon (this binary) leading a cluster of its own on `etcd`, and the
-/// directory that holds its store and log.
-async fn start_daemon(etcd: &EtcdProcess) -> anyhow::Result<(NodeProcess, tempfile::TempDir)> {
+/// A `fencelog primary` or `fencelog standby` daemon (this binary) of the bench cluster on
+/// `etcd`, and the directory that holds its store and log. A primary is returned leading, a
+/// standby watching.
+async fn start_daemon(
+    etcd: &EtcdProcess,
+    role: &str,
+) -> anyhow::Result<(NodeProcess, tempfile::TempDir)> {
     let dir = tempfile::tempdir()?;
     let spec = NodeSpec {
         binary: std::env::current_exe()?,
-        role: "primary".into(),
+        role: role.into(),
         cluster: "bench".into(),
-        node: "api".into(),
+        node: format!("{role}-daemon"),
         etcd: etcd.endpoint().into(),
         data_dir: dir.path().join("data"),
-        log: dir.path().join("primary.log"),
+        log: dir.path().join(format!("{role}.log")),
         extra_args: Vec::new(),
         env: Vec::new(),
     };
     let mut node = NodeProcess::spawn(spec)?;
-    node.wait_for("primary", None, Duration::from_secs(30))
-        .await?;
+    let state = (role == "standby").then_some("watching");
+    node.wait_for(role, state, Duration::from_secs(30)).await?;
     Ok((node, dir))
+}
+
+/// Waits for a standby daemon to apply through `seq`; its status once it has.
+async fn wait_applied(standby: &mut WalClient, seq: u64) -> anyhow::Result<StatusResponse> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let status = standby.status().await?;
+        if status.applied_seq >= seq {
+            return Ok(status);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the standby applied only through seq {} of {seq} in 5 minutes",
+            status.applied_seq
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A primary on a fresh store in `dir` with `pipeline` and batch cap `cap`.
@@ -330,13 +390,38 @@ async fn start_primary(
     Ok((Arc::new(primary), metrics))
 }
 
-/// Shuts `primary` down once its load has let go of it; returns its records per batch.
-async fn stop_primary(primary: Arc<Primary>, metrics: &Metrics) -> anyhow::Result<f64> {
+/// A primary's batches, from its metrics.
+struct BatchFigures {
+    records: f64,
+    /// Mean seal-and-encode time (`seal_seconds`).
+    encode: Duration,
+    /// Mean etcd transaction time (`commit_seconds`).
+    commit: Duration,
+}
+
+impl BatchFigures {
+    /// As the report's records-per-batch, encode and commit columns.
+    fn columns(&self) -> (Option<f64>, Option<Duration>, Option<Duration>) {
+        (Some(self.records), Some(self.encode), Some(self.commit))
+    }
+}
+
+/// Shuts `primary` down once its load has let go of it; returns what its batches took.
+async fn stop_primary(primary: Arc<Primary>, metrics: &Metrics) -> anyhow::Result<BatchFigures> {
     Arc::into_inner(primary)
         .context("the load still holds the primary")?
         .shutdown()
         .await?;
-    Ok(metrics.committed_records.get() as f64 / metrics.commits.get().max(1) as f64)
+    let mean = |histogram: &prometheus::Histogram| {
+        Duration::from_secs_f64(
+            histogram.get_sample_sum() / histogram.get_sample_count().max(1) as f64,
+        )
+    };
+    Ok(BatchFigures {
+        records: metrics.committed_records.get() as f64 / metrics.commits.get().max(1) as f64,
+        encode: mean(&metrics.seal_seconds),
+        commit: mean(&metrics.commit_seconds),
+    })
 }
 
 /// The rate fencelog double reached at the reference cap, measured earlier in the run.

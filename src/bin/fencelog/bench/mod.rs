@@ -64,6 +64,10 @@ struct Measurement {
     records: u64,
     elapsed: Duration,
     records_per_batch: Option<f64>,
+    /// Mean time to encode (or seal and encode) one batch, and to commit one, where the stage
+    /// has batches: where its time goes.
+    encode_per_batch: Option<Duration>,
+    commit_per_batch: Option<Duration>,
     /// Cores used by this process (fencelog) and by etcd while it ran.
     cpu: (f64, f64),
     /// What the rate alone does not say (latencies, lags, restart time), for the report.
@@ -82,7 +86,8 @@ enum Stage {
     Ceiling {
         batch: usize,
     },
-    /// Encode a batch, then commit it, one after another: no pipeline at all.
+    /// Build a batch's records, encode it, then commit it, one after another: no pipeline at
+    /// all.
     PlainLoop,
     SinglePuts,
     Fencelog {
@@ -118,7 +123,7 @@ impl Stage {
         match self {
             Stage::Ceiling { batch } => format!("ceiling: pre-encoded {batch}-record fenced txns"),
             Stage::PlainLoop => format!(
-                "plain loop: encode a {REFERENCE_BATCH}-record batch, then commit it"
+                "plain loop: build {REFERENCE_BATCH} records, encode, then commit them"
             ),
             Stage::SinglePuts => "etcd single-key puts (256 B), one in flight".into(),
             Stage::Fencelog { pipeline, cap } => format!(

@@ -46,16 +46,21 @@ pub(super) fn report(results: &[Measurement], seconds: u64, took: Duration) -> S
         out,
         "{cores} cores, {}, each measurement {seconds} s on a fresh etcd (whole run {:.0} s); \
          256-byte records. `vs ceiling`: against the pre-encoded ceiling at the same batch size \
-         ({REFERENCE_BATCH} records for the rows without one). CPU in cores (CPU seconds per \
-         second) of this process and of etcd over the whole measurement.\n",
+         ({REFERENCE_BATCH} records for the rows without one). `encode` and `commit`: mean \
+         milliseconds to seal and encode one batch and to commit one (fencelog's from its \
+         `seal_seconds` and `commit_seconds` metrics). CPU in cores (CPU seconds per second) of \
+         this process and of etcd over the whole measurement.\n",
         etcd_version(),
         took.as_secs_f64()
     );
     let _ = writeln!(
         out,
-        "| what | records/s | vs ceiling | vs seed style | records per batch | fencelog CPU | etcd CPU |"
+        "| what | records/s | vs ceiling | vs seed style | records per batch | encode ms | commit ms | fencelog CPU | etcd CPU |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let millis = |d: Option<Duration>| {
+        d.map_or_else(String::new, |d| format!("{:.2}", d.as_secs_f64() * 1000.0))
+    };
     let ratio = |rate: f64, base: Option<f64>| {
         base.filter(|b| *b > 0.0)
             .map_or_else(String::new, |b| format!("{:.2}", rate / b))
@@ -69,13 +74,15 @@ pub(super) fn report(results: &[Measurement], seconds: u64, took: Duration) -> S
             .map(Measurement::per_second);
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {} | {} | {} | {:.2} | {:.2} |",
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {:.2} | {:.2} |",
             m.what,
             rate,
             ratio(rate, same_batch.or(ceiling)),
             ratio(rate, seed),
             m.records_per_batch
                 .map_or_else(String::new, |b| format!("{b:.0}")),
+            millis(m.encode_per_batch),
+            millis(m.commit_per_batch),
             m.cpu.0,
             m.cpu.1
         );
