@@ -245,13 +245,6 @@ pub(super) async fn measure(
             records = at_load_end.received_seq;
             receive_lags.sort();
             apply_lags.sort();
-            let raw = earlier
-                .iter()
-                .find(|m| m.what == Stage::SledRaw.name())
-                .map(Measurement::per_second);
-            let of_raw = |rate: f64| {
-                raw.map_or_else(|| "?".into(), |raw| format!("{:.0}%", 100.0 * rate / raw))
-            };
             let apply_rate = at_load_end.applied_seq as f64 / loaded.as_secs_f64().max(1e-9);
             let drain_rate = (drained_status.applied_seq - at_load_end.applied_seq) as f64
                 / drained.as_secs_f64().max(1e-9);
@@ -261,15 +254,16 @@ pub(super) async fn measure(
                  the standby using {standby_cores:.2} cores beside the primary and etcd); \
                  receive lag p50 {} p99 {}, apply lag p50 {} p99 {} (sampled every 100 ms); \
                  the apply lag drained {:.2} s after the load stopped, applying {drain_rate:.0} \
-                 records/s meanwhile ({} of sled's raw rate).",
+                 records/s meanwhile ({} of sled's raw rate, beside the primary's own apply \
+                 catching up).",
                 records as f64 / loaded.as_secs_f64().max(1e-9),
-                of_raw(apply_rate),
+                of_sled_raw(earlier, apply_rate),
                 millis(percentile(&receive_lags, 0.5)),
                 millis(percentile(&receive_lags, 0.99)),
                 millis(percentile(&apply_lags, 0.5)),
                 millis(percentile(&apply_lags, 0.99)),
                 drained.as_secs_f64(),
-                of_raw(drain_rate),
+                of_sled_raw(earlier, drain_rate),
             ));
             elapsed = Some(loaded);
             node.stop(Duration::from_secs(30)).await?;
@@ -279,13 +273,20 @@ pub(super) async fn measure(
             let (primary_dir, standby_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
             let last = standby::fill(&client, primary_dir.path(), *wanted).await?;
             let store = Arc::new(LocalStore::open(standby_dir.path(), Default::default())?);
-            elapsed = Some(standby::receive(&client, &store, last, true).await?);
+            // The replay alone: the fill's CPU is not counted.
+            let replay_clock = CpuClock::start(&[std::process::id(), etcd_pid])?;
+            let replay = standby::receive(&client, &store, last, true).await?;
+            cores_under_load = Some(replay_clock.cores()?);
             let warm = standby::warm_restart(&client, &store).await?;
             records = last.0;
-            let replay = elapsed.unwrap_or_default().as_secs_f64();
+            elapsed = Some(replay);
+            let replay = replay.as_secs_f64();
+            let rate = records as f64 / replay.max(1e-9);
             note = Some(format!(
-                "Warm restart vs full replay, {records} records: replay {replay:.2} s, warm \
-                 restart {:.3} s = {:.1}% of the replay.",
+                "Warm restart vs full replay, {records} records: replay {replay:.2} s ({rate:.0} \
+                 records/s received and applied by a standby with nothing else running: {} of \
+                 sled's raw insert rate), warm restart {:.3} s = {:.2}% of the replay.",
+                of_sled_raw(earlier, rate),
                 warm.as_secs_f64(),
                 100.0 * warm.as_secs_f64() / replay.max(1e-9)
             ));
@@ -435,6 +436,17 @@ fn saturated_rate(earlier: &[Measurement]) -> anyhow::Result<f64> {
         .find(|m| m.what == saturated.name())
         .map(Measurement::per_second)
         .context("the saturated run comes first")
+}
+
+/// `rate` as a percentage of sled's raw insert rate measured earlier in the run.
+fn of_sled_raw(earlier: &[Measurement], rate: f64) -> String {
+    earlier
+        .iter()
+        .find(|m| m.what == Stage::SledRaw.name())
+        .map_or_else(
+            || "?".into(),
+            |raw| format!("{:.0}%", 100.0 * rate / raw.per_second().max(1e-9)),
+        )
 }
 
 /// The `q` quantile of sorted `values` (zero when there are none).
