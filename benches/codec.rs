@@ -59,7 +59,7 @@ fn codec(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    config = Criterion::default().without_plots().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
     targets = codec
 }
 criterion_main!(benches);
