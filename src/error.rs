@@ -172,6 +172,10 @@ pub enum Error {
     InvalidMemberValue(String),
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    #[error("etcd credentials: {0}")]
+    Credentials(String),
+    #[error("etcd refused access to {prefix}: {reason} (the etcd user's role must read and write that prefix)")]
+    AccessDenied { prefix: String, reason: String },
     #[error("the node has applied through seq {applied}, not yet seq {wanted}, after waiting {waited:?}")]
     NotYetApplied {
         wanted: Seq,

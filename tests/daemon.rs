@@ -328,6 +328,8 @@ async fn bad_flags_and_an_unreachable_etcd_give_one_line_errors() {
         "primary --cluster c --node a --data-dir {} --etcd http://127.0.0.1:1",
         dir.path().join("data").display()
     );
+    let secured = dir.path().join("secured.toml");
+    std::fs::write(&secured, "[etcd-security]\netcd-user = \"alpha\"\n").unwrap();
     let cases = [
         ("primary --bogus".to_owned(), "--bogus"),
         (daemon.replace("--cluster c ", ""), "--cluster is required"),
@@ -346,7 +348,30 @@ async fn bad_flags_and_an_unreachable_etcd_give_one_line_errors() {
         (format!("{daemon} --lease-ttl 1"), "lease_ttl"),
         (
             format!("{daemon} --listen 127.0.0.1:0 --metrics 127.0.0.1:0"),
-            "cannot reach etcd",
+            "cannot read /fencelog/c/ from etcd at http://127.0.0.1:1",
+        ),
+        (
+            format!("{daemon} --etcd-user alpha"),
+            "--etcd-user needs a password",
+        ),
+        (
+            format!("{daemon} --etcd-user alpha --etcd-password-file /nonexistent/pw"),
+            "cannot read the password file /nonexistent/pw",
+        ),
+        (
+            format!("{daemon} --config {}", secured.display()),
+            "--etcd-user needs a password",
+        ),
+        (format!("{daemon} --etcd-cert c.pem"), "go together"),
+        (
+            format!("{daemon} --etcd-cert c.pem --etcd-key k.pem"),
+            "--etcd-cert needs --etcd-ca",
+        ),
+        (
+            format!(
+                "{daemon} --etcd-ca /nonexistent/ca.pem --listen 127.0.0.1:0 --metrics 127.0.0.1:0"
+            ),
+            "cannot read the etcd CA /nonexistent/ca.pem",
         ),
         (
             "append --etcd http://127.0.0.1:1 --cluster c k v".to_owned(),

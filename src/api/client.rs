@@ -11,6 +11,7 @@ use super::{from_status, max_message_bytes};
 use crate::error::{Error, Result};
 use crate::etcd;
 use crate::etcd::leadership::current_leader;
+use crate::etcd::EtcdAccess;
 use crate::keys::{ClusterId, KeyLayout};
 use crate::limits::Limits;
 use crate::primary::AppendAck;
@@ -28,6 +29,8 @@ pub enum Endpoint {
     Etcd {
         endpoints: Vec<String>,
         cluster: ClusterId,
+        /// TLS and user for a secured etcd.
+        access: EtcdAccess,
     },
 }
 
@@ -47,8 +50,12 @@ impl WalClient {
     pub async fn connect(endpoint: Endpoint) -> Result<WalClient> {
         let (addr, etcd) = match &endpoint {
             Endpoint::Server(addr) => (addr.clone(), None),
-            Endpoint::Etcd { endpoints, cluster } => {
-                let etcd = etcd::connect(endpoints, CONNECT_TIMEOUT).await?;
+            Endpoint::Etcd {
+                endpoints,
+                cluster,
+                access,
+            } => {
+                let etcd = etcd::connect_with(endpoints, access, CONNECT_TIMEOUT).await?;
                 (find_leader(&etcd, cluster).await?, Some(etcd))
             }
         };

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::etcd::{revoke_lease, timed, Backoff};
+use crate::etcd::{access_denied, revoke_lease, timed, Backoff};
 use crate::keys::{KeyLayout, NodeName};
 use crate::local_store::{blocking, LocalStore};
 use crate::record::Epoch;
@@ -116,6 +116,12 @@ impl Leadership {
                     }
                 }
                 Err(e) => {
+                    if let Some(reason) = access_denied(&e) {
+                        return Err(Error::AccessDenied {
+                            prefix: layout.root().to_owned(),
+                            reason,
+                        });
+                    }
                     tracing::warn!(error = %e, "campaign failed; retrying");
                     backoff.wait().await;
                 }

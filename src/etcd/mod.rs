@@ -5,8 +5,10 @@
 //! - [`fetch`]: committed batches read back by key range, in pages, at one revision;
 //! - [`reconcile`]: a local log cut back to a prefix of etcd's before a node builds on it;
 //! - [`process`]: a real etcd child process for tests, benches and demos;
-//! - [`endpoints`]: a client of several members kept off the ones that are down.
+//! - [`endpoints`]: a client of several members kept off the ones that are down;
+//! - [`access`]: TLS and an etcd user, for a secured etcd.
 
+pub mod access;
 pub mod commit;
 pub mod endpoints;
 pub mod fetch;
@@ -24,18 +26,80 @@ use etcd_client::{Client, ConnectOptions};
 
 use crate::error::{Error, Result};
 
-/// Connects to etcd at `endpoints` with fencelog's timeouts; with several, a guard keeps the
-/// client off members that are down ([`endpoints::guard`]).
+pub use access::EtcdAccess;
+
+/// Connects to a plain, anonymous etcd at `endpoints` (tests, benches, loopback).
 pub async fn connect(endpoints: &[String], request_timeout: Duration) -> Result<Client> {
-    let options = ConnectOptions::new()
-        .with_connect_timeout(request_timeout)
-        .with_timeout(request_timeout)
-        .with_keep_alive(Duration::from_secs(2), request_timeout);
-    let client = Client::connect(endpoints, Some(options.clone())).await?;
+    connect_with(endpoints, &EtcdAccess::default(), request_timeout).await
+}
+
+/// Connects to etcd at `endpoints` with `access` (TLS, a user) and fencelog's timeouts; with
+/// several, a guard keeps the client off members that are down ([`endpoints::guard`]).
+pub async fn connect_with(
+    endpoints: &[String],
+    access: &EtcdAccess,
+    request_timeout: Duration,
+) -> Result<Client> {
+    let options = access.apply(
+        ConnectOptions::new()
+            .with_connect_timeout(request_timeout)
+            .with_timeout(request_timeout)
+            .with_keep_alive(Duration::from_secs(2), request_timeout),
+    )?;
+    let client = Client::connect(endpoints, Some(options.clone()))
+        .await
+        .map_err(|e| explain_closed_tls(e, access, endpoints))?;
     if endpoints.len() > 1 {
         endpoints::guard(&client, endpoints, &options);
     }
     Ok(client)
+}
+
+/// etcd refusing a client certificate in the TLS handshake shows as a cancelled request or as
+/// a TLS alert deep in a transport error: say what it most likely refused.
+fn explain_closed_tls(
+    error: etcd_client::Error,
+    access: &EtcdAccess,
+    endpoints: &[String],
+) -> Error {
+    let closed = match &error {
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::Cancelled || error.to_string().contains("fatal alert")
+        }
+        _ => false,
+    };
+    match (&access.tls, closed) {
+        (Some(tls), true) => {
+            let refused = match &tls.client {
+                Some(client) => format!(
+                    "the client certificate {} (expired, or not from a CA it trusts?)",
+                    client.cert.display()
+                ),
+                None => "a client without a certificate (does it require one?)".to_owned(),
+            };
+            Error::Credentials(format!(
+                "etcd at {} closed the TLS connection: it did not accept {refused}: {error}",
+                endpoints.join(",")
+            ))
+        }
+        _ => error.into(),
+    }
+}
+
+/// The reason etcd gave if it refused the caller's identity or permissions: retrying cannot
+/// help, so a node stops with it instead of waiting for etcd to change its mind.
+pub(crate) fn access_denied(error: &Error) -> Option<String> {
+    match error {
+        Error::Etcd(etcd_client::Error::GRpcStatus(status))
+            if matches!(
+                status.code(),
+                tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+            ) =>
+        {
+            Some(status.message().to_owned())
+        }
+        _ => None,
+    }
 }
 
 /// Runs one etcd call, giving up after `limit`: a call to an unreachable etcd must not hang

@@ -6,6 +6,7 @@
 //! Fault tests can kill it (`kill -9`), restart it on the same ports and data, or pause it
 //! (`SIGSTOP`) to make it hang rather than refuse. [`EtcdCluster`] runs several members as one
 //! cluster, so that a member (or the raft leader) can be killed while the others serve.
+//! [`EtcdProcess::start_tls`] serves its client port over TLS, for the security tests.
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Seek, SeekFrom};
@@ -18,11 +19,25 @@ use etcd_client::{Client, ConnectOptions};
 use tempfile::TempDir;
 
 use crate::error::{Error, Result};
+use crate::etcd::EtcdAccess;
 
 /// How long etcd gets to answer after it starts.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes of etcd's log quoted when it fails to start.
 const LOG_TAIL_BYTES: u64 = 4096;
+
+/// TLS on a test etcd's client port.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA client certificates must chain to (`--trusted-ca-file`).
+    pub client_ca: PathBuf,
+    /// Refuse clients without a certificate from `client_ca` (`--client-cert-auth`).
+    pub require_client_cert: bool,
+    /// How the harness itself connects, to see that etcd answers.
+    pub access: EtcdAccess,
+}
 
 /// A running etcd member, killed on drop.
 pub struct EtcdProcess {
@@ -35,15 +50,25 @@ pub struct EtcdProcess {
     peer_url: String,
     data_dir: TempDir,
     log_path: PathBuf,
+    tls: Option<ServerTls>,
 }
 
 impl EtcdProcess {
     /// Starts etcd and waits until it answers. Retries with new ports if another process took
     /// the ones it picked.
     pub async fn start() -> Result<EtcdProcess> {
+        Self::start_with(None).await
+    }
+
+    /// Starts etcd serving its client port over `tls` (the URL is `https://`).
+    pub async fn start_tls(tls: ServerTls) -> Result<EtcdProcess> {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<ServerTls>) -> Result<EtcdProcess> {
         let mut last_error = None;
         for _ in 0..3 {
-            match Self::start_once().await {
+            match Self::start_once(tls.clone()).await {
                 Ok(etcd) => return Ok(etcd),
                 Err(e @ Error::EtcdNotInstalled { .. }) => return Err(e),
                 Err(e) => last_error = Some(e),
@@ -52,10 +77,14 @@ impl EtcdProcess {
         Err(last_error.expect("three attempts were made"))
     }
 
-    async fn start_once() -> Result<EtcdProcess> {
+    async fn start_once(tls: Option<ServerTls>) -> Result<EtcdProcess> {
         let (name, peer_url) = ("fencelog-test".to_owned(), loopback_url()?);
         let initial_cluster = format!("{name}={peer_url}");
         let mut etcd = EtcdProcess::member(name, peer_url, initial_cluster)?;
+        if tls.is_some() {
+            etcd.client_url = etcd.client_url.replacen("http://", "https://", 1);
+            etcd.tls = tls;
+        }
         etcd.spawn()?;
         etcd.wait_ready().await?;
         Ok(etcd)
@@ -75,6 +104,7 @@ impl EtcdProcess {
             peer_url,
             log_path: data_dir.path().join("etcd.log"),
             data_dir,
+            tls: None,
         })
     }
 
@@ -84,7 +114,20 @@ impl EtcdProcess {
             .append(true)
             .open(&self.log_path)?;
         let (client_url, peer_url) = (&self.client_url, &self.peer_url);
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.client_ca);
+            if tls.require_client_cert {
+                command.arg("--client-cert-auth");
+            }
+        }
+        let child = command
             .args(["--name", &self.name])
             .arg("--data-dir")
             .arg(self.data_dir.path().join("member"))
@@ -169,7 +212,7 @@ impl EtcdProcess {
         self.child.as_ref().map(Child::id)
     }
 
-    /// The client URL, `http://127.0.0.1:PORT`.
+    /// The client URL, `http://127.0.0.1:PORT` (`https://` with TLS).
     pub fn endpoint(&self) -> &str {
         &self.client_url
     }
@@ -180,7 +223,10 @@ impl EtcdProcess {
 
     /// A new client of this etcd.
     pub async fn client(&self) -> Result<Client> {
-        let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+        let mut options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+        if let Some(tls) = &self.tls {
+            options = tls.access.apply(options)?;
+        }
         Ok(Client::connect([self.client_url.as_str()], Some(options)).await?)
     }
 

@@ -10,6 +10,8 @@ use fencelog::api::{Endpoint, WalClient};
 use fencelog::checker::tsv_line;
 use fencelog::record::{Record, Seq};
 
+use crate::etcd_security::EtcdSecurity;
+
 /// Which node a command talks to: one address, or the leader found through etcd.
 #[derive(Args, Debug, Clone)]
 pub struct Target {
@@ -22,6 +24,8 @@ pub struct Target {
     /// The cluster whose primary to find (with --etcd).
     #[arg(long, requires = "etcd")]
     pub cluster: Option<String>,
+    #[command(flatten)]
+    pub etcd_security: EtcdSecurity,
 }
 
 impl Target {
@@ -31,6 +35,7 @@ impl Target {
             (None, Some(endpoints), Some(cluster)) => Ok(Endpoint::Etcd {
                 endpoints: endpoints.clone(),
                 cluster: cluster.parse()?,
+                access: self.etcd_security.access()?,
             }),
             _ => bail!("give --server ADDR, or --etcd URL and --cluster ID"),
         }
@@ -230,7 +235,8 @@ pub async fn check(
     let mut checker = Checker::new(acked, nodes);
     let (source, batches) = match (&target.server, &target.etcd, &target.cluster) {
         (None, Some(endpoints), Some(cluster)) => {
-            let batches = read_etcd_log(endpoints, cluster, &mut checker).await?;
+            let access = target.etcd_security.access()?;
+            let batches = read_etcd_log(endpoints, &access, cluster, &mut checker).await?;
             (format!("etcd at {}", endpoints.join(",")), batches)
         }
         _ => {
@@ -268,11 +274,12 @@ pub async fn check(
 /// Feeds the committed log in etcd to `checker`, each batch verified; returns the headers.
 async fn read_etcd_log(
     endpoints: &[String],
+    access: &fencelog::etcd::EtcdAccess,
     cluster: &str,
     checker: &mut fencelog::checker::Checker,
 ) -> anyhow::Result<Vec<fencelog::batch::BatchHeader>> {
     let timeout = std::time::Duration::from_secs(5);
-    let client = fencelog::etcd::connect(endpoints, timeout).await?;
+    let client = fencelog::etcd::connect_with(endpoints, access, timeout).await?;
     let layout = fencelog::keys::KeyLayout::new(&cluster.parse()?);
     let limits = fencelog::limits::Limits::default();
     let trimmed = fencelog::etcd::trim::read_trimmed(&client, &layout, timeout).await?;

@@ -38,13 +38,23 @@ pub async fn run(settings: Resolved, role: &str) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (--metrics)", settings.metrics))?;
 
-    let client = fencelog::etcd::connect(&settings.etcd, config.primary.etcd_request_timeout)
-        .await
-        .with_context(|| format!("cannot reach etcd at {}", settings.etcd.join(",")))?;
+    let client = fencelog::etcd::connect_with(
+        &settings.etcd,
+        &settings.etcd_access,
+        config.primary.etcd_request_timeout,
+    )
+    .await
+    .with_context(|| format!("cannot reach etcd at {}", settings.etcd.join(",")))?;
     let layout = KeyLayout::new(&cluster);
     let leader = current_leader(&client, &layout, config.primary.etcd_request_timeout)
         .await
-        .with_context(|| format!("cannot reach etcd at {}", settings.etcd.join(",")))?;
+        .with_context(|| {
+            format!(
+                "cannot read {} from etcd at {}",
+                layout.root(),
+                settings.etcd.join(",")
+            )
+        })?;
 
     let dir = settings.data_dir.clone();
     let store = blocking(move || {

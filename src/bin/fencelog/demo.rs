@@ -52,6 +52,7 @@ pub async fn run(records: u64) -> anyhow::Result<()> {
             server: None,
             etcd: Some(vec![endpoint.clone()]),
             cluster: Some(CLUSTER.to_owned()),
+            etcd_security: Default::default(),
         },
         records,
         value_size: 256,

@@ -8,6 +8,7 @@ mod bench;
 mod commands;
 mod daemon;
 mod demo;
+mod etcd_security;
 mod inspect;
 mod load;
 mod settings;

@@ -16,6 +16,8 @@ use fencelog::node::NodeConfig;
 use fencelog::standby::StandbyConfig;
 use serde::Deserialize;
 
+use crate::etcd_security::EtcdSecurity;
+
 /// Every default, in one place (documented in `docs/OPERATIONS.md`).
 pub struct Defaults;
 
@@ -104,12 +106,17 @@ pub struct NodeSettings {
     /// Log format [default: text].
     #[arg(long, env = "FENCELOG_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// TLS and user for a secured etcd (`[etcd-security]` in the config file).
+    #[command(flatten)]
+    #[serde(default)]
+    pub etcd_security: EtcdSecurity,
 }
 
 /// A daemon's settings once merged and checked.
 pub struct Resolved {
     pub data_dir: PathBuf,
     pub etcd: Vec<String>,
+    pub etcd_access: fencelog::etcd::EtcdAccess,
     pub listen: SocketAddr,
     pub metrics: SocketAddr,
     pub log_format: LogFormat,
@@ -149,6 +156,7 @@ impl NodeSettings {
             local_retain_records: self.local_retain_records.or(lower.local_retain_records),
             local_retain_bytes: self.local_retain_bytes.or(lower.local_retain_bytes),
             log_format: self.log_format.or(lower.log_format),
+            etcd_security: self.etcd_security.or(lower.etcd_security),
         }
     }
 
@@ -172,6 +180,7 @@ impl NodeSettings {
         if etcd.is_empty() {
             bail!("--etcd is required (or FENCELOG_ETCD or the config file)");
         }
+        let etcd_access = self.etcd_security.access()?;
         let listen = socket_addr(self.listen.as_deref().unwrap_or(Defaults::LISTEN), "listen")?;
         let metrics = socket_addr(
             self.metrics.as_deref().unwrap_or(Defaults::METRICS),
@@ -206,6 +215,7 @@ impl NodeSettings {
         Ok(Resolved {
             data_dir,
             etcd,
+            etcd_access,
             listen,
             metrics,
             log_format: self.log_format.unwrap_or(LogFormat::Text),

@@ -1,0 +1,87 @@
+//! The flags (and the config file's `[etcd-security]` table) that say how to reach a secured
+//! etcd, shared by the daemons and the client commands. The password comes from a file or
+//! `FENCELOG_ETCD_PASSWORD`, never from a flag, which `ps` would show.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::Args;
+use fencelog::etcd::access::{ClientCertificate, EtcdTls, EtcdUser, Secret};
+use fencelog::etcd::EtcdAccess;
+use serde::Deserialize;
+
+/// The environment variable that may hold the etcd user's password.
+pub const PASSWORD_ENV: &str = "FENCELOG_ETCD_PASSWORD";
+
+#[derive(Args, Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EtcdSecurity {
+    /// CA certificate (PEM) etcd's server certificate must chain to: connect over TLS
+    /// (https:// endpoints).
+    #[arg(long, env = "FENCELOG_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) to present to etcd; needs --etcd-key and --etcd-ca.
+    #[arg(long, env = "FENCELOG_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "FENCELOG_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user to authenticate as; the password from --etcd-password-file or
+    /// FENCELOG_ETCD_PASSWORD.
+    #[arg(long, env = "FENCELOG_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// File whose first line is the etcd user's password.
+    #[arg(long, env = "FENCELOG_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+impl EtcdSecurity {
+    /// `self` where set, else `lower`.
+    pub fn or(self, lower: EtcdSecurity) -> EtcdSecurity {
+        EtcdSecurity {
+            etcd_ca: self.etcd_ca.or(lower.etcd_ca),
+            etcd_cert: self.etcd_cert.or(lower.etcd_cert),
+            etcd_key: self.etcd_key.or(lower.etcd_key),
+            etcd_user: self.etcd_user.or(lower.etcd_user),
+            etcd_password_file: self.etcd_password_file.or(lower.etcd_password_file),
+        }
+    }
+
+    /// The access these settings describe; reads the password now, so that a missing one
+    /// stops the command before it reaches etcd.
+    pub fn access(&self) -> anyhow::Result<EtcdAccess> {
+        let client = match (&self.etcd_cert, &self.etcd_key) {
+            (Some(cert), Some(key)) => Some(ClientCertificate {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, None) => None,
+            _ => bail!("--etcd-cert and --etcd-key go together"),
+        };
+        let tls = match (&self.etcd_ca, client) {
+            (Some(ca), client) => Some(EtcdTls {
+                ca: ca.clone(),
+                client,
+            }),
+            (None, Some(_)) => bail!("--etcd-cert needs --etcd-ca (the CA of etcd's certificate)"),
+            (None, None) => None,
+        };
+        let from_env = std::env::var(PASSWORD_ENV).ok().filter(|p| !p.is_empty());
+        let user = match (&self.etcd_user, &self.etcd_password_file, from_env) {
+            (Some(name), Some(file), _) => Some(EtcdUser {
+                name: name.clone(),
+                password: Secret::from_file(file)?,
+            }),
+            (Some(name), None, Some(password)) => Some(EtcdUser {
+                name: name.clone(),
+                password: Secret::new(password),
+            }),
+            (Some(_), None, None) => {
+                bail!("--etcd-user needs a password: --etcd-password-file FILE or {PASSWORD_ENV}")
+            }
+            (None, Some(_), _) => bail!("--etcd-password-file needs --etcd-user"),
+            (None, None, _) => None,
+        };
+        Ok(EtcdAccess { tls, user })
+    }
+}
