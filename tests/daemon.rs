@@ -364,6 +364,11 @@ async fn bad_flags_and_an_unreachable_etcd_give_one_line_errors() {
         ),
         (format!("{daemon} --etcd-cert c.pem"), "go together"),
         (
+            format!("{daemon} --listen 0.0.0.0:0"),
+            "is not a loopback address",
+        ),
+        (format!("{daemon} --metrics 0.0.0.0:0"), "pass --insecure"),
+        (
             format!("{daemon} --etcd-cert c.pem --etcd-key k.pem"),
             "--etcd-cert needs --etcd-ca",
         ),

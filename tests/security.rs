@@ -441,6 +441,11 @@ async fn daemons_with_a_least_privilege_user_run_end_to_end_and_never_show_the_p
         !shown.contains(ALPHA_PASSWORD),
         "the password shows: {shown}"
     );
+    assert_eq!(
+        primary.log_text().matches("unauthenticated").count(),
+        1,
+        "the API's lack of authentication is said once at start"
+    );
     standby.stop(STARTUP).await.unwrap();
     primary.stop(STARTUP).await.unwrap();
 }

@@ -87,6 +87,10 @@ pub async fn run(settings: Resolved, role: &str) -> anyhow::Result<()> {
         api = %settings.listen, metrics = %settings.metrics,
         failover = config.failover, "serving"
     );
+    tracing::warn!(
+        api = %settings.listen, metrics = %settings.metrics,
+        "the API and metrics are unauthenticated: whoever reaches them can append, promote and read"
+    );
 
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut stopped: watch::Receiver<bool>| async move {

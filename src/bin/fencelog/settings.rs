@@ -75,6 +75,10 @@ pub struct NodeSettings {
     /// Standby only: take over when the leader's key goes [default: false].
     #[arg(long, env = "FENCELOG_FAILOVER", num_args = 0..=1, default_missing_value = "true")]
     pub failover: Option<bool>,
+    /// Serve the API and metrics unauthenticated on an address that is not loopback
+    /// [default: false].
+    #[arg(long, env = "FENCELOG_INSECURE", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure: Option<bool>,
     /// Most records per committed batch [default: 1024].
     #[arg(long, env = "FENCELOG_MAX_BATCH_RECORDS")]
     pub max_batch_records: Option<usize>,
@@ -146,6 +150,7 @@ impl NodeSettings {
             metrics: self.metrics.or(lower.metrics),
             lease_ttl: self.lease_ttl.or(lower.lease_ttl),
             failover: self.failover.or(lower.failover),
+            insecure: self.insecure.or(lower.insecure),
             max_batch_records: self.max_batch_records.or(lower.max_batch_records),
             linger_ms: self.linger_ms.or(lower.linger_ms),
             pipeline: self.pipeline.or(lower.pipeline),
@@ -186,6 +191,14 @@ impl NodeSettings {
             self.metrics.as_deref().unwrap_or(Defaults::METRICS),
             "metrics",
         )?;
+        for (addr, flag) in [(listen, "listen"), (metrics, "metrics")] {
+            if !addr.ip().is_loopback() && !self.insecure.unwrap_or(false) {
+                bail!(
+                    "--{flag} {addr} is not a loopback address, and the API and metrics have no \
+                     authentication: pass --insecure to serve them there anyway"
+                );
+            }
+        }
         let advertise = self.advertise.unwrap_or_else(|| listen.to_string());
 
         let mut primary = PrimaryConfig::new(cluster.clone(), node.clone(), advertise);
