@@ -12,10 +12,11 @@
 //! - [`keys`]: validated cluster and node names and the etcd key layout;
 //! - [`pointer`]: the `/latest` commit pointer;
 //! - [`etcd`]: the commit layer: leadership, the fenced commit transaction, reading batches
-//!   back, and a real etcd process for tests;
+//!   back, a secured etcd's TLS and user, and a real etcd process for tests;
 //! - [`local_store`]: the sled store of a node (log, state, positions);
 //! - [`applier`]: applies received batches to the state, off the commit path;
 //! - [`config`]: the primary's settings and their defaults;
+//! - [`credentials`]: secrets that are never printed, and PEM files, for etcd and the API;
 //! - [`primary`]: the append API and the double-buffered commit pipeline;
 //! - [`standby`]: follows the committed log into the local store (read, then watch);
 //! - [`node`]: a standby that takes over when the primary goes, and follows again after;
@@ -36,6 +37,7 @@ pub mod batch;
 pub mod bench;
 pub mod checker;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod etcd;
 pub mod http;

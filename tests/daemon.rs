@@ -356,7 +356,7 @@ async fn bad_flags_and_an_unreachable_etcd_give_one_line_errors() {
         ),
         (
             format!("{daemon} --etcd-user alpha --etcd-password-file /nonexistent/pw"),
-            "cannot read the password file /nonexistent/pw",
+            "cannot read the secret file /nonexistent/pw",
         ),
         (
             format!("{daemon} --config {}", secured.display()),

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{GetOptions, Permission};
-use fencelog::etcd::access::{ClientCertificate, EtcdTls, EtcdUser, Secret};
+use fencelog::credentials::{ClientCertificate, Secret};
+use fencelog::etcd::access::{EtcdTls, EtcdUser};
 use fencelog::etcd::process::{EtcdProcess, ServerTls};
 use fencelog::etcd::EtcdAccess;
 use fencelog::local_store::LocalStore;

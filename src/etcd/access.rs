@@ -2,57 +2,18 @@
 //! certificate) and as an etcd user. A password never comes from a command-line flag, where
 //! `ps` would show it, and never reaches a log line or a debug print: it is a [`Secret`].
 
-use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 
-use crate::error::{Error, Result};
-
-/// A password: redacted when printed, readable only through [`Secret::expose`].
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
-    }
-
-    /// The first line of the file at `path`: a trailing newline is not part of the secret.
-    pub fn from_file(path: &Path) -> Result<Secret> {
-        let text = read(path, "password file")?;
-        match text.lines().next() {
-            Some(line) if !line.is_empty() => Ok(Secret(line.to_owned())),
-            _ => Err(Error::Credentials(format!(
-                "the password file {} is empty",
-                path.display()
-            ))),
-        }
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(redacted)")
-    }
-}
+use crate::credentials::{read, ClientCertificate, Secret};
+use crate::error::Result;
 
 /// An etcd user and its password.
 #[derive(Clone, Debug)]
 pub struct EtcdUser {
     pub name: String,
     pub password: Secret,
-}
-
-/// A client certificate and its key, PEM files.
-#[derive(Clone, Debug)]
-pub struct ClientCertificate {
-    pub cert: PathBuf,
-    pub key: PathBuf,
 }
 
 /// TLS to etcd.
@@ -93,42 +54,9 @@ impl EtcdAccess {
     }
 }
 
-fn read(path: &Path, what: &str) -> Result<String> {
-    std::fs::read_to_string(path)
-        .map_err(|e| Error::Credentials(format!("cannot read the {what} {}: {e}", path.display())))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_secret_is_redacted_when_printed() {
-        let user = EtcdUser {
-            name: "alpha".into(),
-            password: Secret::new("hunter2"),
-        };
-        let printed = format!("{user:?}");
-        assert!(!printed.contains("hunter2"), "{printed}");
-        assert!(printed.contains("alpha"), "{printed}");
-    }
-
-    #[test]
-    fn a_password_file_gives_its_first_line_without_the_newline() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("password");
-        std::fs::write(&path, "s3cret\n").unwrap();
-        assert_eq!(Secret::from_file(&path).unwrap().expose(), "s3cret");
-    }
-
-    #[test]
-    fn an_empty_password_file_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("password");
-        std::fs::write(&path, "\n").unwrap();
-        let error = Secret::from_file(&path).unwrap_err().to_string();
-        assert!(error.contains("is empty"), "{error}");
-    }
 
     #[test]
     fn a_missing_ca_file_is_an_error_naming_it() {

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::Args;
-use fencelog::etcd::access::{ClientCertificate, EtcdTls, EtcdUser, Secret};
+use fencelog::credentials::{ClientCertificate, Secret};
+use fencelog::etcd::access::{EtcdTls, EtcdUser};
 use fencelog::etcd::EtcdAccess;
 use serde::Deserialize;
 
