@@ -19,6 +19,7 @@ use etcd_client::Client;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::api::ApiAccess;
 use crate::config::PrimaryConfig;
 use crate::error::{Error, Result};
 use crate::etcd::leadership::{current_leader, Leadership};
@@ -41,6 +42,8 @@ pub struct NodeConfig {
     pub failover: bool,
     /// How much of the local log to keep (checked every [`LOCAL_TRIM_INTERVAL`]).
     pub local_retention: LocalRetention,
+    /// How this node calls another node's API (a snapshot from the primary).
+    pub peer_access: ApiAccess,
 }
 
 /// How often a node with a bounded local log trims it.
@@ -449,6 +452,7 @@ impl Runner {
             &self.client,
             &self.config.primary.cluster,
             self.config.standby.etcd_request_timeout,
+            &self.config.peer_access,
         )
         .await?;
         tracing::warn!(

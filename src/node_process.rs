@@ -7,7 +7,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::api::proto::StatusResponse;
-use crate::api::{Endpoint, WalClient};
+use crate::api::{ApiAccess, Endpoint, WalClient};
 use crate::error::{Error, Result};
 use crate::etcd::process::free_port;
 
@@ -35,6 +35,8 @@ pub struct NodeProcess {
     api: String,
     metrics: String,
     child: Option<Child>,
+    /// How [`NodeProcess::client`] reaches a secured API.
+    api_access: ApiAccess,
 }
 
 impl NodeProcess {
@@ -45,9 +47,16 @@ impl NodeProcess {
             metrics: format!("127.0.0.1:{}", free_port()?),
             spec,
             child: None,
+            api_access: ApiAccess::default(),
         };
         node.start()?;
         Ok(node)
+    }
+
+    /// Makes [`client`](Self::client) (and the status calls that wait on the node) reach its
+    /// API with `access`: for a daemon serving TLS or wanting a token.
+    pub fn set_api_access(&mut self, access: ApiAccess) {
+        self.api_access = access;
     }
 
     /// Starts it again (after a kill or a stop) on the same ports and data directory.
@@ -99,7 +108,7 @@ impl NodeProcess {
     }
 
     pub async fn client(&self) -> Result<WalClient> {
-        WalClient::connect(Endpoint::Server(self.api.clone())).await
+        WalClient::connect_with(Endpoint::Server(self.api.clone()), self.api_access.clone()).await
     }
 
     /// Polls the node's status until its role is `role` (and its state `state`); fails if the

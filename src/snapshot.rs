@@ -17,7 +17,7 @@ use std::time::Duration;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::api::proto::{snapshot_chunk, SnapshotData, SnapshotHeader};
-use crate::api::{Endpoint, WalClient};
+use crate::api::{ApiAccess, Endpoint, WalClient};
 use crate::error::{Error, Result};
 use crate::etcd::leadership::current_leader;
 use crate::keys::{ClusterId, KeyLayout};
@@ -220,6 +220,7 @@ pub async fn source(
     client: &etcd_client::Client,
     cluster: &ClusterId,
     request_timeout: Duration,
+    access: &ApiAccess,
 ) -> Result<WalClient> {
     let layout = KeyLayout::new(cluster);
     let (leader, _) = current_leader(client, &layout, request_timeout)
@@ -227,7 +228,7 @@ pub async fn source(
         .ok_or_else(|| Error::NoLeader {
             cluster: cluster.as_str().to_owned(),
         })?;
-    WalClient::connect(Endpoint::Server(leader.addr)).await
+    WalClient::connect_with(Endpoint::Server(leader.addr), access.clone()).await
 }
 
 /// Completes a snapshot swap that a crash cut between its two renames, when the old store had

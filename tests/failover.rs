@@ -31,6 +31,7 @@ fn node_config(pieces: &Pieces, failover: bool) -> NodeConfig {
         primary,
         failover,
         local_retention: Default::default(),
+        peer_access: Default::default(),
     }
 }
 

@@ -7,6 +7,7 @@ use tonic::transport::Channel;
 
 use super::proto::wal_client::WalClient as Stub;
 use super::proto::{self, StatusResponse};
+use super::security::ApiAccess;
 use super::{from_status, max_message_bytes};
 use crate::error::{Error, Result};
 use crate::etcd;
@@ -39,6 +40,8 @@ pub enum Endpoint {
 #[derive(Clone)]
 pub struct WalClient {
     endpoint: Endpoint,
+    /// TLS and the token, for a secured API.
+    access: ApiAccess,
     /// For [`Endpoint::Etcd`]: the one etcd client every leader lookup uses.
     etcd: Option<etcd_client::Client>,
     addr: String,
@@ -46,8 +49,15 @@ pub struct WalClient {
 }
 
 impl WalClient {
-    /// Connects to the node `endpoint` names (for `Etcd`, the current leader).
+    /// Connects to the node `endpoint` names (for `Etcd`, the current leader), over a plain
+    /// connection without a token.
     pub async fn connect(endpoint: Endpoint) -> Result<WalClient> {
+        WalClient::connect_with(endpoint, ApiAccess::default()).await
+    }
+
+    /// [`connect`](Self::connect) to a secured API: over TLS, with a certificate or a token as
+    /// `access` says.
+    pub async fn connect_with(endpoint: Endpoint, access: ApiAccess) -> Result<WalClient> {
         let (addr, etcd) = match &endpoint {
             Endpoint::Server(addr) => (addr.clone(), None),
             Endpoint::Etcd {
@@ -59,9 +69,10 @@ impl WalClient {
                 (find_leader(&etcd, cluster).await?, Some(etcd))
             }
         };
-        let stub = open(&addr).await?;
+        let stub = open(&addr, &access).await?;
         Ok(WalClient {
             endpoint,
+            access,
             etcd,
             addr,
             stub,
@@ -85,7 +96,7 @@ impl WalClient {
             // `connect` always makes the etcd client for an `Etcd` endpoint.
             (None, Endpoint::Etcd { .. }, None) => self.addr.clone(),
         };
-        self.stub = open(&addr).await?;
+        self.stub = open(&addr, &self.access).await?;
         self.addr = addr;
         Ok(())
     }
@@ -98,7 +109,7 @@ impl WalClient {
         };
         let response = self
             .stub
-            .append(request)
+            .append(self.access.request(request))
             .await
             .map_err(|s| from_status(&s))?
             .into_inner();
@@ -116,7 +127,7 @@ impl WalClient {
     ) -> Result<tonic::Streaming<proto::AppendStreamResponse>> {
         let response = self
             .stub
-            .append_stream(requests)
+            .append_stream(self.access.request(requests))
             .await
             .map_err(|s| from_status(&s))?;
         Ok(response.into_inner())
@@ -131,7 +142,7 @@ impl WalClient {
         };
         let stream = self
             .stub
-            .read(request)
+            .read(self.access.request(request))
             .await
             .map_err(|s| from_status(&s))?
             .into_inner();
@@ -155,7 +166,7 @@ impl WalClient {
         };
         let response = self
             .stub
-            .get(request)
+            .get(self.access.request(request))
             .await
             .map_err(|s| from_status(&s))?
             .into_inner();
@@ -164,19 +175,28 @@ impl WalClient {
     }
 
     pub async fn status(&mut self) -> Result<StatusResponse> {
-        let response = self.stub.status(proto::StatusRequest {}).await;
+        let response = self
+            .stub
+            .status(self.access.request(proto::StatusRequest {}))
+            .await;
         Ok(response.map_err(|s| from_status(&s))?.into_inner())
     }
 
     /// The node's state as a snapshot: a header, then data chunks (see [`crate::snapshot`]).
     pub async fn snapshot(&mut self) -> Result<tonic::Streaming<proto::SnapshotChunk>> {
-        let response = self.stub.snapshot(proto::SnapshotRequest {}).await;
+        let response = self
+            .stub
+            .snapshot(self.access.request(proto::SnapshotRequest {}))
+            .await;
         Ok(response.map_err(|s| from_status(&s))?.into_inner())
     }
 
     /// Makes the node the primary; returns its epoch.
     pub async fn promote(&mut self, force: bool) -> Result<Epoch> {
-        let response = self.stub.promote(proto::PromoteRequest { force }).await;
+        let response = self
+            .stub
+            .promote(self.access.request(proto::PromoteRequest { force }))
+            .await;
         Ok(Epoch(
             response.map_err(|s| from_status(&s))?.into_inner().epoch,
         ))
@@ -209,15 +229,21 @@ impl ReadStream {
     }
 }
 
-async fn open(addr: &str) -> Result<Stub<Channel>> {
+async fn open(addr: &str, access: &ApiAccess) -> Result<Stub<Channel>> {
     let unreachable = |reason: String| Error::Unreachable {
         addr: addr.to_owned(),
         reason,
     };
-    let channel = Channel::from_shared(format!("http://{addr}"))
+    let mut endpoint = Channel::from_shared(access.url(addr))
         .map_err(|e| unreachable(format!("not a host:port address ({e})")))?
         .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
+        .tcp_nodelay(true);
+    if let Some(tls) = access.client_tls()? {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| unreachable(format!("TLS settings refused: {}", error_chain(&e))))?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .map_err(|e| unreachable(error_chain(&e)))?;

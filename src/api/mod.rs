@@ -4,11 +4,14 @@
 //! Errors cross the wire as gRPC statuses whose message is the library error's one-line text;
 //! a node that does not lead says so with `FAILED_PRECONDITION` and the leader's address in the
 //! [`LEADER_HEADER`] metadata, which the client turns back into [`Error::NotLeader`].
+//! [`security`] says who may call what: TLS, client certificates, a bearer token.
 
 mod client;
+pub mod security;
 mod server;
 
 pub use client::{Endpoint, WalClient};
+pub use security::{ApiAccess, ApiSecurity};
 pub use server::{serve, WalApi};
 
 use crate::error::Error;

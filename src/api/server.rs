@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::proto::wal_server::{Wal, WalServer};
 use super::proto::{self, append_stream_response::Outcome};
+use super::security::ApiSecurity;
 use super::{max_message_bytes, to_status};
 use crate::error::{Error, Result};
 use crate::local_store::{blocking, LocalStore};
@@ -33,11 +34,16 @@ pub struct WalApi {
     node: Arc<Node>,
     /// This node's own API address, reported by `Status`.
     address: String,
+    security: ApiSecurity,
 }
 
 impl WalApi {
-    pub fn new(node: Arc<Node>, address: String) -> WalApi {
-        WalApi { node, address }
+    pub fn new(node: Arc<Node>, address: String, security: ApiSecurity) -> WalApi {
+        WalApi {
+            node,
+            address,
+            security,
+        }
     }
 }
 
@@ -48,12 +54,18 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let limit = max_message_bytes(&api.node.config().primary.limits);
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = api.security.server_tls()? {
+        server = server
+            .tls_config(tls)
+            .map_err(|e| Error::Credentials(format!("the API's TLS settings are refused: {e}")))?;
+    }
     let service = WalServer::new(api)
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     // Without TCP_NODELAY, small answers wait ~40 ms for the client's delayed ACK.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    server
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
@@ -95,6 +107,7 @@ impl Wal for WalApi {
         &self,
         request: Request<proto::AppendRequest>,
     ) -> std::result::Result<Response<proto::AppendResponse>, Status> {
+        self.security.authorize(&request)?;
         let records = records_of(request.into_inner());
         let acked = self.node.append(records).await;
         acked
@@ -108,6 +121,7 @@ impl Wal for WalApi {
         &self,
         request: Request<Streaming<proto::AppendRequest>>,
     ) -> std::result::Result<Response<Self::AppendStreamStream>, Status> {
+        self.security.authorize(&request)?;
         let mut inbound = request.into_inner();
         let (answers, answered) = mpsc::channel(STREAM_IN_FLIGHT);
         let node = self.node.clone();
@@ -327,6 +341,7 @@ impl Wal for WalApi {
         &self,
         request: Request<proto::PromoteRequest>,
     ) -> std::result::Result<Response<proto::PromoteResponse>, Status> {
+        self.security.authorize(&request)?;
         let force = request.into_inner().force;
         self.node.promote(force).await.map_err(|e| to_status(&e))?;
         Ok(Response::new(proto::PromoteResponse {

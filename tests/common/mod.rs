@@ -2,6 +2,8 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod pki;
+
 use fencelog::batch::{Batch, BatchEncoder, EncodedBatch};
 use fencelog::limits::Limits;
 use fencelog::record::{Epoch, Record, Seq};
@@ -324,6 +326,7 @@ impl ServedNode {
             primary,
             failover,
             local_retention: Default::default(),
+            peer_access: Default::default(),
         };
         let metrics = std::sync::Arc::new(fencelog::metrics::Metrics::new().expect("metrics"));
         let node = std::sync::Arc::new(
@@ -332,7 +335,7 @@ impl ServedNode {
                 .expect("the node starts"),
         );
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let api = fencelog::api::WalApi::new(node.clone(), addr.clone());
+        let api = fencelog::api::WalApi::new(node.clone(), addr.clone(), Default::default());
         let server = tokio::spawn(fencelog::api::serve(api, listener, async move {
             let _ = stopped.wait_for(|s| *s).await;
         }));

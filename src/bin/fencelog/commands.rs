@@ -10,6 +10,7 @@ use fencelog::api::{Endpoint, WalClient};
 use fencelog::checker::tsv_line;
 use fencelog::record::{Record, Seq};
 
+use crate::api_security::ApiClientSettings;
 use crate::etcd_security::EtcdSecurity;
 
 /// Which node a command talks to: one address, or the leader found through etcd.
@@ -26,6 +27,8 @@ pub struct Target {
     pub cluster: Option<String>,
     #[command(flatten)]
     pub etcd_security: EtcdSecurity,
+    #[command(flatten)]
+    pub api_security: ApiClientSettings,
 }
 
 impl Target {
@@ -42,7 +45,7 @@ impl Target {
     }
 
     pub async fn connect(&self) -> anyhow::Result<WalClient> {
-        Ok(WalClient::connect(self.endpoint()?).await?)
+        Ok(WalClient::connect_with(self.endpoint()?, self.api_security.access()?).await?)
     }
 }
 
@@ -106,8 +109,13 @@ pub async fn get(
     }
 }
 
-pub async fn promote(server: String, force: bool) -> anyhow::Result<()> {
-    let mut client = WalClient::connect(Endpoint::Server(server.clone())).await?;
+pub async fn promote(
+    server: String,
+    force: bool,
+    api_security: &ApiClientSettings,
+) -> anyhow::Result<()> {
+    let mut client =
+        WalClient::connect_with(Endpoint::Server(server.clone()), api_security.access()?).await?;
     let epoch = client
         .promote(force)
         .await

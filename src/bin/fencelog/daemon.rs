@@ -87,10 +87,12 @@ pub async fn run(settings: Resolved, role: &str) -> anyhow::Result<()> {
         api = %settings.listen, metrics = %settings.metrics,
         failover = config.failover, "serving"
     );
-    tracing::warn!(
-        api = %settings.listen, metrics = %settings.metrics,
-        "the API and metrics are unauthenticated: whoever reaches them can append, promote and read"
-    );
+    if !settings.api_security.guards_writes() {
+        tracing::warn!(
+            api = %settings.listen,
+            "the API is unauthenticated: whoever reaches it can append, promote and read"
+        );
+    }
 
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
@@ -98,7 +100,11 @@ pub async fn run(settings: Resolved, role: &str) -> anyhow::Result<()> {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
     let api_task = tokio::spawn(api::serve(
-        WalApi::new(node.clone(), config.primary.advertise_addr.clone()),
+        WalApi::new(
+            node.clone(),
+            config.primary.advertise_addr.clone(),
+            settings.api_security.clone(),
+        ),
         api_listener,
         until_stopped(stopped.clone()),
     ));

@@ -53,6 +53,7 @@ pub async fn run(records: u64) -> anyhow::Result<()> {
             etcd: Some(vec![endpoint.clone()]),
             cluster: Some(CLUSTER.to_owned()),
             etcd_security: Default::default(),
+            api_security: Default::default(),
         },
         records,
         value_size: 256,

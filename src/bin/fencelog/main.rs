@@ -4,6 +4,7 @@
 //!
 //! Errors end the process with one line on stderr (`error: ...`) and a non-zero status.
 
+mod api_security;
 mod bench;
 mod commands;
 mod daemon;
@@ -98,6 +99,8 @@ enum Command {
         /// Depose a live primary first (revokes its lease).
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        api_security: api_security::ApiClientSettings,
     },
     /// Replace a stopped node's store with a snapshot of another node's state (the primary's
     /// with --etcd/--cluster), for a node the log in etcd was trimmed past.
@@ -217,7 +220,11 @@ async fn run_client(command: Command) -> anyhow::Result<()> {
             key,
         } => commands::get(&target, key, min_seq, Duration::from_secs(timeout)).await,
         Command::Status { target, json } => commands::status(&target, json).await,
-        Command::Promote { server, force } => commands::promote(server, force).await,
+        Command::Promote {
+            server,
+            force,
+            api_security,
+        } => commands::promote(server, force, &api_security).await,
         Command::Inspect { data_dir, json } => inspect::run(&data_dir, json),
         Command::Check {
             target,

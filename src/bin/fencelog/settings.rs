@@ -16,6 +16,7 @@ use fencelog::node::NodeConfig;
 use fencelog::standby::StandbyConfig;
 use serde::Deserialize;
 
+use crate::api_security::ApiServerSettings;
 use crate::etcd_security::EtcdSecurity;
 
 /// Every default, in one place (documented in `docs/OPERATIONS.md`).
@@ -114,6 +115,11 @@ pub struct NodeSettings {
     #[command(flatten)]
     #[serde(default)]
     pub etcd_security: EtcdSecurity,
+    /// TLS, client certificates and the token of the API (`[api-security]` in the config
+    /// file).
+    #[command(flatten)]
+    #[serde(default)]
+    pub api_security: ApiServerSettings,
 }
 
 /// A daemon's settings once merged and checked.
@@ -121,6 +127,7 @@ pub struct Resolved {
     pub data_dir: PathBuf,
     pub etcd: Vec<String>,
     pub etcd_access: fencelog::etcd::EtcdAccess,
+    pub api_security: fencelog::api::ApiSecurity,
     pub listen: SocketAddr,
     pub metrics: SocketAddr,
     pub log_format: LogFormat,
@@ -162,6 +169,7 @@ impl NodeSettings {
             local_retain_bytes: self.local_retain_bytes.or(lower.local_retain_bytes),
             log_format: self.log_format.or(lower.log_format),
             etcd_security: self.etcd_security.or(lower.etcd_security),
+            api_security: self.api_security.or(lower.api_security),
         }
     }
 
@@ -191,13 +199,19 @@ impl NodeSettings {
             self.metrics.as_deref().unwrap_or(Defaults::METRICS),
             "metrics",
         )?;
-        for (addr, flag) in [(listen, "listen"), (metrics, "metrics")] {
-            if !addr.ip().is_loopback() && !self.insecure.unwrap_or(false) {
-                bail!(
-                    "--{flag} {addr} is not a loopback address, and the API and metrics have no \
-                     authentication: pass --insecure to serve them there anyway"
-                );
-            }
+        let (api_security, peer_access) = self.api_security.resolve()?;
+        let insecure = self.insecure.unwrap_or(false);
+        if !listen.ip().is_loopback() && api_security.tls.is_none() && !insecure {
+            bail!(
+                "--listen {listen} is not a loopback address and the API has no TLS \
+                 (--tls-cert): pass --insecure to serve it there anyway"
+            );
+        }
+        if !metrics.ip().is_loopback() && !insecure {
+            bail!(
+                "--metrics {metrics} is not a loopback address and the metrics endpoint has no \
+                 TLS: pass --insecure to serve it there anyway"
+            );
         }
         let advertise = self.advertise.unwrap_or_else(|| listen.to_string());
 
@@ -229,6 +243,7 @@ impl NodeSettings {
             data_dir,
             etcd,
             etcd_access,
+            api_security,
             listen,
             metrics,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
@@ -240,6 +255,7 @@ impl NodeSettings {
                     retain_records: self.local_retain_records.unwrap_or(u64::MAX),
                     retain_bytes: self.local_retain_bytes.unwrap_or(u64::MAX),
                 },
+                peer_access,
             },
         })
     }

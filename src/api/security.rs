@@ -1,0 +1,201 @@
+//! Who may call a node's API, and how a client proves it.
+//!
+//! The connection: TLS with the node's certificate, and, given a client CA, client certificates
+//! verified against it — required for every connection, or optional so that monitoring without
+//! one can still connect. The calls that change the log or who leads it (`Append`,
+//! `AppendStream`, `Promote`) then need a proof: a verified client certificate, or the bearer
+//! token. `Read`, `Get`, `Status` and `Snapshot` are open to any connection the TLS layer admits:
+//! monitoring reads status, and a standby bootstraps from a snapshot.
+
+use std::path::PathBuf;
+
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::{Request, Status};
+
+use crate::credentials::{read, ClientCertificate, Secret};
+use crate::error::{Error, Result};
+
+/// The metadata key a bearer token travels in.
+const AUTHORIZATION: &str = "authorization";
+
+/// TLS on the API's port.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    /// The node's certificate and key (PEM).
+    pub identity: ClientCertificate,
+    /// Verify client certificates against this CA (PEM).
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: refuse connections without a client certificate (mTLS). Without it,
+    /// such connections may still call the open methods.
+    pub client_cert_required: bool,
+}
+
+/// How a node's API server protects itself. The default is plain and open (loopback only).
+#[derive(Clone, Debug, Default)]
+pub struct ApiSecurity {
+    pub tls: Option<ServerTls>,
+    /// A bearer token that authorizes the guarded calls, as a client certificate does.
+    pub token: Option<Secret>,
+}
+
+impl ApiSecurity {
+    /// The server's TLS, its PEM files read now so that a missing one is named at start.
+    pub(crate) fn server_tls(&self) -> Result<Option<ServerTlsConfig>> {
+        let Some(tls) = &self.tls else {
+            return Ok(None);
+        };
+        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(
+            read(&tls.identity.cert, "API certificate")?,
+            read(&tls.identity.key, "API key")?,
+        ));
+        if let Some(ca) = &tls.client_ca {
+            config = config
+                .client_ca_root(Certificate::from_pem(read(ca, "API client CA")?))
+                .client_auth_optional(!tls.client_cert_required);
+        }
+        Ok(Some(config))
+    }
+
+    /// True when `Append`, `AppendStream` and `Promote` need a certificate or the token.
+    pub fn guards_writes(&self) -> bool {
+        self.token.is_some() || self.tls.as_ref().is_some_and(|t| t.client_ca.is_some())
+    }
+
+    /// Admits a guarded call that carries a client certificate the TLS layer verified, or the
+    /// token; refuses it otherwise, without saying which proof was wrong.
+    pub(crate) fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if !self.guards_writes() {
+            return Ok(());
+        }
+        let verified_certificate = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some())
+            && request.peer_certs().is_some_and(|certs| !certs.is_empty());
+        let token_matches = match (&self.token, bearer(request)) {
+            (Some(token), Some(offered)) => constant_time_eq(token.expose(), offered),
+            _ => false,
+        };
+        if verified_certificate || token_matches {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(
+                "this call needs a client certificate or the API token",
+            ))
+        }
+    }
+}
+
+/// How a client reaches a node's API. The default is plain, without a token.
+#[derive(Clone, Debug, Default)]
+pub struct ApiAccess {
+    /// Connect over TLS, trusting this CA (PEM) for the node's certificate.
+    pub ca: Option<PathBuf>,
+    /// Present this certificate (needs `ca`).
+    pub client: Option<ClientCertificate>,
+    /// Send this bearer token with every call.
+    pub token: Option<Secret>,
+}
+
+impl ApiAccess {
+    /// The URL of the node at `addr` (`host:port`).
+    pub(crate) fn url(&self, addr: &str) -> String {
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{addr}")
+    }
+
+    pub(crate) fn client_tls(&self) -> Result<Option<ClientTlsConfig>> {
+        let Some(ca) = &self.ca else {
+            if self.client.is_some() {
+                return Err(Error::Credentials(
+                    "a client certificate for the API needs the CA of the node's certificate"
+                        .into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let mut config =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca, "API CA")?));
+        if let Some(client) = &self.client {
+            config = config.identity(Identity::from_pem(
+                read(&client.cert, "API client certificate")?,
+                read(&client.key, "API client key")?,
+            ));
+        }
+        Ok(Some(config))
+    }
+
+    /// `message` as a request carrying the token, if there is one.
+    pub(crate) fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(token) = &self.token {
+            if let Ok(value) = format!("Bearer {}", token.expose()).parse() {
+                request.metadata_mut().insert(AUTHORIZATION, value);
+            }
+        }
+        request
+    }
+}
+
+/// The bearer token a request carries, if any.
+fn bearer<T>(request: &Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get(AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+/// Compares without stopping at the first difference, so that the time taken does not tell an
+/// attacker how much of a guess was right.
+fn constant_time_eq(expected: &str, offered: &str) -> bool {
+    let (expected, offered) = (expected.as_bytes(), offered.as_bytes());
+    let differing = expected
+        .iter()
+        .zip(offered)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    differing == 0 && expected.len() == offered.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_token(token: &str) -> ApiSecurity {
+        ApiSecurity {
+            tls: None,
+            token: Some(Secret::new(token)),
+        }
+    }
+
+    #[test]
+    fn an_open_api_admits_every_call() {
+        assert!(ApiSecurity::default().authorize(&Request::new(())).is_ok());
+    }
+
+    #[test]
+    fn a_guarded_call_with_the_token_is_admitted() {
+        let request = ApiAccess {
+            token: Some(Secret::new("t0ken")),
+            ..ApiAccess::default()
+        }
+        .request(());
+        assert!(with_token("t0ken").authorize(&request).is_ok());
+    }
+
+    #[test]
+    fn a_guarded_call_without_the_token_is_refused() {
+        let status = with_token("t0ken")
+            .authorize(&Request::new(()))
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    }
+
+    #[test]
+    fn a_guarded_call_with_another_token_is_refused() {
+        let request = ApiAccess {
+            token: Some(Secret::new("t0ke")),
+            ..ApiAccess::default()
+        }
+        .request(());
+        assert!(with_token("t0ken").authorize(&request).is_err());
+    }
+}

@@ -1,0 +1,239 @@
+//! The API secured: TLS with the node's certificate, client certificates (required, or optional
+//! with open reads), and a bearer token for the calls that change the log or its leadership.
+//! Daemons against a real etcd; certificates made in the test.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::pki::Authority;
+use fencelog::api::{ApiAccess, Endpoint, WalClient};
+use fencelog::credentials::{ClientCertificate, Secret};
+use fencelog::node_process::NodeProcess;
+use fencelog::record::{Record, Seq};
+use tempfile::TempDir;
+
+const STARTUP: Duration = Duration::from_secs(30);
+const TOKEN: &str = "api-token-4f2a";
+const REFUSED: &str = "needs a client certificate or the API token";
+
+/// A primary daemon serving its API with `flags`, reached by its harness with a certificate
+/// from `ca` (or the token, on a plain API).
+struct SecuredPrimary {
+    node: NodeProcess,
+    ca: Authority,
+    _etcd: common::EtcdProcess,
+    dir: TempDir,
+}
+
+impl SecuredPrimary {
+    /// `flags(dir, ca, node certificate)` gives the daemon's security flags.
+    async fn start(
+        flags: impl FnOnce(&Path, &Authority, &ClientCertificate) -> Vec<String>,
+    ) -> SecuredPrimary {
+        let etcd = common::etcd().await;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::new(dir.path(), "api");
+        let certificate = ca.issue("p1", false);
+        let args = flags(dir.path(), &ca, &certificate);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let spec = common::daemon_spec(&etcd, dir.path(), "primary", "p1", &args, &[]);
+        let mut node = NodeProcess::spawn(spec).expect("the daemon starts");
+        // The harness proves itself with a certificate where the API serves TLS, else with
+        // the token.
+        let serves_tls = args.contains(&"--tls-cert");
+        node.set_api_access(if serves_tls {
+            ApiAccess {
+                ca: Some(ca.cert.clone()),
+                client: Some(certificate),
+                token: None,
+            }
+        } else {
+            ApiAccess {
+                token: Some(Secret::new(TOKEN)),
+                ..ApiAccess::default()
+            }
+        });
+        node.wait_for("primary", None, STARTUP).await.unwrap();
+        SecuredPrimary {
+            node,
+            ca,
+            _etcd: etcd,
+            dir,
+        }
+    }
+
+    async fn client(&self, access: ApiAccess) -> fencelog::Result<WalClient> {
+        WalClient::connect_with(Endpoint::Server(self.node.api().to_owned()), access).await
+    }
+
+    /// TLS trusting the node, no certificate, no token.
+    fn anonymous(&self) -> ApiAccess {
+        ApiAccess {
+            ca: Some(self.ca.cert.clone()),
+            client: None,
+            token: None,
+        }
+    }
+}
+
+fn tls_flags(ca: &Authority, certificate: &ClientCertificate) -> Vec<String> {
+    vec![
+        "--tls-cert".into(),
+        certificate.cert.display().to_string(),
+        "--tls-key".into(),
+        certificate.key.display().to_string(),
+        "--tls-client-ca".into(),
+        ca.cert.display().to_string(),
+    ]
+}
+
+fn token_file(dir: &Path) -> String {
+    let path = dir.join("api-token");
+    std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
+    path.display().to_string()
+}
+
+async fn append(client: &mut WalClient) -> fencelog::Result<Seq> {
+    client
+        .append(vec![Record::put("k", "v")])
+        .await
+        .map(|ack| ack.last_seq)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_client_certificates_required_a_client_with_one_appends() {
+    let primary = SecuredPrimary::start(|_, ca, cert| tls_flags(ca, cert)).await;
+    let mut client = primary.node.client().await.unwrap();
+    assert_eq!(append(&mut client).await.unwrap(), Seq(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_client_certificates_required_a_client_without_one_gets_nothing() {
+    let primary = SecuredPrimary::start(|_, ca, cert| tls_flags(ca, cert)).await;
+    let refused = match primary.client(primary.anonymous()).await {
+        Ok(mut client) => client.status().await.map(drop),
+        Err(e) => Err(e),
+    };
+    assert!(
+        refused.is_err(),
+        "a client without a certificate was served"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_trust_the_nodes_ca_cannot_connect() {
+    let primary = SecuredPrimary::start(|_, ca, cert| tls_flags(ca, cert)).await;
+    let foreign = Authority::new(primary.dir.path(), "foreign");
+    let access = ApiAccess {
+        ca: Some(foreign.cert.clone()),
+        client: Some(primary.ca.issue("client", false)),
+        token: None,
+    };
+    let refused = match primary.client(access).await {
+        Ok(mut client) => client.status().await.map(drop),
+        Err(e) => Err(e),
+    };
+    let message = refused.expect_err("a foreign CA connected").to_string();
+    assert!(message.contains("UnknownIssuer"), "{message}");
+}
+
+/// TLS, client certificates optional (open reads), and the token.
+fn open_reads_flags(dir: &Path, ca: &Authority, cert: &ClientCertificate) -> Vec<String> {
+    let mut flags = tls_flags(ca, cert);
+    flags.extend([
+        "--open-reads".into(),
+        "--api-token-file".into(),
+        token_file(dir),
+    ]);
+    flags
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_open_reads_a_client_without_proof_reads_but_cannot_append_or_promote() {
+    let primary = SecuredPrimary::start(open_reads_flags).await;
+    let mut anonymous = primary.client(primary.anonymous()).await.unwrap();
+    let mut owner = primary.node.client().await.unwrap();
+    let seq = append(&mut owner).await.unwrap();
+
+    assert_eq!(anonymous.status().await.unwrap().committed_seq, seq.0);
+    let mut read = anonymous.read(Seq(1), Some(seq)).await.unwrap();
+    assert_eq!(read.next_chunk().await.unwrap().unwrap().len(), 1);
+    let appended = append(&mut anonymous).await.unwrap_err().to_string();
+    assert!(appended.contains(REFUSED), "{appended}");
+    let promoted = anonymous.promote(false).await.unwrap_err().to_string();
+    assert!(promoted.contains(REFUSED), "{promoted}");
+    assert_eq!(owner.status().await.unwrap().committed_seq, seq.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_open_reads_the_token_appends_and_never_shows() {
+    let primary = SecuredPrimary::start(open_reads_flags).await;
+    let mut with_token = primary
+        .client(ApiAccess {
+            token: Some(Secret::new(TOKEN)),
+            ..primary.anonymous()
+        })
+        .await
+        .unwrap();
+    assert_eq!(append(&mut with_token).await.unwrap(), Seq(1));
+    let shown = format!(
+        "{:?}{}",
+        with_token.status().await.unwrap(),
+        primary.node.log_text()
+    );
+    assert!(!shown.contains(TOKEN), "the token shows: {shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_is_refused() {
+    let primary = SecuredPrimary::start(open_reads_flags).await;
+    let mut guessing = primary
+        .client(ApiAccess {
+            token: Some(Secret::new("api-token-4f2b")),
+            ..primary.anonymous()
+        })
+        .await
+        .unwrap();
+    let refused = append(&mut guessing).await.unwrap_err().to_string();
+    assert!(refused.contains(REFUSED), "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_alone_guards_appends_on_a_plain_api() {
+    let primary =
+        SecuredPrimary::start(|dir, _, _| vec!["--api-token-file".into(), token_file(dir)]).await;
+    let plain = ApiAccess::default();
+    let mut anonymous = primary.client(plain.clone()).await.unwrap();
+    let refused = append(&mut anonymous).await.unwrap_err().to_string();
+    assert!(refused.contains(REFUSED), "{refused}");
+    let mut with_token = primary
+        .client(ApiAccess {
+            token: Some(Secret::new(TOKEN)),
+            ..plain
+        })
+        .await
+        .unwrap();
+    assert_eq!(append(&mut with_token).await.unwrap(), Seq(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_appends_over_tls_with_the_token_from_a_file() {
+    let primary = SecuredPrimary::start(open_reads_flags).await;
+    let token = token_file(primary.dir.path());
+    let ca = primary.ca.cert.display().to_string();
+    let (ok, out, err) = common::fencelog(&[
+        "append",
+        "--server",
+        primary.node.api(),
+        "--tls-ca",
+        &ca,
+        "--api-token-file",
+        &token,
+        "k",
+        "v",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("seq 1"), "{out}");
+}
