@@ -2,13 +2,18 @@
 //! process serves) and `/readyz` (the node does its job: it leads, or it follows caught up).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State as Extract;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 
 use crate::error::Result;
 use crate::metrics::Metrics;
@@ -20,11 +25,15 @@ struct Shared {
     metrics: Arc<Metrics>,
 }
 
-/// Serves until `shutdown` resolves.
+/// How long a client gets to finish its TLS handshake: connections are accepted one at a time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves until `shutdown` resolves; over TLS with `tls`.
 pub async fn serve(
     node: Arc<Node>,
     metrics: Arc<Metrics>,
-    listener: tokio::net::TcpListener,
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let router = Router::new()
@@ -32,10 +41,59 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(Arc::new(Shared { node, metrics }));
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    match tls {
+        Some(config) => {
+            let listener = TlsListener {
+                tcp: listener,
+                acceptor: TlsAcceptor::from(config),
+            };
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await?
+        }
+        None => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await?
+        }
+    }
     Ok(())
+}
+
+/// A TCP listener whose connections are TLS once accepted; a client whose handshake fails or
+/// stalls is dropped, and the next one accepted.
+struct TlsListener {
+    tcp: TcpListener,
+    acceptor: TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, addr) = match self.tcp.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::debug!(error = %e, "metrics endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => return (tls, addr),
+                Ok(Err(e)) => {
+                    tracing::debug!(%addr, error = %e, "metrics endpoint: TLS handshake failed")
+                }
+                Err(_) => tracing::debug!(%addr, "metrics endpoint: TLS handshake timed out"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
 }
 
 async fn render_metrics(Extract(shared): Extract<Arc<Shared>>) -> impl IntoResponse {

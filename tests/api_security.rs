@@ -237,3 +237,81 @@ async fn the_cli_appends_over_tls_with_the_token_from_a_file() {
     assert!(ok, "{out}{err}");
     assert!(out.contains("seq 1"), "{out}");
 }
+
+/// `GET path` on the metrics endpoint at `addr` over TLS trusting `ca`, presenting `client`.
+async fn https_get(
+    addr: &str,
+    ca: &Path,
+    client: Option<&ClientCertificate>,
+    path: &str,
+) -> std::io::Result<String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match client {
+        Some(client) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(&client.cert)
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_file(&client.key).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector.connect(name, tcp).await?;
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await?;
+    Ok(answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_serves_tls_to_a_client_with_a_certificate_only() {
+    let primary = SecuredPrimary::start(|_, ca, cert| tls_flags(ca, cert)).await;
+    let addr = primary.node.metrics_addr();
+    let client = primary.ca.issue("prometheus", false);
+    let answer = https_get(addr, &primary.ca.cert, Some(&client), "/healthz")
+        .await
+        .expect("a client with a certificate is served");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let refused = https_get(addr, &primary.ca.cert, None, "/healthz").await;
+    assert!(
+        !refused
+            .as_ref()
+            .is_ok_and(|a| a.starts_with("HTTP/1.1 200")),
+        "a client without a certificate was served: {refused:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_open_reads_the_metrics_endpoint_serves_a_client_without_a_certificate() {
+    let primary = SecuredPrimary::start(open_reads_flags).await;
+    let answer = https_get(
+        primary.node.metrics_addr(),
+        &primary.ca.cert,
+        None,
+        "/metrics",
+    )
+    .await
+    .expect("monitoring without a certificate is served");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("fencelog_committed_seq"), "{answer}");
+}

@@ -5,9 +5,15 @@
 //! one can still connect. The calls that change the log or who leads it (`Append`,
 //! `AppendStream`, `Promote`) then need a proof: a verified client certificate, or the bearer
 //! token. `Read`, `Get`, `Status` and `Snapshot` are open to any connection the TLS layer admits:
-//! monitoring reads status, and a standby bootstraps from a snapshot.
+//! monitoring reads status, and a standby bootstraps from a snapshot. The metrics endpoint
+//! serves the same TLS.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
@@ -54,6 +60,49 @@ impl ApiSecurity {
                 .client_auth_optional(!tls.client_cert_required);
         }
         Ok(Some(config))
+    }
+
+    /// The same TLS for the metrics endpoint (`/metrics`, `/healthz`, `/readyz`): the node's
+    /// certificate, and client certificates verified as for the API.
+    pub fn http_tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>> {
+        let Some(tls) = &self.tls else {
+            return Ok(None);
+        };
+        let refused = |what: &str, e: &dyn std::fmt::Display| {
+            Error::Credentials(format!("the metrics endpoint's TLS: {what}: {e}"))
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| refused("protocol versions", &e))?;
+        let builder = match &tls.client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in pem_certificates(ca, "API client CA")? {
+                    roots.add(cert).map_err(|e| refused("the client CA", &e))?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+                let verifier = if tls.client_cert_required {
+                    verifier
+                } else {
+                    verifier.allow_unauthenticated()
+                };
+                builder.with_client_cert_verifier(
+                    verifier.build().map_err(|e| refused("the client CA", &e))?,
+                )
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let key = PrivateKeyDer::from_pem_file(&tls.identity.key)
+            .map_err(|e| refused(&format!("the key {}", tls.identity.key.display()), &e))?;
+        let config = builder
+            .with_single_cert(
+                pem_certificates(&tls.identity.cert, "API certificate")?,
+                key,
+            )
+            .map_err(|e| refused("the certificate and key", &e))?;
+        Ok(Some(Arc::new(config)))
     }
 
     /// True when `Append`, `AppendStream` and `Promote` need a certificate or the token.
@@ -132,6 +181,17 @@ impl ApiAccess {
         }
         request
     }
+}
+
+/// The certificates of the PEM file at `path`.
+fn pem_certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let unreadable = |e: &dyn std::fmt::Display| {
+        Error::Credentials(format!("the {what} {}: {e}", path.display()))
+    };
+    CertificateDer::pem_file_iter(path)
+        .map_err(|e| unreadable(&e))?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| unreadable(&e))
 }
 
 /// The bearer token a request carries, if any.

@@ -38,6 +38,11 @@ pub async fn run(settings: Resolved, role: &str) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (--metrics)", settings.metrics))?;
 
+    // Read now: a missing certificate or key stops the daemon before it joins the cluster.
+    let http_tls = settings
+        .api_security
+        .http_tls()
+        .context("cannot set up TLS for the API and metrics")?;
     let client = fencelog::etcd::connect_with(
         &settings.etcd,
         &settings.etcd_access,
@@ -112,6 +117,7 @@ pub async fn run(settings: Resolved, role: &str) -> anyhow::Result<()> {
         node.clone(),
         metrics,
         metrics_listener,
+        http_tls,
         until_stopped(stopped),
     ));
 

@@ -200,18 +200,15 @@ impl NodeSettings {
             "metrics",
         )?;
         let (api_security, peer_access) = self.api_security.resolve()?;
-        let insecure = self.insecure.unwrap_or(false);
-        if !listen.ip().is_loopback() && api_security.tls.is_none() && !insecure {
-            bail!(
-                "--listen {listen} is not a loopback address and the API has no TLS \
-                 (--tls-cert): pass --insecure to serve it there anyway"
-            );
-        }
-        if !metrics.ip().is_loopback() && !insecure {
-            bail!(
-                "--metrics {metrics} is not a loopback address and the metrics endpoint has no \
-                 TLS: pass --insecure to serve it there anyway"
-            );
+        if api_security.tls.is_none() && !self.insecure.unwrap_or(false) {
+            for (addr, flag) in [(listen, "listen"), (metrics, "metrics")] {
+                if !addr.ip().is_loopback() {
+                    bail!(
+                        "--{flag} {addr} is not a loopback address and the node serves no TLS \
+                         (--tls-cert): pass --insecure to serve it there anyway"
+                    );
+                }
+            }
         }
         let advertise = self.advertise.unwrap_or_else(|| listen.to_string());
 
