@@ -23,7 +23,7 @@ const REFUSED: &str = "needs a client certificate or the API token";
 struct SecuredPrimary {
     node: NodeProcess,
     ca: Authority,
-    _etcd: common::EtcdProcess,
+    etcd: common::EtcdProcess,
     dir: TempDir,
 }
 
@@ -59,7 +59,7 @@ impl SecuredPrimary {
         SecuredPrimary {
             node,
             ca,
-            _etcd: etcd,
+            etcd,
             dir,
         }
     }
@@ -314,4 +314,69 @@ async fn with_open_reads_the_metrics_endpoint_serves_a_client_without_a_certific
     .expect("monitoring without a certificate is served");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("fencelog_committed_seq"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_past_trimming_installs_a_snapshot_from_a_primary_behind_mtls() {
+    let primary = SecuredPrimary::start(|_, ca, cert| {
+        let mut flags = tls_flags(ca, cert);
+        let retention = ["--retain-records", "1", "--retain-seconds", "0"];
+        flags.extend(retention.map(String::from));
+        flags.extend(["--trim-interval-ms", "50"].map(String::from));
+        flags
+    })
+    .await;
+    let mut client = primary.node.client().await.unwrap();
+    let mut last = Seq(0);
+    for _ in 0..20 {
+        last = append(&mut client).await.unwrap();
+    }
+    let etcd = common::client(&primary.etcd).await;
+    let layout = fencelog::keys::KeyLayout::new(&common::CLUSTER.parse().unwrap());
+    let deadline = std::time::Instant::now() + STARTUP;
+    while fencelog::etcd::trim::read_trimmed(&etcd, &layout, STARTUP)
+        .await
+        .unwrap()
+        < Seq(2)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the log was never trimmed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let certificate = primary.ca.issue("s1", false);
+    let args = tls_flags(&primary.ca, &certificate);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let spec = common::daemon_spec(
+        &primary.etcd,
+        primary.dir.path(),
+        "standby",
+        "s1",
+        &args,
+        &[],
+    );
+    let mut standby = NodeProcess::spawn(spec).expect("the standby starts");
+    standby.set_api_access(ApiAccess {
+        ca: Some(primary.ca.cert.clone()),
+        client: Some(certificate),
+        token: None,
+    });
+    let deadline = std::time::Instant::now() + STARTUP;
+    let status = loop {
+        let status = standby.status().await;
+        if status.as_ref().is_ok_and(|s| s.applied_seq >= last.0)
+            || std::time::Instant::now() > deadline
+        {
+            break status.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.applied_seq, last.0, "{status:?}");
+    assert!(
+        standby.log_text().contains("installing a snapshot"),
+        "{}",
+        standby.log_text()
+    );
 }
