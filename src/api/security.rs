@@ -107,7 +107,11 @@ impl ApiSecurity {
 
     /// True when `Append`, `AppendStream` and `Promote` need a certificate or the token.
     pub fn guards_writes(&self) -> bool {
-        self.token.is_some() || self.tls.as_ref().is_some_and(|t| t.client_ca.is_some())
+        self.token.is_some() || self.verifies_client_certificates()
+    }
+
+    fn verifies_client_certificates(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.client_ca.is_some())
     }
 
     /// Admits a guarded call that carries a client certificate the TLS layer verified, or the
@@ -116,7 +120,7 @@ impl ApiSecurity {
         if !self.guards_writes() {
             return Ok(());
         }
-        let verified_certificate = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some())
+        let verified_certificate = self.verifies_client_certificates()
             && request.peer_certs().is_some_and(|certs| !certs.is_empty());
         let token_matches = match (&self.token, bearer(request)) {
             (Some(token), Some(offered)) => constant_time_eq(token.expose(), offered),
