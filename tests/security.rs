@@ -12,7 +12,7 @@ use std::time::Duration;
 use etcd_client::{GetOptions, Permission};
 use fencelog::credentials::Secret;
 use fencelog::etcd::access::{EtcdTls, EtcdUser};
-use fencelog::etcd::process::{EtcdProcess, ServerTls};
+use fencelog::etcd::process::{EtcdProcess, EtcdServerTls};
 use fencelog::etcd::EtcdAccess;
 use fencelog::local_store::LocalStore;
 use fencelog::metrics::Metrics;
@@ -46,7 +46,7 @@ impl SecuredEtcd {
             }),
             user: None,
         };
-        let etcd = EtcdProcess::start_tls(ServerTls {
+        let etcd = EtcdProcess::start_tls(EtcdServerTls {
             cert: server.cert,
             key: server.key,
             client_ca: ca.cert.clone(),

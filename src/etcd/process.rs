@@ -28,7 +28,7 @@ const LOG_TAIL_BYTES: u64 = 4096;
 
 /// TLS on a test etcd's client port.
 #[derive(Clone, Debug)]
-pub struct ServerTls {
+pub struct EtcdServerTls {
     pub cert: PathBuf,
     pub key: PathBuf,
     /// The CA client certificates must chain to (`--trusted-ca-file`).
@@ -50,7 +50,7 @@ pub struct EtcdProcess {
     peer_url: String,
     data_dir: TempDir,
     log_path: PathBuf,
-    tls: Option<ServerTls>,
+    tls: Option<EtcdServerTls>,
 }
 
 impl EtcdProcess {
@@ -61,11 +61,11 @@ impl EtcdProcess {
     }
 
     /// Starts etcd serving its client port over `tls` (the URL is `https://`).
-    pub async fn start_tls(tls: ServerTls) -> Result<EtcdProcess> {
+    pub async fn start_tls(tls: EtcdServerTls) -> Result<EtcdProcess> {
         Self::start_with(Some(tls)).await
     }
 
-    async fn start_with(tls: Option<ServerTls>) -> Result<EtcdProcess> {
+    async fn start_with(tls: Option<EtcdServerTls>) -> Result<EtcdProcess> {
         let mut last_error = None;
         for _ in 0..3 {
             match Self::start_once(tls.clone()).await {
@@ -77,7 +77,7 @@ impl EtcdProcess {
         Err(last_error.expect("three attempts were made"))
     }
 
-    async fn start_once(tls: Option<ServerTls>) -> Result<EtcdProcess> {
+    async fn start_once(tls: Option<EtcdServerTls>) -> Result<EtcdProcess> {
         let (name, peer_url) = ("fencelog-test".to_owned(), loopback_url()?);
         let initial_cluster = format!("{name}={peer_url}");
         let mut etcd = EtcdProcess::member(name, peer_url, initial_cluster)?;
