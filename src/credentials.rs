@@ -27,6 +27,18 @@ impl Secret {
         }
     }
 
+    /// The secret in `file` if one is named, else the value of the environment variable `env`
+    /// if it is set and not empty, else none.
+    pub fn from_file_or_env(file: Option<&Path>, env: &str) -> Result<Option<Secret>> {
+        match file {
+            Some(file) => Secret::from_file(file).map(Some),
+            None => Ok(std::env::var(env)
+                .ok()
+                .filter(|value| !value.is_empty())
+                .map(Secret)),
+        }
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }

@@ -68,6 +68,11 @@ impl SecuredPrimary {
         WalClient::connect_with(Endpoint::Server(self.node.api().to_owned()), access).await
     }
 
+    /// Whether a client reaching the node with `access` gets its status.
+    async fn status_with(&self, access: ApiAccess) -> fencelog::Result<()> {
+        self.client(access).await?.status().await.map(drop)
+    }
+
     /// TLS trusting the node, no certificate, no token.
     fn anonymous(&self) -> ApiAccess {
         ApiAccess {
@@ -112,10 +117,7 @@ async fn with_client_certificates_required_a_client_with_one_appends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_client_certificates_required_a_client_without_one_gets_nothing() {
     let primary = SecuredPrimary::start(|_, ca, cert| tls_flags(ca, cert)).await;
-    let refused = match primary.client(primary.anonymous()).await {
-        Ok(mut client) => client.status().await.map(drop),
-        Err(e) => Err(e),
-    };
+    let refused = primary.status_with(primary.anonymous()).await;
     assert!(
         refused.is_err(),
         "a client without a certificate was served"
@@ -131,10 +133,7 @@ async fn a_client_that_does_not_trust_the_nodes_ca_cannot_connect() {
         client: Some(primary.ca.issue("client", false)),
         token: None,
     };
-    let refused = match primary.client(access).await {
-        Ok(mut client) => client.status().await.map(drop),
-        Err(e) => Err(e),
-    };
+    let refused = primary.status_with(access).await;
     let message = refused.expect_err("a foreign CA connected").to_string();
     assert!(message.contains("UnknownIssuer"), "{message}");
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{GetOptions, Permission};
-use fencelog::credentials::Secret;
+use fencelog::credentials::{ClientCertificate, Secret};
 use fencelog::etcd::access::{EtcdTls, EtcdUser};
 use fencelog::etcd::process::{EtcdProcess, EtcdServerTls};
 use fencelog::etcd::EtcdAccess;
@@ -238,6 +238,15 @@ async fn refused_over(etcd: &SecuredEtcd, tls: EtcdTls) -> String {
     refused
 }
 
+/// [`refused_over`] TLS that trusts etcd's CA and presents `client`.
+async fn refused_client(etcd: &SecuredEtcd, client: Option<ClientCertificate>) -> String {
+    let tls = EtcdTls {
+        ca: etcd.ca.cert.clone(),
+        client,
+    };
+    refused_over(etcd, tls).await
+}
+
 #[tokio::test]
 async fn a_server_certificate_from_another_ca_is_refused() {
     let etcd = SecuredEtcd::start().await;
@@ -259,14 +268,7 @@ async fn a_client_certificate_from_another_ca_is_refused() {
     let etcd = SecuredEtcd::start().await;
     let dir = tempfile::tempdir().unwrap();
     let foreign = Authority::new(dir.path(), "foreign");
-    let message = refused_over(
-        &etcd,
-        EtcdTls {
-            ca: etcd.ca.cert.clone(),
-            client: Some(foreign.issue("alpha", false)),
-        },
-    )
-    .await;
+    let message = refused_client(&etcd, Some(foreign.issue("alpha", false))).await;
     assert!(
         message.contains("did not accept the client certificate"),
         "{message}"
@@ -276,14 +278,7 @@ async fn a_client_certificate_from_another_ca_is_refused() {
 #[tokio::test]
 async fn an_expired_client_certificate_is_refused() {
     let etcd = SecuredEtcd::start().await;
-    let message = refused_over(
-        &etcd,
-        EtcdTls {
-            ca: etcd.ca.cert.clone(),
-            client: Some(etcd.ca.issue("alpha", true)),
-        },
-    )
-    .await;
+    let message = refused_client(&etcd, Some(etcd.ca.issue("alpha", true))).await;
     assert!(
         message.contains("did not accept the client certificate"),
         "{message}"
@@ -293,14 +288,7 @@ async fn an_expired_client_certificate_is_refused() {
 #[tokio::test]
 async fn a_client_without_a_certificate_is_refused() {
     let etcd = SecuredEtcd::start().await;
-    let message = refused_over(
-        &etcd,
-        EtcdTls {
-            ca: etcd.ca.cert.clone(),
-            client: None,
-        },
-    )
-    .await;
+    let message = refused_client(&etcd, None).await;
     assert!(
         message.contains("did not accept a client without a certificate"),
         "{message}"
@@ -308,21 +296,25 @@ async fn a_client_without_a_certificate_is_refused() {
 }
 
 /// The flags that reach the secured etcd as `user` with a certificate from its CA; the password
-/// from a file in `dir`.
-fn daemon_flags(etcd: &SecuredEtcd, dir: &Path, user: &str, password: &str) -> Vec<String> {
+/// is given apart ([`password_file_flag`] or `FENCELOG_ETCD_PASSWORD`).
+fn daemon_flags(etcd: &SecuredEtcd, user: &str) -> Vec<String> {
     let certificate = etcd.ca.issue(user, false);
-    let password_file = dir.join(format!("{user}-password"));
-    std::fs::write(&password_file, format!("{password}\n")).unwrap();
     [
         ("--etcd-ca", &etcd.ca.cert),
         ("--etcd-cert", &certificate.cert),
         ("--etcd-key", &certificate.key),
-        ("--etcd-password-file", &password_file),
     ]
     .into_iter()
     .flat_map(|(flag, path)| [flag.to_owned(), path.display().to_string()])
     .chain(["--etcd-user".to_owned(), user.to_owned()])
     .collect()
+}
+
+/// `--etcd-password-file` with `password` written into a file in `dir`.
+fn password_file_flag(dir: &Path, password: &str) -> [String; 2] {
+    let file = dir.join("etcd-password");
+    std::fs::write(&file, format!("{password}\n")).unwrap();
+    ["--etcd-password-file".into(), file.display().to_string()]
 }
 
 fn daemon(
@@ -331,6 +323,7 @@ fn daemon(
     role: &str,
     name: &str,
     args: Vec<String>,
+    env: &[(&str, &str)],
 ) -> NodeProcess {
     NodeProcess::spawn(NodeSpec {
         binary: env!("CARGO_BIN_EXE_fencelog").into(),
@@ -341,7 +334,10 @@ fn daemon(
         data_dir: dir.join(name),
         log: dir.join(format!("{name}.log")),
         extra_args: args,
-        env: Vec::new(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     })
     .expect("the daemon starts")
 }
@@ -350,10 +346,17 @@ fn daemon(
 async fn daemons_with_a_least_privilege_user_run_end_to_end_and_never_show_the_password() {
     let etcd = SecuredEtcd::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let flags = daemon_flags(&etcd, dir.path(), "alpha", ALPHA_PASSWORD);
-    let mut primary = daemon(&etcd, dir.path(), "primary", "p1", flags.clone());
+    let flags = daemon_flags(&etcd, "alpha");
+    let with_file = [
+        flags.clone(),
+        password_file_flag(dir.path(), ALPHA_PASSWORD).into(),
+    ]
+    .concat();
+    let mut primary = daemon(&etcd, dir.path(), "primary", "p1", with_file, &[]);
     primary.wait_for("primary", None, STARTUP).await.unwrap();
-    let mut standby = daemon(&etcd, dir.path(), "standby", "s1", flags);
+    // The standby takes its password from the environment.
+    let env = [("FENCELOG_ETCD_PASSWORD", ALPHA_PASSWORD)];
+    let mut standby = daemon(&etcd, dir.path(), "standby", "s1", flags, &env);
     standby
         .wait_for("standby", Some("watching"), STARTUP)
         .await
@@ -397,8 +400,12 @@ async fn daemons_with_a_least_privilege_user_run_end_to_end_and_never_show_the_p
 async fn a_daemon_whose_role_is_another_clusters_exits_saying_so() {
     let etcd = SecuredEtcd::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let flags = daemon_flags(&etcd, dir.path(), "beta", "beta-password");
-    let mut primary = daemon(&etcd, dir.path(), "primary", "p1", flags);
+    let flags = [
+        daemon_flags(&etcd, "beta"),
+        password_file_flag(dir.path(), "beta-password").into(),
+    ]
+    .concat();
+    let mut primary = daemon(&etcd, dir.path(), "primary", "p1", flags, &[]);
     let exit = primary.wait_exit(STARTUP).await.unwrap();
     assert!(!exit.success());
     let log = primary.log_text();

@@ -7,7 +7,7 @@ use tonic::transport::Channel;
 
 use super::proto::wal_client::WalClient as Stub;
 use super::proto::{self, StatusResponse};
-use super::security::ApiAccess;
+use super::security::{ApiAccess, Authorization};
 use super::{from_status, max_message_bytes};
 use crate::error::{Error, Result};
 use crate::etcd;
@@ -42,6 +42,8 @@ pub struct WalClient {
     endpoint: Endpoint,
     /// TLS and the token, for a secured API.
     access: ApiAccess,
+    /// The token's header, sent with every call.
+    authorization: Option<Authorization>,
     /// For [`Endpoint::Etcd`]: the one etcd client every leader lookup uses.
     etcd: Option<etcd_client::Client>,
     addr: String,
@@ -58,20 +60,22 @@ impl WalClient {
     /// [`connect`](Self::connect) to a secured API: over TLS, with a certificate or a token as
     /// `access` says.
     pub async fn connect_with(endpoint: Endpoint, access: ApiAccess) -> Result<WalClient> {
+        let authorization = access.authorization()?;
         let (addr, etcd) = match &endpoint {
             Endpoint::Server(addr) => (addr.clone(), None),
             Endpoint::Etcd {
                 endpoints,
                 cluster,
-                access,
+                access: etcd_access,
             } => {
-                let etcd = etcd::connect_with(endpoints, access, CONNECT_TIMEOUT).await?;
+                let etcd = etcd::connect_with(endpoints, etcd_access, CONNECT_TIMEOUT).await?;
                 (find_leader(&etcd, cluster).await?, Some(etcd))
             }
         };
         let stub = open(&addr, &access).await?;
         Ok(WalClient {
             endpoint,
+            authorization,
             access,
             etcd,
             addr,
@@ -101,6 +105,11 @@ impl WalClient {
         Ok(())
     }
 
+    /// `message` as a request carrying the token, if there is one.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        Authorization::request(self.authorization.as_ref(), message)
+    }
+
     /// Appends `records` as one unit; answered once they are committed.
     pub async fn append(&mut self, records: Vec<Record>) -> Result<AppendAck> {
         let request = proto::AppendRequest {
@@ -109,7 +118,7 @@ impl WalClient {
         };
         let response = self
             .stub
-            .append(self.access.request(request))
+            .append(self.request(request))
             .await
             .map_err(|s| from_status(&s))?
             .into_inner();
@@ -127,7 +136,7 @@ impl WalClient {
     ) -> Result<tonic::Streaming<proto::AppendStreamResponse>> {
         let response = self
             .stub
-            .append_stream(self.access.request(requests))
+            .append_stream(self.request(requests))
             .await
             .map_err(|s| from_status(&s))?;
         Ok(response.into_inner())
@@ -142,7 +151,7 @@ impl WalClient {
         };
         let stream = self
             .stub
-            .read(self.access.request(request))
+            .read(self.request(request))
             .await
             .map_err(|s| from_status(&s))?
             .into_inner();
@@ -166,7 +175,7 @@ impl WalClient {
         };
         let response = self
             .stub
-            .get(self.access.request(request))
+            .get(self.request(request))
             .await
             .map_err(|s| from_status(&s))?
             .into_inner();
@@ -177,7 +186,7 @@ impl WalClient {
     pub async fn status(&mut self) -> Result<StatusResponse> {
         let response = self
             .stub
-            .status(self.access.request(proto::StatusRequest {}))
+            .status(self.request(proto::StatusRequest {}))
             .await;
         Ok(response.map_err(|s| from_status(&s))?.into_inner())
     }
@@ -186,7 +195,7 @@ impl WalClient {
     pub async fn snapshot(&mut self) -> Result<tonic::Streaming<proto::SnapshotChunk>> {
         let response = self
             .stub
-            .snapshot(self.access.request(proto::SnapshotRequest {}))
+            .snapshot(self.request(proto::SnapshotRequest {}))
             .await;
         Ok(response.map_err(|s| from_status(&s))?.into_inner())
     }
@@ -195,7 +204,7 @@ impl WalClient {
     pub async fn promote(&mut self, force: bool) -> Result<Epoch> {
         let response = self
             .stub
-            .promote(self.access.request(proto::PromoteRequest { force }))
+            .promote(self.request(proto::PromoteRequest { force }))
             .await;
         Ok(Epoch(
             response.map_err(|s| from_status(&s))?.into_inner().epoch,

@@ -15,6 +15,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
+use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
@@ -175,13 +176,35 @@ impl ApiAccess {
         Ok(Some(config))
     }
 
-    /// `message` as a request carrying the token, if there is one.
-    pub(crate) fn request<T>(&self, message: T) -> Request<T> {
+    /// The header that carries the token, made once per client; an error (which does not show
+    /// the token) if the token holds characters a header cannot carry.
+    pub(crate) fn authorization(&self) -> Result<Option<Authorization>> {
+        self.token
+            .as_ref()
+            .map(|token| {
+                format!("Bearer {}", token.expose())
+                    .parse()
+                    .map(Authorization)
+                    .map_err(|_| {
+                        Error::Credentials(
+                            "the API token holds characters a header cannot carry".into(),
+                        )
+                    })
+            })
+            .transpose()
+    }
+}
+
+/// The `authorization` header a client sends with every call.
+#[derive(Clone)]
+pub(crate) struct Authorization(AsciiMetadataValue);
+
+impl Authorization {
+    /// `message` as a request carrying this header.
+    pub(crate) fn request<T>(authorization: Option<&Authorization>, message: T) -> Request<T> {
         let mut request = Request::new(message);
-        if let Some(token) = &self.token {
-            if let Ok(value) = format!("Bearer {}", token.expose()).parse() {
-                request.metadata_mut().insert(AUTHORIZATION, value);
-            }
+        if let Some(Authorization(value)) = authorization {
+            request.metadata_mut().insert(AUTHORIZATION, value.clone());
         }
         request
     }
@@ -230,6 +253,15 @@ mod tests {
         }
     }
 
+    /// A call bearing `token`, as a client sends it.
+    fn bearing(token: &str) -> Request<()> {
+        let access = ApiAccess {
+            token: Some(Secret::new(token)),
+            ..ApiAccess::default()
+        };
+        Authorization::request(access.authorization().unwrap().as_ref(), ())
+    }
+
     #[test]
     fn an_open_api_admits_every_call() {
         assert!(ApiSecurity::default().authorize(&Request::new(())).is_ok());
@@ -237,12 +269,7 @@ mod tests {
 
     #[test]
     fn a_guarded_call_with_the_token_is_admitted() {
-        let request = ApiAccess {
-            token: Some(Secret::new("t0ken")),
-            ..ApiAccess::default()
-        }
-        .request(());
-        assert!(with_token("t0ken").authorize(&request).is_ok());
+        assert!(with_token("t0ken").authorize(&bearing("t0ken")).is_ok());
     }
 
     #[test]
@@ -255,11 +282,19 @@ mod tests {
 
     #[test]
     fn a_guarded_call_with_another_token_is_refused() {
-        let request = ApiAccess {
-            token: Some(Secret::new("t0ke")),
+        assert!(with_token("t0ken").authorize(&bearing("t0ke")).is_err());
+    }
+
+    #[test]
+    fn a_token_a_header_cannot_carry_is_refused_without_showing_it() {
+        let access = ApiAccess {
+            token: Some(Secret::new("bad\ntoken")),
             ..ApiAccess::default()
-        }
-        .request(());
-        assert!(with_token("t0ken").authorize(&request).is_err());
+        };
+        let error = access.authorization().err().unwrap().to_string();
+        assert!(
+            error.contains("cannot carry") && !error.contains("bad"),
+            "{error}"
+        );
     }
 }

@@ -55,8 +55,10 @@ pub async fn connect_with(
     Ok(client)
 }
 
-/// etcd refusing a client certificate in the TLS handshake shows as a cancelled request or as
-/// a TLS alert deep in a transport error: say what it most likely refused.
+/// etcd refusing a client certificate in the TLS handshake shows, depending on timing, as a
+/// cancelled request or as a bare "transport error" (a TLS alert, a broken pipe, a reset): say
+/// what it most likely refused. An etcd that is down shows as "tcp connect error" instead, and a
+/// server certificate we do not trust as "invalid peer certificate": neither is matched.
 fn explain_closed_tls(
     error: etcd_client::Error,
     access: &EtcdAccess,
@@ -64,7 +66,7 @@ fn explain_closed_tls(
 ) -> Error {
     let closed = match &error {
         etcd_client::Error::GRpcStatus(status) => {
-            status.code() == tonic::Code::Cancelled || error.to_string().contains("fatal alert")
+            status.code() == tonic::Code::Cancelled || status.message() == "transport error"
         }
         _ => false,
     };

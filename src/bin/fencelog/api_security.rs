@@ -61,7 +61,7 @@ impl ApiServerSettings {
         if identity.is_none() && (self.tls_client_ca.is_some() || self.open_reads.is_some()) {
             bail!("--tls-client-ca and --open-reads need --tls-cert and --tls-key");
         }
-        let token = token(&self.api_token_file)?;
+        let token = Secret::from_file_or_env(self.api_token_file.as_deref(), TOKEN_ENV)?;
         let tls = identity.clone().map(|identity| ServerTls {
             identity,
             client_ca: self.tls_client_ca.clone(),
@@ -105,12 +105,13 @@ impl ApiClientSettings {
         Ok(ApiAccess {
             ca: self.tls_ca.clone(),
             client,
-            token: token(&self.api_token_file)?,
+            token: Secret::from_file_or_env(self.api_token_file.as_deref(), TOKEN_ENV)?,
         })
     }
 }
 
-fn certificate(
+/// The certificate and key given with `cert_flag` and `key_flag`: both, or neither.
+pub fn certificate(
     cert: &Option<PathBuf>,
     key: &Option<PathBuf>,
     cert_flag: &str,
@@ -124,15 +125,4 @@ fn certificate(
         (None, None) => Ok(None),
         _ => bail!("{cert_flag} and {key_flag} go together"),
     }
-}
-
-/// The token from `file`, else from [`TOKEN_ENV`], else none.
-fn token(file: &Option<PathBuf>) -> anyhow::Result<Option<Secret>> {
-    if let Some(file) = file {
-        return Ok(Some(Secret::from_file(file)?));
-    }
-    Ok(std::env::var(TOKEN_ENV)
-        .ok()
-        .filter(|t| !t.is_empty())
-        .map(Secret::new))
 }

@@ -4,12 +4,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::Args;
-use fencelog::credentials::{ClientCertificate, Secret};
+use fencelog::credentials::Secret;
 use fencelog::etcd::access::{EtcdTls, EtcdUser};
 use fencelog::etcd::EtcdAccess;
 use serde::Deserialize;
+
+use crate::api_security::certificate;
 
 /// The environment variable that may hold the etcd user's password.
 pub const PASSWORD_ENV: &str = "FENCELOG_ETCD_PASSWORD";
@@ -51,14 +53,7 @@ impl EtcdSecurity {
     /// The access these settings describe; reads the password now, so that a missing one
     /// stops the command before it reaches etcd.
     pub fn access(&self) -> anyhow::Result<EtcdAccess> {
-        let client = match (&self.etcd_cert, &self.etcd_key) {
-            (Some(cert), Some(key)) => Some(ClientCertificate {
-                cert: cert.clone(),
-                key: key.clone(),
-            }),
-            (None, None) => None,
-            _ => bail!("--etcd-cert and --etcd-key go together"),
-        };
+        let client = certificate(&self.etcd_cert, &self.etcd_key, "--etcd-cert", "--etcd-key")?;
         let tls = match (&self.etcd_ca, client) {
             (Some(ca), client) => Some(EtcdTls {
                 ca: ca.clone(),
@@ -67,21 +62,25 @@ impl EtcdSecurity {
             (None, Some(_)) => bail!("--etcd-cert needs --etcd-ca (the CA of etcd's certificate)"),
             (None, None) => None,
         };
-        let from_env = std::env::var(PASSWORD_ENV).ok().filter(|p| !p.is_empty());
-        let user = match (&self.etcd_user, &self.etcd_password_file, from_env) {
-            (Some(name), Some(file), _) => Some(EtcdUser {
-                name: name.clone(),
-                password: Secret::from_file(file)?,
-            }),
-            (Some(name), None, Some(password)) => Some(EtcdUser {
-                name: name.clone(),
-                password: Secret::new(password),
-            }),
-            (Some(_), None, None) => {
-                bail!("--etcd-user needs a password: --etcd-password-file FILE or {PASSWORD_ENV}")
+        let user = match &self.etcd_user {
+            Some(name) => {
+                let password =
+                    Secret::from_file_or_env(self.etcd_password_file.as_deref(), PASSWORD_ENV)?
+                        .with_context(|| {
+                            format!(
+                                "--etcd-user needs a password: --etcd-password-file FILE or \
+                                 {PASSWORD_ENV}"
+                            )
+                        })?;
+                Some(EtcdUser {
+                    name: name.clone(),
+                    password,
+                })
             }
-            (None, Some(_), _) => bail!("--etcd-password-file needs --etcd-user"),
-            (None, None, _) => None,
+            None if self.etcd_password_file.is_some() => {
+                bail!("--etcd-password-file needs --etcd-user")
+            }
+            None => None,
         };
         Ok(EtcdAccess { tls, user })
     }
