@@ -18,18 +18,36 @@ async fn cluster_and_client() -> (EtcdCluster, etcd_client::Client) {
     (cluster, client)
 }
 
+/// Makes `count` puts with a member down and checks that none went to it. Without the guard
+/// about a third of them do, and fail to connect. A put can still fail when a live member's
+/// connection breaks under it (seen once in CI as "stream closed because of a broken pipe"):
+/// gRPC does not retry it, and neither do these puts — fencelog's callers retry — so one such
+/// failure is allowed.
+async fn puts_avoid_the_dead_member(client: &etcd_client::Client, count: usize, dead: usize) {
+    let mut kv = client.kv_client();
+    let mut failures = Vec::new();
+    for i in 0..count {
+        if let Err(e) = kv.put(format!("k{i}"), "v", None).await {
+            failures.push(format!("put {i}: {e}"));
+        }
+    }
+    let to_the_dead_member = failures
+        .iter()
+        .filter(|f| f.contains("tcp connect error"))
+        .count();
+    assert!(
+        to_the_dead_member == 0 && failures.len() <= 1,
+        "with member {dead} down: {failures:#?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn with_one_member_killed_every_request_goes_to_the_members_left() {
     let (mut cluster, client) = cluster_and_client().await;
     let follower = (cluster.leader().await.unwrap() + 1) % 3;
     cluster.member(follower).kill();
     tokio::time::sleep(PROBE_INTERVAL * 4).await;
-    let mut kv = client.kv_client();
-    for i in 0..200 {
-        kv.put(format!("k{i}"), "v", None)
-            .await
-            .unwrap_or_else(|e| panic!("put {i} failed with member {follower} down: {e}"));
-    }
+    puts_avoid_the_dead_member(&client, 200, follower).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -55,9 +73,5 @@ async fn members_that_come_back_are_used_again() {
         );
         tokio::time::sleep(PROBE_INTERVAL).await;
     }
-    for i in 0..50 {
-        kv.put(format!("k{i}"), "v", None)
-            .await
-            .unwrap_or_else(|e| panic!("put {i} failed: {e}"));
-    }
+    puts_avoid_the_dead_member(&client, 50, leader).await;
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{node, received, start_primary};
 use etcd_client::{GetOptions, PutOptions};
-use fencelog::etcd::trim::{read_trimmed, trim, Retention};
+use fencelog::etcd::trim::{read_trimmed, trim, Retention, TrimOutcome};
 use fencelog::keys::KeyLayout;
 use fencelog::metrics::Metrics;
 use fencelog::primary::Primary;
@@ -101,6 +101,22 @@ async fn register_member(etcd: &common::EtcdProcess, name: &str, received: Seq) 
     lease
 }
 
+/// The revision a read of the member registrations sees now.
+async fn members_revision(etcd: &common::EtcdProcess) -> i64 {
+    let response = common::client(etcd)
+        .await
+        .get(
+            layout().members_prefix(),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    response
+        .header()
+        .expect("etcd answers with a header")
+        .revision()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_primary_trims_old_batches_and_keeps_the_retained_tail() {
     let etcd = common::etcd().await;
@@ -186,7 +202,8 @@ async fn a_deposed_primary_cannot_trim() {
     append(&primary, 5).await;
     let stale = Epoch(primary.epoch().0 - 1);
     let client = common::client(&etcd).await;
-    let refused = trim(&client, &layout(), stale, Seq(301), WAIT).await;
+    let now = members_revision(&etcd).await;
+    let refused = trim(&client, &layout(), stale, Seq(301), now, WAIT).await;
     assert!(
         matches!(refused, Err(fencelog::Error::Fenced { .. })),
         "{refused:?}"
@@ -195,6 +212,44 @@ async fn a_deposed_primary_cannot_trim() {
     assert_eq!(
         read_trimmed(&client, &layout(), WAIT).await.unwrap(),
         Seq(1)
+    );
+    primary.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trim_decided_before_a_member_registered_deletes_nothing() {
+    let etcd = common::etcd().await;
+    let primary = start_primary(&etcd, &node("primary")).await.unwrap();
+    append(&primary, 5).await;
+    let client = common::client(&etcd).await;
+    let decided_at = members_revision(&etcd).await;
+    register_member(&etcd, "late", Seq::NONE).await;
+
+    let outcome = trim(
+        &client,
+        &layout(),
+        primary.epoch(),
+        Seq(301),
+        decided_at,
+        WAIT,
+    )
+    .await;
+    assert_eq!(outcome.unwrap(), TrimOutcome::MembersMoved);
+    assert_eq!(batch_keys(&etcd).await.len(), 5, "nothing was deleted");
+    assert_eq!(
+        read_trimmed(&client, &layout(), WAIT).await.unwrap(),
+        Seq(1)
+    );
+
+    let now = members_revision(&etcd).await;
+    let outcome = trim(&client, &layout(), primary.epoch(), Seq(301), now, WAIT).await;
+    assert!(
+        matches!(outcome, Ok(TrimOutcome::Trimmed { .. })),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        read_trimmed(&client, &layout(), WAIT).await.unwrap(),
+        Seq(301)
     );
     primary.shutdown().await.unwrap();
 }

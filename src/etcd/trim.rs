@@ -3,9 +3,15 @@
 //! (the lowest seq still in etcd), so readers can always tell "trimmed" from "missing".
 //!
 //! ```text
-//! If(   create_revision(leader) == epoch )
+//! If(   create_revision(leader) == epoch
+//!       mod_revision(members/*) <= the revision the members were read at )
 //! Then( DeleteRange(batches/ .. batches/<trimmed>), Put(trimmed, "<trimmed>") )
+//! Else( Get(leader) )
 //! ```
+//!
+//! The second compare makes the decision and the trim one step: a standby that registers (or
+//! a node that puts a snapshot hold) between the
+//! primary's read of the members and its trim makes the trim fail instead of passing it.
 //!
 //! Where to trim ([`trim_point`]) is pure: below what every live standby still needs, but
 //! never into the retained tail (`retain_records`, `retain_seconds`); and, past
@@ -14,7 +20,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, DeleteOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, DeleteOptions, Txn, TxnOp, TxnOpResponse};
 
 use crate::error::{Error, Result};
 use crate::etcd::commit::epoch_as_revision;
@@ -102,14 +108,19 @@ pub fn trim_point(
     (point > trimmed).then_some(point)
 }
 
-/// The fenced transaction that deletes every batch below `below` and records it as `trimmed`.
-pub fn trim_txn(layout: &KeyLayout, epoch: Epoch, below: Seq) -> Txn {
+/// The fenced transaction that deletes every batch below `below` and records it as `trimmed`,
+/// if no member registration changed after `members_revision`.
+pub fn trim_txn(layout: &KeyLayout, epoch: Epoch, below: Seq, members_revision: i64) -> Txn {
     Txn::new()
-        .when([Compare::create_revision(
-            layout.leader(),
-            CompareOp::Equal,
-            epoch_as_revision(epoch),
-        )])
+        .when([
+            Compare::create_revision(layout.leader(), CompareOp::Equal, epoch_as_revision(epoch)),
+            Compare::mod_revision(
+                layout.members_prefix(),
+                CompareOp::Less,
+                members_revision.saturating_add(1),
+            )
+            .with_prefix(),
+        ])
         .and_then([
             TxnOp::delete(
                 layout.batches_prefix(),
@@ -117,25 +128,49 @@ pub fn trim_txn(layout: &KeyLayout, epoch: Epoch, below: Seq) -> Txn {
             ),
             TxnOp::put(layout.trimmed(), below.0.to_string(), None),
         ])
+        .or_else([TxnOp::get(layout.leader(), None)])
 }
 
-/// Runs [`trim_txn`]; returns its revision, or `Fenced` if `epoch` no longer leads.
+/// What became of a trim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrimOutcome {
+    /// The batches are gone and `trimmed` moved, at this revision.
+    Trimmed { revision: i64 },
+    /// A member registration changed after the members were read: nothing was deleted; decide
+    /// again on a fresh read.
+    MembersMoved,
+}
+
+/// Runs [`trim_txn`]; `Fenced` if `epoch` no longer leads.
 pub async fn trim(
     client: &Client,
     layout: &KeyLayout,
     epoch: Epoch,
     below: Seq,
+    members_revision: i64,
     request_timeout: Duration,
-) -> Result<i64> {
-    let txn = trim_txn(layout, epoch, below);
+) -> Result<TrimOutcome> {
+    let txn = trim_txn(layout, epoch, below, members_revision);
     let response = timed(request_timeout, client.kv_client().txn(txn)).await?;
-    if !response.succeeded() {
-        return Err(Error::Fenced {
-            epoch,
-            leader_epoch: None,
-        });
+    if response.succeeded() {
+        let revision = response.header().map_or(0, |h| h.revision());
+        return Ok(TrimOutcome::Trimmed { revision });
     }
-    Ok(response.header().map_or(0, |h| h.revision()))
+    let leader_epoch = response.op_responses().iter().find_map(|op| match op {
+        TxnOpResponse::Get(get) => get
+            .kvs()
+            .first()
+            .and_then(|kv| u64::try_from(kv.create_revision()).ok())
+            .map(Epoch),
+        _ => None,
+    });
+    if leader_epoch == Some(epoch) {
+        return Ok(TrimOutcome::MembersMoved);
+    }
+    Err(Error::Fenced {
+        epoch,
+        leader_epoch,
+    })
 }
 
 /// The lowest seq still in etcd: 1 until the first trim.

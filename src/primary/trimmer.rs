@@ -14,7 +14,7 @@ use super::{StepDown, Term};
 use crate::batch::unix_micros_now;
 use crate::error::{Error, Result};
 use crate::etcd::timed;
-use crate::etcd::trim::{read_trimmed, trim, trim_point};
+use crate::etcd::trim::{read_trimmed, trim, trim_point, TrimOutcome};
 use crate::local_store::{blocking, LoggedBatch};
 use crate::record::Seq;
 use crate::standby::membership::MemberInfo;
@@ -84,17 +84,30 @@ impl Trimmer {
             .etcd_log_bytes
             .set(self.index.iter().map(|b| b.bytes).sum::<u64>() as i64);
 
-        let mut members = self.member_positions().await?;
         // The primary's own applied state is where the snapshots it serves start: trimming past
         // it would send a bootstrapping standby a snapshot the log no longer follows on from.
         let store = term.store.clone();
-        members.push(blocking(move || store.positions()).await?.applied_seq);
+        let applied = blocking(move || store.positions()).await?.applied_seq;
+        let (mut members, members_revision) = self.member_positions().await?;
+        members.push(applied);
         let retention = &term.config.retention;
         let Some(point) = trim_point(&self.index, &members, retention, unix_micros_now(), trimmed)
         else {
             return Ok(());
         };
-        let revision = trim(&term.client, &term.layout, term.epoch(), point, timeout).await?;
+        let outcome = trim(
+            &term.client,
+            &term.layout,
+            term.epoch(),
+            point,
+            members_revision,
+            timeout,
+        )
+        .await?;
+        let TrimOutcome::Trimmed { revision } = outcome else {
+            tracing::debug!(below = %point, "a member registration changed while deciding; deciding again next interval");
+            return Ok(());
+        };
         tracing::info!(from = %trimmed, below = %point, revision, "trimmed the log in etcd");
         self.trimmed = Some(point);
         self.index.retain(|b| b.first_seq >= point);
@@ -113,8 +126,9 @@ impl Trimmer {
         Ok(())
     }
 
-    /// The received seqs of the live standbys (a standby whose lease expired is gone).
-    async fn member_positions(&self) -> Result<Vec<Seq>> {
+    /// The received seqs of the live standbys (a standby whose lease expired is gone), and the
+    /// revision they were read at.
+    async fn member_positions(&self) -> Result<(Vec<Seq>, i64)> {
         let term = &self.term;
         let response = timed(
             term.config.etcd_request_timeout,
@@ -131,6 +145,8 @@ impl Trimmer {
                 Err(e) => tracing::warn!(error = %e, "ignoring an unreadable member registration"),
             }
         }
-        Ok(positions)
+        // Without a header, 0: any registration then fails the trim's compare, the safe way.
+        let revision = response.header().map_or(0, |h| h.revision());
+        Ok((positions, revision))
     }
 }

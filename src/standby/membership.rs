@@ -186,8 +186,10 @@ impl SnapshotHold {
         seq.send_replace(below_trimmed().await?);
         let mut registration = hold.register().await?;
         for _ in 0..HOLD_ATTEMPTS {
-            // A trim that read the members before the hold was put may still pass it: follow it
-            // until a read of `trimmed` after the put finds the hold still in force.
+            // A trim that committed between the read of `trimmed` and the put passed the hold:
+            // follow it until a read of `trimmed` after the put finds it unchanged. From then on
+            // every trim sees the hold (one that read the members before the put fails its
+            // compare, `etcd::trim::trim_txn`) and stops at it.
             let held = below_trimmed().await?;
             if *seq.borrow() == held {
                 let task = tokio::spawn(async move {
