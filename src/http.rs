@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::api::security::HANDSHAKE_TIMEOUT;
 use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::node::{Node, Role};
@@ -24,9 +25,6 @@ struct Shared {
     node: Arc<Node>,
     metrics: Arc<Metrics>,
 }
-
-/// How long a client gets to finish its TLS handshake: connections are accepted one at a time.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves until `shutdown` resolves; over TLS with `tls`.
 pub async fn serve(
@@ -43,11 +41,9 @@ pub async fn serve(
         .with_state(Arc::new(Shared { node, metrics }));
     match tls {
         Some(config) => {
-            let listener = TlsListener {
-                tcp: listener,
-                acceptor: TlsAcceptor::from(config),
-            };
-            axum::serve(listener, router)
+            let mut builder = tls_listener::builder(TlsAcceptor::from(config));
+            builder.handshake_timeout(HANDSHAKE_TIMEOUT);
+            axum::serve(TlsListener(builder.listen(listener)), router)
                 .with_graceful_shutdown(shutdown)
                 .await?
         }
@@ -60,12 +56,10 @@ pub async fn serve(
     Ok(())
 }
 
-/// A TCP listener whose connections are TLS once accepted; a client whose handshake fails or
-/// stalls is dropped, and the next one accepted.
-struct TlsListener {
-    tcp: TcpListener,
-    acceptor: TlsAcceptor,
-}
+/// Connections that are TLS once accepted. `tls_listener` runs the handshakes side by side, so
+/// a client that stalls in one holds up nobody; one that fails or times out is dropped and only
+/// logged at debug level, as garbage on the port deserves.
+struct TlsListener(tls_listener::TlsListener<TcpListener, TlsAcceptor>);
 
 impl axum::serve::Listener for TlsListener {
     type Io = TlsStream<TcpStream>;
@@ -73,26 +67,19 @@ impl axum::serve::Listener for TlsListener {
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
-            let (stream, addr) = match self.tcp.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
+            match self.0.accept().await {
+                Ok(accepted) => return accepted,
+                Err(tls_listener::Error::ListenerError(e)) => {
                     tracing::debug!(error = %e, "metrics endpoint: accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
                 }
-            };
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => return (tls, addr),
-                Ok(Err(e)) => {
-                    tracing::debug!(%addr, error = %e, "metrics endpoint: TLS handshake failed")
-                }
-                Err(_) => tracing::debug!(%addr, "metrics endpoint: TLS handshake timed out"),
+                Err(e) => tracing::debug!(error = %e, "metrics endpoint: TLS handshake failed"),
             }
         }
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
+        self.0.listener().local_addr()
     }
 }
 

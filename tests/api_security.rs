@@ -315,6 +315,61 @@ async fn with_open_reads_the_metrics_endpoint_serves_a_client_without_a_certific
     assert!(answer.contains("fencelog_committed_seq"), "{answer}");
 }
 
+/// Opens `count` connections to `addr` that never send a byte of their TLS handshake.
+async fn stalled_clients(addr: &str, count: usize) -> Vec<tokio::net::TcpStream> {
+    let mut stalled = Vec::new();
+    for _ in 0..count {
+        stalled.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    stalled
+}
+
+/// Waits until the node closes `stalled` (its handshake timeout is 5 s).
+async fn dropped_by_the_node(mut stalled: tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(15), stalled.read(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a client stalled in its TLS handshake was kept: {read:?}"
+    );
+}
+
+/// Handshakes run side by side: a scrape is answered while other clients sit in theirs, which
+/// the node cuts off only after its handshake timeout (5 s) — a listener that shook hands one
+/// at a time would answer nobody within 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_stalled_in_the_tls_handshake_hold_up_no_scrape_and_are_dropped() {
+    let primary = SecuredPrimary::start(open_reads_flags).await;
+    let addr = primary.node.metrics_addr();
+    let stalled = stalled_clients(addr, 3).await;
+    let scrape = https_get(addr, &primary.ca.cert, None, "/metrics");
+    let answer = tokio::time::timeout(Duration::from_secs(3), scrape)
+        .await
+        .expect("answered while the stalled clients still handshake")
+        .expect("the scrape is served");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    for client in stalled {
+        dropped_by_the_node(client).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_stalled_in_the_tls_handshake_hold_up_no_api_call_and_are_dropped() {
+    let primary = SecuredPrimary::start(open_reads_flags).await;
+    let stalled = stalled_clients(primary.node.api(), 3).await;
+    let status = tokio::time::timeout(
+        Duration::from_secs(3),
+        primary.status_with(primary.anonymous()),
+    )
+    .await
+    .expect("answered while the stalled clients still handshake");
+    assert!(status.is_ok(), "{status:?}");
+    for client in stalled {
+        dropped_by_the_node(client).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_past_trimming_installs_a_snapshot_from_a_primary_behind_mtls() {
     let primary = SecuredPrimary::start(|_, ca, cert| {

@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -24,6 +25,10 @@ use crate::error::{Error, Result};
 
 /// The metadata key a bearer token travels in.
 const AUTHORIZATION: &str = "authorization";
+
+/// How long a client gets to finish its TLS handshake, on the API and the metrics endpoint:
+/// one that stalls (or sends garbage) is dropped then, not kept forever.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// TLS on the API's port.
 #[derive(Clone, Debug)]
@@ -51,10 +56,12 @@ impl ApiSecurity {
         let Some(tls) = &self.tls else {
             return Ok(None);
         };
-        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(
-            read(&tls.identity.cert, "API certificate")?,
-            read(&tls.identity.key, "API key")?,
-        ));
+        let mut config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(
+                read(&tls.identity.cert, "API certificate")?,
+                read(&tls.identity.key, "API key")?,
+            ))
+            .timeout(HANDSHAKE_TIMEOUT);
         if let Some(ca) = &tls.client_ca {
             config = config
                 .client_ca_root(Certificate::from_pem(read(ca, "API client CA")?))
