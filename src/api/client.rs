@@ -39,15 +39,24 @@ pub enum Endpoint {
 /// from clones are multiplexed on it.
 #[derive(Clone)]
 pub struct WalClient {
-    endpoint: Endpoint,
+    home: Home,
     /// TLS and the token, for a secured API.
     access: ApiAccess,
     /// The token's header, sent with every call.
     authorization: Option<Authorization>,
-    /// For [`Endpoint::Etcd`]: the one etcd client every leader lookup uses.
-    etcd: Option<etcd_client::Client>,
     addr: String,
     stub: Stub<Channel>,
+}
+
+/// Where a client goes back to when nobody names the leader: an [`Endpoint`], connected.
+#[derive(Clone)]
+enum Home {
+    Server(String),
+    /// The one etcd client every leader lookup uses (boxed: it is large).
+    Leader {
+        etcd: Box<etcd_client::Client>,
+        cluster: ClusterId,
+    },
 }
 
 impl WalClient {
@@ -61,23 +70,29 @@ impl WalClient {
     /// `access` says.
     pub async fn connect_with(endpoint: Endpoint, access: ApiAccess) -> Result<WalClient> {
         let authorization = access.authorization()?;
-        let (addr, etcd) = match &endpoint {
-            Endpoint::Server(addr) => (addr.clone(), None),
+        let (addr, home) = match endpoint {
+            Endpoint::Server(addr) => (addr.clone(), Home::Server(addr)),
             Endpoint::Etcd {
                 endpoints,
                 cluster,
                 access: etcd_access,
             } => {
-                let etcd = etcd::connect_with(endpoints, etcd_access, CONNECT_TIMEOUT).await?;
-                (find_leader(&etcd, cluster).await?, Some(etcd))
+                let etcd = etcd::connect_with(&endpoints, &etcd_access, CONNECT_TIMEOUT).await?;
+                let leader = find_leader(&etcd, &cluster).await?;
+                (
+                    leader,
+                    Home::Leader {
+                        etcd: Box::new(etcd),
+                        cluster,
+                    },
+                )
             }
         };
         let stub = open(&addr, &access).await?;
         Ok(WalClient {
-            endpoint,
+            home,
             authorization,
             access,
-            etcd,
             addr,
             stub,
         })
@@ -91,14 +106,10 @@ impl WalClient {
     /// After a failover: connects to `leader` when a refusal named it, else finds the leader
     /// again through etcd (or reconnects to the same server).
     pub async fn reconnect(&mut self, leader: Option<&str>) -> Result<()> {
-        let addr = match (leader, &self.endpoint, &self.etcd) {
-            (Some(leader), _, _) => leader.to_owned(),
-            (None, Endpoint::Server(addr), _) => addr.clone(),
-            (None, Endpoint::Etcd { cluster, .. }, Some(etcd)) => {
-                find_leader(etcd, cluster).await?
-            }
-            // `connect` always makes the etcd client for an `Etcd` endpoint.
-            (None, Endpoint::Etcd { .. }, None) => self.addr.clone(),
+        let addr = match (leader, &self.home) {
+            (Some(leader), _) => leader.to_owned(),
+            (None, Home::Server(addr)) => addr.clone(),
+            (None, Home::Leader { etcd, cluster }) => find_leader(etcd, cluster).await?,
         };
         self.stub = open(&addr, &self.access).await?;
         self.addr = addr;
