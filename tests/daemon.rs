@@ -322,6 +322,54 @@ async fn settings_come_from_the_config_file_and_env_and_flags_win() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_load_whose_appends_go_unanswered_gives_up_instead_of_hanging() {
+    let cluster = Cluster::start().await;
+    let mut primary = cluster.primary("alpha", &[]).await;
+    let acked = cluster.dir.path().join("acked.tsv");
+    let load = std::process::Command::new(env!("CARGO_BIN_EXE_fencelog"))
+        .args(["load", "--server", primary.api(), "--records", "10000000"])
+        .args(["--concurrency", "2", "--append-timeout", "1"])
+        .args(["--failover-timeout", "2", "--acked-out"])
+        .arg(&acked)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Frozen once appends are acknowledged: it keeps the connection and answers nothing.
+    let deadline = std::time::Instant::now() + STARTUP;
+    while std::fs::metadata(&acked).map_or(0, |m| m.len()) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no append acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    primary.signal(libc::SIGSTOP).unwrap();
+    let output = common::output_within(load, Duration::from_secs(60));
+    primary.signal(libc::SIGCONT).unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(!output.status.success(), "{out}{err}");
+    assert!(out.contains("deadlineexceeded"), "{out}{err}");
+    assert!(err.contains("no primary reachable"), "{out}{err}");
+
+    // What it wrote as acknowledged is in the log, as it says.
+    let acked = std::fs::read_to_string(&acked).unwrap();
+    let last = acked
+        .lines()
+        .filter_map(|l| l.split('\t').next()?.parse::<u64>().ok())
+        .max();
+    let committed = primary.status().await.unwrap().committed_seq;
+    assert!(
+        last.is_some_and(|seq| seq <= committed),
+        "{last:?} > {committed}"
+    );
+    primary.stop(STARTUP).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bad_flags_and_an_unreachable_etcd_give_one_line_errors() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = format!(

@@ -39,8 +39,9 @@ fn start_load(etcd: &impl Etcd, records: u64, acked: &std::path::Path) -> Child 
         .expect("load starts")
 }
 
+/// Waits for a load to end (bounded: a load stuck on an unanswered append fails the test).
 fn finish_load(load: Child) -> String {
-    let output = load.wait_with_output().expect("load ends");
+    let output = common::output_within(load, Duration::from_secs(300));
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),

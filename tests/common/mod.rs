@@ -185,6 +185,31 @@ pub fn fencelog(args: &[&str]) -> (bool, String, String) {
     fencelog_with_env(args, &[])
 }
 
+/// Waits for `child` to exit and collects its output, for at most `limit`: past it the child
+/// is killed and the test fails with what it printed, rather than hang.
+pub fn output_within(
+    child: std::process::Child,
+    limit: std::time::Duration,
+) -> std::process::Output {
+    let pid = libc::pid_t::try_from(child.id()).expect("a pid fits pid_t");
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || drop(done.send(child.wait_with_output())));
+    if let Ok(output) = finished.recv_timeout(limit) {
+        return output.expect("the child's output can be read");
+    }
+    // SAFETY: kill(2) on our own child, not reaped yet: its waiter is still blocked on it.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let output = finished
+        .recv()
+        .expect("the waiter answers")
+        .expect("the child's output can be read");
+    panic!(
+        "still running after {limit:?}, killed it.\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// Runs the `fencelog` binary with extra environment variables.
 pub fn fencelog_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_fencelog"))

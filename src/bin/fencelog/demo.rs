@@ -63,6 +63,7 @@ pub async fn run(records: u64) -> anyhow::Result<()> {
         keyspace: None,
         random_values: false,
         failover_timeout: 30,
+        append_timeout: 30,
     };
     println!("appending {records} records through the API (16 workers, 64 records per call) ...");
     let loading = tokio::spawn(load::run(options));

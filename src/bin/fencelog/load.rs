@@ -51,6 +51,10 @@ pub struct LoadOptions {
     /// Seconds a worker keeps looking for a primary after losing it.
     #[arg(long, default_value_t = 30)]
     pub failover_timeout: u64,
+    /// Seconds an append may go unanswered: then it counts as failed (its outcome unknown, so
+    /// it is not written to --acked-out) and the worker connects again.
+    #[arg(long, default_value_t = 30)]
+    pub append_timeout: u64,
 }
 
 #[derive(Default)]
@@ -111,6 +115,7 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadSummary> {
                 keyspace: options.keyspace.unwrap_or(u64::MAX).max(1),
                 random_values: options.random_values,
                 failover_timeout: Duration::from_secs(options.failover_timeout),
+                append_timeout: Duration::from_secs(options.append_timeout),
             };
             tokio::spawn(worker_run.run())
         })
@@ -167,6 +172,7 @@ struct Worker {
     keyspace: u64,
     random_values: bool,
     failover_timeout: Duration,
+    append_timeout: Duration,
 }
 
 impl Worker {
@@ -187,7 +193,15 @@ impl Worker {
                 .as_ref()
                 .map(|_| records.iter().map(tsv_columns).collect());
             let sent = Instant::now();
-            match self.client.append(records).await {
+            let answer = tokio::time::timeout(self.append_timeout, self.client.append(records))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Rpc {
+                        code: tonic::Code::DeadlineExceeded,
+                        message: format!("no answer within {:?}", self.append_timeout),
+                    })
+                });
+            match answer {
                 Ok(ack) => {
                     let micros = sent.elapsed().as_micros() as u64;
                     {
@@ -256,7 +270,20 @@ impl Worker {
         };
         let deadline = Instant::now() + self.failover_timeout;
         loop {
-            match self.reconnect_to_primary(hint.as_deref()).await {
+            // A node that accepts the connection and then never answers must not hold the
+            // worker past the deadline either.
+            let attempt = tokio::time::timeout_at(
+                deadline.into(),
+                self.reconnect_to_primary(hint.as_deref()),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Rpc {
+                    code: tonic::Code::DeadlineExceeded,
+                    message: "the node did not answer".into(),
+                })
+            });
+            match attempt {
                 Ok(()) => {
                     tracing::debug!(addr = self.client.addr(), "reconnected");
                     self.shared.tally().reconnects += 1;
