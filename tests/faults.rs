@@ -545,6 +545,36 @@ async fn a_primary_killed_at_an_exact_step(fail_point: &str) {
     check(&etcd, &[file], &mut [rejoined, standby]).await;
 }
 
+/// The primary's committer panics at its 31st batch. The term steps down — a task gone in
+/// silence left a primary that kept its lease while its appends waited for ever — the failover
+/// standby takes over, and the history holds.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipeline_task_that_panics_ends_the_term_and_loses_nothing_acknowledged() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let panics = [("FAILPOINTS", "primary::before_commit=30*off->1*panic->off")];
+    let mut primary =
+        common::daemon_with_env(&etcd, dir.path(), "primary", "a", &NODE_ARGS, &panics);
+    primary.wait_for("primary", None, WAIT).await.unwrap();
+    let failover = [&NODE_ARGS[..], &["--failover"]].concat();
+    let mut standby = daemon(&etcd, dir.path(), "standby", "b", &failover);
+    standby
+        .wait_for("standby", Some("watching"), WAIT)
+        .await
+        .unwrap();
+    let file = dir.path().join("acked.tsv");
+    let load = start_load(&etcd, 20_000, &file);
+    standby.wait_for("primary", None, WAIT).await.unwrap();
+    finish_load(load);
+    assert!(
+        primary.log_text().contains("the committer task panicked"),
+        "{}",
+        primary.log_text()
+    );
+    check(&etcd, &[file], &mut [primary, standby]).await;
+}
+
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_primary_killed_between_sealing_and_its_etcd_txn_loses_nothing_acknowledged() {

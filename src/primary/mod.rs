@@ -222,9 +222,11 @@ impl Primary {
             committed,
         });
         let mut tasks = pipeline::spawn(term.clone(), resume, committed_tx, received_tx)?;
-        tasks
-            .pipeline
-            .push(tokio::spawn(trimmer::run(term.clone())));
+        tasks.pipeline.push(pipeline::supervised(
+            &term,
+            "trimmer",
+            trimmer::run(term.clone()),
+        ));
         Ok(Primary {
             term,
             tasks: std::sync::Mutex::new(Some(tasks)),

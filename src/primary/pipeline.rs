@@ -13,11 +13,15 @@
 //! log writer's queue is bounded, so a local log that falls far behind slows the sealer rather
 //! than growing memory.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::batch::{Batch, BatchEncoder, EncodedBatch};
 use crate::error::{Error, Result};
@@ -77,26 +81,62 @@ pub(super) fn spawn(
     let (to_local_log, written_ahead) = mpsc::channel(LOCAL_LOG_QUEUE);
     let watchdog_term = term.clone();
     let lost = term.leadership.lost();
-    let local_log = tokio::spawn(local_log_loop(
-        term.clone(),
-        written_ahead,
-        committed.subscribe(),
-        received,
-    ));
+    let local_log = supervised(
+        &term,
+        "local log writer",
+        local_log_loop(term.clone(), written_ahead, committed.subscribe(), received),
+    );
     let outputs = SealerOutputs {
         to_committer,
         to_local_log,
     };
     Ok(Tasks {
         pipeline: vec![
-            tokio::spawn(seal_loop(term.clone(), outputs, encoder, resume.next_seq)),
-            tokio::spawn(commit_loop(term, sealed, resume.latest_revision, committed)),
+            supervised(
+                &term,
+                "sealer",
+                seal_loop(term.clone(), outputs, encoder, resume.next_seq),
+            ),
+            supervised(
+                &term,
+                "committer",
+                commit_loop(term.clone(), sealed, resume.latest_revision, committed),
+            ),
             tokio::spawn(async move {
                 let reason = lost.await;
                 watchdog_term.step_down(StepDown::LeadershipLost(reason));
             }),
         ],
         local_log,
+    })
+}
+
+/// Runs one of the term's tasks. Should it end while the term runs — a panic, or a return that
+/// nothing asked for — the term steps down: a task gone in silence would leave a primary that
+/// holds its lease while its appends wait for ever.
+pub(super) fn supervised(
+    term: &Arc<Term>,
+    name: &'static str,
+    task: impl Future<Output = ()> + Send + 'static,
+) -> JoinHandle<()> {
+    let term = term.clone();
+    tokio::spawn(async move {
+        let outcome = AssertUnwindSafe(task).catch_unwind().await;
+        if term.ended().is_some() {
+            return;
+        }
+        let how = match outcome {
+            Ok(()) => "stopped".to_owned(),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|m| (*m).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".to_owned());
+                format!("panicked: {message}")
+            }
+        };
+        term.step_down(StepDown::PipelineFailed(format!("the {name} task {how}")));
     })
 }
 
@@ -197,41 +237,59 @@ async fn commit_loop(
             batch.answer(|| Err(cause.to_error()));
             continue;
         }
+        // Instrumented, never entered across an await: an entered span would leak into
+        // whatever else ran on the thread meanwhile.
         let span = tracing::debug_span!("commit", epoch = %term.epoch(), first_seq = %batch.encoded.first_seq(), last_seq = %batch.encoded.last_seq());
-        let _entered = span.enter();
-        // Fail point (tests): the process dies here, as with SIGKILL, with the batch sealed
-        // and going to the local log but not yet sent to etcd.
-        fail::fail_point!("primary::before_commit", |_| std::process::abort());
-        match commit_resolved(&term, &batch.encoded, latest_revision).await {
-            Ok(revision) => {
-                // Fail point (tests): the process dies here, committed in etcd but not yet
-                // acknowledged.
-                fail::fail_point!("primary::before_ack", |_| std::process::abort());
-                latest_revision = revision;
-                record_commit(&term, &batch);
-                committed.send_replace(batch.encoded.last_seq());
-                batch.answer(|| Ok(()));
-                // Its slot is free: a filling batch may now be sealed.
-                term.accumulator.wake_sealer();
-                term.metrics
-                    .pending_bytes
-                    .set(term.accumulator.pending_bytes() as i64);
-            }
-            Err(CommitFailure::NotCommitted(cause)) => {
-                batch.answer(|| Err(cause.to_error()));
-                term.step_down(cause);
-            }
-            Err(CommitFailure::Unknown(reason)) => {
-                let (first_seq, last_seq) = (batch.encoded.first_seq(), batch.encoded.last_seq());
-                batch.answer(|| {
-                    Err(Error::CommitOutcomeUnknown {
-                        first_seq,
-                        last_seq,
-                        reason: reason.clone(),
-                    })
-                });
-                term.step_down(StepDown::LeadershipLost(reason));
-            }
+        if let Some(revision) = commit_and_answer(&term, batch, latest_revision, &committed)
+            .instrument(span)
+            .await
+        {
+            latest_revision = revision;
+        }
+    }
+}
+
+/// Commits `batch` and answers its appends; the new `latest` revision if it committed.
+async fn commit_and_answer(
+    term: &Term,
+    batch: SealedBatch,
+    latest_revision: i64,
+    committed: &watch::Sender<Seq>,
+) -> Option<i64> {
+    // Fail point (tests): the process dies here, as with SIGKILL, with the batch sealed and
+    // going to the local log but not yet sent to etcd.
+    fail::fail_point!("primary::before_commit", |_| std::process::abort());
+    match commit_resolved(term, &batch.encoded, latest_revision).await {
+        Ok(revision) => {
+            // Fail point (tests): the process dies here, committed in etcd but not yet
+            // acknowledged.
+            fail::fail_point!("primary::before_ack", |_| std::process::abort());
+            record_commit(term, &batch);
+            committed.send_replace(batch.encoded.last_seq());
+            batch.answer(|| Ok(()));
+            // Its slot is free: a filling batch may now be sealed.
+            term.accumulator.wake_sealer();
+            term.metrics
+                .pending_bytes
+                .set(term.accumulator.pending_bytes() as i64);
+            Some(revision)
+        }
+        Err(CommitFailure::NotCommitted(cause)) => {
+            batch.answer(|| Err(cause.to_error()));
+            term.step_down(cause);
+            None
+        }
+        Err(CommitFailure::Unknown(reason)) => {
+            let (first_seq, last_seq) = (batch.encoded.first_seq(), batch.encoded.last_seq());
+            batch.answer(|| {
+                Err(Error::CommitOutcomeUnknown {
+                    first_seq,
+                    last_seq,
+                    reason: reason.clone(),
+                })
+            });
+            term.step_down(StepDown::LeadershipLost(reason));
+            None
         }
     }
 }
