@@ -52,6 +52,7 @@ pub mod primary;
 pub mod record;
 pub mod snapshot;
 pub mod standby;
+mod supervise;
 pub mod workload;
 
 pub use error::{BatchError, Error, Result};

@@ -49,6 +49,10 @@ pub struct NodeConfig {
 /// How often a node with a bounded local log trims it.
 pub const LOCAL_TRIM_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How long a node waits before it follows again after its follower failed (a panic, a bug):
+/// long enough not to spin on one that fails at once, short enough not to fall far behind.
+const FOLLOWER_RESTART_DELAY: Duration = Duration::from_secs(1);
+
 /// What the node is doing now.
 #[derive(Clone)]
 pub enum Role {
@@ -97,6 +101,8 @@ enum FollowEnd {
     Won(Box<Leadership>, Option<oneshot::Sender<Result<()>>>),
     /// The log was trimmed past this node: install a snapshot, then follow again.
     NeedsSnapshot,
+    /// The follower ended by itself (a panic): follow again with a new one.
+    FollowerFailed(String),
     Stopped,
 }
 
@@ -378,6 +384,14 @@ impl Runner {
                     self.rejoin().await?;
                     continue;
                 }
+                FollowEnd::FollowerFailed(how) => {
+                    tracing::error!(follower = %how, "the follower ended; following again with a new one");
+                    standby.shutdown().await?;
+                    drop(standby);
+                    tokio::time::sleep(FOLLOWER_RESTART_DELAY).await;
+                    self.rejoin().await?;
+                    continue;
+                }
             };
             let led = standby
                 .hand_over(leadership, self.config.primary.clone())
@@ -423,6 +437,7 @@ impl Runner {
             tokio::select! {
                 won = &mut campaign => return Ok(FollowEnd::Won(Box::new(won?), None)),
                 () = &mut needs_snapshot => return Ok(FollowEnd::NeedsSnapshot),
+                how = standby.follower_failed() => return Ok(FollowEnd::FollowerFailed(how)),
                 request = self.inbox.recv() => match request {
                     Some(Request::Promote { force, answer }) => {
                         match standby.take_leadership(&self.config.primary, force).await {

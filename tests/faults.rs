@@ -575,6 +575,36 @@ async fn a_pipeline_task_that_panics_ends_the_term_and_loses_nothing_acknowledge
     check(&etcd, &[file], &mut [primary, standby]).await;
 }
 
+/// The standby's follower panics on its first watched batch: the node follows again with a
+/// new follower (it used to sit in `watching`, alive and receiving nothing) and catches up.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_that_panics_is_replaced_and_the_standby_catches_up() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut primary = daemon(&etcd, dir.path(), "primary", "a", &NODE_ARGS);
+    primary.wait_for("primary", None, WAIT).await.unwrap();
+    let panics = [("FAILPOINTS", "follower::drop_watched_batch=1*panic->off")];
+    let mut standby =
+        common::daemon_with_env(&etcd, dir.path(), "standby", "b", &NODE_ARGS, &panics);
+    standby
+        .wait_for("standby", Some("watching"), WAIT)
+        .await
+        .unwrap();
+    let file = dir.path().join("acked.tsv");
+    finish_load(start_load(&etcd, 5_000, &file));
+    let end = primary.status().await.unwrap().committed_seq;
+    reached(&standby, end, |s| s.applied_seq).await;
+    assert!(
+        standby
+            .log_text()
+            .contains("the follower ended; following again"),
+        "{}",
+        standby.log_text()
+    );
+    check(&etcd, &[file], &mut [primary, standby]).await;
+}
+
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_primary_killed_between_sealing_and_its_etcd_txn_loses_nothing_acknowledged() {

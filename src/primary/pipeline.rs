@@ -14,11 +14,9 @@
 //! than growing memory.
 
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -32,6 +30,7 @@ use crate::primary::accumulator::PendingAppend;
 use crate::primary::recovery::Resume;
 use crate::primary::{AppendAck, StepDown, Term};
 use crate::record::Seq;
+use crate::supervise::run_to_end;
 
 /// Sealed batches that may wait for the local log writer; past it the sealer waits.
 const LOCAL_LOG_QUEUE: usize = 16;
@@ -121,22 +120,10 @@ pub(super) fn supervised(
 ) -> JoinHandle<()> {
     let term = term.clone();
     tokio::spawn(async move {
-        let outcome = AssertUnwindSafe(task).catch_unwind().await;
-        if term.ended().is_some() {
-            return;
+        let how = run_to_end(task).await;
+        if term.ended().is_none() {
+            term.step_down(StepDown::PipelineFailed(format!("the {name} task {how}")));
         }
-        let how = match outcome {
-            Ok(()) => "stopped".to_owned(),
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|m| (*m).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "no message".to_owned());
-                format!("panicked: {message}")
-            }
-        };
-        term.step_down(StepDown::PipelineFailed(format!("the {name} task {how}")));
     })
 }
 

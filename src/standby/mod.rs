@@ -32,6 +32,7 @@ use crate::local_store::{blocking, LocalStore};
 use crate::metrics::Metrics;
 use crate::primary::Primary;
 use crate::record::Seq;
+use crate::supervise::run_to_end;
 
 use lifecycle::{Event, Lifecycle, State};
 
@@ -154,6 +155,8 @@ pub struct Standby {
     lifecycle: Arc<LifecycleCell>,
     state: watch::Receiver<State>,
     applier: Applier,
+    /// How the follower ended, once it has (it only does by a panic or when stopped).
+    follower_ended: watch::Receiver<Option<String>>,
 }
 
 impl Standby {
@@ -207,7 +210,11 @@ impl Standby {
             received: received_tx,
             lifecycle: lifecycle.clone(),
         };
-        let follower = tokio::spawn(follower.run());
+        // It never ends by itself: if it does (a panic), the node restarts it.
+        let (follower_end, follower_ended) = watch::channel(None);
+        let follower = tokio::spawn(async move {
+            follower_end.send_replace(Some(run_to_end(follower.run()).await));
+        });
         Ok(Standby {
             store,
             client,
@@ -219,6 +226,7 @@ impl Standby {
             state: lifecycle.subscribe(),
             lifecycle,
             applier,
+            follower_ended,
         })
     }
 
@@ -268,6 +276,20 @@ impl Standby {
     /// Waits until the state reflects `seq`, or the applier stops short of it.
     pub async fn wait_applied(&self, seq: Seq) -> Seq {
         self.applier.wait_applied(seq).await
+    }
+
+    /// Resolves, saying how, if the follower ended by itself; never once it is stopped.
+    pub async fn follower_failed(&self) -> String {
+        let mut ended = self.follower_ended.clone();
+        let how = ended
+            .wait_for(Option::is_some)
+            .await
+            .map(|how| how.clone().unwrap_or_default());
+        match how {
+            Ok(how) => how,
+            // Stopped: the follower's task was aborted before it could say.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Waits until the standby is in `wanted`.
