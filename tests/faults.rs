@@ -149,19 +149,21 @@ async fn check(etcd: &impl Etcd, acked: &[PathBuf], nodes: &mut [NodeProcess]) {
     );
 }
 
-/// A primary `a`, and once it leads, a standby `b` following it (taking over if `failover`).
+/// A primary `a`, and once it leads, a standby `b` following it (taking over if `failover`),
+/// with `env` in their environments (e.g. fail points).
 async fn start_pair_with(
     etcd: &impl Etcd,
     dir: &std::path::Path,
     failover: bool,
+    env: PairEnv<'_>,
 ) -> Vec<NodeProcess> {
-    let mut primary = daemon(etcd, dir, "primary", "a", &NODE_ARGS);
+    let mut primary = common::daemon_with_env(etcd, dir, "primary", "a", &NODE_ARGS, env.primary);
     primary.wait_for("primary", None, WAIT).await.unwrap();
     let mut args = NODE_ARGS.to_vec();
     if failover {
         args.push("--failover");
     }
-    let mut standby = daemon(etcd, dir, "standby", "b", &args);
+    let mut standby = common::daemon_with_env(etcd, dir, "standby", "b", &args, env.standby);
     standby
         .wait_for("standby", Some("watching"), WAIT)
         .await
@@ -169,9 +171,16 @@ async fn start_pair_with(
     vec![primary, standby]
 }
 
+/// Extra environment variables for the primary and the standby of a pair.
+#[derive(Clone, Copy, Default)]
+struct PairEnv<'a> {
+    primary: &'a [(&'a str, &'a str)],
+    standby: &'a [(&'a str, &'a str)],
+}
+
 /// [`start_pair_with`] a failover standby.
 async fn start_pair(etcd: &impl Etcd, dir: &std::path::Path) -> Vec<NodeProcess> {
-    start_pair_with(etcd, dir, true).await
+    start_pair_with(etcd, dir, true, PairEnv::default()).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -240,7 +249,7 @@ async fn a_paused_primary_is_fenced_and_acknowledges_nothing_after() {
 async fn kill_9_of_a_standby_while_it_applies_restarts_it_warm_with_the_same_state() {
     let etcd = common::etcd().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut pair = start_pair_with(&etcd, dir.path(), false).await;
+    let mut pair = start_pair_with(&etcd, dir.path(), false, PairEnv::default()).await;
     let (mut standby, primary) = (pair.remove(1), pair.remove(0));
     let file = dir.path().join("acked.tsv");
     let load = start_load(&etcd, 10_000 * rounds() as u64, &file);
@@ -476,7 +485,7 @@ async fn compacted_past(etcd: &common::EtcdProcess, revision: i64) {
 async fn a_damaged_store_is_moved_aside_and_rebuilt_from_etcd() {
     let etcd = common::etcd().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut pair = start_pair_with(&etcd, dir.path(), false).await;
+    let mut pair = start_pair_with(&etcd, dir.path(), false, PairEnv::default()).await;
     let (mut standby, primary) = (pair.remove(1), pair.remove(0));
     let file = dir.path().join("acked.tsv");
     finish_load(start_load(&etcd, 5_000, &file));
@@ -516,33 +525,24 @@ async fn a_primary_killed_at_an_exact_step(fail_point: &str) {
     let etcd = common::etcd().await;
     let dir = tempfile::tempdir().unwrap();
     let crash = format!("{fail_point}=30*off->return");
-    let mut primary = common::daemon_with_env(
-        &etcd,
-        dir.path(),
-        "primary",
-        "a",
-        &NODE_ARGS,
-        &[("FAILPOINTS", crash.as_str())],
-    );
-    primary.wait_for("primary", None, WAIT).await.unwrap();
-    let failover = [&NODE_ARGS[..], &["--failover"]].concat();
-    let mut standby = daemon(&etcd, dir.path(), "standby", "b", &failover);
-    standby
-        .wait_for("standby", Some("watching"), WAIT)
-        .await
-        .unwrap();
+    let env = PairEnv {
+        primary: &[("FAILPOINTS", crash.as_str())],
+        ..PairEnv::default()
+    };
+    let mut pair = start_pair_with(&etcd, dir.path(), true, env).await;
     let file = dir.path().join("acked.tsv");
     let load = start_load(&etcd, 20_000, &file);
-    let exit = primary.wait_exit(WAIT).await.unwrap();
+    let exit = pair[0].wait_exit(WAIT).await.unwrap();
     assert!(!exit.success(), "{fail_point} was never reached");
-    standby.wait_for("primary", None, WAIT).await.unwrap();
-    let mut rejoined = daemon(&etcd, dir.path(), "standby", "a", &failover);
-    rejoined
+    pair[1].wait_for("primary", None, WAIT).await.unwrap();
+    let failover = [&NODE_ARGS[..], &["--failover"]].concat();
+    pair[0] = daemon(&etcd, dir.path(), "standby", "a", &failover);
+    pair[0]
         .wait_for("standby", Some("watching"), WAIT)
         .await
         .unwrap();
     finish_load(load);
-    check(&etcd, &[file], &mut [rejoined, standby]).await;
+    check(&etcd, &[file], &mut pair).await;
 }
 
 /// The primary's committer panics at its 31st batch. The term steps down — a task gone in
@@ -554,25 +554,18 @@ async fn a_pipeline_task_that_panics_ends_the_term_and_loses_nothing_acknowledge
     let etcd = common::etcd().await;
     let dir = tempfile::tempdir().unwrap();
     let panics = [("FAILPOINTS", "primary::before_commit=30*off->1*panic->off")];
-    let mut primary =
-        common::daemon_with_env(&etcd, dir.path(), "primary", "a", &NODE_ARGS, &panics);
-    primary.wait_for("primary", None, WAIT).await.unwrap();
-    let failover = [&NODE_ARGS[..], &["--failover"]].concat();
-    let mut standby = daemon(&etcd, dir.path(), "standby", "b", &failover);
-    standby
-        .wait_for("standby", Some("watching"), WAIT)
-        .await
-        .unwrap();
+    let env = PairEnv {
+        primary: &panics,
+        ..PairEnv::default()
+    };
+    let mut pair = start_pair_with(&etcd, dir.path(), true, env).await;
     let file = dir.path().join("acked.tsv");
     let load = start_load(&etcd, 20_000, &file);
-    standby.wait_for("primary", None, WAIT).await.unwrap();
+    pair[1].wait_for("primary", None, WAIT).await.unwrap();
     finish_load(load);
-    assert!(
-        primary.log_text().contains("the committer task panicked"),
-        "{}",
-        primary.log_text()
-    );
-    check(&etcd, &[file], &mut [primary, standby]).await;
+    let log = pair[0].log_text();
+    assert!(log.contains("the committer task panicked"), "{log}");
+    check(&etcd, &[file], &mut pair).await;
 }
 
 /// The standby's follower panics on its first watched batch: the node follows again with a
@@ -582,27 +575,19 @@ async fn a_pipeline_task_that_panics_ends_the_term_and_loses_nothing_acknowledge
 async fn a_follower_that_panics_is_replaced_and_the_standby_catches_up() {
     let etcd = common::etcd().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut primary = daemon(&etcd, dir.path(), "primary", "a", &NODE_ARGS);
-    primary.wait_for("primary", None, WAIT).await.unwrap();
     let panics = [("FAILPOINTS", "follower::drop_watched_batch=1*panic->off")];
-    let mut standby =
-        common::daemon_with_env(&etcd, dir.path(), "standby", "b", &NODE_ARGS, &panics);
-    standby
-        .wait_for("standby", Some("watching"), WAIT)
-        .await
-        .unwrap();
+    let env = PairEnv {
+        standby: &panics,
+        ..PairEnv::default()
+    };
+    let mut pair = start_pair_with(&etcd, dir.path(), false, env).await;
     let file = dir.path().join("acked.tsv");
     finish_load(start_load(&etcd, 5_000, &file));
-    let end = primary.status().await.unwrap().committed_seq;
-    reached(&standby, end, |s| s.applied_seq).await;
-    assert!(
-        standby
-            .log_text()
-            .contains("the follower ended; following again"),
-        "{}",
-        standby.log_text()
-    );
-    check(&etcd, &[file], &mut [primary, standby]).await;
+    let end = pair[0].status().await.unwrap().committed_seq;
+    reached(&pair[1], end, |s| s.applied_seq).await;
+    let log = pair[1].log_text();
+    assert!(log.contains("the follower ended; following again"), "{log}");
+    check(&etcd, &[file], &mut pair).await;
 }
 
 #[cfg(feature = "failpoints")]
@@ -622,25 +607,22 @@ async fn a_primary_killed_after_its_etcd_txn_before_the_ack_loses_nothing_acknow
 async fn a_standby_killed_in_the_middle_of_an_apply_step_comes_back_with_the_same_state() {
     let etcd = common::etcd().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut primary = daemon(&etcd, dir.path(), "primary", "a", &NODE_ARGS);
-    primary.wait_for("primary", None, WAIT).await.unwrap();
     let crash = [("FAILPOINTS", "store::mid_apply=20*off->return")];
-    let mut standby =
-        common::daemon_with_env(&etcd, dir.path(), "standby", "b", &NODE_ARGS, &crash);
-    standby
-        .wait_for("standby", Some("watching"), WAIT)
-        .await
-        .unwrap();
+    let env = PairEnv {
+        standby: &crash,
+        ..PairEnv::default()
+    };
+    let mut pair = start_pair_with(&etcd, dir.path(), false, env).await;
     let file = dir.path().join("acked.tsv");
     let load = start_load(&etcd, 10_000, &file);
-    let exit = standby.wait_exit(WAIT).await.unwrap();
+    let exit = pair[1].wait_exit(WAIT).await.unwrap();
     assert!(!exit.success(), "store::mid_apply was never reached");
-    let mut standby = daemon(&etcd, dir.path(), "standby", "b", &NODE_ARGS);
-    standby.wait_for("standby", None, WAIT).await.unwrap();
-    let redone = standby.log_text().contains("redoing an interrupted apply");
+    pair[1] = daemon(&etcd, dir.path(), "standby", "b", &NODE_ARGS);
+    pair[1].wait_for("standby", None, WAIT).await.unwrap();
+    let redone = pair[1].log_text().contains("redoing an interrupted apply");
     println!("restarted; the interrupted step was redone on open: {redone}");
     finish_load(load);
-    check(&etcd, &[file], &mut [primary, standby]).await;
+    check(&etcd, &[file], &mut pair).await;
 }
 
 /// A primary keeping only 2,000 records in etcd, and a standby `b` (started with `env`) that was
