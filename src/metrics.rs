@@ -73,6 +73,8 @@ pub struct Metrics {
     pub state_transitions: IntCounterVec,
     /// Gaps in the watched log that a standby filled by reading etcd.
     pub gap_fills: IntCounter,
+    /// Followers that ended by themselves (a panic: a bug) and were replaced.
+    pub follower_restarts: IntCounter,
     /// The lowest seq still in etcd, as this node last trimmed it.
     pub trimmed_seq: IntGauge,
     /// Encoded bytes of the batches in etcd, as the primary counts them.
@@ -213,6 +215,10 @@ impl Metrics {
             gap_fills: counter(
                 "gap_fills_total",
                 "Gaps in the watched log filled by reading etcd",
+            )?,
+            follower_restarts: counter(
+                "follower_restarts_total",
+                "Followers that ended by themselves (a panic) and were replaced",
             )?,
             trimmed_seq: gauge("trimmed_seq", "Lowest seq still in etcd, as last trimmed")?,
             etcd_log_bytes: gauge(

@@ -386,6 +386,7 @@ impl Runner {
                 }
                 FollowEnd::FollowerFailed(how) => {
                     tracing::error!(follower = %how, "the follower ended; following again with a new one");
+                    self.metrics.follower_restarts.inc();
                     standby.shutdown().await?;
                     drop(standby);
                     tokio::time::sleep(FOLLOWER_RESTART_DELAY).await;

@@ -587,6 +587,8 @@ async fn a_follower_that_panics_is_replaced_and_the_standby_catches_up() {
     reached(&pair[1], end, |s| s.applied_seq).await;
     let log = pair[1].log_text();
     assert!(log.contains("the follower ended; following again"), "{log}");
+    let restarts = metric(pair[1].metrics_addr(), "fencelog_follower_restarts_total").await;
+    assert_eq!(restarts, 1.0);
     check(&etcd, &[file], &mut pair).await;
 }
 
