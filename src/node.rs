@@ -26,7 +26,7 @@ use crate::etcd::leadership::{current_leader, Leadership};
 use crate::keys::KeyLayout;
 use crate::local_store::{blocking, LocalRetention, LocalStore, StoreOptions};
 use crate::metrics::Metrics;
-use crate::primary::{AppendAck, Primary};
+use crate::primary::{AppendAck, Primary, StepDown};
 use crate::record::{Epoch, Record, Seq};
 use crate::standby::lifecycle::{Event, State};
 use crate::standby::membership::SnapshotHold;
@@ -413,8 +413,13 @@ impl Runner {
             campaign_delay = Duration::ZERO;
             self.role.send_replace(Role::Primary(primary.clone()));
             reply(answer, Ok(()));
-            if !self.lead(&primary).await? {
+            let Some(cause) = self.lead(&primary).await? else {
                 return Ok(());
+            };
+            if matches!(cause, StepDown::PipelineFailed(_)) {
+                // The term failed inside this node (a task died, the local store failed): as
+                // after a failed promotion, leave the next campaign to the other standbys.
+                campaign_delay = self.config.primary.lease_ttl;
             }
             self.lifecycle
                 .raise(Event::Stop, "the term ended; following again");
@@ -538,8 +543,8 @@ impl Runner {
         }
     }
 
-    /// Leads until the term ends (`true`: follow again) or the node is asked to stop (`false`).
-    async fn lead(&mut self, primary: &Primary) -> Result<bool> {
+    /// Leads until the term ends (its cause: follow again) or the node is asked to stop (`None`).
+    async fn lead(&mut self, primary: &Primary) -> Result<Option<StepDown>> {
         loop {
             tokio::select! {
                 cause = primary.stepped_down() => {
@@ -547,7 +552,7 @@ impl Runner {
                     if let Err(e) = primary.shutdown().await {
                         tracing::warn!(error = %e, "the ended term did not shut down cleanly");
                     }
-                    return Ok(true);
+                    return Ok(Some(cause));
                 }
                 request = self.inbox.recv() => match request {
                     Some(Request::Promote { answer, .. }) => reply(Some(answer), Ok(())),
@@ -555,11 +560,11 @@ impl Runner {
                         let stopped = primary.shutdown().await;
                         self.lifecycle.raise(Event::Stop, "shut down");
                         reply(Some(answer), stopped);
-                        return Ok(false);
+                        return Ok(None);
                     }
                     None => {
                         primary.shutdown().await?;
-                        return Ok(false);
+                        return Ok(None);
                     }
                 },
             }
