@@ -26,27 +26,38 @@ fn rounds() -> usize {
         .unwrap_or(2)
 }
 
-/// `fencelog load` in the background through etcd's leader key, writing what was acknowledged.
-fn start_load(etcd: &impl Etcd, records: u64, acked: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_fencelog"))
+/// `fencelog load` in the background through etcd's leader key, writing what was acknowledged
+/// to `acked` and its log to `acked` + `.log` (a file, not a pipe: a pipe nobody reads while
+/// the test waits would block a load that logs much, e.g. under `RUST_LOG=debug`).
+fn start_load(etcd: &impl Etcd, records: u64, acked: &std::path::Path) -> Load {
+    let log = acked.with_extension("log");
+    let child = Command::new(env!("CARGO_BIN_EXE_fencelog"))
         .args(["load", "--etcd", &etcd.endpoints(), "--cluster", CLUSTER])
         .args(["--records", &records.to_string(), "--concurrency", "8"])
         .args(["--failover-timeout", "30", "--acked-out"])
         .arg(acked)
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("the load's log file"))
         .spawn()
-        .expect("load starts")
+        .expect("load starts");
+    Load { child, log }
 }
 
-/// Waits for a load to end (bounded: a load stuck on an unanswered append fails the test).
-fn finish_load(load: Child) -> String {
-    let output = common::output_within(load, Duration::from_secs(300));
+/// A running `fencelog load`.
+struct Load {
+    child: Child,
+    log: PathBuf,
+}
+
+/// Waits for a load to end (bounded: a load stuck on an unanswered append fails the test);
+/// returns its summary.
+fn finish_load(load: Load) -> String {
+    let output = common::output_within(load.child, Duration::from_secs(300));
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
         "load failed: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
+        std::fs::read_to_string(&load.log).unwrap_or_default()
     );
     stdout
 }
@@ -561,7 +572,13 @@ async fn a_pipeline_task_that_panics_ends_the_term_and_loses_nothing_acknowledge
     let mut pair = start_pair_with(&etcd, dir.path(), true, env).await;
     let file = dir.path().join("acked.tsv");
     let load = start_load(&etcd, 20_000, &file);
-    pair[1].wait_for("primary", None, WAIT).await.unwrap();
+    if let Err(e) = pair[1].wait_for("primary", None, WAIT).await {
+        panic!(
+            "{e}\nA:\n{}\nB:\n{}",
+            pair[0].log_text(),
+            pair[1].log_text()
+        );
+    }
     finish_load(load);
     let log = pair[0].log_text();
     assert!(log.contains("the committer task panicked"), "{log}");
