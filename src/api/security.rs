@@ -15,6 +15,7 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use subtle::ConstantTimeEq;
 
 use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
@@ -238,15 +239,10 @@ fn bearer<T>(request: &Request<T>) -> Option<&str> {
         .strip_prefix("Bearer ")
 }
 
-/// Compares without stopping at the first difference, so that the time taken does not tell an
-/// attacker how much of a guess was right.
+/// Compares in constant time (`subtle`), so that the time taken does not tell an attacker how
+/// much of a guess was right.
 fn constant_time_eq(expected: &str, offered: &str) -> bool {
-    let (expected, offered) = (expected.as_bytes(), offered.as_bytes());
-    let differing = expected
-        .iter()
-        .zip(offered)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    differing == 0 && expected.len() == offered.len()
+    expected.as_bytes().ct_eq(offered.as_bytes()).into()
 }
 
 #[cfg(test)]

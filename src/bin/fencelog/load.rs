@@ -196,10 +196,10 @@ impl Worker {
             let answer = tokio::time::timeout(self.append_timeout, self.client.append(records))
                 .await
                 .unwrap_or_else(|_| {
-                    Err(Error::Rpc {
-                        code: tonic::Code::DeadlineExceeded,
-                        message: format!("no answer within {:?}", self.append_timeout),
-                    })
+                    Err(unanswered(format!(
+                        "no answer within {:?}",
+                        self.append_timeout
+                    )))
                 });
             match answer {
                 Ok(ack) => {
@@ -277,12 +277,7 @@ impl Worker {
                 self.reconnect_to_primary(hint.as_deref()),
             )
             .await
-            .unwrap_or_else(|_| {
-                Err(Error::Rpc {
-                    code: tonic::Code::DeadlineExceeded,
-                    message: "the node did not answer".into(),
-                })
-            });
+            .unwrap_or_else(|_| Err(unanswered("the node did not answer".into())));
             match attempt {
                 Ok(()) => {
                     tracing::debug!(addr = self.client.addr(), "reconnected");
@@ -315,6 +310,14 @@ impl Worker {
                 leader: status.leader,
             })
         }
+    }
+}
+
+/// A call the load gave up waiting for: `deadlineexceeded` among the errors by kind.
+fn unanswered(message: String) -> Error {
+    Error::Rpc {
+        code: tonic::Code::DeadlineExceeded,
+        message,
     }
 }
 
