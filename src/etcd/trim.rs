@@ -10,8 +10,8 @@
 //! ```
 //!
 //! The second compare makes the decision and the trim one step: a standby that registers (or
-//! a node that puts a snapshot hold) between the
-//! primary's read of the members and its trim makes the trim fail instead of passing it.
+//! a node that puts a snapshot hold) between the primary's read of the members and its trim
+//! makes the trim fail instead of passing it.
 //!
 //! Where to trim ([`trim_point`]) is pure: below what every live standby still needs, but
 //! never into the retained tail (`retain_records`, `retain_seconds`); and, past
