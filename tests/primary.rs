@@ -11,6 +11,7 @@ use common::{committed_records, latest, node, start_primary};
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use fencelog::batch::{Batch, BatchEncoder};
 use fencelog::config::Pipeline;
+use fencelog::etcd::proxy::FaultProxy;
 use fencelog::keys::KeyLayout;
 use fencelog::limits::Limits;
 use fencelog::primary::{AppendAck, Primary, PrimaryService, StepDown};
@@ -632,4 +633,220 @@ async fn a_commit_whose_answer_was_lost_is_settled_from_etcd_and_never_written_t
         .unwrap();
     assert_eq!(next.first_seq, Seq(3));
     Arc::into_inner(primary).unwrap().shutdown().await.unwrap();
+}
+
+/// A primary `name` whose every etcd request goes through a proxy the test controls.
+async fn primary_behind_proxy(
+    etcd: &common::EtcdProcess,
+    name: &str,
+    lease_ttl: Duration,
+    commit_deadline: Duration,
+) -> (common::Node, FaultProxy, Arc<Primary>) {
+    let proxy = FaultProxy::start(etcd.endpoint()).await.unwrap();
+    let mut node = node(name);
+    node.config.lease_ttl = lease_ttl;
+    node.config.etcd_request_timeout = Duration::from_millis(500);
+    node.config.commit_deadline = commit_deadline;
+    let client =
+        fencelog::etcd::connect(&[proxy.endpoint().to_owned()], Duration::from_millis(500))
+            .await
+            .unwrap();
+    let metrics = Arc::new(fencelog::metrics::Metrics::new().unwrap());
+    let primary = Primary::start(client, node.store.clone(), node.config.clone(), metrics)
+        .await
+        .unwrap();
+    (node, proxy, Arc::new(primary))
+}
+
+/// Waits (up to 10 s) until etcd's `latest` is at `seq`.
+async fn latest_reaches(etcd: &common::EtcdProcess, seq: Seq) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while latest(etcd).await.map(|p| p.last_seq) != Some(seq) {
+        assert!(Instant::now() < deadline, "etcd never committed seq {seq}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_landed_before_a_new_leader_moved_on_is_acknowledged_not_fenced() {
+    let etcd = common::etcd().await;
+    let (_old, proxy, old) = primary_behind_proxy(
+        &etcd,
+        "old",
+        Duration::from_secs(10),
+        Duration::from_secs(10),
+    )
+    .await;
+    old.append(vec![Record::put("first", "1")]).await.unwrap();
+
+    // The old primary's commit of seq 2 reaches etcd, its answer does not.
+    proxy.lose_answers(true);
+    let appending = {
+        let old = old.clone();
+        tokio::spawn(async move { old.append(vec![Record::put("second", "2")]).await })
+    };
+    latest_reaches(&etcd, Seq(2)).await;
+
+    // A forced take-over: the new primary recovers seq 2 from etcd and commits seq 3 past it.
+    let direct = common::client(&etcd).await;
+    fencelog::etcd::leadership::depose(&direct, &layout(), Duration::from_secs(2))
+        .await
+        .unwrap()
+        .expect("the old primary led");
+    let new_node = node("new");
+    let new = start_primary(&etcd, &new_node).await.unwrap();
+    let third = new.append(vec![Record::put("third", "3")]).await.unwrap();
+    assert_eq!(third.first_seq, Seq(3));
+
+    // The old primary hears from etcd again: its retry is refused, and it must find its batch.
+    proxy.lose_answers(false);
+    proxy.cut();
+    let answer = tokio::time::timeout(Duration::from_secs(30), appending)
+        .await
+        .expect("the append is answered")
+        .unwrap();
+    let ack = answer.expect("seq 2 is in etcd: its append is acknowledged, not refused");
+    assert_eq!((ack.first_seq, ack.last_seq), (Seq(2), Seq(2)));
+    assert!(!old.is_leading(), "the deposed term ended");
+    assert_eq!(
+        committed_records(&etcd).await,
+        vec![
+            (Seq(1), Record::put("first", "1")),
+            (Seq(2), Record::put("second", "2")),
+            (Seq(3), Record::put("third", "3")),
+        ]
+    );
+    new.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_etcd_no_longer_has_ends_the_term_when_the_keepalive_reconnects() {
+    let etcd = common::etcd().await;
+    let (_node, proxy, primary) =
+        primary_behind_proxy(&etcd, "p1", Duration::from_secs(6), Duration::from_secs(10)).await;
+    primary.append(vec![Record::put("k", "v")]).await.unwrap();
+
+    // The keepalive stream breaks, and the lease is revoked while it is down.
+    proxy.cut();
+    let direct = common::client(&etcd).await;
+    fencelog::etcd::leadership::depose(&direct, &layout(), Duration::from_secs(2))
+        .await
+        .unwrap()
+        .expect("the primary led");
+
+    let cause = tokio::time::timeout(Duration::from_secs(20), primary.stepped_down())
+        .await
+        .expect("the term ends");
+    let StepDown::LeadershipLost(reason) = cause else {
+        panic!("expected the lease to be lost, got {cause:?}");
+    };
+    assert!(
+        reason.contains("revoked or expired: etcd says"),
+        "the term must end on etcd's word that the lease is gone, not wait out the TTL: {reason}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_a_commit_in_doubt_unknown_never_shutting_down() {
+    let etcd = common::etcd().await;
+    let (_node, proxy, primary) =
+        primary_behind_proxy(&etcd, "p1", Duration::from_secs(10), Duration::from_secs(1)).await;
+    primary
+        .append(vec![Record::put("first", "1")])
+        .await
+        .unwrap();
+
+    // The commit of seq 2 lands, but no answer from etcd reaches the primary any more; it
+    // shuts down while the commit is in doubt.
+    proxy.lose_answers(true);
+    let appending = {
+        let primary = primary.clone();
+        tokio::spawn(async move { primary.append(vec![Record::put("second", "2")]).await })
+    };
+    latest_reaches(&etcd, Seq(2)).await;
+    let shutdown = primary.shutdown().await;
+    assert!(
+        shutdown.is_err(),
+        "no answer from etcd confirms the resignation"
+    );
+    let answer = appending.await.unwrap();
+    assert!(
+        matches!(
+            answer,
+            Err(Error::CommitOutcomeUnknown {
+                first_seq: Seq(2),
+                last_seq: Seq(2),
+                ..
+            })
+        ),
+        "seq 2 is in etcd: 'shutting down' (not committed) would be a wrong answer; got {answer:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_refused_by_a_shutdown_under_load_are_never_in_etcd() {
+    let etcd = common::etcd().await;
+    let (_node, proxy, primary) =
+        primary_behind_proxy(&etcd, "p1", Duration::from_secs(20), Duration::from_secs(3)).await;
+    // etcd 200 ms away, and an append every millisecond: whenever the shutdown comes, a
+    // commit is on its way and more appends wait behind it.
+    proxy.delay(Duration::from_millis(100));
+    let mut appends = Vec::new();
+    let started = Instant::now();
+    let (mut shutting_down, mut in_doubt_from) = (false, false);
+    for i in 0..5_000 {
+        let appender = primary.clone();
+        let key = format!("k{i}");
+        appends.push(tokio::spawn(async move {
+            let answer = appender.append(vec![Record::put(key.clone(), "v")]).await;
+            (key, answer)
+        }));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let elapsed = started.elapsed();
+        if !shutting_down && elapsed > Duration::from_millis(700) {
+            shutting_down = true;
+            let primary = primary.clone();
+            tokio::spawn(async move { primary.shutdown().await });
+        }
+        // 400 ms into the shutdown, whatever is still committing goes into doubt.
+        if !in_doubt_from && elapsed > Duration::from_millis(1_100) {
+            in_doubt_from = true;
+            proxy.lose_answers(true);
+        }
+        if elapsed > Duration::from_secs(5) {
+            break;
+        }
+    }
+    let mut acked = BTreeMap::new();
+    let mut refused = Vec::new();
+    let mut in_doubt = 0;
+    for append in appends {
+        match append.await.unwrap() {
+            (key, Ok(_)) => drop(acked.insert(key, ())),
+            (key, Err(Error::ShuttingDown)) => refused.push(key),
+            (_, Err(Error::CommitOutcomeUnknown { .. })) => in_doubt += 1,
+            (key, Err(e)) => panic!("the append of {key} during a shutdown got {e}"),
+        }
+    }
+    let committed: BTreeMap<_, _> = committed_records(&etcd)
+        .await
+        .into_iter()
+        .map(|(_, r)| (String::from_utf8(r.key.to_vec()).unwrap(), ()))
+        .collect();
+    for key in &refused {
+        assert!(
+            !committed.contains_key(key),
+            "{key} was answered 'shutting down' (not committed) but is in etcd"
+        );
+    }
+    let unacknowledged = committed.keys().filter(|k| !acked.contains_key(*k)).count();
+    assert!(
+        unacknowledged <= in_doubt,
+        "{unacknowledged} records in etcd were never acknowledged, {in_doubt} answered in doubt"
+    );
+    assert!(
+        acked.keys().all(|k| committed.contains_key(k)),
+        "every acknowledged record is in etcd"
+    );
+    assert!(!acked.is_empty() && !refused.is_empty());
 }

@@ -409,11 +409,27 @@ async fn keep_alive(
                 clock.lose("the lease expired or was revoked (keepalive answered TTL 0)".into());
                 return;
             }
+            Ok(Err(e)) if lease_gone(&e) => {
+                tracing::warn!(lease_id, error = %e, "leadership lost: etcd no longer has the lease");
+                clock.lose(format!("the lease was revoked or expired: etcd says {e}"));
+                return;
+            }
             Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
                 tracing::warn!(lease_id, "keepalive got no answer; retrying");
                 channel = None;
             }
         }
+    }
+}
+
+/// True when etcd answered that the lease does not exist: it expired or was revoked, and no
+/// retry can bring it back. Re-opening a keepalive stream on such a lease fails this way
+/// (etcd answers TTL 0, which etcd-client reports as "lease not found").
+fn lease_gone(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::LeaseKeepAliveError(message) => message.contains("not found"),
+        etcd_client::Error::GRpcStatus(status) => status.code() == tonic::Code::NotFound,
+        _ => false,
     }
 }
 

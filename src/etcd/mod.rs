@@ -5,6 +5,7 @@
 //! - [`fetch`]: committed batches read back by key range, in pages, at one revision;
 //! - [`reconcile`]: a local log cut back to a prefix of etcd's before a node builds on it;
 //! - [`process`]: a real etcd child process for tests, benches and demos;
+//! - [`proxy`]: a TCP proxy that loses etcd's answers or cuts connections, for fault tests;
 //! - [`endpoints`]: a client of several members kept off the ones that are down;
 //! - [`access`]: TLS and an etcd user, for a secured etcd.
 
@@ -14,6 +15,7 @@ pub mod endpoints;
 pub mod fetch;
 pub mod leadership;
 pub mod process;
+pub mod proxy;
 pub mod reconcile;
 pub mod trim;
 

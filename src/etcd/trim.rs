@@ -184,17 +184,22 @@ pub async fn read_trimmed(
         client.kv_client().get(layout.trimmed(), None),
     )
     .await?;
-    let Some(kv) = response.kvs().first() else {
+    parse_trimmed(response.kvs().first().map(|kv| kv.value()))
+}
+
+/// The value of `trimmed` (`None`: the key is absent, nothing was ever trimmed).
+pub(crate) fn parse_trimmed(value: Option<&[u8]>) -> Result<Seq> {
+    let Some(value) = value else {
         return Ok(Seq(1));
     };
-    std::str::from_utf8(kv.value())
+    std::str::from_utf8(value)
         .ok()
         .and_then(|text| text.parse().ok())
         .map(Seq)
         .ok_or_else(|| {
             Error::CorruptPointer(format!(
                 "trimmed is {:?}, not a seq",
-                String::from_utf8_lossy(kv.value())
+                String::from_utf8_lossy(value)
             ))
         })
 }

@@ -30,6 +30,8 @@ struct Queue {
     /// Records and payload bytes in `appends`.
     records: usize,
     bytes: usize,
+    /// Set by a shutdown: new appends are refused, queued ones are still sealed.
+    stopped_taking: bool,
     closed: Option<StepDown>,
 }
 
@@ -55,6 +57,7 @@ impl Accumulator {
                 appends: VecDeque::new(),
                 records: 0,
                 bytes: 0,
+                stopped_taking: false,
                 closed: None,
             }),
             sealer_wake: Notify::new(),
@@ -82,6 +85,9 @@ impl Accumulator {
         let mut queue = self.lock();
         if let Some(cause) = &queue.closed {
             return Err(cause.to_error());
+        }
+        if queue.stopped_taking {
+            return Err(Error::ShuttingDown);
         }
         queue.records += records.len();
         queue.bytes += bytes;
@@ -149,6 +155,12 @@ impl Accumulator {
     /// True when no append waits to be sealed.
     pub fn is_empty(&self) -> bool {
         self.lock().appends.is_empty()
+    }
+
+    /// Refuses new appends from now on (they were never sent: `ShuttingDown`); the queued
+    /// ones are still sealed and committed.
+    pub fn stop_taking(&self) {
+        self.lock().stopped_taking = true;
     }
 
     /// Fails every queued append with `cause`, refuses new ones, and wakes the sealer to stop.

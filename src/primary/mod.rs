@@ -222,7 +222,7 @@ impl Primary {
             committed,
         });
         let mut tasks = pipeline::spawn(term.clone(), resume, committed_tx, received_tx)?;
-        tasks.pipeline.push(pipeline::supervised(
+        tasks.helpers.push(pipeline::supervised(
             &term,
             "trimmer",
             trimmer::run(term.clone()),
@@ -325,14 +325,18 @@ impl Primary {
 
     /// Ends the term gracefully: refuses new appends, lets queued and in-flight ones finish
     /// (for at most the commit deadline), resigns so a standby can take over at once, and
-    /// flushes the local store. Also the way to clean up a term that has stepped down; a second
-    /// call does nothing.
+    /// flushes the local store. An append whose commit is still in doubt then is settled from
+    /// etcd, or answered `CommitOutcomeUnknown`: never "shutting down" for a batch that may
+    /// have been sent. Also the way to clean up a term that has stepped down; a second call
+    /// does nothing.
     pub async fn shutdown(&self) -> Result<()> {
         let Some(tasks) = self.take_tasks() else {
             return Ok(());
         };
-        let deadline = Instant::now() + self.term.config.commit_deadline;
-        let depth = self.term.config.pipeline.depth();
+        let config = &self.term.config;
+        self.term.accumulator.stop_taking();
+        let deadline = Instant::now() + config.commit_deadline;
+        let depth = config.pipeline.depth();
         while self.term.ended().is_none() && Instant::now() < deadline {
             let idle =
                 self.term.accumulator.is_empty() && self.term.slots.available_permits() == depth;
@@ -342,11 +346,21 @@ impl Primary {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         self.term.step_down(StepDown::ShuttingDown);
+        // Resigned, no attempt still on its way can land: a batch in doubt settles as absent
+        // rather than unknown wherever etcd answers.
         let resigned = self.term.leadership.resign(&self.term.store).await;
-        for task in tasks.pipeline {
+        for task in tasks.helpers {
             task.abort();
             // Cancelled is the expected outcome; waiting makes sure the task has stopped.
             let _ = task.await;
+        }
+        // The committer settles what it has in flight: one attempt and one read, each bounded.
+        let settling = config.etcd_request_timeout * 3;
+        for task in tasks.commit_path {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(settling, task).await.is_err() {
+                abort.abort();
+            }
         }
         // With the sealer and the committer gone, the local log writer marks the last commit
         // and ends.
@@ -368,7 +382,8 @@ impl Primary {
 impl Drop for Primary {
     fn drop(&mut self) {
         if let Some(tasks) = self.take_tasks() {
-            for task in tasks.pipeline.iter().chain([&tasks.local_log]) {
+            let commit_path = tasks.commit_path.iter();
+            for task in commit_path.chain(&tasks.helpers).chain([&tasks.local_log]) {
                 task.abort();
             }
         }

@@ -17,13 +17,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use etcd_client::KvClient;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::batch::{Batch, BatchEncoder, EncodedBatch};
 use crate::error::{Error, Result};
-use crate::etcd::commit::{commit_batch, CommitOutcome};
+use crate::etcd::commit::{commit_batch, read_commit_view, settle, CommitOutcome, Settlement};
 use crate::etcd::{timed, Backoff};
 use crate::local_store::blocking;
 use crate::primary::accumulator::PendingAppend;
@@ -44,10 +45,28 @@ struct SealedBatch {
 }
 
 impl SealedBatch {
-    fn answer(self, outcome: impl Fn() -> Result<()>) {
-        for (append, ack) in self.appends {
+    fn answer(mut self, outcome: impl Fn() -> Result<()>) {
+        for (append, ack) in std::mem::take(&mut self.appends) {
             // The caller may have gone away; its answer then has nobody to reach.
             let _ = append.reply.send(outcome().map(|()| ack));
+        }
+    }
+}
+
+impl Drop for SealedBatch {
+    /// A batch dropped unanswered lost its committer (aborted, or panicked) at a point where
+    /// its transaction may have been sent: "not committed" would not be provable.
+    fn drop(&mut self) {
+        if self.appends.is_empty() {
+            return;
+        }
+        let (first_seq, last_seq) = (self.encoded.first_seq(), self.encoded.last_seq());
+        for (append, _) in std::mem::take(&mut self.appends) {
+            let _ = append.reply.send(Err(Error::CommitOutcomeUnknown {
+                first_seq,
+                last_seq,
+                reason: "the committer stopped before its outcome was known".into(),
+            }));
         }
     }
 }
@@ -62,8 +81,11 @@ enum CommitFailure {
 
 /// The running tasks of a term's pipeline.
 pub(super) struct Tasks {
-    /// Sealer, committer, the leadership watchdog and the trimmer: aborted on shutdown.
-    pub pipeline: Vec<JoinHandle<()>>,
+    /// The sealer and the committer: they end by themselves once the term has ended, the
+    /// committer only after settling the batch it has in flight.
+    pub commit_path: [JoinHandle<()>; 2],
+    /// The leadership watchdog and the trimmer: aborted on shutdown.
+    pub helpers: Vec<JoinHandle<()>>,
     /// The local log writer: ends by itself once the sealer and the committer are gone and
     /// everything committed is marked.
     pub local_log: JoinHandle<()>,
@@ -90,7 +112,7 @@ pub(super) fn spawn(
         to_local_log,
     };
     Ok(Tasks {
-        pipeline: vec![
+        commit_path: [
             supervised(
                 &term,
                 "sealer",
@@ -101,11 +123,11 @@ pub(super) fn spawn(
                 "committer",
                 commit_loop(term.clone(), sealed, resume.latest_revision, committed),
             ),
-            tokio::spawn(async move {
-                let reason = lost.await;
-                watchdog_term.step_down(StepDown::LeadershipLost(reason));
-            }),
         ],
+        helpers: vec![tokio::spawn(async move {
+            let reason = lost.await;
+            watchdog_term.step_down(StepDown::LeadershipLost(reason));
+        })],
         local_log,
     })
 }
@@ -192,9 +214,14 @@ async fn seal_loop(
                     appends,
                     _slot: slot,
                 };
-                if outputs.to_local_log.send(encoded).await.is_err()
-                    || outputs.to_committer.send(sealed).is_err()
-                {
+                // Either receiver gone means the term is over; the batch was never sent.
+                let not_sent = || Err(term.ended().unwrap_or(StepDown::ShuttingDown).to_error());
+                if outputs.to_local_log.send(encoded).await.is_err() {
+                    sealed.answer(not_sent);
+                    return;
+                }
+                if let Err(mpsc::error::SendError(sealed)) = outputs.to_committer.send(sealed) {
+                    sealed.answer(not_sent);
                     return;
                 }
                 continue;
@@ -247,13 +274,17 @@ async fn commit_and_answer(
     // going to the local log but not yet sent to etcd.
     fail::fail_point!("primary::before_commit", |_| std::process::abort());
     match commit_resolved(term, &batch.encoded, latest_revision).await {
-        Ok(revision) => {
+        Ok(Landed { revision, then }) => {
             // Fail point (tests): the process dies here, committed in etcd but not yet
             // acknowledged.
             fail::fail_point!("primary::before_ack", |_| std::process::abort());
             record_commit(term, &batch);
             committed.send_replace(batch.encoded.last_seq());
             batch.answer(|| Ok(()));
+            if let Some(cause) = then {
+                term.step_down(cause);
+                return None;
+            }
             // Its slot is free: a filling batch may now be sealed.
             term.accumulator.wake_sealer();
             term.metrics
@@ -345,14 +376,15 @@ fn record_commit(term: &Term, batch: &SealedBatch) {
 }
 
 /// Commits one batch, retrying through etcd trouble until the commit deadline or the lease runs
-/// out. An attempt whose answer was lost may have committed: the retry's compares then fail and
-/// its `Else` branch shows `latest` pointing at this very batch, which settles it as committed.
-/// No retry can write the batch twice.
+/// out. Retries have the same compares, so none can write the batch twice. Once an attempt was
+/// sent unanswered, every way out but a confirmed commit first settles it from etcd
+/// ([`settle`]): an attempt that landed is acknowledged, whatever refused the ones after it;
+/// "not committed" is answered only where etcd proves it.
 async fn commit_resolved(
     term: &Term,
     batch: &EncodedBatch,
     latest_revision: i64,
-) -> Result<i64, CommitFailure> {
+) -> Result<Landed, CommitFailure> {
     let epoch = term.epoch();
     let deadline = Instant::now() + term.config.commit_deadline;
     let mut kv = term.client.kv_client();
@@ -360,12 +392,16 @@ async fn commit_resolved(
     let mut sent = false;
     loop {
         if !term.leadership.is_held() {
-            let reason = "the lease may have expired: no keepalive answered in time".to_owned();
-            return Err(if sent {
-                CommitFailure::Unknown(reason)
-            } else {
-                CommitFailure::NotCommitted(StepDown::LeadershipLost(reason))
+            // A term that ended (shutdown, a step-down) gave its leadership up first.
+            let cause = term.ended().unwrap_or_else(|| {
+                StepDown::LeadershipLost(
+                    "the lease may have expired: no keepalive answered in time".to_owned(),
+                )
             });
+            if !sent {
+                return Err(CommitFailure::NotCommitted(cause));
+            }
+            return settle_in_doubt(term, &mut kv, batch, latest_revision, cause).await;
         }
         let started = Instant::now();
         let attempt = timed(
@@ -378,38 +414,35 @@ async fn commit_resolved(
                 term.metrics
                     .commit_seconds
                     .observe(started.elapsed().as_secs_f64());
-                return Ok(revision);
+                return Ok(Landed {
+                    revision,
+                    then: None,
+                });
             }
             Ok(CommitOutcome::Refused(refusal)) => {
-                let ours = refusal.latest.is_some_and(|p| {
-                    p.epoch == epoch
-                        && p.batch_first_seq == batch.first_seq()
-                        && p.last_seq == batch.last_seq()
-                });
-                if sent && ours {
-                    return Ok(refusal.latest_revision);
-                }
-                let reason = if refusal.is_fenced(epoch) {
-                    "fenced"
-                } else {
-                    "conflict"
-                };
+                let fenced = refusal.is_fenced(epoch);
                 term.metrics
                     .commit_refusals
-                    .with_label_values(&[reason])
+                    .with_label_values(&[if fenced { "fenced" } else { "conflict" }])
                     .inc();
-                if refusal.is_fenced(epoch) {
-                    return Err(CommitFailure::NotCommitted(StepDown::Fenced {
+                let cause = if fenced {
+                    StepDown::Fenced {
                         epoch,
                         leader_epoch: refusal.leader_epoch,
-                    }));
+                    }
+                } else {
+                    StepDown::LeadershipLost(format!(
+                        "latest moved to revision {} (seq {:?}) under epoch {epoch}'s feet",
+                        refusal.latest_revision,
+                        refusal.latest.map(|p| p.last_seq)
+                    ))
+                };
+                if !sent {
+                    return Err(CommitFailure::NotCommitted(cause));
                 }
-                let moved = format!(
-                    "latest moved to revision {} (seq {:?}) under epoch {epoch}'s feet",
-                    refusal.latest_revision,
-                    refusal.latest.map(|p| p.last_seq)
-                );
-                return Err(CommitFailure::NotCommitted(StepDown::LeadershipLost(moved)));
+                // An earlier attempt may be what refused this one, or may have landed before
+                // a new leader moved the log on.
+                return settle_in_doubt(term, &mut kv, batch, latest_revision, cause).await;
             }
             Err(e) => {
                 sent = true;
@@ -419,13 +452,68 @@ async fn commit_resolved(
                     .with_label_values(&["commit"])
                     .inc();
                 if Instant::now() >= deadline {
-                    return Err(CommitFailure::Unknown(format!(
+                    let cause = StepDown::LeadershipLost(format!(
                         "etcd did not confirm within the commit deadline: {e}"
-                    )));
+                    ));
+                    return settle_in_doubt(term, &mut kv, batch, latest_revision, cause).await;
                 }
                 tracing::warn!(error = %e, "commit attempt failed; resolving and retrying");
                 backoff.wait().await;
             }
         }
+    }
+}
+
+/// A batch etcd has.
+struct Landed {
+    /// The revision the next commit compares `latest` against.
+    revision: i64,
+    /// Why the term ends after answering it, if it does: it landed, but another epoch leads.
+    then: Option<StepDown>,
+}
+
+/// Settles a batch sent unanswered (or answered only by the refusal of a later attempt) from one
+/// read of etcd. `cause` is why the term would end were it not committed.
+async fn settle_in_doubt(
+    term: &Term,
+    kv: &mut KvClient,
+    batch: &EncodedBatch,
+    latest_revision: i64,
+    cause: StepDown,
+) -> Result<Landed, CommitFailure> {
+    let epoch = term.epoch();
+    let read = timed(
+        term.config.etcd_request_timeout,
+        read_commit_view(kv, &term.layout, batch),
+    )
+    .await;
+    let view = match read {
+        Ok(view) => view,
+        Err(e) => {
+            return Err(CommitFailure::Unknown(format!(
+                "{}; reading etcd to settle it failed: {e}",
+                cause.to_error()
+            )))
+        }
+    };
+    let settlement = settle(&view, epoch, latest_revision, batch);
+    tracing::info!(?settlement, "settled a commit in doubt from etcd");
+    match settlement {
+        Settlement::Landed => Ok(Landed {
+            revision: view.latest_revision,
+            then: (view.leader_epoch != Some(epoch)).then_some(StepDown::Fenced {
+                epoch,
+                leader_epoch: view.leader_epoch,
+            }),
+        }),
+        Settlement::Absent => Err(CommitFailure::NotCommitted(cause)),
+        Settlement::Open => Err(CommitFailure::Unknown(format!(
+            "{}; an attempt sent earlier may still land",
+            cause.to_error()
+        ))),
+        Settlement::Unknown => Err(CommitFailure::Unknown(format!(
+            "{}; the log in etcd was trimmed past it since, so etcd cannot tell",
+            cause.to_error()
+        ))),
     }
 }
