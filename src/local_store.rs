@@ -56,6 +56,9 @@ const APPLYING_THROUGH: &[u8] = b"applying_through";
 const LEASE_ID: &[u8] = b"lease_id";
 /// The seq the log starts after: the state up to it came from a snapshot (0: from the start).
 const LOG_BASE: &[u8] = b"log_base";
+/// The epoch that committed seq `log_base` (the batch is gone: trimmed away, or before a
+/// snapshot): a snapshot taken at the base carries it.
+const LOG_BASE_EPOCH: &[u8] = b"log_base_epoch";
 
 /// When the store makes its writes durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -639,7 +642,15 @@ impl LocalStore {
         if doomed.is_empty() {
             return Ok(None);
         }
+        let base_epoch = match doomed.last() {
+            Some(key) => match self.log.get(key).map_err(|e| self.io(e))? {
+                Some(bytes) => self.header(key, &bytes)?.epoch,
+                None => self.log_base_epoch()?,
+            },
+            None => self.log_base_epoch()?,
+        };
         // The base first: a crash part way leaves batches below it, which are never read.
+        self.put_meta(LOG_BASE_EPOCH, base_epoch.0)?;
         self.put_meta(LOG_BASE, keep_from.0 - 1)?;
         for key in &doomed {
             self.log.remove(key).map_err(|e| self.io(e))?;
@@ -699,7 +710,7 @@ impl LocalStore {
         let mut applied = Seq(self.meta_u64(APPLIED_SEQ)?);
         let epoch = loop {
             if applied == self.log_base()? {
-                break self.received()?.1;
+                break self.log_base_epoch()?;
             }
             let batch = self.batch_holding(applied, &mut applier)?;
             if batch.last_seq() == applied {
@@ -738,6 +749,7 @@ impl LocalStore {
         if self.log.first().map_err(|e| self.io(e))?.is_some() {
             return Err(self.corrupt("a snapshot is installed only into an empty store".into()));
         }
+        self.put_meta(LOG_BASE_EPOCH, epoch.0)?;
         self.put_meta(LOG_BASE, seq.0)?;
         self.put_meta(APPLYING_THROUGH, seq.0)?;
         self.put_meta(APPLIED_SEQ, seq.0)?;
@@ -835,6 +847,19 @@ impl LocalStore {
 
     fn log_base(&self) -> Result<Seq> {
         Ok(Seq(self.meta_u64(LOG_BASE)?))
+    }
+
+    /// The epoch of seq `log_base`. A store written before it was recorded has only a bound:
+    /// the epoch of the batch right after the base (no later batch's epoch is older), or, with
+    /// no batch after it, the received epoch, which is then the base's own.
+    fn log_base_epoch(&self) -> Result<Epoch> {
+        if self.meta.contains_key(LOG_BASE_EPOCH).map_err(|e| self.io(e))? {
+            return Ok(Epoch(self.meta_u64(LOG_BASE_EPOCH)?));
+        }
+        match self.log.first().map_err(|e| self.io(e))? {
+            Some((key, bytes)) => Ok(self.header(&key, &bytes)?.epoch),
+            None => Ok(self.received()?.1),
+        }
     }
 
     /// The header of the batch that ends exactly at `seq`, if there is one.

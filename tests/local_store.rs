@@ -615,3 +615,38 @@ fn trimming_the_log_by_bytes_keeps_at_least_the_newest_batch() {
     assert_eq!(store.trim_log(u64::MAX, 1).unwrap(), Some(Seq(31)));
     assert_eq!(store.log_stats().unwrap().batches, 1);
 }
+
+/// One batch of `count` records from `first_seq`, committed in `epoch`.
+fn batch_in(epoch: u64, first_seq: u64, count: usize) -> fencelog::batch::EncodedBatch {
+    let batch = fencelog::batch::Batch::new(
+        Epoch(epoch),
+        Seq(first_seq),
+        common::records(first_seq, count, 50),
+    )
+    .unwrap();
+    fencelog::batch::BatchEncoder::new(Default::default(), 1)
+        .unwrap()
+        .encode(&batch)
+        .unwrap()
+}
+
+#[test]
+fn a_snapshot_at_the_log_base_carries_the_epoch_that_committed_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        for (epoch, first) in [(1, 1), (2, 11), (3, 21)] {
+            store.append_committed(&batch_in(epoch, first, 10)).unwrap();
+        }
+        // Applied through seq 10 only, and the batch holding it trimmed away locally.
+        store.apply_next(10).unwrap();
+        assert_eq!(store.trim_log(20, u64::MAX).unwrap(), Some(Seq(11)));
+    }
+    let store = open(dir.path());
+    let (header, _) = fencelog::snapshot::export(&store).unwrap();
+    assert_eq!(header.seq, 10);
+    assert_eq!(
+        header.epoch, 1,
+        "epoch 1 committed seq 10; a later epoch would make the installer refuse seq 11 (epoch 2)"
+    );
+}
