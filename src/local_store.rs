@@ -611,9 +611,16 @@ impl LocalStore {
 
     /// Drops the oldest batches of the log while more than `retain_records` records or
     /// `retain_bytes` encoded bytes would remain, but never a batch the state has not fully
-    /// applied. Returns the new oldest seq when it dropped anything. Reads below it then fail
+    /// applied, nor one holding `etcd_trimmed` or a later seq: etcd still holds those, and a
+    /// node that may lead must have every batch etcd has (its trimmer indexes them from its
+    /// log). Returns the new oldest seq when it dropped anything. Reads below it then fail
     /// with [`Error::SeqNotInLog`] naming it.
-    pub fn trim_log(&self, retain_records: u64, retain_bytes: u64) -> Result<Option<Seq>> {
+    pub fn trim_log(
+        &self,
+        retain_records: u64,
+        retain_bytes: u64,
+        etcd_trimmed: Seq,
+    ) -> Result<Option<Seq>> {
         let _writer = lock(&self.writer);
         let applied = Seq(self.meta_u64(APPLIED_SEQ)?);
         let end = self.log_end()?;
@@ -625,7 +632,8 @@ impl LocalStore {
             kept_bytes = kept_bytes.saturating_add(bytes.len() as u64);
             let kept_records = end.0 - header.first_seq.0 + 1;
             let over = kept_bytes > retain_bytes || kept_records > retain_records;
-            if over && header.last_seq() <= applied && keep_from.is_some() {
+            let droppable = header.last_seq() <= applied && header.last_seq() < etcd_trimmed;
+            if over && droppable && keep_from.is_some() {
                 break;
             }
             keep_from = Some(header.first_seq);
@@ -853,7 +861,11 @@ impl LocalStore {
     /// the epoch of the batch right after the base (no later batch's epoch is older), or, with
     /// no batch after it, the received epoch, which is then the base's own.
     fn log_base_epoch(&self) -> Result<Epoch> {
-        if self.meta.contains_key(LOG_BASE_EPOCH).map_err(|e| self.io(e))? {
+        if self
+            .meta
+            .contains_key(LOG_BASE_EPOCH)
+            .map_err(|e| self.io(e))?
+        {
             return Ok(Epoch(self.meta_u64(LOG_BASE_EPOCH)?));
         }
         match self.log.first().map_err(|e| self.io(e))? {

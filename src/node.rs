@@ -23,6 +23,7 @@ use crate::api::ApiAccess;
 use crate::config::PrimaryConfig;
 use crate::error::{Error, Result};
 use crate::etcd::leadership::{current_leader, Leadership};
+use crate::etcd::trim::read_trimmed;
 use crate::keys::KeyLayout;
 use crate::local_store::{blocking, LocalRetention, LocalStore, StoreOptions};
 use crate::metrics::Metrics;
@@ -150,6 +151,8 @@ impl Node {
                 store.clone(),
                 config.local_retention,
                 role.clone(),
+                (client.clone(), KeyLayout::new(&config.primary.cluster)),
+                config.primary.etcd_request_timeout,
             ));
         }
         let runner = Runner {
@@ -188,6 +191,17 @@ impl Node {
 
     pub fn config(&self) -> &NodeConfig {
         &self.config
+    }
+
+    /// The lowest seq etcd still holds of this node's cluster.
+    pub async fn etcd_trimmed(&self) -> Result<Seq> {
+        let layout = KeyLayout::new(&self.config.primary.cluster);
+        read_trimmed(
+            &self.client,
+            &layout,
+            self.config.primary.etcd_request_timeout,
+        )
+        .await
     }
 
     /// Appends through this node's term; `NotLeader`, naming the leader's address when one
@@ -593,21 +607,30 @@ fn reply(answer: Option<oneshot::Sender<Result<()>>>, outcome: Result<()>) {
     }
 }
 
-/// Keeps the local log within `retention` until the node stops.
+/// Keeps the local log within `retention` until the node stops, never dropping a batch etcd
+/// still holds (read each time: any node may lead next).
 async fn trim_local_log(
     store: StoreSlot,
     retention: LocalRetention,
     mut role: watch::Receiver<Role>,
+    (client, layout): (Client, KeyLayout),
+    request_timeout: Duration,
 ) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(LOCAL_TRIM_INTERVAL) => {}
             _ = role.wait_for(|role| matches!(role, Role::Stopped)) => return,
         }
+        let etcd_trimmed = match read_trimmed(&client, &layout, request_timeout).await {
+            Ok(trimmed) => trimmed,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read etcd's trimmed; local retention waits");
+                continue;
+            }
+        };
         let store = current(&store);
-        let trimmed =
-            blocking(move || store.trim_log(retention.retain_records, retention.retain_bytes))
-                .await;
+        let (records, bytes) = (retention.retain_records, retention.retain_bytes);
+        let trimmed = blocking(move || store.trim_log(records, bytes, etcd_trimmed)).await;
         match trimmed {
             Ok(Some(oldest)) => tracing::debug!(%oldest, "trimmed the local log"),
             Ok(None) => {}

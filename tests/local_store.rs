@@ -584,10 +584,16 @@ fn trimming_the_log_keeps_the_newest_records_and_never_unapplied_ones() {
     for _ in 0..5 {
         store.apply_next(10).unwrap();
     }
-    assert_eq!(store.trim_log(20, u64::MAX).unwrap(), Some(Seq(51)));
+    assert_eq!(
+        store.trim_log(20, u64::MAX, Seq(u64::MAX)).unwrap(),
+        Some(Seq(51))
+    );
     while store.apply_next(10).unwrap().is_some() {}
-    assert_eq!(store.trim_log(20, u64::MAX).unwrap(), Some(Seq(81)));
-    assert_eq!(store.trim_log(20, u64::MAX).unwrap(), None);
+    assert_eq!(
+        store.trim_log(20, u64::MAX, Seq(u64::MAX)).unwrap(),
+        Some(Seq(81))
+    );
+    assert_eq!(store.trim_log(20, u64::MAX, Seq(u64::MAX)).unwrap(), None);
     assert!(matches!(
         store.read(Seq(10), 10, usize::MAX),
         Err(Error::SeqNotInLog {
@@ -612,7 +618,10 @@ fn trimming_the_log_by_bytes_keeps_at_least_the_newest_batch() {
         .append_committed_all(&common::encoded_batches(Epoch(1), 4, 10))
         .unwrap();
     while store.apply_next(10).unwrap().is_some() {}
-    assert_eq!(store.trim_log(u64::MAX, 1).unwrap(), Some(Seq(31)));
+    assert_eq!(
+        store.trim_log(u64::MAX, 1, Seq(u64::MAX)).unwrap(),
+        Some(Seq(31))
+    );
     assert_eq!(store.log_stats().unwrap().batches, 1);
 }
 
@@ -640,7 +649,10 @@ fn a_snapshot_at_the_log_base_carries_the_epoch_that_committed_the_base() {
         }
         // Applied through seq 10 only, and the batch holding it trimmed away locally.
         store.apply_next(10).unwrap();
-        assert_eq!(store.trim_log(20, u64::MAX).unwrap(), Some(Seq(11)));
+        assert_eq!(
+            store.trim_log(20, u64::MAX, Seq(u64::MAX)).unwrap(),
+            Some(Seq(11))
+        );
     }
     let store = open(dir.path());
     let (header, _) = fencelog::snapshot::export(&store).unwrap();

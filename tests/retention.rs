@@ -414,3 +414,68 @@ async fn under_a_long_load_etcd_stays_bounded_and_trimmed_advances() {
     );
     Arc::into_inner(primary).unwrap().shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_whose_local_log_starts_after_trimmed_trims_only_what_its_log_proves() {
+    let etcd = common::etcd().await;
+    let mut first_node = node("first");
+    first_node.config.retention = retention(0, u64::MAX);
+    first_node.config.retention.interval = Duration::from_secs(3600);
+    let first = start_primary(&etcd, &first_node).await.unwrap();
+    append(&first, 20).await;
+    first.shutdown().await.unwrap();
+
+    // The next leader's log starts at seq 1,501 (as after a snapshot, or local retention),
+    // while etcd holds the log from seq 1 and a live standby still needs seq 101.
+    let mut next_node = node("next");
+    next_node.config.retention = retention(0, u64::MAX);
+    let next = start_primary(&etcd, &next_node).await.unwrap();
+    next.shutdown().await.unwrap();
+    while next_node.store.apply_next(usize::MAX).unwrap().is_some() {}
+    assert_eq!(
+        next_node
+            .store
+            .trim_log(500, u64::MAX, Seq(u64::MAX))
+            .unwrap(),
+        Some(Seq(1_501))
+    );
+    register_member(&etcd, "lagging", Seq(100)).await;
+    let next = start_primary(&etcd, &next_node).await.unwrap();
+    append(&next, 5).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let trimmed = read_trimmed(&common::client(&etcd).await, &layout(), WAIT)
+        .await
+        .unwrap();
+    assert!(
+        trimmed <= Seq(101),
+        "trimmed to {trimmed}: past what the standby needs (cut back to the leader's first local batch?)"
+    );
+    next.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn local_retention_never_drops_a_batch_etcd_still_holds() {
+    let etcd = common::etcd().await;
+    let mut primary_node = node("primary");
+    primary_node.config.retention = retention(0, u64::MAX);
+    primary_node.config.retention.interval = Duration::from_secs(3600);
+    let primary = start_primary(&etcd, &primary_node).await.unwrap();
+    append(&primary, 20).await;
+    primary.shutdown().await.unwrap();
+    let store = &primary_node.store;
+    while store.apply_next(usize::MAX).unwrap().is_some() {}
+    let etcd_trimmed = read_trimmed(&common::client(&etcd).await, &layout(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(etcd_trimmed, Seq(1));
+    assert_eq!(
+        store.trim_log(500, u64::MAX, etcd_trimmed).unwrap(),
+        None,
+        "etcd holds every batch still: the node may lead and must have them"
+    );
+    assert_eq!(
+        store.trim_log(500, u64::MAX, Seq(1_001)).unwrap(),
+        Some(Seq(1_001)),
+        "batches below etcd's trimmed may go"
+    );
+}

@@ -114,3 +114,38 @@ async fn a_standby_trimmed_past_while_stopped_bootstraps_from_a_snapshot_and_mat
     standby.stop().await;
     primary.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_whose_state_is_behind_trimmed_refuses_to_serve_a_snapshot_it_cannot_continue() {
+    let etcd = common::etcd().await;
+    let primary_pieces = node("primary");
+    let primary = ServedNode::start(&etcd, &primary_pieces, Retention::default(), true).await;
+    tokio::time::timeout(WAIT, primary.node.leading())
+        .await
+        .unwrap();
+    let last = append(&primary, 1, 3).await;
+    applied(&primary, last).await;
+    // etcd says the log starts far past this node's state (as for a new primary whose state
+    // lags the log that was trimmed).
+    let layout = KeyLayout::new(&common::CLUSTER.parse().unwrap());
+    common::client(&etcd)
+        .await
+        .put(layout.trimmed(), "100000", None)
+        .await
+        .unwrap();
+    let mut client =
+        fencelog::api::WalClient::connect(fencelog::api::Endpoint::Server(primary.addr.clone()))
+            .await
+            .unwrap();
+    let refusal = client
+        .snapshot()
+        .await
+        .err()
+        .expect("the snapshot is refused");
+    let message = refusal.to_string();
+    assert!(
+        message.contains("etcd holds the log only from seq 100000"),
+        "{message}"
+    );
+    primary.stop().await;
+}

@@ -302,6 +302,18 @@ impl Wal for WalApi {
         let (header, file) = blocking(move || crate::snapshot::export(&store))
             .await
             .map_err(|e| to_status(&e))?;
+        // A snapshot must continue into the log etcd holds, or its installer would need
+        // another one at once.
+        let trimmed = self.node.etcd_trimmed().await.map_err(|e| to_status(&e))?;
+        if header.seq.saturating_add(1) < trimmed.0 {
+            return Err(Status::failed_precondition(format!(
+                "this node's state is at seq {}, but etcd holds the log only from seq {trimmed}: \
+                 a snapshot from it could not be followed; it can serve one once its state \
+                 reaches seq {} (trimming waits for it)",
+                header.seq,
+                trimmed.0 - 1
+            )));
+        }
         tracing::info!(
             seq = header.seq,
             keys = header.keys,

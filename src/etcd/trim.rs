@@ -13,10 +13,11 @@
 //! a node that puts a snapshot hold) between the primary's read of the members and its trim
 //! makes the trim fail instead of passing it.
 //!
-//! Where to trim ([`trim_point`]) is pure: below what every live standby still needs, but
-//! never into the retained tail (`retain_records`, `retain_seconds`); and, past
-//! `max_etcd_log_bytes`, the oldest batches go even if a lagging standby needs them (it will
-//! bootstrap from a snapshot).
+//! Where to trim ([`trim_point`]) is pure: below what every live standby still needs and the
+//! primary's applied seq (where its snapshots start), but never into the retained tail
+//! (`retain_records`, `retain_seconds`); and, past `max_etcd_log_bytes`, the oldest batches go
+//! even if a lagging standby needs them (it will bootstrap from a snapshot). It trims only
+//! what its index of etcd's batches proves.
 
 use std::time::Duration;
 
@@ -60,17 +61,22 @@ impl Default for Retention {
 
 /// The new `trimmed` (the first seq of the oldest batch to keep), when it is past `trimmed`.
 ///
-/// `batches` are the batches in etcd, oldest first; `members` the received seqs of the live
-/// standbys (and the primary's applied seq, where its snapshots start). The newest batch is
-/// always kept.
+/// `batches` are the batches in etcd, oldest first, as far as the trimmer knows them: from
+/// `trimmed`, or from a later batch when its local log starts after `trimmed`. `members` are
+/// the received seqs of the live standbys; `applied` the primary's own applied seq, where the
+/// snapshots it serves start. Only what the index proves is trimmed: the byte budget counts
+/// only a complete index, and the point is always the start of an indexed batch at or below
+/// what must be kept. The newest batch is always kept.
 pub fn trim_point(
     batches: &[LoggedBatch],
     members: &[Seq],
+    applied: Seq,
     retention: &Retention,
     now_micros: u64,
     trimmed: Seq,
 ) -> Option<Seq> {
     let newest = batches.last()?;
+    let complete = batches.first().is_some_and(|b| b.first_seq <= trimmed);
     // The tail to keep whatever the standbys need.
     let keep_records = Seq(newest
         .last_seq
@@ -89,23 +95,31 @@ pub fn trim_point(
     if let Some(lowest) = needed.filter(|&next| next >= trimmed).min() {
         keep_from = keep_from.min(lowest);
     }
-    // The byte budget wins over everything but the newest batch.
-    let mut kept_bytes = 0u64;
-    let mut budget_floor = newest.first_seq;
-    for batch in batches.iter().rev() {
-        kept_bytes = kept_bytes.saturating_add(batch.bytes);
-        if kept_bytes > retention.max_etcd_log_bytes && batch.first_seq != newest.first_seq {
-            break;
+    // The primary's snapshots start at its applied seq: the log must go on from there, even
+    // when that is below `trimmed` already (a new primary's state behind the log): trimming
+    // waits for it then, rather than leave every snapshot it serves unfollowable.
+    keep_from = keep_from.min(Seq(applied.0.saturating_add(1)));
+    // The byte budget wins over everything but the newest batch: etcd's quota is the cluster's
+    // to lose. It counts only an index that starts at `trimmed`, or it would cut etcd back to
+    // the index's first batch whatever fits.
+    if complete {
+        let mut kept_bytes = 0u64;
+        let mut budget_floor = newest.first_seq;
+        for batch in batches.iter().rev() {
+            kept_bytes = kept_bytes.saturating_add(batch.bytes);
+            if kept_bytes > retention.max_etcd_log_bytes && batch.first_seq != newest.first_seq {
+                break;
+            }
+            budget_floor = batch.first_seq;
         }
-        budget_floor = batch.first_seq;
+        keep_from = keep_from.max(budget_floor);
     }
-    keep_from = keep_from.max(budget_floor).min(newest.first_seq);
-    // Only whole batches go: keep the one holding `keep_from`.
-    let point = batches
-        .iter()
-        .find(|b| b.last_seq >= keep_from)
-        .map_or(newest.first_seq, |b| b.first_seq);
-    (point > trimmed).then_some(point)
+    keep_from = keep_from.min(newest.first_seq);
+    // Only whole batches go: keep the one holding `keep_from`; below the index, nothing is
+    // known to end where a trim could cut.
+    let holder = batches.iter().find(|b| b.last_seq >= keep_from)?;
+    let point = holder.first_seq;
+    (point > trimmed && point <= keep_from.max(trimmed)).then_some(point)
 }
 
 /// The fenced transaction that deletes every batch below `below` and records it as `trimmed`,
@@ -230,10 +244,12 @@ mod tests {
     }
 
     const NOW: u64 = 100_000_000;
+    /// A primary that has applied everything: its own position holds nothing back.
+    const ALL: Seq = Seq(u64::MAX - 1);
 
     #[test]
     fn keeps_the_retained_records_and_trims_at_a_batch_boundary() {
-        let point = trim_point(&log(), &[], &retention(250, 0, u64::MAX), NOW, Seq(1));
+        let point = trim_point(&log(), &[], ALL, &retention(250, 0, u64::MAX), NOW, Seq(1));
         assert_eq!(
             point,
             Some(Seq(701)),
@@ -243,17 +259,25 @@ mod tests {
 
     #[test]
     fn keeps_the_batches_sealed_within_the_retained_seconds() {
-        let point = trim_point(&log(), &[], &retention(0, 3, u64::MAX), NOW, Seq(1));
+        let point = trim_point(&log(), &[], ALL, &retention(0, 3, u64::MAX), NOW, Seq(1));
         assert_eq!(point, Some(Seq(601)), "sealed at 97 s or later");
     }
 
     #[test]
     fn a_live_standby_holds_trimming_back_to_what_it_still_needs() {
-        let point = trim_point(&log(), &[Seq(300)], &retention(0, 0, u64::MAX), NOW, Seq(1));
+        let point = trim_point(
+            &log(),
+            &[Seq(300)],
+            ALL,
+            &retention(0, 0, u64::MAX),
+            NOW,
+            Seq(1),
+        );
         assert_eq!(point, Some(Seq(301)));
         let behind = trim_point(
             &log(),
             &[Seq(900), Seq(0)],
+            ALL,
             &retention(0, 0, u64::MAX),
             NOW,
             Seq(1),
@@ -267,6 +291,7 @@ mod tests {
         let point = trim_point(
             batches,
             &[Seq(100)],
+            ALL,
             &retention(0, 0, u64::MAX),
             NOW,
             Seq(301),
@@ -276,13 +301,20 @@ mod tests {
 
     #[test]
     fn the_byte_budget_trims_past_a_lagging_standby() {
-        let point = trim_point(&log(), &[Seq(100)], &retention(0, 0, 3_500), NOW, Seq(1));
+        let point = trim_point(
+            &log(),
+            &[Seq(100)],
+            ALL,
+            &retention(0, 0, 3_500),
+            NOW,
+            Seq(1),
+        );
         assert_eq!(point, Some(Seq(701)), "three batches fit 3,500 bytes");
     }
 
     #[test]
     fn the_newest_batch_is_always_kept() {
-        let point = trim_point(&log(), &[], &retention(0, 0, 0), NOW, Seq(1));
+        let point = trim_point(&log(), &[], ALL, &retention(0, 0, 0), NOW, Seq(1));
         assert_eq!(point, Some(Seq(901)));
     }
 
@@ -291,11 +323,93 @@ mod tests {
         let point = trim_point(
             &log()[7..],
             &[],
+            ALL,
             &retention(250, 0, u64::MAX),
             NOW,
             Seq(701),
         );
         assert_eq!(point, None);
-        assert_eq!(trim_point(&[], &[], &retention(0, 0, 0), NOW, Seq(1)), None);
+        assert_eq!(
+            trim_point(&[], &[], ALL, &retention(0, 0, 0), NOW, Seq(1)),
+            None
+        );
+    }
+
+    #[test]
+    fn an_index_that_starts_after_trimmed_does_not_count_against_the_byte_budget() {
+        // The local log starts at seq 501; etcd holds the log from seq 1.
+        let point = trim_point(
+            &log()[5..],
+            &[Seq(100)],
+            ALL,
+            &retention(0, 0, u64::MAX),
+            NOW,
+            Seq(1),
+        );
+        assert_eq!(
+            point, None,
+            "a standby needs seq 101, below what the index covers"
+        );
+        let retained = trim_point(
+            &log()[5..],
+            &[],
+            ALL,
+            &retention(700, 0, u64::MAX),
+            NOW,
+            Seq(1),
+        );
+        assert_eq!(
+            retained, None,
+            "the retained tail reaches seq 301, below the index"
+        );
+    }
+
+    #[test]
+    fn an_index_that_starts_after_trimmed_still_trims_what_it_covers() {
+        let point = trim_point(
+            &log()[5..],
+            &[],
+            ALL,
+            &retention(250, 0, u64::MAX),
+            NOW,
+            Seq(1),
+        );
+        assert_eq!(point, Some(Seq(701)));
+    }
+
+    #[test]
+    fn the_primarys_applied_seq_holds_trimming_back() {
+        let point = trim_point(
+            &log(),
+            &[],
+            Seq(450),
+            &retention(0, 0, u64::MAX),
+            NOW,
+            Seq(1),
+        );
+        assert_eq!(
+            point,
+            Some(Seq(401)),
+            "its snapshot at 450 must be followable from 451"
+        );
+    }
+
+    #[test]
+    fn a_primary_applied_below_trimmed_stops_trimming_until_it_catches_up() {
+        let point = trim_point(
+            &log()[3..],
+            &[],
+            Seq(100),
+            &retention(0, 0, u64::MAX),
+            NOW,
+            Seq(301),
+        );
+        assert_eq!(point, None);
+    }
+
+    #[test]
+    fn the_byte_budget_trims_past_the_primarys_applied_seq() {
+        let point = trim_point(&log(), &[], Seq(100), &retention(0, 0, 3_500), NOW, Seq(1));
+        assert_eq!(point, Some(Seq(701)));
     }
 }

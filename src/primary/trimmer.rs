@@ -88,10 +88,10 @@ impl Trimmer {
         // it would send a bootstrapping standby a snapshot the log no longer follows on from.
         let store = term.store.clone();
         let applied = blocking(move || store.positions()).await?.applied_seq;
-        let (mut members, members_revision) = self.member_positions().await?;
-        members.push(applied);
+        let (members, members_revision) = self.member_positions().await?;
         let retention = &term.config.retention;
-        let Some(point) = trim_point(&self.index, &members, retention, unix_micros_now(), trimmed)
+        let now = unix_micros_now();
+        let Some(point) = trim_point(&self.index, &members, applied, retention, now, trimmed)
         else {
             return Ok(());
         };
@@ -116,7 +116,9 @@ impl Trimmer {
         term.metrics
             .etcd_log_bytes
             .set(self.index.iter().map(|b| b.bytes).sum::<u64>() as i64);
-        if retention.compact {
+        // Compaction is etcd-wide: only a term that still surely leads, right after its own
+        // fenced trim, runs it.
+        if retention.compact && term.leadership.is_held() && term.ended().is_none() {
             if let Some(behind) = self.last_trim_revision.replace(revision) {
                 let mut kv = term.client.kv_client();
                 timed(timeout, kv.compact(behind, None::<CompactionOptions>)).await?;
