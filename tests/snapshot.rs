@@ -137,11 +137,9 @@ async fn a_node_whose_state_is_behind_trimmed_refuses_to_serve_a_snapshot_it_can
         fencelog::api::WalClient::connect(fencelog::api::Endpoint::Server(primary.addr.clone()))
             .await
             .unwrap();
-    let refusal = client
-        .snapshot()
-        .await
-        .err()
-        .expect("the snapshot is refused");
+    let Err(refusal) = client.snapshot().await else {
+        panic!("the snapshot is refused");
+    };
     let message = refusal.to_string();
     assert!(
         message.contains("etcd holds the log only from seq 100000"),
