@@ -99,6 +99,10 @@ pub enum Error {
 
     #[error("cannot open the local store at {dir}: {source}; if it is damaged, move it aside and let the node rebuild it from etcd")]
     StoreOpen { dir: PathBuf, source: sled::Error },
+    #[error("{dir} is not a fencelog store and not empty ({found}): fencelog never writes into a directory it did not create; give it an empty or new directory")]
+    NotAStore { dir: PathBuf, found: String },
+    #[error("there is no fencelog store at {dir}: give the data directory of a node")]
+    NoStore { dir: PathBuf },
     #[error("the local store at {dir} is in use by another process: stop it first")]
     StoreLocked { dir: PathBuf },
     #[error("the local store at {dir} is damaged: {detail}; move it aside and let the node rebuild it from etcd")]

@@ -214,12 +214,17 @@ pub struct LocalStore {
 }
 
 impl LocalStore {
-    /// Opens the store in `dir`, creating it if absent. Refuses a store of another format, and
-    /// one whose positions do not fit its log.
+    /// Opens the store in `dir`, creating it if `dir` is absent or empty. Refuses a directory
+    /// that holds anything but a fencelog store (fencelog never writes into, nor later
+    /// removes, what it did not create), a store of another format, and one whose positions
+    /// do not fit its log.
     pub fn open(dir: impl AsRef<Path>, options: StoreOptions) -> Result<LocalStore> {
         let dir = dir.as_ref().to_path_buf();
         let marker = dir.join(MARKER_FILE);
         let existed = marker.exists();
+        if !existed {
+            check_ours_or_empty(&dir)?;
+        }
         let mut config = sled::Config::new().path(&dir);
         if let FlushPolicy::Background { interval_ms } = options.flush {
             config = config.flush_every_ms(Some(interval_ms));
@@ -254,6 +259,18 @@ impl LocalStore {
         store.check_positions()?;
         store.finish_interrupted_apply()?;
         Ok(store)
+    }
+
+    /// Opens the store that exists in `dir`, for a command that only reads: refuses, and
+    /// creates nothing, where there is none.
+    pub fn open_existing(dir: impl AsRef<Path>, options: StoreOptions) -> Result<LocalStore> {
+        let dir = dir.as_ref();
+        if !dir.join(MARKER_FILE).exists() {
+            return Err(Error::NoStore {
+                dir: dir.to_path_buf(),
+            });
+        }
+        LocalStore::open(dir, options)
     }
 
     /// Opens the store in `dir`; one that is damaged (sled reports corruption, or lost the data
@@ -973,6 +990,32 @@ impl LocalStore {
             dir: self.dir.clone(),
             detail,
         }
+    }
+}
+
+/// Whether `dir` is absent, empty, or a fencelog store (its marker file is there). Anything
+/// else is someone's directory: refused, with the first foreign entry named.
+pub fn check_ours_or_empty(dir: &Path) -> Result<()> {
+    if dir.join(MARKER_FILE).exists() {
+        return Ok(());
+    }
+    let mut entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            return Err(Error::NotAStore {
+                dir: dir.to_path_buf(),
+                found: "it is a file, not a directory".into(),
+            })
+        }
+        Err(e) => return Err(Error::Io(e)),
+    };
+    match entries.next() {
+        None => Ok(()),
+        Some(entry) => Err(Error::NotAStore {
+            dir: dir.to_path_buf(),
+            found: format!("it holds {:?}", entry?.file_name()),
+        }),
     }
 }
 

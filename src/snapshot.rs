@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::etcd::leadership::current_leader;
 use crate::keys::{ClusterId, KeyLayout};
 use crate::limits::Limits;
-use crate::local_store::{blocking, LocalStore, StateHasher, StoreOptions};
+use crate::local_store::{blocking, check_ours_or_empty, LocalStore, StateHasher, StoreOptions};
 use crate::record::{Epoch, Seq};
 
 /// Pair bytes per frame (one larger pair goes alone): well under the API's message limit.
@@ -114,8 +114,10 @@ pub struct Installer {
 }
 
 impl Installer {
-    /// Creates an empty store at `dir` (removing what a failed install left there).
+    /// Creates an empty store at `dir` (removing what a failed install left there: only a
+    /// store of fencelog's own is ever removed).
     pub fn create(dir: &Path, header: SnapshotHeader, limits: Limits) -> Result<Installer> {
+        check_ours_or_empty(dir)?;
         if dir.exists() {
             std::fs::remove_dir_all(dir)?;
         }
@@ -279,6 +281,9 @@ pub async fn bootstrap(
     limits: Limits,
     mut progress: impl FnMut(Progress),
 ) -> Result<SnapshotHeader> {
+    // Refused before anything is downloaded: the swap below moves `data_dir` aside and
+    // removes it, which is only ever done to a store of fencelog's own.
+    check_ours_or_empty(data_dir)?;
     let staging = sibling(data_dir, "snapshot");
     let installed = download(source, &staging, limits, &mut progress).await;
     let header = match installed {

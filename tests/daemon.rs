@@ -860,3 +860,139 @@ async fn a_second_primary_with_the_same_node_name_does_not_take_over() {
     impostor.stop(STARTUP).await.unwrap();
     first.stop(STARTUP).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_data_dir_holding_files_fencelog_did_not_create_is_refused_and_left_untouched() {
+    let cluster = Cluster::start().await;
+    let mut primary = cluster.primary("alpha", &[]).await;
+    load(primary.api(), "100");
+    let data = cluster.dir.path().join("beta");
+    std::fs::create_dir_all(data.join("photos")).unwrap();
+    std::fs::write(data.join("notes.txt"), "mine").unwrap();
+    let untouched = || {
+        assert_eq!(
+            std::fs::read_to_string(data.join("notes.txt")).unwrap(),
+            "mine"
+        );
+        assert!(data.join("photos").is_dir());
+        assert_eq!(
+            std::fs::read_dir(&data).unwrap().count(),
+            2,
+            "nothing was added"
+        );
+    };
+
+    let mut standby = daemon(&cluster.etcd, cluster.dir.path(), "standby", "beta", &[]);
+    let exit = standby.wait_exit(STARTUP).await.unwrap();
+    assert!(!exit.success());
+    let log = standby.log_text();
+    assert!(
+        log.contains("is not a fencelog store and not empty")
+            && (log.contains("notes.txt") || log.contains("photos")),
+        "{log}"
+    );
+    untouched();
+
+    let (ok, _, err) = fencelog(&[
+        "bootstrap",
+        "--etcd",
+        cluster.etcd.endpoint(),
+        "--cluster",
+        CLUSTER,
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert_eq!(lines(&err).len(), 1, "{err}");
+    assert!(
+        err.contains("is not a fencelog store and not empty"),
+        "{err}"
+    );
+    untouched();
+    primary.stop(STARTUP).await.unwrap();
+}
+
+#[test]
+fn inspect_and_check_of_a_directory_without_a_store_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing");
+    let (ok, _, err) = fencelog(&["inspect", "--data-dir", missing.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("there is no fencelog store at"), "{err}");
+    assert!(!missing.exists(), "inspect created {}", missing.display());
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (ok, _, err) = fencelog(&["inspect", "--data-dir", empty.to_str().unwrap()]);
+    assert!(!ok, "{err}");
+    assert_eq!(
+        std::fs::read_dir(&empty).unwrap().count(),
+        0,
+        "inspect wrote into it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_after_trimming_reports_trimmed_seqs_as_unverified_and_verifies_them_from_a_store() {
+    let cluster = Cluster::start().await;
+    let quick_trims = [
+        "--retain-records",
+        "100",
+        "--retain-seconds",
+        "0",
+        "--trim-interval-ms",
+        "100",
+    ];
+    let mut primary = cluster.primary("alpha", &quick_trims).await;
+    let acked = cluster.dir.path().join("acked.tsv");
+    let (ok, out, err) = fencelog(&[
+        "load",
+        "--server",
+        primary.api(),
+        "--records",
+        "3000",
+        "--concurrency",
+        "4",
+        "--acked-out",
+        acked.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}\n{err}");
+    let client = common::client(&cluster.etcd).await;
+    let layout = fencelog::keys::KeyLayout::new(&CLUSTER.parse().unwrap());
+    let deadline = std::time::Instant::now() + STARTUP;
+    while fencelog::etcd::trim::read_trimmed(&client, &layout, STARTUP)
+        .await
+        .unwrap()
+        <= Seq(1_000)
+    {
+        assert!(std::time::Instant::now() < deadline, "never trimmed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let check = |extra: &[&str]| {
+        let mut args = vec![
+            "check",
+            "--etcd",
+            cluster.etcd.endpoint(),
+            "--cluster",
+            CLUSTER,
+            "--acked",
+            acked.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        fencelog(&args)
+    };
+    let (ok, out, err) = check(&[]);
+    assert!(ok, "{out}\n{err}");
+    assert!(!out.contains("VIOLATION"), "{out}");
+    assert!(out.contains("not verified"), "{out}");
+    assert!(out.contains("no violations"), "{out}");
+
+    primary.stop(STARTUP).await.unwrap();
+    let data = primary.data_dir().to_str().unwrap().to_owned();
+    let (ok, out, err) = check(&["--data-dir", &data]);
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("3000 acknowledged records found as acknowledged"),
+        "{out}"
+    );
+    assert!(!out.contains("not verified"), "{out}");
+}

@@ -235,17 +235,20 @@ pub async fn check(
     let (acked, mut violations) = parse_acked(&text)?;
     let acknowledged = acked.len();
     let mut nodes = Vec::new();
+    let mut stores = Vec::new();
     for dir in data_dirs {
-        let store = fencelog::local_store::LocalStore::open(dir, Default::default())
+        let store = fencelog::local_store::LocalStore::open_existing(dir, Default::default())
             .with_context(|| format!("inspecting {}", dir.display()))?;
         nodes.push((dir.display().to_string(), store.state_digest()?));
+        stores.push(store);
     }
     let mut checker = Checker::new(acked, nodes);
     let (source, batches) = match (&target.server, &target.etcd, &target.cluster) {
         (None, Some(endpoints), Some(cluster)) => {
             let access = target.etcd_security.access()?;
-            let batches = read_etcd_log(endpoints, &access, cluster, &mut checker).await?;
-            (format!("etcd at {}", endpoints.join(",")), batches)
+            let (etcd, batches) =
+                read_etcd_log(endpoints, &access, cluster, &stores, &mut checker).await?;
+            (etcd, batches)
         }
         _ => {
             let mut client = target.connect().await?;
@@ -269,28 +272,71 @@ pub async fn check(
         "  {} acknowledged records found as acknowledged; {} batches in etcd over {epochs} epochs; {} node states replayed",
         report.acknowledged, report.batches_checked, report.nodes_checked
     );
+    if report.unverified > 0 {
+        println!(
+            "  {} acknowledged records are below seq {}, where the log read starts (trimmed from etcd): \
+             not verified; give a node's stopped store with --data-dir to verify them from its log",
+            report.unverified, report.committed_first
+        );
+    }
     if violations.is_empty() {
         println!("  no violations");
         return Ok(());
     }
-    for violation in &violations {
+    for violation in violations.iter().take(SHOWN_VIOLATIONS) {
         println!("  VIOLATION {violation}");
+    }
+    if violations.len() > SHOWN_VIOLATIONS {
+        println!(
+            "  ... and {} more violations",
+            violations.len() - SHOWN_VIOLATIONS
+        );
     }
     anyhow::bail!("{} violations of the history", violations.len())
 }
 
-/// Feeds the committed log in etcd to `checker`, each batch verified; returns the headers.
+/// Violations printed in full; past them, only their count.
+const SHOWN_VIOLATIONS: usize = 20;
+
+/// Feeds the committed log to `checker`: what etcd trimmed from the stopped store among
+/// `stores` whose log reaches back furthest (its batches were committed: a store holds only
+/// committed batches below its `received_seq`), then etcd's batches, each verified. Returns
+/// where it read and etcd's batch headers.
 async fn read_etcd_log(
     endpoints: &[String],
     access: &fencelog::etcd::EtcdAccess,
     cluster: &str,
+    stores: &[fencelog::local_store::LocalStore],
     checker: &mut fencelog::checker::Checker,
-) -> anyhow::Result<Vec<fencelog::batch::BatchHeader>> {
+) -> anyhow::Result<(String, Vec<fencelog::batch::BatchHeader>)> {
     let timeout = std::time::Duration::from_secs(5);
     let client = fencelog::etcd::connect_with(endpoints, access, timeout).await?;
     let layout = fencelog::keys::KeyLayout::new(&cluster.parse()?);
     let limits = fencelog::limits::Limits::default();
     let trimmed = fencelog::etcd::trim::read_trimmed(&client, &layout, timeout).await?;
+    let mut source = format!("etcd at {}", endpoints.join(","));
+    let oldest = stores
+        .iter()
+        .filter_map(|store| Some((store.log_stats().ok()?.oldest_seq, store)))
+        .filter(|(oldest, _)| *oldest < trimmed)
+        .min_by_key(|(oldest, _)| *oldest);
+    if let Some((oldest, store)) = oldest {
+        let mut next = oldest;
+        while next < trimmed {
+            let records = store.read(next, 4096, 8 << 20)?;
+            let Some(&(last, _)) = records.last() else {
+                break;
+            };
+            for (seq, record) in records.iter().take_while(|(seq, _)| *seq < trimmed) {
+                checker.committed(*seq, record);
+            }
+            next = last.next()?;
+        }
+        source = format!(
+            "{}'s log (seqs {oldest}..{trimmed}) and {source}",
+            store.dir().display()
+        );
+    }
     let mut pages =
         fencelog::etcd::fetch::BatchPages::new(&client, &layout, &limits, trimmed, None, timeout);
     let mut decoder = fencelog::batch::BatchDecoder::new(limits.clone())?;
@@ -303,5 +349,5 @@ async fn read_etcd_log(
             }
         }
     }
-    Ok(headers)
+    Ok((source, headers))
 }

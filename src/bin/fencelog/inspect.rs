@@ -6,7 +6,7 @@ use anyhow::Context;
 use fencelog::local_store::{LocalStore, StoreOptions, STORE_FORMAT};
 
 pub fn run(data_dir: &Path, json: bool) -> anyhow::Result<()> {
-    let store = LocalStore::open(data_dir, StoreOptions::default())
+    let store = LocalStore::open_existing(data_dir, StoreOptions::default())
         .with_context(|| format!("inspecting {}", data_dir.display()))?;
     let positions = store.positions()?;
     let log = store.log_stats()?;
