@@ -999,15 +999,15 @@ pub fn check_ours_or_empty(dir: &Path) -> Result<()> {
     if dir.join(MARKER_FILE).exists() {
         return Ok(());
     }
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::NotAStore {
+            dir: dir.to_path_buf(),
+            found: "it is a file, not a directory".into(),
+        });
+    }
     let mut entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
-            return Err(Error::NotAStore {
-                dir: dir.to_path_buf(),
-                found: "it is a file, not a directory".into(),
-            })
-        }
         Err(e) => return Err(Error::Io(e)),
     };
     match entries.next() {
