@@ -101,6 +101,8 @@ pub enum Error {
     StoreOpen { dir: PathBuf, source: sled::Error },
     #[error("{dir} is not a fencelog store and not empty ({found}): fencelog never writes into a directory it did not create; give it an empty or new directory")]
     NotAStore { dir: PathBuf, found: String },
+    #[error("the local store at {dir} belongs elsewhere: {detail}")]
+    StoreIdentity { dir: PathBuf, detail: String },
     #[error("there is no fencelog store at {dir}: give the data directory of a node")]
     NoStore { dir: PathBuf },
     #[error("the local store at {dir} is in use by another process: stop it first")]

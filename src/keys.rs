@@ -108,6 +108,16 @@ impl KeyLayout {
         format!("{}latest", self.root)
     }
 
+    /// The log's identity: a random id written once, when the cluster's first node starts.
+    pub fn log_id(&self) -> String {
+        format!("{}log_id", self.root)
+    }
+
+    /// A running node's claim on its name, under a lease of its own for the daemon's life.
+    pub fn node_claim(&self, node: &NodeName) -> String {
+        format!("{}nodes/{node}", self.root)
+    }
+
     /// The lowest seq still in etcd, moved by each trim.
     pub fn trimmed(&self) -> String {
         format!("{}trimmed", self.root)

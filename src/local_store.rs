@@ -59,6 +59,8 @@ const LOG_BASE: &[u8] = b"log_base";
 /// The epoch that committed seq `log_base` (the batch is gone: trimmed away, or before a
 /// snapshot): a snapshot taken at the base carries it.
 const LOG_BASE_EPOCH: &[u8] = b"log_base_epoch";
+/// Whose store this is: `<cluster> <node> <log id>`, recorded the first time a node uses it.
+const IDENTITY: &[u8] = b"identity";
 
 /// When the store makes its writes durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -307,6 +309,29 @@ impl LocalStore {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Binds the store to `identity` the first time, and afterwards refuses any other: a store
+    /// of another cluster or node, or of a log etcd no longer has (its prefix wiped and created
+    /// anew, another etcd), would mix two logs. A store written before identities were recorded
+    /// is bound on its first use.
+    pub fn bind_identity(&self, identity: &StoreIdentity) -> Result<()> {
+        let recorded = self.meta.get(IDENTITY).map_err(|e| self.io(e))?;
+        let Some(recorded) = recorded else {
+            self.meta
+                .insert(IDENTITY, identity.encode().as_bytes())
+                .map_err(|e| self.io(e))?;
+            return self.flush();
+        };
+        let recorded = StoreIdentity::decode(&recorded)
+            .ok_or_else(|| self.corrupt("its identity record does not parse".into()))?;
+        if let Some(detail) = recorded.mismatch(identity) {
+            return Err(Error::StoreIdentity {
+                dir: self.dir.clone(),
+                detail,
+            });
+        }
+        Ok(())
     }
 
     /// The I/O error that made this store unusable until it is reopened, if one did.
@@ -990,6 +1015,52 @@ impl LocalStore {
             dir: self.dir.clone(),
             detail,
         }
+    }
+}
+
+/// Which cluster, node and log a store belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreIdentity {
+    pub cluster: String,
+    pub node: String,
+    /// The id of the cluster's log in etcd (`/fencelog/<cluster>/log_id`).
+    pub log_id: String,
+}
+
+impl StoreIdentity {
+    fn encode(&self) -> String {
+        format!("{} {} {}", self.cluster, self.node, self.log_id)
+    }
+
+    fn decode(bytes: &[u8]) -> Option<StoreIdentity> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut parts = text.split(' ');
+        let identity = StoreIdentity {
+            cluster: parts.next()?.to_owned(),
+            node: parts.next()?.to_owned(),
+            log_id: parts.next()?.to_owned(),
+        };
+        parts.next().is_none().then_some(identity)
+    }
+
+    /// What differs between this (recorded) identity and `given`, said for an operator.
+    fn mismatch(&self, given: &StoreIdentity) -> Option<String> {
+        if (&self.cluster, &self.node) != (&given.cluster, &given.node) {
+            return Some(format!(
+                "it is node {} of cluster {}, not node {} of cluster {}: start it as --cluster {} --node {}, \
+                 or give node {} a data directory of its own",
+                self.node, self.cluster, given.node, given.cluster, self.cluster, self.node, given.node
+            ));
+        }
+        if self.log_id != given.log_id {
+            return Some(format!(
+                "it holds the log {} of cluster {}, but etcd's log of that cluster is {} (its /fencelog/{}/ \
+                 was wiped and created anew, or this is another etcd): point the node at the etcd it came \
+                 from, or move the store aside to rebuild it from this one",
+                self.log_id, self.cluster, given.log_id, self.cluster
+            ));
+        }
+        None
     }
 }
 

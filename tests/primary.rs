@@ -850,3 +850,68 @@ async fn appends_refused_by_a_shutdown_under_load_are_never_in_etcd() {
     );
     assert!(!acked.is_empty() && !refused.is_empty());
 }
+
+#[tokio::test]
+async fn a_store_of_another_cluster_or_node_is_refused_naming_both() {
+    let etcd = common::etcd().await;
+    let node = node("p1");
+    let primary = start_primary(&etcd, &node).await.unwrap();
+    primary.append(vec![Record::put("k", "v")]).await.unwrap();
+    primary.shutdown().await.unwrap();
+
+    let mut elsewhere = node.config.clone();
+    elsewhere.cluster = "other-cluster".parse().unwrap();
+    let metrics = Arc::new(fencelog::metrics::Metrics::new().unwrap());
+    let refused = Primary::start(
+        common::client(&etcd).await,
+        node.store.clone(),
+        elsewhere,
+        metrics.clone(),
+    )
+    .await;
+    let Err(Error::StoreIdentity { detail, .. }) = refused else {
+        panic!("a store of test-cluster was used for other-cluster");
+    };
+    assert!(
+        detail.contains("node p1 of cluster test-cluster, not node p1 of cluster other-cluster"),
+        "{detail}"
+    );
+
+    let mut renamed = node.config.clone();
+    renamed.node = "p2".parse().unwrap();
+    let refused = Primary::start(
+        common::client(&etcd).await,
+        node.store.clone(),
+        renamed,
+        metrics,
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(Error::StoreIdentity { .. })),
+        "{:?}",
+        refused.err()
+    );
+}
+
+#[tokio::test]
+async fn a_store_that_outlived_a_wiped_etcd_prefix_is_refused_not_mistaken_for_lost_data() {
+    let etcd = common::etcd().await;
+    let node = node("p1");
+    let primary = start_primary(&etcd, &node).await.unwrap();
+    primary.append(vec![Record::put("k", "v")]).await.unwrap();
+    primary.shutdown().await.unwrap();
+
+    common::client(&etcd)
+        .await
+        .delete(
+            layout().root(),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let refused = start_primary(&etcd, &node).await;
+    let Err(Error::StoreIdentity { detail, .. }) = refused else {
+        panic!("expected the store to be refused, got {:?}", refused.err());
+    };
+    assert!(detail.contains("was wiped and created anew"), "{detail}");
+}

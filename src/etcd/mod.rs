@@ -2,6 +2,7 @@
 //!
 //! - [`leadership`]: the lease, the leader key (whose create revision is the epoch), keepalive;
 //! - [`commit`]: the one fenced transaction per batch;
+//! - [`identity`]: the id of the cluster's log, and the store bound to it;
 //! - [`fetch`]: committed batches read back by key range, in pages, at one revision;
 //! - [`reconcile`]: a local log cut back to a prefix of etcd's before a node builds on it;
 //! - [`process`]: a real etcd child process for tests, benches and demos;
@@ -13,6 +14,7 @@ pub mod access;
 pub mod commit;
 pub mod endpoints;
 pub mod fetch;
+pub mod identity;
 pub mod leadership;
 pub mod process;
 pub mod proxy;

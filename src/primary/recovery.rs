@@ -12,6 +12,7 @@ use crate::batch::BatchDecoder;
 use crate::config::PrimaryConfig;
 use crate::error::Result;
 use crate::etcd::fetch::{append_verified, BatchPages};
+use crate::etcd::identity::bind_store;
 use crate::etcd::reconcile::reconcile;
 use crate::keys::KeyLayout;
 use crate::local_store::{blocking, LocalStore};
@@ -30,7 +31,10 @@ pub(crate) async fn recover(
     store: &Arc<LocalStore>,
     config: &PrimaryConfig,
 ) -> Result<Resume> {
-    let etcd = reconcile(client, layout, store, config.etcd_request_timeout).await?;
+    let timeout = config.etcd_request_timeout;
+    let cluster = config.cluster.as_str();
+    bind_store(client, layout, cluster, &config.node, store, timeout).await?;
+    let etcd = reconcile(client, layout, store, timeout).await?;
     let reader = store.clone();
     let received = blocking(move || reader.positions()).await?.received_seq;
     if received < etcd.last_seq {

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use crate::applier::Applier;
 use crate::config::PrimaryConfig;
 use crate::error::Result;
+use crate::etcd::identity::bind_store;
 use crate::etcd::leadership::{self, Leadership};
 use crate::keys::{ClusterId, KeyLayout, NodeName};
 use crate::limits::Limits;
@@ -180,12 +181,14 @@ impl Standby {
         lifecycle: Arc<LifecycleCell>,
     ) -> Result<Standby> {
         config.limits.validate()?;
+        let layout = KeyLayout::new(&config.cluster);
+        let (cluster, timeout) = (config.cluster.as_str(), config.etcd_request_timeout);
+        bind_store(&client, &layout, cluster, &config.node, &store, timeout).await?;
         let reader = store.clone();
         let positions = blocking(move || reader.positions()).await?;
         let (received_tx, received) = watch::channel(positions.received_seq);
         metrics.received_seq.set(positions.received_seq.0 as i64);
         let applier = Applier::spawn(store.clone(), received.clone(), metrics.clone());
-        let layout = KeyLayout::new(&config.cluster);
         let member_lease = Arc::new(AtomicI64::new(0));
         let membership = tokio::spawn(
             membership::Membership {
