@@ -101,6 +101,13 @@ pub enum Error {
     StoreOpen { dir: PathBuf, source: sled::Error },
     #[error("{dir} is not a fencelog store and not empty ({found}): fencelog never writes into a directory it did not create; give it an empty or new directory")]
     NotAStore { dir: PathBuf, found: String },
+    #[error("node {node} of cluster {cluster} is already running, at {addr}: give this daemon another --node, or stop that one first (a node that just died frees its name within the lease TTL of {ttl:?})")]
+    NodeRunning {
+        node: String,
+        cluster: String,
+        addr: String,
+        ttl: std::time::Duration,
+    },
     #[error("the local store at {dir} belongs elsewhere: {detail}")]
     StoreIdentity { dir: PathBuf, detail: String },
     #[error("there is no fencelog store at {dir}: give the data directory of a node")]

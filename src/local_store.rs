@@ -5,7 +5,8 @@
 //! |---------|-------------------------|----------------------------------------------------|
 //! | `log`   | first seq (big-endian)  | the encoded batch, as committed to etcd            |
 //! | `state` | record key              | record value (Put inserts, Delete removes)         |
-//! | `meta`  | `format`, `applied_seq`, `applying_through`, `lease_id` | u64, big-endian |
+//! | `meta`  | `format`, `applied_seq`, `applying_through`, `lease_id`, `claim_lease`, `log_base`, `log_base_epoch` | u64, big-endian |
+//! | `meta`  | `identity`              | `<cluster> <node> <log id>`, UTF-8                 |
 //! | `meta`  | `received`              | received seq and its batch's epoch, u64 + u64, big-endian |
 //!
 //! The log and the state advance separately, like a Postgres standby's received and replayed
@@ -54,6 +55,9 @@ const RECEIVED: &[u8] = b"received";
 const APPLIED_SEQ: &[u8] = b"applied_seq";
 const APPLYING_THROUGH: &[u8] = b"applying_through";
 const LEASE_ID: &[u8] = b"lease_id";
+/// The lease of the node's claim on its name (`nodes/<node>`), so that a restarted daemon
+/// recognises its own claim from before a crash.
+const CLAIM_LEASE: &[u8] = b"claim_lease";
 /// The seq the log starts after: the state up to it came from a snapshot (0: from the start).
 const LOG_BASE: &[u8] = b"log_base";
 /// The epoch that committed seq `log_base` (the batch is gone: trimmed away, or before a
@@ -816,6 +820,17 @@ impl LocalStore {
 
     pub fn set_lease_id(&self, id: Option<i64>) -> Result<()> {
         self.put_meta(LEASE_ID, id.map_or(0, |id| id as u64))?;
+        self.flush()
+    }
+
+    /// The lease of this node's claim on its name, last time it ran.
+    pub fn claim_lease(&self) -> Result<Option<i64>> {
+        let id = self.meta_u64(CLAIM_LEASE)?;
+        Ok((id != 0).then_some(id as i64))
+    }
+
+    pub fn set_claim_lease(&self, id: Option<i64>) -> Result<()> {
+        self.put_meta(CLAIM_LEASE, id.map_or(0, |id| id as u64))?;
         self.flush()
     }
 

@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 use crate::api::ApiAccess;
 use crate::config::PrimaryConfig;
 use crate::error::{Error, Result};
+use crate::etcd::claim::NodeClaim;
 use crate::etcd::leadership::{current_leader, Leadership};
 use crate::etcd::trim::read_trimmed;
 use crate::keys::KeyLayout;
@@ -116,6 +117,8 @@ pub struct Node {
     lifecycle: Arc<LifecycleCell>,
     requests: mpsc::Sender<Request>,
     task: Mutex<Option<JoinHandle<Result<()>>>>,
+    /// This node's claim on its name, for as long as it runs.
+    claim: NodeClaim,
 }
 
 impl Node {
@@ -134,6 +137,17 @@ impl Node {
                 "the standby and primary settings name different clusters or nodes".into(),
             ));
         }
+        let primary = &config.primary;
+        let claim = NodeClaim::take(
+            &client,
+            &primary.cluster,
+            &primary.node,
+            &primary.advertise_addr,
+            primary.lease_ttl,
+            &store,
+            primary.etcd_request_timeout,
+        )
+        .await?;
         let lifecycle = Arc::new(LifecycleCell::new(metrics.clone()));
         let standby = Standby::start_with(
             client.clone(),
@@ -173,6 +187,7 @@ impl Node {
             lifecycle,
             requests,
             task: Mutex::new(Some(tokio::spawn(runner.run()))),
+            claim,
         })
     }
 
@@ -346,6 +361,9 @@ impl Node {
             if let Ok(Err(e)) = task.await {
                 tracing::error!(error = %e, "the node had stopped with an error");
             }
+        }
+        if let Err(e) = self.claim.release().await {
+            tracing::warn!(error = %e, "could not give up the node's claim on its name; it expires by itself");
         }
         outcome
     }

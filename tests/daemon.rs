@@ -840,15 +840,23 @@ async fn a_read_below_the_local_log_names_the_oldest_seq_the_node_holds() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_second_primary_with_the_same_node_name_does_not_take_over() {
+async fn a_second_daemon_with_the_same_node_name_refuses_to_start_and_names_the_first() {
     let cluster = Cluster::start().await;
     let mut first = cluster.primary("alpha", &[]).await;
     let other_dir = tempfile::tempdir().unwrap();
-    let mut impostor = daemon(&cluster.etcd, other_dir.path(), "primary", "alpha", &[]);
-    impostor
-        .wait_for("standby", Some("watching"), STARTUP)
-        .await
-        .unwrap();
+    for role in ["primary", "standby"] {
+        let mut impostor = daemon(&cluster.etcd, other_dir.path(), role, "alpha", &[]);
+        let exit = impostor.wait_exit(STARTUP).await.unwrap();
+        assert!(!exit.success(), "a second {role} named alpha ran");
+        let log = impostor.log_text();
+        assert!(
+            log.contains(&format!(
+                "node alpha of cluster {CLUSTER} is already running, at {}",
+                first.api()
+            )),
+            "{log}"
+        );
+    }
     let (ok, out, err) = fencelog(&["append", "--server", first.api(), "k", "v"]);
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "seq 1");
@@ -857,7 +865,28 @@ async fn a_second_primary_with_the_same_node_name_does_not_take_over() {
         (status.role.as_str(), status.leader.as_deref()),
         ("primary", Some(first.api()))
     );
-    impostor.stop(STARTUP).await.unwrap();
+
+    // Once the first stops, its name is free at once.
+    first.stop(STARTUP).await.unwrap();
+    let mut second = daemon(&cluster.etcd, other_dir.path(), "primary", "alpha", &[]);
+    second.wait_for("primary", None, STARTUP).await.unwrap();
+    second.stop(STARTUP).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_killed_and_restarted_on_its_own_store_takes_its_name_back_at_once() {
+    let cluster = Cluster::start().await;
+    let mut first = cluster.primary("alpha", &["--lease-ttl", "20"]).await;
+    first.kill();
+    first.start().unwrap();
+    first.wait_for("primary", None, STARTUP).await.unwrap();
+    assert!(
+        first
+            .log_text()
+            .contains("found this node's own claim from before a restart"),
+        "{}",
+        first.log_text()
+    );
     first.stop(STARTUP).await.unwrap();
 }
 

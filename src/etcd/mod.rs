@@ -2,6 +2,7 @@
 //!
 //! - [`leadership`]: the lease, the leader key (whose create revision is the epoch), keepalive;
 //! - [`commit`]: the one fenced transaction per batch;
+//! - [`claim`]: a running node's claim on its name, so that two daemons never share one;
 //! - [`identity`]: the id of the cluster's log, and the store bound to it;
 //! - [`fetch`]: committed batches read back by key range, in pages, at one revision;
 //! - [`reconcile`]: a local log cut back to a prefix of etcd's before a node builds on it;
@@ -11,6 +12,7 @@
 //! - [`access`]: TLS and an etcd user, for a secured etcd.
 
 pub mod access;
+pub mod claim;
 pub mod commit;
 pub mod endpoints;
 pub mod fetch;
