@@ -122,7 +122,7 @@ fn run(
     let catch_up = |target: Seq| -> bool {
         while *applied.borrow() < target && !*stopping.borrow() {
             let started = std::time::Instant::now();
-            match store.apply_next(STEP_RECORDS) {
+            match apply_step(store) {
                 Ok(Some(step)) => {
                     metrics
                         .apply_seconds
@@ -162,6 +162,15 @@ fn run(
             return;
         }
     }
+}
+
+/// One step of at most [`STEP_RECORDS`] records.
+fn apply_step(store: &LocalStore) -> crate::Result<Option<crate::local_store::AppliedRange>> {
+    // Fail point (tests): the step fails as on a damaged local log.
+    fail::fail_point!("applier::step_fails", |_| Err(crate::Error::TaskFailed(
+        "fail point applier::step_fails".into()
+    )));
+    store.apply_next(STEP_RECORDS)
 }
 
 /// Lowers this thread's CPU priority. Linux gives each thread its own nice value.

@@ -84,6 +84,7 @@ impl axum::serve::Listener for TlsListener {
 }
 
 async fn render_metrics(Extract(shared): Extract<Arc<Shared>>) -> impl IntoResponse {
+    shared.node.refresh_lags();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         shared.metrics.render(),
@@ -99,6 +100,12 @@ async fn healthz(Extract(shared): Extract<Arc<Shared>>) -> impl IntoResponse {
 
 async fn readyz(Extract(shared): Extract<Arc<Shared>>) -> impl IntoResponse {
     let state = shared.node.state();
+    if let Some(failure) = shared.node.applier_failure() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{state}: the applier stopped: {failure}\n"),
+        );
+    }
     let ready = match shared.node.role() {
         Role::Primary(primary) => primary.is_leading(),
         Role::Standby(_) => state == State::Watching,

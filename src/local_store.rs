@@ -733,6 +733,16 @@ impl LocalStore {
         Ok(batches)
     }
 
+    /// When the batch holding `seq` was sealed, if the log holds it.
+    pub fn sealed_at(&self, seq: Seq) -> Result<Option<u64>> {
+        let entry = self.log.range(..=seq.to_be_bytes()).next_back().transpose();
+        let Some((key, bytes)) = entry.map_err(|e| self.io(e))? else {
+            return Ok(None);
+        };
+        let header = self.header(&key, &bytes)?;
+        Ok((header.last_seq() >= seq).then_some(header.sealed_at_micros))
+    }
+
     /// The applied value of `key`, if any.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self

@@ -17,6 +17,23 @@ fn seconds_since(micros: u64) -> f64 {
     unix_micros_now().saturating_sub(micros) as f64 / 1e6
 }
 
+/// How far a position (received or applied) is behind, in seconds: 0 once it has reached
+/// `target`; else the age of the oldest record it lacks, from `waiting_sealed_at` — when the
+/// first batch past the position was sealed, or, where that batch is not known here, the
+/// batch ending at the position (an upper bound) — so it grows with the wall clock while the
+/// position stands still, and never goes stale at the value of the last batch.
+pub fn lag_seconds(
+    position: Seq,
+    target: Seq,
+    waiting_sealed_at: Option<u64>,
+    now_micros: u64,
+) -> f64 {
+    if position >= target {
+        return 0.0;
+    }
+    waiting_sealed_at.map_or(0.0, |sealed| now_micros.saturating_sub(sealed) as f64 / 1e6)
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Batches committed to etcd by this node as primary.
@@ -309,5 +326,34 @@ impl Metrics {
             tracing::error!(error = %e, "cannot render metrics");
         }
         String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod lag_tests {
+    use super::*;
+
+    const NOW: u64 = 100_000_000;
+
+    #[test]
+    fn a_position_that_reached_its_target_has_no_lag_however_old_its_last_batch() {
+        assert_eq!(lag_seconds(Seq(10), Seq(10), Some(1), NOW), 0.0);
+        assert_eq!(lag_seconds(Seq(11), Seq(10), None, NOW), 0.0);
+    }
+
+    #[test]
+    fn a_position_behind_lags_by_the_age_of_the_oldest_record_it_lacks() {
+        assert_eq!(
+            lag_seconds(Seq(5), Seq(10), Some(NOW - 2_500_000), NOW),
+            2.5
+        );
+    }
+
+    #[test]
+    fn the_lag_of_a_position_standing_still_grows_with_the_clock() {
+        let sealed = Some(NOW - 1_000_000);
+        let earlier = lag_seconds(Seq(5), Seq(10), sealed, NOW);
+        let later = lag_seconds(Seq(5), Seq(10), sealed, NOW + 30_000_000);
+        assert_eq!((earlier, later), (1.0, 31.0));
     }
 }

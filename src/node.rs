@@ -27,7 +27,7 @@ use crate::etcd::leadership::{current_leader, Leadership};
 use crate::etcd::trim::read_trimmed;
 use crate::keys::KeyLayout;
 use crate::local_store::{blocking, LocalRetention, LocalStore, StoreOptions};
-use crate::metrics::Metrics;
+use crate::metrics::{lag_seconds, Metrics};
 use crate::primary::{AppendAck, Primary, StepDown};
 use crate::record::{Epoch, Record, Seq};
 use crate::standby::lifecycle::{Event, State};
@@ -88,6 +88,8 @@ pub struct NodeStatus {
     pub applied_seq: Seq,
     pub receive_lag_seconds: f64,
     pub apply_lag_seconds: f64,
+    /// Why the state stopped advancing, if the applier failed.
+    pub error: Option<String>,
 }
 
 /// The node's store; replaced as a whole when a snapshot is installed.
@@ -269,7 +271,45 @@ impl Node {
         }
     }
 
+    /// Why this node's state stopped advancing, if its applier failed: the node then serves
+    /// a state that no longer follows the log, and is not ready.
+    pub fn applier_failure(&self) -> Option<String> {
+        match self.role() {
+            Role::Primary(primary) => primary.applier_failure(),
+            Role::Standby(standby) => standby.applier_failure(),
+            Role::Stopped => None,
+        }
+    }
+
+    /// Sets the lag gauges from the positions and the clock now (see
+    /// [`crate::metrics::lag_seconds`]): at apply time alone they went stale, showing an idle,
+    /// caught-up node's last lag, and a stalled one's last small lag.
+    pub fn refresh_lags(&self) {
+        let store = self.store();
+        let Ok(positions) = store.positions() else {
+            return;
+        };
+        let now = crate::batch::unix_micros_now();
+        let (received, applied) = (positions.received_seq, positions.applied_seq);
+        let after_applied = applied
+            .next()
+            .ok()
+            .and_then(|next| store.sealed_at(next).ok().flatten());
+        let apply = lag_seconds(applied, received, after_applied, now);
+        let receive = match self.role() {
+            Role::Primary(primary) if primary.is_leading() => 0.0,
+            _ => {
+                let committed = Seq(self.metrics.committed_seq.get().max(0) as u64);
+                let last_received = store.sealed_at(received).ok().flatten();
+                lag_seconds(received, committed, last_received, now)
+            }
+        };
+        self.metrics.apply_lag_seconds.set(apply);
+        self.metrics.receive_lag_seconds.set(receive);
+    }
+
     pub fn status(&self) -> NodeStatus {
+        self.refresh_lags();
         let gauge = |g: &prometheus::IntGauge| Seq(g.get().max(0) as u64);
         let mut status = NodeStatus {
             cluster: self.config.primary.cluster.as_str().to_owned(),
@@ -282,6 +322,9 @@ impl Node {
             applied_seq: gauge(&self.metrics.applied_seq),
             receive_lag_seconds: self.metrics.receive_lag_seconds.get(),
             apply_lag_seconds: self.metrics.apply_lag_seconds.get(),
+            error: self
+                .applier_failure()
+                .map(|e| format!("the applier stopped: {e}")),
         };
         match self.role() {
             Role::Primary(primary) if primary.is_leading() => {

@@ -800,9 +800,18 @@ async fn bootstrap_installs_the_primarys_state_and_the_node_follows_from_there()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_below_the_local_log_names_the_oldest_seq_the_node_holds() {
     let cluster = Cluster::start().await;
-    let mut primary = cluster
-        .primary("alpha", &["--local-retain-records", "500"])
-        .await;
+    // The local log keeps 500 records, and only what etcd no longer holds may go from it.
+    let args = [
+        "--local-retain-records",
+        "500",
+        "--retain-records",
+        "100",
+        "--retain-seconds",
+        "0",
+        "--trim-interval-ms",
+        "100",
+    ];
+    let mut primary = cluster.primary("alpha", &args).await;
     load(primary.api(), "3000");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let err = loop {
@@ -1024,4 +1033,33 @@ async fn check_after_trimming_reports_trimmed_seqs_as_unverified_and_verifies_th
         "{out}"
     );
     assert!(!out.contains("not verified"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_caught_up_standby_shows_no_lag_in_seconds() {
+    let cluster = Cluster::start().await;
+    let mut primary = cluster.primary("alpha", &[]).await;
+    let mut standby = cluster.standby("beta", &[]).await;
+    let (ok, _, err) = fencelog(&["append", "--server", primary.api(), "k", "v"]);
+    assert!(ok, "{err}");
+    standby
+        .client()
+        .await
+        .unwrap()
+        .get(b"k".to_vec(), Seq(1), Duration::from_secs(20))
+        .await
+        .unwrap();
+    // The batch was sealed over a second ago; a caught-up node lags by nothing.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    for node in [&primary, &standby] {
+        let status = node.status().await.unwrap();
+        assert_eq!(
+            (status.apply_lag_seconds, status.receive_lag_seconds),
+            (0.0, 0.0),
+            "{}: {status:?}",
+            node.name()
+        );
+    }
+    standby.stop(STARTUP).await.unwrap();
+    primary.stop(STARTUP).await.unwrap();
 }

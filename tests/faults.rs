@@ -843,3 +843,53 @@ async fn a_primary_whose_disk_fills_up_stops_clearly_and_recovers_once_there_is_
     assert!(status.received_seq > 0, "it restarted from zero");
     check(&etcd, &[file], &mut [restarted, standby]).await;
 }
+
+/// The standby's applier fails on its first step (as on a damaged local log): the node stays
+/// up, but `/readyz` fails and `status` names the error, and its apply lag grows with the
+/// clock instead of showing its last value.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standby_whose_applier_failed_is_not_ready_and_says_why() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fails = [("FAILPOINTS", "applier::step_fails=return")];
+    let env = PairEnv {
+        standby: &fails,
+        ..PairEnv::default()
+    };
+    let mut pair = start_pair_with(&etcd, dir.path(), false, env).await;
+    let (ok, _, err) = common::fencelog(&["append", "--server", pair[0].api(), "k", "v"]);
+    assert!(ok, "{err}");
+    let deadline = std::time::Instant::now() + WAIT;
+    let failed = loop {
+        let status = pair[1].status().await.unwrap();
+        if status.error.is_some() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the applier never failed: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let error = failed.error.clone().unwrap();
+    assert!(error.contains("the applier stopped"), "{error}");
+    let (code, body) = common::http_get(pair[1].metrics_addr(), "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("the applier stopped"), "{body}");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let later = pair[1].status().await.unwrap();
+    assert_eq!(later.applied_seq, 0);
+    assert!(
+        later.apply_lag_seconds >= failed.apply_lag_seconds + 1.0,
+        "a stalled applier's lag grows: {} then {}",
+        failed.apply_lag_seconds,
+        later.apply_lag_seconds
+    );
+    let (ok, out, _) = common::fencelog(&["status", "--server", pair[1].api()]);
+    assert!(ok);
+    assert!(out.contains("error          the applier stopped"), "{out}");
+    for node in &mut pair {
+        node.stop(WAIT).await.unwrap();
+    }
+}

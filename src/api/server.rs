@@ -289,6 +289,7 @@ impl Wal for WalApi {
             apply_lag_seconds: status.apply_lag_seconds,
             leader,
             address: self.address.clone(),
+            error: status.error,
         }))
     }
 

@@ -299,6 +299,11 @@ impl Primary {
     }
 
     /// The last seq applied to this node's state.
+    /// Why the applier stopped, if it failed: the state no longer follows the log.
+    pub fn applier_failure(&self) -> Option<String> {
+        self.applier.failure()
+    }
+
     pub fn applied_seq(&self) -> Seq {
         self.applier.applied_seq()
     }

@@ -238,6 +238,11 @@ impl Standby {
         *self.received.borrow()
     }
 
+    /// Why the applier stopped, if it failed: the state no longer follows the log.
+    pub fn applier_failure(&self) -> Option<String> {
+        self.applier.failure()
+    }
+
     pub fn applied_seq(&self) -> Seq {
         self.applier.applied_seq()
     }

@@ -143,6 +143,7 @@ pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
             "receive_lag_seconds": s.receive_lag_seconds,
             "apply_lag_seconds": s.apply_lag_seconds,
             "leader": s.leader,
+            "error": s.error,
         });
         println!("{object}");
         return Ok(());
@@ -165,6 +166,9 @@ pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
         "leader         {}",
         s.leader.as_deref().unwrap_or("(nobody)")
     );
+    if let Some(error) = &s.error {
+        println!("error          {error}");
+    }
     Ok(())
 }
 
