@@ -893,3 +893,43 @@ async fn a_standby_whose_applier_failed_is_not_ready_and_says_why() {
         node.stop(WAIT).await.unwrap();
     }
 }
+
+/// A standby promoted while its follower is writing a batch into the local log: the write
+/// runs on a blocking thread that aborting the follower does not stop, so the term's recovery
+/// waits for it rather than fetch the same batch beside it (it failed with `LogGap` and the
+/// node waited a TTL). Fail points make the follower's write and the recovery slow so that they
+/// would overlap.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_promotion_waits_for_the_followers_write_before_it_recovers() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let slow = [(
+        "FAILPOINTS",
+        "follower::slow_write=sleep(1500);primary::slow_recovery=sleep(3000)",
+    )];
+    let env = PairEnv {
+        standby: &slow,
+        ..PairEnv::default()
+    };
+    let mut pair = start_pair_with(&etcd, dir.path(), false, env).await;
+    let (ok, _, err) = common::fencelog(&["append", "--server", pair[0].api(), "k", "v"]);
+    assert!(ok, "{err}");
+    // The standby's follower is now asleep inside its write of seq 1.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (ok, out, err) = common::fencelog(&["promote", "--server", pair[1].api(), "--force"]);
+    assert!(
+        ok,
+        "the promotion failed: {out}\n{err}\n{}",
+        pair[1].log_text()
+    );
+    pair[1].wait_for("primary", None, WAIT).await.unwrap();
+    let (ok, out, err) = common::fencelog(&["append", "--server", pair[1].api(), "k2", "v2"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "seq 2");
+    let log = pair[1].log_text();
+    assert!(!log.contains("could not start the term"), "{log}");
+    for node in &mut pair {
+        node.stop(WAIT).await.unwrap();
+    }
+}

@@ -3,7 +3,9 @@
 //! with the same `--node` finds the claim and refuses to start, naming where the first runs:
 //! the two would otherwise share `members/<node>`, and when one stopped, the other's
 //! registration vanished and trimming no longer waited for it. A daemon restarted after a crash
-//! recognises its own claim by the lease its store recorded and takes it back at once.
+//! recognises its own claim by the lease its store recorded and takes it back at once; a claim
+//! it cannot prove its own (its store was replaced by a snapshot since) it waits out for one
+//! lease TTL before refusing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,15 +56,28 @@ impl NodeClaim {
                 Some(PutOptions::new().with_lease(lease)),
             )])
             .or_else([TxnOp::get(key.clone(), None)]);
-        let response = timed(request_timeout, client.kv_client().txn(txn.clone())).await?;
-        let response = match holder(&response) {
-            None => response,
-            Some((holder_lease, _)) if Some(holder_lease) == ours_before => {
-                tracing::info!(node = %node, "found this node's own claim from before a restart; taking it back");
-                revoke_lease(client, holder_lease, request_timeout).await?;
-                timed(request_timeout, client.kv_client().txn(txn)).await?
+        // A claim that is not provably ours may be a crashed predecessor's whose store was
+        // replaced since (a snapshot install): it expires within one TTL, a live daemon's
+        // does not.
+        let patience = tokio::time::Instant::now() + ttl + request_timeout;
+        let mut said = false;
+        let response = loop {
+            let response = timed(request_timeout, client.kv_client().txn(txn.clone())).await?;
+            match holder(&response) {
+                None => break response,
+                Some((holder_lease, _)) if Some(holder_lease) == ours_before => {
+                    tracing::info!(node = %node, "found this node's own claim from before a restart; taking it back");
+                    revoke_lease(client, holder_lease, request_timeout).await?;
+                }
+                Some(_) if tokio::time::Instant::now() >= patience => break response,
+                Some((_, running_at)) => {
+                    if !said {
+                        tracing::info!(node = %node, %running_at, "another process holds this node's name; waiting up to a lease TTL for it to expire");
+                        said = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
             }
-            Some(_) => response,
         };
         if let Some((_, running_at)) = holder(&response) {
             revoke_lease(client, lease, request_timeout).await?;

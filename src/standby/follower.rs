@@ -55,6 +55,10 @@ pub(crate) struct Follower {
     pub recovery_retry: Duration,
     pub received: watch::Sender<Seq>,
     pub lifecycle: Arc<LifecycleCell>,
+    /// Held by each write into the local log for as long as it runs, on its blocking thread:
+    /// aborting the follower does not stop a write under way, so whoever takes the store over
+    /// (a promotion's recovery) first waits on this.
+    pub writing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Follower {
@@ -183,7 +187,13 @@ impl Follower {
         }
         let store = self.store.clone();
         let limits = self.limits.clone();
+        let writing = self.writing.clone().lock_owned().await;
         let (outcome, received, appended) = blocking(move || {
+            let _writing = writing;
+            // Fail point (tests): the write takes long, as on a slow disk.
+            fail::fail_point!("follower::slow_write", |_| Err(crate::Error::TaskFailed(
+                "fail point follower::slow_write".into()
+            )));
             let outcome = append_verified(&store, &mut BatchDecoder::new(limits)?, &batches);
             let received = store.positions()?.received_seq;
             let appended = batches.iter().take_while(|b| b.last_seq() <= received);

@@ -158,6 +158,8 @@ pub struct Standby {
     applier: Applier,
     /// How the follower ended, once it has (it only does by a panic or when stopped).
     follower_ended: watch::Receiver<Option<String>>,
+    /// Held by the follower's local log writes while they run (see `Follower::writing`).
+    log_writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Standby {
@@ -202,6 +204,7 @@ impl Standby {
             }
             .run(),
         );
+        let log_writes = Arc::new(tokio::sync::Mutex::new(()));
         let follower = follower::Follower {
             client: client.clone(),
             layout,
@@ -212,6 +215,7 @@ impl Standby {
             recovery_retry: config.recovery_retry,
             received: received_tx,
             lifecycle: lifecycle.clone(),
+            writing: log_writes.clone(),
         };
         // It never ends by itself: if it does (a panic), the node restarts it.
         let (follower_end, follower_ended) = watch::channel(None);
@@ -230,6 +234,7 @@ impl Standby {
             lifecycle,
             applier,
             follower_ended,
+            log_writes,
         })
     }
 
@@ -384,6 +389,9 @@ impl Standby {
             // Cancelled is the expected outcome; waiting makes sure the task let go.
             let _ = task.await;
         }
+        // A write the aborted follower had under way still runs on its blocking thread: a
+        // recovery starting beside it found a log that moved under it (`LogGap`, `PendingTail`).
+        drop(self.log_writes.lock().await);
         let lease = self.member_lease.swap(0, Ordering::SeqCst);
         if let Err(e) =
             membership::deregister(&self.client, lease, self.config.etcd_request_timeout).await
