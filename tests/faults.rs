@@ -933,3 +933,118 @@ async fn a_promotion_waits_for_the_followers_write_before_it_recovers() {
         node.stop(WAIT).await.unwrap();
     }
 }
+
+/// Two clusters on one etcd, both trimming every 50 ms under load, one of them compacting
+/// etcd's (shared) revision history, which compacts the other's too: the standbys of both
+/// still follow every record without a snapshot they did not need (a read
+/// or watch at a compacted revision is read again by key range), and both histories hold.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_clusters_trimming_and_compacting_one_etcd_both_keep_their_promises() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let retention = [
+        "--lease-ttl",
+        "2",
+        "--retain-records",
+        "2000",
+        "--retain-seconds",
+        "0",
+        "--trim-interval-ms",
+        "50",
+    ];
+    let mut nodes = Vec::new();
+    for cluster in ["east", "west"] {
+        for (role, name) in [("primary", "a"), ("standby", "b")] {
+            // West leaves compaction to east: the way to share an etcd (OPERATIONS.md).
+            let mut args = retention.to_vec();
+            if cluster == "west" {
+                args.extend(["--etcd-compaction", "false"]);
+            }
+            let mut spec = common::daemon_spec(&etcd, dir.path(), role, name, &args, &[]);
+            spec.cluster = cluster.to_owned();
+            spec.data_dir = dir.path().join(format!("{cluster}-{name}"));
+            spec.log = dir.path().join(format!("{cluster}-{name}.log"));
+            let mut node = NodeProcess::spawn(spec).unwrap();
+            let (role, state) = if role == "primary" {
+                ("primary", None)
+            } else {
+                ("standby", Some("watching"))
+            };
+            node.wait_for(role, state, WAIT).await.unwrap();
+            nodes.push(node);
+        }
+    }
+    let loads: Vec<_> = ["east", "west"]
+        .iter()
+        .map(|cluster| {
+            let acked = dir.path().join(format!("{cluster}.tsv"));
+            let child = Command::new(env!("CARGO_BIN_EXE_fencelog"))
+                .args(["load", "--etcd", etcd.endpoint(), "--cluster", cluster])
+                .args(["--records", "30000", "--concurrency", "8", "--acked-out"])
+                .arg(&acked)
+                .stdout(Stdio::piped())
+                .stderr(std::fs::File::create(acked.with_extension("log")).unwrap())
+                .spawn()
+                .unwrap();
+            (
+                Load {
+                    child,
+                    log: acked.with_extension("log"),
+                },
+                acked,
+            )
+        })
+        .collect();
+    let mut acked_files = Vec::new();
+    for (load, acked) in loads {
+        finish_load(load);
+        acked_files.push(acked);
+    }
+    for (pair, (cluster, acked)) in nodes
+        .chunks(2)
+        .zip(["east", "west"].iter().zip(&acked_files))
+    {
+        let end = pair[0].status().await.unwrap().committed_seq;
+        reached(&pair[1], end, |s| s.applied_seq).await;
+        let compactions = metric(pair[0].metrics_addr(), "fencelog_compactions_total").await;
+        match *cluster {
+            "east" => assert!(compactions > 0.0, "east's primary never compacted"),
+            _ => assert_eq!(
+                compactions, 0.0,
+                "west compacted with --etcd-compaction false"
+            ),
+        }
+        let snapshots = metric(pair[1].metrics_addr(), "fencelog_snapshots_installed_total").await;
+        assert_eq!(snapshots, 0.0, "{cluster}'s standby needed a snapshot");
+        let (ok, out, err) = fencelog(&[
+            "check",
+            "--etcd",
+            etcd.endpoint(),
+            "--cluster",
+            cluster,
+            "--acked",
+            acked.to_str().unwrap(),
+        ]);
+        assert!(ok, "{cluster}: {out}{err}");
+        assert!(out.contains("no violations"), "{cluster}: {out}");
+        let primary = pair[0].status().await.unwrap();
+        let standby = pair[1].status().await.unwrap();
+        assert_eq!(primary.committed_seq, 30_000, "{cluster}");
+        assert_eq!(standby.applied_seq, primary.committed_seq, "{cluster}");
+    }
+    // Equal states: the standby's digest is the primary's.
+    for node in &mut nodes {
+        node.stop(WAIT).await.unwrap();
+    }
+    for cluster in ["east", "west"] {
+        let digest = |name: &str| {
+            let data = dir.path().join(format!("{cluster}-{name}"));
+            let (ok, out, err) =
+                fencelog(&["inspect", "--data-dir", data.to_str().unwrap(), "--json"]);
+            assert!(ok, "{err}");
+            let json: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+            json["state_digest"].clone()
+        };
+        assert_eq!(digest("a"), digest("b"), "{cluster}");
+    }
+}

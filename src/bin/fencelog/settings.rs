@@ -102,6 +102,11 @@ pub struct NodeSettings {
     /// Primary: milliseconds between trims [default: 5000].
     #[arg(long, env = "FENCELOG_TRIM_INTERVAL_MS")]
     pub trim_interval_ms: Option<u64>,
+    /// Primary: compact etcd's revision history behind each trim; compaction is etcd-wide, so
+    /// on an etcd shared with others leave it to one of them or to etcd's own
+    /// `--auto-compaction-*` [default: true].
+    #[arg(long, env = "FENCELOG_ETCD_COMPACTION", num_args = 0..=1, default_missing_value = "true")]
+    pub etcd_compaction: Option<bool>,
     /// Keep at most this many records in the local log (never unapplied ones) [default: all].
     #[arg(long, env = "FENCELOG_LOCAL_RETAIN_RECORDS")]
     pub local_retain_records: Option<u64>,
@@ -165,6 +170,7 @@ impl NodeSettings {
             retain_seconds: self.retain_seconds.or(lower.retain_seconds),
             max_etcd_log_bytes: self.max_etcd_log_bytes.or(lower.max_etcd_log_bytes),
             trim_interval_ms: self.trim_interval_ms.or(lower.trim_interval_ms),
+            etcd_compaction: self.etcd_compaction.or(lower.etcd_compaction),
             local_retain_records: self.local_retain_records.or(lower.local_retain_records),
             local_retain_bytes: self.local_retain_bytes.or(lower.local_retain_bytes),
             log_format: self.log_format.or(lower.log_format),
@@ -234,6 +240,7 @@ impl NodeSettings {
         if let Some(ms) = self.trim_interval_ms {
             retention.interval = Duration::from_millis(ms);
         }
+        retention.compact = self.etcd_compaction.unwrap_or(retention.compact);
         primary.validate()?;
         let standby = StandbyConfig::new(cluster, node);
         Ok(Resolved {
