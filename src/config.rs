@@ -45,6 +45,10 @@ pub struct PrimaryConfig {
     /// Seal a batch at this many payload (key + value) bytes. Default 256 KiB, which zstd
     /// level 1 turns into roughly 64–96 KB: the size etcd handles best.
     pub max_batch_bytes: usize,
+    /// The largest etcd request this primary has seen refused as too large (etcd's
+    /// `--max-request-bytes` is below it), once one was: batches are then capped below it, and
+    /// a record that cannot fit is refused. Learned, never set by hand. Default: none.
+    pub etcd_refused_request: Option<usize>,
     /// How long a batch waits for more records after its first one. Default 0: a batch is
     /// sealed as soon as the pipeline has room (natural group commit).
     pub linger: Duration,
@@ -73,6 +77,7 @@ impl PrimaryConfig {
             lease_safety_margin: Duration::from_secs(1),
             max_batch_records: 1024,
             max_batch_bytes: 256 * 1024,
+            etcd_refused_request: None,
             linger: Duration::ZERO,
             pipeline: Pipeline::Double,
             max_pending_bytes: 64 * 1024 * 1024,

@@ -152,6 +152,14 @@ pub enum Error {
         epoch: Epoch,
         leader_epoch: Option<Epoch>,
     },
+    #[error("not committed: etcd refused a request of {bytes} bytes as too large (its --max-request-bytes is lower); this primary now seals batches of at most {cap} bytes: retry")]
+    EtcdRequestTooLarge { bytes: usize, cap: usize },
+    #[error("a record of {bytes} bytes cannot be committed: etcd refused a request of {refused} bytes (its --max-request-bytes), so batches are capped at {cap} bytes; raise etcd's --max-request-bytes or split the record")]
+    RecordOverEtcdLimit {
+        bytes: usize,
+        refused: usize,
+        cap: usize,
+    },
     #[error("leadership lost: {reason}")]
     LeadershipLost { reason: String },
     #[error("the outcome of the commit of seqs {first_seq}..={last_seq} is unknown: {reason}; read the log to see whether they were committed")]

@@ -915,3 +915,81 @@ async fn a_store_that_outlived_a_wiped_etcd_prefix_is_refused_not_mistaken_for_l
     };
     assert!(detail.contains("was wiped and created anew"), "{detail}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_etcds_request_limit_is_answered_not_committed_and_the_primary_leads_on() {
+    let etcd = common::EtcdProcess::start_with_flags(&["--max-request-bytes", "262144"])
+        .await
+        .unwrap();
+    let node = node("p1");
+    let metrics = Arc::new(fencelog::metrics::Metrics::new().unwrap());
+    let service = PrimaryService::spawn(
+        common::client(&etcd).await,
+        node.store.clone(),
+        node.config.clone(),
+        metrics,
+    );
+    let big = || vec![Record::put("big", vec![7u8; 600_000])];
+    let wait_leading = || async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match service.append(vec![Record::put("small", "1")]).await {
+                Ok(ack) => return ack,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("the primary does not lead again: {e}"),
+            }
+        }
+    };
+    let first = wait_leading().await;
+    assert_eq!(first.first_seq, Seq(1));
+
+    // Incompressible: the batch really is 600 KB on the wire.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..600_000)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let refused = service.append(vec![Record::put("noise", noise)]).await;
+    assert!(
+        matches!(refused, Err(Error::EtcdRequestTooLarge { .. })),
+        "etcd's refusal is a known 'not committed', not UNKNOWN: {refused:?}"
+    );
+    // The next term seals batches under the limit; the record itself can no longer be taken.
+    let next = wait_leading().await;
+    assert_eq!(
+        next.first_seq,
+        Seq(2),
+        "the refused seqs were never committed"
+    );
+    let again = service.append(big()).await;
+    assert!(
+        matches!(again, Err(Error::RecordOverEtcdLimit { .. })),
+        "{again:?}"
+    );
+    // Many appends at once still fit etcd's requests.
+    let mut appends = Vec::new();
+    for i in 0..40 {
+        let service = &service;
+        appends.push(async move {
+            service
+                .append(vec![Record::put(format!("k{i}"), vec![i as u8; 20_000])])
+                .await
+        });
+    }
+    for answer in futures_util::future::join_all(appends).await {
+        answer.expect("small appends commit under the lowered cap");
+    }
+    let committed = committed_records(&etcd).await;
+    assert_eq!(committed.len(), 42);
+    assert!(committed
+        .iter()
+        .enumerate()
+        .all(|(i, (seq, _))| seq.0 == i as u64 + 1));
+    service.shutdown().await.unwrap();
+}

@@ -61,7 +61,8 @@ pub fn to_status(error: &Error) -> tonic::Status {
         | Error::AppendTooLarge { .. }
         | Error::EmptyAppend
         | Error::InvalidName { .. }
-        | Error::InvalidRequest(_) => Code::InvalidArgument,
+        | Error::InvalidRequest(_)
+        | Error::RecordOverEtcdLimit { .. } => Code::InvalidArgument,
         Error::SeqNotInLog { .. } => Code::OutOfRange,
         Error::NotYetApplied { .. } => Code::DeadlineExceeded,
         Error::Fenced { .. }
@@ -69,7 +70,8 @@ pub fn to_status(error: &Error) -> tonic::Status {
         | Error::ShuttingDown
         | Error::Etcd(_)
         | Error::EtcdTimeout(_)
-        | Error::NoLeader { .. } => Code::Unavailable,
+        | Error::NoLeader { .. }
+        | Error::EtcdRequestTooLarge { .. } => Code::Unavailable,
         Error::CommitOutcomeUnknown { .. } => Code::Unknown,
         Error::Rpc { code, .. } => *code,
         _ => Code::Internal,

@@ -110,6 +110,19 @@ pub(crate) fn access_denied(error: &Error) -> Option<String> {
     }
 }
 
+/// True when etcd refused a request as over its size limit (`--max-request-bytes`, or gRPC's
+/// message limit above it): refused before it was proposed, so certainly not applied.
+pub(crate) fn request_too_large(error: &Error) -> bool {
+    match error {
+        Error::Etcd(etcd_client::Error::GRpcStatus(status)) => match status.code() {
+            tonic::Code::InvalidArgument => status.message().contains("request is too large"),
+            tonic::Code::ResourceExhausted => status.message().contains("larger than max"),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
 /// Runs one etcd call, giving up after `limit`: a call to an unreachable etcd must not hang
 /// a commit or a keepalive.
 pub(crate) async fn timed<T, E: Into<Error>>(

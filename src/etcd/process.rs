@@ -51,24 +51,31 @@ pub struct EtcdProcess {
     data_dir: TempDir,
     log_path: PathBuf,
     tls: Option<EtcdServerTls>,
+    /// More flags of etcd's own.
+    flags: Vec<String>,
 }
 
 impl EtcdProcess {
     /// Starts etcd and waits until it answers. Retries with new ports if another process took
     /// the ones it picked.
     pub async fn start() -> Result<EtcdProcess> {
-        Self::start_with(None).await
+        Self::start_with(None, &[]).await
     }
 
     /// Starts etcd serving its client port over `tls` (the URL is `https://`).
     pub async fn start_tls(tls: EtcdServerTls) -> Result<EtcdProcess> {
-        Self::start_with(Some(tls)).await
+        Self::start_with(Some(tls), &[]).await
     }
 
-    async fn start_with(tls: Option<EtcdServerTls>) -> Result<EtcdProcess> {
+    /// Starts etcd with more flags of its own, e.g. `--max-request-bytes 262144`.
+    pub async fn start_with_flags(flags: &[&str]) -> Result<EtcdProcess> {
+        Self::start_with(None, flags).await
+    }
+
+    async fn start_with(tls: Option<EtcdServerTls>, flags: &[&str]) -> Result<EtcdProcess> {
         let mut last_error = None;
         for _ in 0..3 {
-            match Self::start_once(tls.clone()).await {
+            match Self::start_once(tls.clone(), flags).await {
                 Ok(etcd) => return Ok(etcd),
                 Err(e @ Error::EtcdNotInstalled { .. }) => return Err(e),
                 Err(e) => last_error = Some(e),
@@ -77,10 +84,11 @@ impl EtcdProcess {
         Err(last_error.expect("three attempts were made"))
     }
 
-    async fn start_once(tls: Option<EtcdServerTls>) -> Result<EtcdProcess> {
+    async fn start_once(tls: Option<EtcdServerTls>, flags: &[&str]) -> Result<EtcdProcess> {
         let (name, peer_url) = ("fencelog-test".to_owned(), loopback_url()?);
         let initial_cluster = format!("{name}={peer_url}");
         let mut etcd = EtcdProcess::member(name, peer_url, initial_cluster)?;
+        etcd.flags = flags.iter().map(|f| f.to_string()).collect();
         if tls.is_some() {
             etcd.client_url = etcd.client_url.replacen("http://", "https://", 1);
             etcd.tls = tls;
@@ -105,6 +113,7 @@ impl EtcdProcess {
             log_path: data_dir.path().join("etcd.log"),
             data_dir,
             tls: None,
+            flags: Vec::new(),
         })
     }
 
@@ -152,6 +161,7 @@ impl EtcdProcess {
                 "--log-level",
                 "warn",
             ])
+            .args(&self.flags)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -59,6 +59,11 @@ pub enum StepDown {
     /// Sealing, encoding or the local write failed: a node that cannot write its log must not
     /// lead.
     PipelineFailed(String),
+    /// etcd refused a commit of `bytes` as over its request limit, before proposing it: not
+    /// committed. The next term seals smaller batches ([`StepDown::lower_caps`]).
+    RequestTooLarge {
+        bytes: usize,
+    },
     ShuttingDown,
 }
 
@@ -78,7 +83,24 @@ impl StepDown {
             StepDown::PipelineFailed(reason) => Error::LeadershipLost {
                 reason: format!("stepped down: {reason}"),
             },
+            StepDown::RequestTooLarge { bytes } => Error::EtcdRequestTooLarge {
+                bytes: *bytes,
+                cap: bytes / 2,
+            },
             StepDown::ShuttingDown => Error::ShuttingDown,
+        }
+    }
+
+    /// What the next term must do differently: after etcd refused a request as too large,
+    /// batches are capped at half of it (halving again should that still be refused), and a
+    /// record that no batch under the cap can carry is refused up front.
+    pub fn lower_caps(&self, config: &mut PrimaryConfig) {
+        if let StepDown::RequestTooLarge { bytes } = self {
+            let refused = config
+                .etcd_refused_request
+                .map_or(*bytes, |r| r.min(*bytes));
+            config.etcd_refused_request = Some(refused);
+            config.max_batch_bytes = config.max_batch_bytes.min(refused / 2).max(1);
         }
     }
 
@@ -88,6 +110,7 @@ impl StepDown {
             StepDown::Fenced { .. } => "fenced",
             StepDown::LeadershipLost(_) => "leadership_lost",
             StepDown::PipelineFailed(_) => "pipeline_failed",
+            StepDown::RequestTooLarge { .. } => "request_too_large",
             StepDown::ShuttingDown => "shutdown",
         }
     }
@@ -269,6 +292,16 @@ impl Primary {
         for record in records {
             config.limits.check_record(record)?;
             bytes += record.key.len() + record.value.len();
+        }
+        if let (Some(refused), [record]) = (config.etcd_refused_request, records) {
+            let size = record.key.len() + record.value.len();
+            if size > config.max_batch_bytes {
+                return Err(Error::RecordOverEtcdLimit {
+                    bytes: size,
+                    refused,
+                    cap: config.max_batch_bytes,
+                });
+            }
         }
         let too_many = records.len() > config.max_batch_records;
         // One record larger than a batch's byte target still makes a batch of its own.

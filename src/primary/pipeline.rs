@@ -25,7 +25,7 @@ use tracing::Instrument;
 use crate::batch::{Batch, BatchEncoder, EncodedBatch};
 use crate::error::{Error, Result};
 use crate::etcd::commit::{commit_batch, read_commit_view, settle, CommitOutcome, Settlement};
-use crate::etcd::{timed, Backoff};
+use crate::etcd::{request_too_large, timed, Backoff};
 use crate::local_store::blocking;
 use crate::primary::accumulator::PendingAppend;
 use crate::primary::recovery::Resume;
@@ -443,6 +443,14 @@ async fn commit_resolved(
                 // An earlier attempt may be what refused this one, or may have landed before
                 // a new leader moved the log on.
                 return settle_in_doubt(term, &mut kv, batch, latest_revision, cause).await;
+            }
+            // etcd refuses an oversized request before proposing it: nothing was written.
+            Err(e) if !sent && request_too_large(&e) => {
+                let bytes = batch.as_bytes().len();
+                tracing::warn!(bytes, error = %e, "etcd refused the batch as too large; stepping down to seal smaller batches");
+                return Err(CommitFailure::NotCommitted(StepDown::RequestTooLarge {
+                    bytes,
+                }));
             }
             Err(e) => {
                 sent = true;

@@ -83,7 +83,7 @@ impl PrimaryService {
 async fn run(
     client: Client,
     store: Arc<LocalStore>,
-    config: PrimaryConfig,
+    mut config: PrimaryConfig,
     metrics: Arc<Metrics>,
     current: watch::Sender<Option<Arc<Primary>>>,
     mut stop: watch::Receiver<bool>,
@@ -120,6 +120,7 @@ async fn run(
             None => return closed,
             Some(cause) => {
                 tracing::info!(?cause, "the term ended; campaigning again");
+                cause.lower_caps(&mut config);
                 if let Err(e) = closed {
                     tracing::debug!(error = %e, "cleaning up the ended term");
                 }
