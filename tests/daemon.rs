@@ -14,6 +14,16 @@ use fencelog::record::{Record, Seq};
 
 const STARTUP: Duration = Duration::from_secs(30);
 
+/// etcd keeps only the newest 100 records, trimmed every 100 ms.
+const QUICK_TRIMS: [&str; 6] = [
+    "--retain-records",
+    "100",
+    "--retain-seconds",
+    "0",
+    "--trim-interval-ms",
+    "100",
+];
+
 /// A real etcd and a directory for the daemons' stores and logs; both go when it drops, after
 /// the daemons (declared later, dropped first).
 struct Cluster {
@@ -749,15 +759,7 @@ async fn read_streams_records_whose_total_is_far_over_one_message() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bootstrap_installs_the_primarys_state_and_the_node_follows_from_there() {
     let cluster = Cluster::start().await;
-    let quick_trims = [
-        "--retain-records",
-        "100",
-        "--retain-seconds",
-        "0",
-        "--trim-interval-ms",
-        "100",
-    ];
-    let mut primary = cluster.primary("alpha", &quick_trims).await;
+    let mut primary = cluster.primary("alpha", &QUICK_TRIMS).await;
     load(primary.api(), "3000");
     let data = cluster.dir.path().join("beta");
     let (ok, out, err) = fencelog(&[
@@ -801,16 +803,7 @@ async fn bootstrap_installs_the_primarys_state_and_the_node_follows_from_there()
 async fn a_read_below_the_local_log_names_the_oldest_seq_the_node_holds() {
     let cluster = Cluster::start().await;
     // The local log keeps 500 records, and only what etcd no longer holds may go from it.
-    let args = [
-        "--local-retain-records",
-        "500",
-        "--retain-records",
-        "100",
-        "--retain-seconds",
-        "0",
-        "--trim-interval-ms",
-        "100",
-    ];
+    let args = [&["--local-retain-records", "500"][..], &QUICK_TRIMS].concat();
     let mut primary = cluster.primary("alpha", &args).await;
     load(primary.api(), "3000");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -972,15 +965,7 @@ fn inspect_and_check_of_a_directory_without_a_store_create_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn check_after_trimming_reports_trimmed_seqs_as_unverified_and_verifies_them_from_a_store() {
     let cluster = Cluster::start().await;
-    let quick_trims = [
-        "--retain-records",
-        "100",
-        "--retain-seconds",
-        "0",
-        "--trim-interval-ms",
-        "100",
-    ];
-    let mut primary = cluster.primary("alpha", &quick_trims).await;
+    let mut primary = cluster.primary("alpha", &QUICK_TRIMS).await;
     let acked = cluster.dir.path().join("acked.tsv");
     let (ok, out, err) = fencelog(&[
         "load",

@@ -92,8 +92,9 @@ async fn reached(node: &NodeProcess, seq: u64, position: fn(&StatusResponse) -> 
     while node.status().await.map_or(0, |s| position(&s)) < seq {
         assert!(
             Instant::now() < deadline,
-            "{} never reached seq {seq}",
-            node.name()
+            "{} never reached seq {seq}; its log:\n{}",
+            node.name(),
+            node.log_text()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -40,54 +40,50 @@ impl NodeClaim {
         let key = KeyLayout::new(cluster).node_claim(node);
         let reader = store.clone();
         let ours_before = blocking(move || reader.claim_lease()).await?;
-        let lease = timed(
-            request_timeout,
-            client
-                .lease_client()
-                .grant(ttl.as_secs().max(1) as i64, None),
-        )
-        .await?
-        .id();
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.clone(),
-                addr,
-                Some(PutOptions::new().with_lease(lease)),
-            )])
-            .or_else([TxnOp::get(key.clone(), None)]);
         // A claim that is not provably ours may be a crashed predecessor's whose store was
         // replaced since (a snapshot install): it expires within one TTL, a live daemon's
-        // does not.
+        // does not. Each attempt takes a fresh lease: one granted before the wait could
+        // expire during it.
         let patience = tokio::time::Instant::now() + ttl + request_timeout;
         let mut said = false;
-        let response = loop {
-            let response = timed(request_timeout, client.kv_client().txn(txn.clone())).await?;
-            match holder(&response) {
-                None => break response,
-                Some((holder_lease, _)) if Some(holder_lease) == ours_before => {
-                    tracing::info!(node = %node, "found this node's own claim from before a restart; taking it back");
-                    revoke_lease(client, holder_lease, request_timeout).await?;
-                }
-                Some(_) if tokio::time::Instant::now() >= patience => break response,
-                Some((_, running_at)) => {
-                    if !said {
-                        tracing::info!(node = %node, %running_at, "another process holds this node's name; waiting up to a lease TTL for it to expire");
-                        said = true;
-                    }
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-            }
-        };
-        if let Some((_, running_at)) = holder(&response) {
+        let lease = loop {
+            let lease = timed(
+                request_timeout,
+                client
+                    .lease_client()
+                    .grant(ttl.as_secs().max(1) as i64, None),
+            )
+            .await?
+            .id();
+            let put = PutOptions::new().with_lease(lease);
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key.clone(), addr, Some(put))])
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let response = timed(request_timeout, client.kv_client().txn(txn)).await?;
+            let Some((holder_lease, running_at)) = holder(&response) else {
+                break lease;
+            };
             revoke_lease(client, lease, request_timeout).await?;
-            return Err(Error::NodeRunning {
-                node: node.as_str().to_owned(),
-                cluster: cluster.as_str().to_owned(),
-                addr: running_at,
-                ttl,
-            });
-        }
+            if Some(holder_lease) == ours_before {
+                tracing::info!(node = %node, "found this node's own claim from before a restart; taking it back");
+                revoke_lease(client, holder_lease, request_timeout).await?;
+                continue;
+            }
+            if tokio::time::Instant::now() >= patience {
+                return Err(Error::NodeRunning {
+                    node: node.as_str().to_owned(),
+                    cluster: cluster.as_str().to_owned(),
+                    addr: running_at,
+                    ttl,
+                });
+            }
+            if !said {
+                tracing::info!(node = %node, %running_at, "another process holds this node's name; waiting up to a lease TTL for it to expire");
+                said = true;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
         let recorder = store.clone();
         blocking(move || recorder.set_claim_lease(Some(lease))).await?;
         let keepalive = tokio::spawn(keep_alive(client.clone(), lease, ttl));

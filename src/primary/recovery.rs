@@ -10,7 +10,7 @@ use etcd_client::Client;
 
 use crate::batch::BatchDecoder;
 use crate::config::PrimaryConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::etcd::fetch::{append_verified, BatchPages};
 use crate::etcd::identity::bind_store;
 use crate::etcd::reconcile::reconcile;
@@ -38,7 +38,7 @@ pub(crate) async fn recover(
     let reader = store.clone();
     let received = blocking(move || reader.positions()).await?.received_seq;
     // Fail point (tests): recovery is slow between reading the log's end and fetching past it.
-    fail::fail_point!("primary::slow_recovery", |_| Err(Error::TaskFailed(
+    fail::fail_point!("primary::slow_recovery", |_| Err(crate::Error::TaskFailed(
         "fail point primary::slow_recovery".into()
     )));
     if received < etcd.last_seq {
