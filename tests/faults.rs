@@ -1049,3 +1049,64 @@ async fn two_clusters_trimming_and_compacting_one_etcd_both_keep_their_promises(
         assert_eq!(digest("a"), digest("b"), "{cluster}");
     }
 }
+
+/// A primary deposed between its fenced trim and the compaction behind it does not compact:
+/// compaction is etcd-wide, and only a term that surely leads may run it. A fail point holds
+/// the trimmer before its first compaction while the test revokes the primary's lease.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_primary_deposed_after_its_trim_does_not_compact() {
+    let etcd = common::etcd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--lease-ttl",
+        "2",
+        "--retain-records",
+        "100",
+        "--retain-seconds",
+        "0",
+        "--trim-interval-ms",
+        "100",
+    ];
+    let slow = [("FAILPOINTS", "primary::before_compact=sleep(6000)")];
+    let mut primary = common::daemon_with_env(&etcd, dir.path(), "primary", "a", &args, &slow);
+    primary.wait_for("primary", None, WAIT).await.unwrap();
+    let (ok, out, err) = fencelog(&[
+        "load",
+        "--server",
+        primary.api(),
+        "--records",
+        "3000",
+        "--concurrency",
+        "4",
+    ]);
+    assert!(ok, "{out}{err}");
+    let client = common::client(&etcd).await;
+    let layout = fencelog::keys::KeyLayout::new(&CLUSTER.parse().unwrap());
+    let trimmed = fencelog::etcd::trim::read_trimmed(&client, &layout, WAIT)
+        .await
+        .unwrap();
+    assert!(
+        trimmed > fencelog::record::Seq(1),
+        "nothing was trimmed: the test proves nothing"
+    );
+    // The trimmer now waits before its first compaction; the term is deposed meanwhile.
+    fencelog::etcd::leadership::depose(&client, &layout, WAIT)
+        .await
+        .unwrap()
+        .expect("the primary led");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut kv = client.kv_client();
+    let early = kv
+        .get(
+            layout.latest(),
+            Some(etcd_client::GetOptions::new().with_revision(3)),
+        )
+        .await;
+    assert!(
+        early.is_ok(),
+        "etcd's history was compacted by a deposed primary: {:?}",
+        early.err()
+    );
+    primary.stop(WAIT).await.unwrap();
+}
