@@ -749,8 +749,11 @@ async fn a_lease_etcd_no_longer_has_ends_the_term_when_the_keepalive_reconnects(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_answers_a_commit_in_doubt_unknown_never_shutting_down() {
     let etcd = common::etcd().await;
+    // A long lease and commit deadline: the committer's retry backoff grows to seconds, and
+    // the shutdown's wait for the commit ends while it sleeps between two attempts (where the
+    // old shutdown aborted it and answered "shutting down").
     let (_node, proxy, primary) =
-        primary_behind_proxy(&etcd, "p1", Duration::from_secs(10), Duration::from_secs(1)).await;
+        primary_behind_proxy(&etcd, "p1", Duration::from_secs(20), Duration::from_secs(8)).await;
     primary
         .append(vec![Record::put("first", "1")])
         .await
