@@ -1068,7 +1068,7 @@ async fn a_primary_deposed_after_its_trim_does_not_compact() {
         "--trim-interval-ms",
         "100",
     ];
-    let slow = [("FAILPOINTS", "primary::before_compact=sleep(6000)")];
+    let slow = [("FAILPOINTS", "primary::before_compact=1*off->sleep(6000)")];
     let mut primary = common::daemon_with_env(&etcd, dir.path(), "primary", "a", &args, &slow);
     primary.wait_for("primary", None, WAIT).await.unwrap();
     let (ok, out, err) = fencelog(&[
@@ -1090,7 +1090,13 @@ async fn a_primary_deposed_after_its_trim_does_not_compact() {
         trimmed > fencelog::record::Seq(1),
         "nothing was trimmed: the test proves nothing"
     );
-    // The trimmer now waits before its first compaction; the term is deposed meanwhile.
+    // The trimmer now waits before its first compaction (after its second trim); the term is
+    // deposed meanwhile.
+    let deadline = Instant::now() + WAIT;
+    while metric(primary.metrics_addr(), "fencelog_trims_total").await < 2.0 {
+        assert!(Instant::now() < deadline, "the second trim never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     fencelog::etcd::leadership::depose(&client, &layout, WAIT)
         .await
         .unwrap()
