@@ -37,10 +37,15 @@ pub(crate) async fn recover(
     let etcd = reconcile(client, layout, store, timeout).await?;
     let reader = store.clone();
     let received = blocking(move || reader.positions()).await?.received_seq;
-    // Fail point (tests): recovery is slow between reading the log's end and fetching past it.
-    fail::fail_point!("primary::slow_recovery", |_| Err(crate::Error::TaskFailed(
-        "fail point primary::slow_recovery".into()
-    )));
+    // Fail point (tests): recovery is slow between reading the log's end and fetching past it
+    // (on a blocking thread: a sleep there must not hold up the runtime's keepalives).
+    blocking(|| {
+        fail::fail_point!("primary::slow_recovery", |_| Err(crate::Error::TaskFailed(
+            "fail point primary::slow_recovery".into()
+        )));
+        Ok(())
+    })
+    .await?;
     if received < etcd.last_seq {
         tracing::info!(from = %received.next()?, through = %etcd.last_seq, "fetching committed batches from etcd");
         let mut pages = BatchPages::new(

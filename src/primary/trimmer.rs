@@ -117,8 +117,13 @@ impl Trimmer {
             .etcd_log_bytes
             .set(self.index.iter().map(|b| b.bytes).sum::<u64>() as i64);
         // Fail point (tests): the trimmer is slow between its trim and the compaction, time
-        // enough for its term to be deposed.
-        fail::fail_point!("primary::before_compact");
+        // enough for its term to be deposed (on a blocking thread, so that the sleep holds up
+        // nothing else).
+        blocking(|| {
+            fail::fail_point!("primary::before_compact");
+            Ok(())
+        })
+        .await?;
         // Compaction is etcd-wide: only a term that still surely leads, right after its own
         // fenced trim, runs it.
         if retention.compact && term.leadership.is_held() && term.ended().is_none() {
