@@ -696,11 +696,8 @@ impl LocalStore {
         if doomed.is_empty() {
             return Ok(None);
         }
-        let base_epoch = match doomed.last() {
-            Some(key) => match self.log.get(key).map_err(|e| self.io(e))? {
-                Some(bytes) => self.header(key, &bytes)?.epoch,
-                None => self.log_base_epoch()?,
-            },
+        let base_epoch = match self.batch_ending_at(Seq(keep_from.0 - 1))? {
+            Some(header) => header.epoch,
             None => self.log_base_epoch()?,
         };
         // The base first: a crash part way leaves batches below it, which are never read.
@@ -824,23 +821,31 @@ impl LocalStore {
     /// The etcd lease this node last led under, so that a restarted primary can recognise its
     /// own leader key and revoke it instead of waiting out the TTL.
     pub fn lease_id(&self) -> Result<Option<i64>> {
-        let id = self.meta_u64(LEASE_ID)?;
-        Ok((id != 0).then_some(id as i64))
+        self.meta_lease(LEASE_ID)
     }
 
     pub fn set_lease_id(&self, id: Option<i64>) -> Result<()> {
-        self.put_meta(LEASE_ID, id.map_or(0, |id| id as u64))?;
-        self.flush()
+        self.set_meta_lease(LEASE_ID, id)
     }
 
     /// The lease of this node's claim on its name, last time it ran.
     pub fn claim_lease(&self) -> Result<Option<i64>> {
-        let id = self.meta_u64(CLAIM_LEASE)?;
-        Ok((id != 0).then_some(id as i64))
+        self.meta_lease(CLAIM_LEASE)
     }
 
     pub fn set_claim_lease(&self, id: Option<i64>) -> Result<()> {
-        self.put_meta(CLAIM_LEASE, id.map_or(0, |id| id as u64))?;
+        self.set_meta_lease(CLAIM_LEASE, id)
+    }
+
+    /// An etcd lease id kept in `meta` (0: none).
+    fn meta_lease(&self, name: &[u8]) -> Result<Option<i64>> {
+        let id = self.meta_u64(name)?;
+        Ok((id != 0).then_some(id as i64))
+    }
+
+    /// Records an etcd lease id in `meta`, durably: it must outlive a crash to be recognised.
+    fn set_meta_lease(&self, name: &[u8], id: Option<i64>) -> Result<()> {
+        self.put_meta(name, id.map_or(0, |id| id as u64))?;
         self.flush()
     }
 

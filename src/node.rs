@@ -23,6 +23,7 @@ use crate::api::ApiAccess;
 use crate::config::PrimaryConfig;
 use crate::error::{Error, Result};
 use crate::etcd::claim::NodeClaim;
+use crate::etcd::identity::bind_store;
 use crate::etcd::leadership::{current_leader, Leadership};
 use crate::etcd::trim::read_trimmed;
 use crate::keys::KeyLayout;
@@ -140,6 +141,9 @@ impl Node {
             ));
         }
         let primary = &config.primary;
+        // Bound first: the claim records its lease in the store, which must be this node's.
+        let timeout = primary.etcd_request_timeout;
+        bind_store(&client, &primary.cluster, &primary.node, &store, timeout).await?;
         let claim = NodeClaim::take(
             &client,
             &primary.cluster,

@@ -14,7 +14,7 @@ use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpRespo
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::etcd::{revoke_lease, timed};
+use crate::etcd::{lease_gone, revoke_lease, timed};
 use crate::keys::{ClusterId, KeyLayout, NodeName};
 use crate::local_store::{blocking, LocalStore};
 
@@ -141,13 +141,16 @@ async fn keep_alive(client: Client, lease: i64, ttl: Duration) {
             stream.message().await
         })
         .await;
-        match answer {
-            Ok(Ok(Some(response))) if response.ttl() > 0 => {}
-            Ok(Ok(Some(_))) | Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) => {
-                tracing::warn!(lease, "the node's claim on its name expired in etcd");
-                return;
-            }
-            _ => channel = None,
+        let gone = match &answer {
+            Ok(Ok(Some(response))) if response.ttl() > 0 => continue,
+            Ok(Ok(Some(_))) => true,
+            Ok(Err(e)) => lease_gone(e),
+            _ => false,
+        };
+        if gone {
+            tracing::warn!(lease, "the node's claim on its name expired in etcd");
+            return;
         }
+        channel = None;
     }
 }

@@ -14,7 +14,7 @@ use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
 
 use crate::error::{Error, Result};
 use crate::etcd::timed;
-use crate::keys::{KeyLayout, NodeName};
+use crate::keys::{ClusterId, KeyLayout, NodeName};
 use crate::local_store::{blocking, LocalStore, StoreIdentity};
 
 /// The id of the cluster's log, created now if it has none.
@@ -44,20 +44,20 @@ pub async fn log_id(
     id_of(existing.as_deref())
 }
 
-/// Binds `store` to node `node` of the cluster of `layout` and its log in etcd; refuses a
-/// store that belongs to another.
+/// Binds `store` to node `node` of `cluster` and the cluster's log in etcd; refuses a store
+/// that belongs to another. Binding a store already bound to the same is a check only.
 pub async fn bind_store(
     client: &Client,
-    layout: &KeyLayout,
-    cluster: &str,
+    cluster: &ClusterId,
     node: &NodeName,
     store: &Arc<LocalStore>,
     request_timeout: Duration,
 ) -> Result<()> {
+    let layout = KeyLayout::new(cluster);
     let identity = StoreIdentity {
-        cluster: cluster.to_owned(),
+        cluster: cluster.as_str().to_owned(),
         node: node.as_str().to_owned(),
-        log_id: log_id(client, layout, request_timeout).await?,
+        log_id: log_id(client, &layout, request_timeout).await?,
     };
     let store = store.clone();
     blocking(move || store.bind_identity(&identity)).await

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::etcd::{access_denied, revoke_lease, timed, Backoff};
+use crate::etcd::{access_denied, lease_gone, revoke_lease, timed, Backoff};
 use crate::keys::{KeyLayout, NodeName};
 use crate::local_store::{blocking, LocalStore};
 use crate::record::Epoch;
@@ -419,17 +419,6 @@ async fn keep_alive(
                 channel = None;
             }
         }
-    }
-}
-
-/// True when etcd answered that the lease does not exist: it expired or was revoked, and no
-/// retry can bring it back. Re-opening a keepalive stream on such a lease fails this way
-/// (etcd answers TTL 0, which etcd-client reports as "lease not found").
-fn lease_gone(error: &etcd_client::Error) -> bool {
-    match error {
-        etcd_client::Error::LeaseKeepAliveError(message) => message.contains("not found"),
-        etcd_client::Error::GRpcStatus(status) => status.code() == tonic::Code::NotFound,
-        _ => false,
     }
 }
 

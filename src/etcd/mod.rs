@@ -110,6 +110,17 @@ pub(crate) fn access_denied(error: &Error) -> Option<String> {
     }
 }
 
+/// True when etcd answered that a lease does not exist: it expired or was revoked, and no
+/// retry can bring it back. Re-opening a keepalive stream on such a lease fails this way
+/// (etcd answers TTL 0, which etcd-client reports as "lease not found").
+pub(crate) fn lease_gone(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::LeaseKeepAliveError(message) => message.contains("not found"),
+        etcd_client::Error::GRpcStatus(status) => status.code() == tonic::Code::NotFound,
+        _ => false,
+    }
+}
+
 /// True when etcd refused a request as over its size limit (`--max-request-bytes`, or gRPC's
 /// message limit above it): refused before it was proposed, so certainly not applied.
 pub(crate) fn request_too_large(error: &Error) -> bool {

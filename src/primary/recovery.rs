@@ -32,8 +32,7 @@ pub(crate) async fn recover(
     config: &PrimaryConfig,
 ) -> Result<Resume> {
     let timeout = config.etcd_request_timeout;
-    let cluster = config.cluster.as_str();
-    bind_store(client, layout, cluster, &config.node, store, timeout).await?;
+    bind_store(client, &config.cluster, &config.node, store, timeout).await?;
     let etcd = reconcile(client, layout, store, timeout).await?;
     let reader = store.clone();
     let received = blocking(move || reader.positions()).await?.received_seq;

@@ -183,14 +183,14 @@ impl Standby {
         lifecycle: Arc<LifecycleCell>,
     ) -> Result<Standby> {
         config.limits.validate()?;
-        let layout = KeyLayout::new(&config.cluster);
-        let (cluster, timeout) = (config.cluster.as_str(), config.etcd_request_timeout);
-        bind_store(&client, &layout, cluster, &config.node, &store, timeout).await?;
+        let timeout = config.etcd_request_timeout;
+        bind_store(&client, &config.cluster, &config.node, &store, timeout).await?;
         let reader = store.clone();
         let positions = blocking(move || reader.positions()).await?;
         let (received_tx, received) = watch::channel(positions.received_seq);
         metrics.received_seq.set(positions.received_seq.0 as i64);
         let applier = Applier::spawn(store.clone(), received.clone(), metrics.clone());
+        let layout = KeyLayout::new(&config.cluster);
         let member_lease = Arc::new(AtomicI64::new(0));
         let membership = tokio::spawn(
             membership::Membership {
