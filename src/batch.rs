@@ -112,6 +112,31 @@ impl Batch {
     pub fn iter(&self) -> impl Iterator<Item = (Seq, &Record)> {
         (self.first_seq.0..).map(Seq).zip(self.records.iter())
     }
+
+    /// Cuts the batch into consecutive batches of `lens` records each, keeping its epoch and
+    /// seal time: the same records under the same seqs. `lens` must add up to its record count,
+    /// none of them 0.
+    pub(crate) fn cut(self, lens: &[usize]) -> Result<Vec<Batch>> {
+        if lens.iter().sum::<usize>() != self.records.len() || lens.contains(&0) {
+            return Err(Error::Encode(format!(
+                "a batch of {} records cannot be cut into runs of {lens:?}",
+                self.records.len()
+            )));
+        }
+        let mut records = self.records.into_iter();
+        let mut first_seq = self.first_seq;
+        let mut parts = Vec::with_capacity(lens.len());
+        for &len in lens {
+            parts.push(Batch {
+                epoch: self.epoch,
+                first_seq,
+                sealed_at_micros: self.sealed_at_micros,
+                records: records.by_ref().take(len).collect(),
+            });
+            first_seq = Seq(first_seq.0 + len as u64);
+        }
+        Ok(parts)
+    }
 }
 
 /// The fixed header of an encoded batch, parsed and bounds-checked but not yet verified: only a
@@ -443,6 +468,34 @@ mod tests {
     fn reseal(bytes: &mut [u8], body: &[u8]) {
         let sum = checksum(bytes, body);
         bytes[CHECKSUM_OFFSET..HEADER_LEN].copy_from_slice(&sum.to_le_bytes());
+    }
+
+    #[test]
+    fn a_cut_batch_keeps_its_records_seqs_epoch_and_seal_time() {
+        let batch = sample(5);
+        let parts = batch.clone().cut(&[2, 3]).unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(
+            (parts[0].first_seq(), parts[0].last_seq()),
+            (Seq(10), Seq(11))
+        );
+        assert_eq!(
+            (parts[1].first_seq(), parts[1].last_seq()),
+            (Seq(12), Seq(14))
+        );
+        assert!(parts.iter().all(|p| p.epoch() == Epoch(7)));
+        assert!(parts
+            .iter()
+            .all(|p| p.sealed_at_micros() == batch.sealed_at_micros()));
+        let records: Vec<Record> = parts.into_iter().flat_map(Batch::into_records).collect();
+        assert_eq!(records, batch.into_records());
+    }
+
+    #[test]
+    fn a_cut_that_does_not_cover_the_batch_is_refused() {
+        assert!(sample(5).cut(&[2, 2]).is_err());
+        assert!(sample(5).cut(&[5, 0]).is_err());
+        assert!(sample(5).cut(&[3, 3]).is_err());
     }
 
     #[test]

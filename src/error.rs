@@ -154,7 +154,7 @@ pub enum Error {
     },
     #[error("not committed: etcd refused a request of {bytes} bytes as too large (its --max-request-bytes is lower); this primary now seals batches of at most {cap} bytes: retry")]
     EtcdRequestTooLarge { bytes: usize, cap: usize },
-    #[error("a record of {bytes} bytes cannot be committed: etcd refused a request of {refused} bytes (its --max-request-bytes), so batches are capped at {cap} bytes; raise etcd's --max-request-bytes or split the record")]
+    #[error("an append of {bytes} bytes cannot be committed: etcd refused a request of {refused} bytes (its --max-request-bytes), so batches are capped at {cap} bytes; raise etcd's --max-request-bytes or split the append")]
     RecordOverEtcdLimit {
         bytes: usize,
         refused: usize,

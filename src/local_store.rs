@@ -407,6 +407,41 @@ impl LocalStore {
         Ok(())
     }
 
+    /// Replaces a batch written ahead with the consecutive `parts` it was cut into (etcd refused
+    /// it as too large and takes the parts instead), so that the local log keeps etcd's batch
+    /// boundaries. The parts must cover exactly the seqs of one pending batch. Atomic: a crash
+    /// leaves the batch or its parts, both past `received_seq`.
+    pub fn replace_pending<B: std::borrow::Borrow<EncodedBatch>>(&self, parts: &[B]) -> Result<()> {
+        let _writer = lock(&self.writer);
+        let (Some(first), Some(last)) = (parts.first(), parts.last()) else {
+            return Ok(());
+        };
+        let (first_seq, last_seq) = (first.borrow().first_seq(), last.borrow().last_seq());
+        let consecutive = parts
+            .windows(2)
+            .all(|w| w[0].borrow().last_seq().next().ok() == Some(w[1].borrow().first_seq()));
+        let replaced = self
+            .log
+            .get(first_seq.to_be_bytes())
+            .map_err(|e| self.io(e))?
+            .map(|bytes| self.header(&first_seq.to_be_bytes(), &bytes))
+            .transpose()?;
+        let pending = first_seq > self.received()?.0;
+        if !consecutive || !pending || replaced.map(|h| h.last_seq()) != Some(last_seq) {
+            return Err(Error::NotBatchBoundary {
+                seq: first_seq,
+                what:
+                    "only a pending batch can be replaced, by consecutive parts covering its seqs",
+            });
+        }
+        let mut writes = sled::Batch::default();
+        for part in parts {
+            let part = part.borrow();
+            writes.insert(&part.first_seq().to_be_bytes(), part.as_bytes());
+        }
+        self.log.apply_batch(writes).map_err(|e| self.io(e))
+    }
+
     /// Advances `received_seq` to `through`, which must end a batch in the log.
     pub fn mark_committed(&self, through: Seq) -> Result<()> {
         let _writer = lock(&self.writer);

@@ -495,7 +495,7 @@ impl Runner {
             let Some(cause) = self.lead(&primary).await? else {
                 return Ok(());
             };
-            cause.lower_caps(&mut self.config.primary);
+            primary.keep_learned_caps(&mut self.config.primary);
             if matches!(cause, StepDown::PipelineFailed(_)) {
                 // The term failed inside this node (a task died, the local store failed): as
                 // after a failed promotion, leave the next campaign to the other standbys.

@@ -9,6 +9,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use fencelog::batch::{Batch, BatchEncoder, EncodedBatch};
+use fencelog::limits::Limits;
 use fencelog::local_store::{LocalStore, Positions, StoreOptions, STORE_FORMAT};
 use fencelog::record::{Epoch, Op, Record, Seq};
 use fencelog::Error;
@@ -318,6 +320,60 @@ fn only_a_batch_end_can_be_marked_committed() {
         Err(Error::NotBatchBoundary { .. })
     ));
     assert_eq!(store.positions().unwrap().received_seq, Seq::NONE);
+}
+
+/// A pending batch of seqs 1..=10 and the same records cut into 1..=4 and 5..=10.
+fn pending_and_parts() -> (EncodedBatch, Vec<EncodedBatch>) {
+    let mut encoder = BatchEncoder::new(Limits::default(), 1).unwrap();
+    let records = common::records(3, 10, 500);
+    let mut encode = |first: u64, records: &[Record]| {
+        let batch = Batch::new(Epoch(2), Seq(first), records.to_vec()).unwrap();
+        encoder.encode(&batch).unwrap()
+    };
+    let whole = encode(1, &records);
+    let parts = vec![encode(1, &records[..4]), encode(5, &records[4..])];
+    (whole, parts)
+}
+
+#[test]
+fn a_pending_batch_replaced_by_its_parts_is_marked_committed_part_by_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (whole, parts) = pending_and_parts();
+    store.append_pending(&whole).unwrap();
+    store.replace_pending(&parts).unwrap();
+    store.mark_committed(Seq(4)).unwrap();
+    assert_eq!(store.read(Seq(1), 100, usize::MAX).unwrap().len(), 4);
+    store.mark_committed(Seq(10)).unwrap();
+    let p = store.positions().unwrap();
+    assert_eq!((p.received_seq, p.log_end_seq), (Seq(10), Seq(10)));
+    assert_eq!(store.read(Seq(1), 100, usize::MAX).unwrap().len(), 10);
+}
+
+#[test]
+fn only_a_pending_batch_covered_exactly_by_its_parts_can_be_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (whole, parts) = pending_and_parts();
+    store.append_pending(&whole).unwrap();
+    for wrong in [
+        &parts[..1],
+        &parts[1..],
+        &[parts[1].clone(), parts[0].clone()][..],
+    ] {
+        assert!(matches!(
+            store.replace_pending(wrong),
+            Err(Error::NotBatchBoundary { .. })
+        ));
+    }
+    store.mark_committed(Seq(10)).unwrap();
+    assert!(
+        matches!(
+            store.replace_pending(&parts),
+            Err(Error::NotBatchBoundary { .. })
+        ),
+        "a committed batch is etcd's: its boundaries are never changed"
+    );
 }
 
 #[test]

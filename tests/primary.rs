@@ -919,9 +919,107 @@ async fn a_store_that_outlived_a_wiped_etcd_prefix_is_refused_not_mistaken_for_l
     assert!(detail.contains("was wiped and created anew"), "{detail}");
 }
 
+/// `len` bytes that zstd cannot shrink, so a batch is as large on the wire as its payload.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// The first and last seq of every batch etcd holds, in order, with its encoded size.
+async fn etcd_batches(etcd: &common::EtcdProcess) -> Vec<(Seq, Seq, usize)> {
+    let layout = layout();
+    let response = common::client(etcd)
+        .await
+        .get(
+            layout.batches_prefix(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let mut batches: Vec<(Seq, Seq, usize)> = response
+        .kvs()
+        .iter()
+        .map(|kv| {
+            let header =
+                fencelog::batch::BatchHeader::parse(kv.value(), &Limits::default()).unwrap();
+            (header.first_seq, header.last_seq(), kv.value().len())
+        })
+        .collect();
+    batches.sort();
+    batches
+}
+
+const ETCD_REQUEST_LIMIT: &str = "262144";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_over_etcds_request_limit_is_answered_not_committed_and_the_primary_leads_on() {
-    let etcd = common::EtcdProcess::start_with_flags(&["--max-request-bytes", "262144"])
+async fn a_batch_over_etcds_request_limit_is_cut_between_appends_and_committed_in_the_same_term() {
+    let etcd = common::EtcdProcess::start_with_flags(&["--max-request-bytes", ETCD_REQUEST_LIMIT])
+        .await
+        .unwrap();
+    let mut node = node("p1");
+    // One batch gathers all twelve appends: 360 KB, over etcd's 256 KiB.
+    node.config.max_batch_bytes = 512 * 1024;
+    node.config.linger = Duration::from_millis(300);
+    let metrics = Arc::new(fencelog::metrics::Metrics::new().unwrap());
+    let started = Primary::start(
+        common::client(&etcd).await,
+        node.store.clone(),
+        node.config.clone(),
+        metrics.clone(),
+    );
+    let primary = Arc::new(started.await.unwrap());
+    let epoch = primary.epoch();
+
+    let appends = (0..12u64).map(|i| {
+        let primary = primary.clone();
+        async move {
+            let records = vec![Record::put(format!("k{i}"), noise(i, 30_000))];
+            let ack = primary.append(records.clone()).await;
+            (ack, records)
+        }
+    });
+    let mut acked = Vec::new();
+    for (ack, records) in futures_util::future::join_all(appends).await {
+        let ack = ack.expect("every append commits: the batch etcd refused was cut");
+        acked.push((ack, records));
+    }
+    let refusals = metrics.commit_refusals.with_label_values(&["too_large"]).get();
+    assert!(refusals >= 1, "etcd refused a batch, which was cut");
+    assert!(primary.is_leading(), "the term went on");
+    assert_eq!(primary.epoch(), epoch);
+    assert_acks_match_etcd(&etcd, &acked).await;
+
+    let in_etcd = etcd_batches(&etcd).await;
+    assert!(in_etcd.len() >= 2, "{in_etcd:?}");
+    let limit: usize = ETCD_REQUEST_LIMIT.parse().unwrap();
+    assert!(
+        in_etcd.iter().all(|&(_, _, bytes)| bytes < limit),
+        "{in_etcd:?}"
+    );
+    // The local log has etcd's batch boundaries, which the trimmer indexes.
+    let store = node.store.clone();
+    let local: Vec<(Seq, Seq)> = tokio::task::spawn_blocking(move || store.logged_batches(Seq(1)))
+        .await
+        .unwrap()
+        .unwrap()
+        .iter()
+        .map(|b| (b.first_seq, b.last_seq))
+        .collect();
+    let boundaries: Vec<(Seq, Seq)> = in_etcd.iter().map(|&(f, l, _)| (f, l)).collect();
+    assert_eq!(local, boundaries);
+    primary.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_no_etcd_request_can_carry_is_refused_as_such_and_the_primary_leads_on() {
+    let etcd = common::EtcdProcess::start_with_flags(&["--max-request-bytes", ETCD_REQUEST_LIMIT])
         .await
         .unwrap();
     let node = node("p1");
@@ -932,67 +1030,42 @@ async fn a_batch_over_etcds_request_limit_is_answered_not_committed_and_the_prim
         node.config.clone(),
         metrics,
     );
-    let big = || vec![Record::put("big", vec![7u8; 600_000])];
-    let wait_leading = || async {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match service.append(vec![Record::put("small", "1")]).await {
-                Ok(ack) => return ack,
-                Err(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                Err(e) => panic!("the primary does not lead again: {e}"),
-            }
-        }
-    };
-    let first = wait_leading().await;
-    assert_eq!(first.first_seq, Seq(1));
+    let first = service.leading().await.unwrap();
+    let small = vec![Record::put("small", "1")];
+    assert_eq!(first.append(small.clone()).await.unwrap().first_seq, Seq(1));
 
-    // Incompressible: the batch really is 600 KB on the wire.
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let noise: Vec<u8> = (0..600_000)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    let refused = service.append(vec![Record::put("noise", noise)]).await;
+    let refused = first
+        .append(vec![Record::put("noise", noise(1, 600_000))])
+        .await;
     assert!(
-        matches!(refused, Err(Error::EtcdRequestTooLarge { .. })),
+        matches!(refused, Err(Error::RecordOverEtcdLimit { .. })),
         "etcd's refusal is a known 'not committed', not UNKNOWN: {refused:?}"
     );
-    // The next term seals batches under the limit; the record itself can no longer be taken.
-    let next = wait_leading().await;
-    assert_eq!(
-        next.first_seq,
-        Seq(2),
-        "the refused seqs were never committed"
-    );
-    let again = service.append(big()).await;
+    // Its seqs were owed to what was sealed behind it: a new term re-seals densely, and knows
+    // the limit.
+    let next = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let primary = service.leading().await.unwrap();
+            if primary.epoch() != first.epoch() {
+                return primary;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the primary leads again");
+    assert_eq!(next.append(small.clone()).await.unwrap().first_seq, Seq(2));
+    let again = next
+        .append(vec![Record::put("noise", noise(2, 600_000))])
+        .await;
     assert!(
         matches!(again, Err(Error::RecordOverEtcdLimit { .. })),
         "{again:?}"
     );
-    // Many appends at once still fit etcd's requests.
-    let mut appends = Vec::new();
-    for i in 0..40 {
-        let service = &service;
-        appends.push(async move {
-            service
-                .append(vec![Record::put(format!("k{i}"), vec![i as u8; 20_000])])
-                .await
-        });
-    }
-    for answer in futures_util::future::join_all(appends).await {
-        answer.expect("small appends commit under the lowered cap");
-    }
-    let committed = committed_records(&etcd).await;
-    assert_eq!(committed.len(), 42);
-    assert!(committed
-        .iter()
-        .enumerate()
-        .all(|(i, (seq, _))| seq.0 == i as u64 + 1));
+    assert!(
+        next.is_leading(),
+        "refused before it had seqs: the term goes on"
+    );
+    assert_eq!(next.append(small).await.unwrap().first_seq, Seq(3));
     service.shutdown().await.unwrap();
 }

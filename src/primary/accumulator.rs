@@ -7,6 +7,7 @@
 //! the sealer assigns them, in the order appends are sealed.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -41,7 +42,8 @@ pub(crate) struct Accumulator {
     room: Arc<Semaphore>,
     max_pending_bytes: usize,
     max_records: usize,
-    max_bytes: usize,
+    /// Lowered once etcd refused a batch as too large ([`Accumulator::lower_max_bytes`]).
+    max_bytes: AtomicUsize,
     linger: Duration,
 }
 
@@ -64,7 +66,7 @@ impl Accumulator {
             room: Arc::new(Semaphore::new(max_pending_bytes)),
             max_pending_bytes,
             max_records,
-            max_bytes,
+            max_bytes: AtomicUsize::new(max_bytes),
             linger,
         }
     }
@@ -131,10 +133,11 @@ impl Accumulator {
             return None;
         }
         let (mut records, mut bytes) = (0, 0);
+        let max_bytes = self.max_bytes.load(Ordering::Relaxed);
         let mut sealed = Vec::new();
         while let Some(next) = queue.appends.front() {
-            let fits = records + next.records.len() <= self.max_records
-                && bytes + next.bytes <= self.max_bytes;
+            let fits =
+                records + next.records.len() <= self.max_records && bytes + next.bytes <= max_bytes;
             if !sealed.is_empty() && !fits {
                 break;
             }
@@ -183,7 +186,14 @@ impl Accumulator {
     /// is worth waiting for).
     pub fn is_full(&self) -> bool {
         let queue = self.lock();
-        queue.closed.is_some() || queue.records >= self.max_records || queue.bytes >= self.max_bytes
+        queue.closed.is_some()
+            || queue.records >= self.max_records
+            || queue.bytes >= self.max_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Seals batches of at most `max_bytes` payload bytes from now on.
+    pub fn lower_max_bytes(&self, max_bytes: usize) {
+        self.max_bytes.fetch_min(max_bytes, Ordering::Relaxed);
     }
 
     /// Wakes the sealer: the pipeline has room, or its state changed.

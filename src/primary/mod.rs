@@ -17,6 +17,7 @@
 mod accumulator;
 mod pipeline;
 mod recovery;
+mod request_cap;
 mod service;
 mod trimmer;
 
@@ -38,6 +39,7 @@ use crate::metrics::Metrics;
 use crate::record::{Epoch, Record, Seq};
 
 use accumulator::Accumulator;
+use request_cap::RequestCap;
 
 /// The seqs an append was given, once committed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,8 +61,9 @@ pub enum StepDown {
     /// Sealing, encoding or the local write failed: a node that cannot write its log must not
     /// lead.
     PipelineFailed(String),
-    /// etcd refused a commit of `bytes` as over its request limit, before proposing it: not
-    /// committed. The next term seals smaller batches ([`StepDown::lower_caps`]).
+    /// etcd refused a batch of one append, `bytes` long, as over its request limit: not
+    /// committed, and the seqs given to it are owed to the batches sealed behind it. The term
+    /// learned the lower cap ([`Primary::keep_learned_caps`]).
     RequestTooLarge {
         bytes: usize,
     },
@@ -91,19 +94,6 @@ impl StepDown {
         }
     }
 
-    /// What the next term must do differently: after etcd refused a request as too large,
-    /// batches are capped at half of it (halving again should that still be refused), and a
-    /// record that no batch under the cap can carry is refused up front.
-    pub fn lower_caps(&self, config: &mut PrimaryConfig) {
-        if let StepDown::RequestTooLarge { bytes } = self {
-            let refused = config
-                .etcd_refused_request
-                .map_or(*bytes, |r| r.min(*bytes));
-            config.etcd_refused_request = Some(refused);
-            config.max_batch_bytes = config.max_batch_bytes.min(refused / 2).max(1);
-        }
-    }
-
     /// The metric label.
     fn label(&self) -> &'static str {
         match self {
@@ -131,11 +121,25 @@ struct Term {
     ended: watch::Sender<Option<StepDown>>,
     /// The last seq etcd committed in this term (or before it).
     committed: watch::Receiver<Seq>,
+    /// Batch size and etcd's request limit, as far as etcd's refusals taught them.
+    request_cap: std::sync::Mutex<RequestCap>,
 }
 
 impl Term {
     fn epoch(&self) -> Epoch {
         self.leadership.epoch()
+    }
+
+    fn request_cap(&self) -> RequestCap {
+        *self.request_cap.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// etcd refused a request of `bytes` as too large: batches sealed from now on are smaller.
+    fn learn_refusal(&self, bytes: usize) -> RequestCap {
+        let mut cap = self.request_cap.lock().unwrap_or_else(|p| p.into_inner());
+        *cap = cap.after_refusal(bytes);
+        self.accumulator.lower_max_bytes(cap.max_batch_bytes);
+        *cap
     }
 
     fn step_down(&self, cause: StepDown) {
@@ -227,7 +231,12 @@ impl Primary {
         let (committed_tx, committed) = watch::channel(committed_seq);
         let (received_tx, received) = watch::channel(committed_seq);
         let applier = Applier::spawn(store.clone(), received.clone(), metrics.clone());
+        let request_cap = std::sync::Mutex::new(RequestCap {
+            max_batch_bytes: config.max_batch_bytes,
+            refused: config.etcd_refused_request,
+        });
         let term = Arc::new(Term {
+            request_cap,
             accumulator: Accumulator::new(
                 config.max_pending_bytes,
                 config.max_batch_records,
@@ -293,25 +302,24 @@ impl Primary {
             config.limits.check_record(record)?;
             bytes += record.key.len() + record.value.len();
         }
-        if let (Some(refused), [record]) = (config.etcd_refused_request, records) {
-            let size = record.key.len() + record.value.len();
-            if size > config.max_batch_bytes {
-                return Err(Error::RecordOverEtcdLimit {
-                    bytes: size,
-                    refused,
-                    cap: config.max_batch_bytes,
-                });
-            }
+        let cap = self.term.request_cap();
+        if let (Some(refused), true) = (cap.refused, bytes > cap.max_batch_bytes) {
+            // Sealed alone it would be a request etcd refuses: refused before it has seqs.
+            return Err(Error::RecordOverEtcdLimit {
+                bytes,
+                refused,
+                cap: cap.max_batch_bytes,
+            });
         }
         let too_many = records.len() > config.max_batch_records;
         // One record larger than a batch's byte target still makes a batch of its own.
-        let too_big = records.len() > 1 && bytes > config.max_batch_bytes;
+        let too_big = records.len() > 1 && bytes > cap.max_batch_bytes;
         if too_many || too_big {
             return Err(Error::AppendTooLarge {
                 records: records.len(),
                 bytes,
                 max_records: config.max_batch_records,
-                max_bytes: config.max_batch_bytes,
+                max_bytes: cap.max_batch_bytes,
             });
         }
         Ok(bytes)
@@ -319,6 +327,14 @@ impl Primary {
 
     pub fn epoch(&self) -> Epoch {
         self.term.epoch()
+    }
+
+    /// Carries what this term learned of etcd's request limit into the configuration of the
+    /// next: its batches are as small, and appends no request can carry refused up front.
+    pub fn keep_learned_caps(&self, config: &mut PrimaryConfig) {
+        let cap = self.term.request_cap();
+        config.max_batch_bytes = cap.max_batch_bytes;
+        config.etcd_refused_request = cap.refused;
     }
 
     /// True until the term ends.

@@ -8,11 +8,14 @@
 //! local log while its transaction runs, and moves `received_seq` over it once etcd has
 //! committed it, then tells the applier. With two slots (`Double`) the next batch is sealed and
 //! encoded while the previous one is in its etcd round trip; with one (`Single`), appends wait
-//! while a batch commits. No sled write is on the commit path: sled stalls every write while a
+//! while a batch commits. A batch etcd refuses as over its request limit is cut between its
+//! appends into smaller batches, committed in its place with the same seqs
+//! ([`super::request_cap`]). No sled write is on the commit path: sled stalls every write while a
 //! transaction (the applier's) runs, and the commit path must not wait for the state. The local
 //! log writer's queue is bounded, so a local log that falls far behind slows the sealer rather
 //! than growing memory.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,13 +25,14 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::batch::{Batch, BatchEncoder, EncodedBatch};
+use crate::batch::{Batch, BatchDecoder, BatchEncoder, EncodedBatch};
 use crate::error::{Error, Result};
 use crate::etcd::commit::{commit_batch, read_commit_view, settle, CommitOutcome, Settlement};
 use crate::etcd::{request_too_large, timed, Backoff};
 use crate::local_store::blocking;
 use crate::primary::accumulator::PendingAppend;
 use crate::primary::recovery::Resume;
+use crate::primary::request_cap;
 use crate::primary::{AppendAck, StepDown, Term};
 use crate::record::Seq;
 use crate::supervise::run_to_end;
@@ -40,8 +44,9 @@ const LOCAL_LOG_QUEUE: usize = 16;
 struct SealedBatch {
     encoded: Arc<EncodedBatch>,
     appends: Vec<(PendingAppend, AppendAck)>,
-    /// Its pipeline slot, freed when the batch is answered.
-    _slot: OwnedSemaphorePermit,
+    /// Its pipeline slot, freed when the batch is answered (shared by the parts of a batch
+    /// that was cut: freed when the last is).
+    _slot: Arc<OwnedSemaphorePermit>,
 }
 
 impl SealedBatch {
@@ -71,10 +76,22 @@ impl Drop for SealedBatch {
     }
 }
 
+/// What the local log writer is asked to do, in order.
+enum LocalWrite {
+    /// Write a sealed batch ahead of its commit.
+    Ahead(Arc<EncodedBatch>),
+    /// Replace a batch written ahead by the parts it was cut into: the local log keeps etcd's
+    /// batch boundaries, which the trimmer indexes and `mark_committed` moves along.
+    Cut(Vec<Arc<EncodedBatch>>),
+}
+
 /// Why a batch was not committed.
 enum CommitFailure {
     /// Never reached etcd, or etcd refused it: certainly not committed.
     NotCommitted(StepDown),
+    /// etcd refused a request of `bytes` as over its limit before proposing it: not committed,
+    /// and to be cut into batches etcd takes.
+    TooLarge { bytes: usize },
     /// Sent, and neither confirmed nor refused before the deadline or the lease ran out.
     Unknown(String),
 }
@@ -100,6 +117,14 @@ pub(super) fn spawn(
     let encoder = BatchEncoder::new(term.config.limits.clone(), term.config.zstd_level)?;
     let (to_committer, sealed) = mpsc::unbounded_channel();
     let (to_local_log, written_ahead) = mpsc::channel(LOCAL_LOG_QUEUE);
+    let cutter = Cutter {
+        encoder: Some(BatchEncoder::new(
+            term.config.limits.clone(),
+            term.config.zstd_level,
+        )?),
+        decoder: Some(BatchDecoder::new(term.config.limits.clone())?),
+        to_local_log: to_local_log.clone(),
+    };
     let watchdog_term = term.clone();
     let lost = term.leadership.lost();
     let local_log = supervised(
@@ -121,7 +146,13 @@ pub(super) fn spawn(
             supervised(
                 &term,
                 "committer",
-                commit_loop(term.clone(), sealed, resume.latest_revision, committed),
+                commit_loop(
+                    term.clone(),
+                    sealed,
+                    resume.latest_revision,
+                    committed,
+                    cutter,
+                ),
             ),
         ],
         helpers: vec![tokio::spawn(async move {
@@ -154,7 +185,7 @@ struct SealerOutputs {
     to_committer: mpsc::UnboundedSender<SealedBatch>,
     /// Bounded: batches leave their pipeline slot once acknowledged, so without a bound a slow
     /// local log could let committed-but-unwritten batches pile up in memory.
-    to_local_log: mpsc::Sender<Arc<EncodedBatch>>,
+    to_local_log: mpsc::Sender<LocalWrite>,
 }
 
 async fn seal_loop(
@@ -212,11 +243,12 @@ async fn seal_loop(
                 let sealed = SealedBatch {
                     encoded: encoded.clone(),
                     appends,
-                    _slot: slot,
+                    _slot: Arc::new(slot),
                 };
                 // Either receiver gone means the term is over; the batch was never sent.
                 let not_sent = || Err(term.ended().unwrap_or(StepDown::ShuttingDown).to_error());
-                if outputs.to_local_log.send(encoded).await.is_err() {
+                let write = LocalWrite::Ahead(encoded);
+                if outputs.to_local_log.send(write).await.is_err() {
                     sealed.answer(not_sent);
                     return;
                 }
@@ -245,8 +277,18 @@ async fn commit_loop(
     mut sealed: mpsc::UnboundedReceiver<SealedBatch>,
     mut latest_revision: i64,
     committed: watch::Sender<Seq>,
+    mut cutter: Cutter,
 ) {
-    while let Some(batch) = sealed.recv().await {
+    // The parts of a batch etcd refused as too large hold the next seqs: they go first.
+    let mut parts = VecDeque::new();
+    loop {
+        let batch = match parts.pop_front() {
+            Some(part) => part,
+            None => match sealed.recv().await {
+                Some(batch) => batch,
+                None => return,
+            },
+        };
         if let Some(cause) = term.ended() {
             batch.answer(|| Err(cause.to_error()));
             continue;
@@ -254,22 +296,38 @@ async fn commit_loop(
         // Instrumented, never entered across an await: an entered span would leak into
         // whatever else ran on the thread meanwhile.
         let span = tracing::debug_span!("commit", epoch = %term.epoch(), first_seq = %batch.encoded.first_seq(), last_seq = %batch.encoded.last_seq());
-        if let Some(revision) = commit_and_answer(&term, batch, latest_revision, &committed)
+        match commit_and_answer(&term, batch, latest_revision, &committed)
             .instrument(span)
             .await
         {
-            latest_revision = revision;
+            Answered::Committed { revision } => latest_revision = revision,
+            Answered::Failed => {}
+            Answered::TooLarge { batch, bytes } => {
+                for part in cutter.cut(&term, batch, bytes).await.into_iter().rev() {
+                    parts.push_front(part);
+                }
+            }
         }
     }
 }
 
-/// Commits `batch` and answers its appends; the new `latest` revision if it committed.
+/// What became of a batch the committer took.
+enum Answered {
+    /// Committed and acknowledged; the next commit compares `latest` against `revision`.
+    Committed { revision: i64 },
+    /// Answered with a failure; the term has ended.
+    Failed,
+    /// Refused by etcd as a request of `bytes`, over its limit; not answered yet.
+    TooLarge { batch: SealedBatch, bytes: usize },
+}
+
+/// Commits `batch` and answers its appends, unless etcd refused it as too large.
 async fn commit_and_answer(
     term: &Term,
     batch: SealedBatch,
     latest_revision: i64,
     committed: &watch::Sender<Seq>,
-) -> Option<i64> {
+) -> Answered {
     // Fail point (tests): the process dies here, as with SIGKILL, with the batch sealed and
     // going to the local log but not yet sent to etcd.
     fail::fail_point!("primary::before_commit", |_| std::process::abort());
@@ -283,19 +341,20 @@ async fn commit_and_answer(
             batch.answer(|| Ok(()));
             if let Some(cause) = then {
                 term.step_down(cause);
-                return None;
+                return Answered::Failed;
             }
             // Its slot is free: a filling batch may now be sealed.
             term.accumulator.wake_sealer();
             term.metrics
                 .pending_bytes
                 .set(term.accumulator.pending_bytes() as i64);
-            Some(revision)
+            Answered::Committed { revision }
         }
+        Err(CommitFailure::TooLarge { bytes }) => Answered::TooLarge { batch, bytes },
         Err(CommitFailure::NotCommitted(cause)) => {
             batch.answer(|| Err(cause.to_error()));
             term.step_down(cause);
-            None
+            Answered::Failed
         }
         Err(CommitFailure::Unknown(reason)) => {
             let (first_seq, last_seq) = (batch.encoded.first_seq(), batch.encoded.last_seq());
@@ -307,8 +366,129 @@ async fn commit_and_answer(
                 })
             });
             term.step_down(StepDown::LeadershipLost(reason));
-            None
+            Answered::Failed
         }
+    }
+}
+
+/// Cuts batches etcd refused as too large into parts it takes.
+struct Cutter {
+    /// Moved to a blocking thread while a batch is cut, and back.
+    encoder: Option<BatchEncoder>,
+    decoder: Option<BatchDecoder>,
+    to_local_log: mpsc::Sender<LocalWrite>,
+}
+
+impl Cutter {
+    /// Lowers the term's cap below the refused `bytes`, cuts `batch` between its appends into
+    /// parts under the cap (re-encoded, same seqs), and has the local log replace it by them;
+    /// the parts, to be committed in its place. A batch of one append cannot be cut: that
+    /// append is refused, and the term ends (module [`request_cap`]).
+    async fn cut(&mut self, term: &Term, batch: SealedBatch, bytes: usize) -> Vec<SealedBatch> {
+        let cap = term.learn_refusal(bytes);
+        term.metrics
+            .commit_refusals
+            .with_label_values(&["too_large"])
+            .inc();
+        let sizes: Vec<usize> = batch.appends.iter().map(|(a, _)| a.bytes).collect();
+        if sizes.len() == 1 {
+            tracing::warn!(bytes, cap = cap.max_batch_bytes, "etcd refused a batch of one append as too large; refusing the append and stepping down");
+            batch.answer(|| {
+                Err(Error::RecordOverEtcdLimit {
+                    bytes: sizes[0],
+                    refused: bytes,
+                    cap: cap.max_batch_bytes,
+                })
+            });
+            term.step_down(StepDown::RequestTooLarge { bytes });
+            return Vec::new();
+        }
+        let runs = request_cap::cut(&sizes, cap.max_batch_bytes);
+        tracing::warn!(
+            bytes,
+            cap = cap.max_batch_bytes,
+            parts = runs.len(),
+            "etcd refused a batch as too large; committing it in smaller batches"
+        );
+        let encoded = match self
+            .encode_parts(&batch.encoded, &batch.appends, &runs)
+            .await
+        {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                let cause = StepDown::PipelineFailed(format!(
+                    "cutting the batch at seq {} etcd refused as too large failed: {e}",
+                    batch.encoded.first_seq()
+                ));
+                batch.answer(|| Err(cause.to_error()));
+                term.step_down(cause);
+                return Vec::new();
+            }
+        };
+        if self
+            .to_local_log
+            .send(LocalWrite::Cut(encoded.clone()))
+            .await
+            .is_err()
+        {
+            let cause = term.ended().unwrap_or(StepDown::ShuttingDown);
+            batch.answer(|| Err(cause.to_error()));
+            return Vec::new();
+        }
+        let mut batch = batch;
+        let slot = batch._slot.clone();
+        let mut appends = std::mem::take(&mut batch.appends).into_iter();
+        runs.iter()
+            .zip(encoded)
+            .map(|(&len, encoded)| SealedBatch {
+                encoded,
+                appends: appends.by_ref().take(len).collect(),
+                _slot: slot.clone(),
+            })
+            .collect()
+    }
+
+    /// The parts of `encoded`, `runs` appends each, encoded on a blocking thread.
+    async fn encode_parts(
+        &mut self,
+        encoded: &Arc<EncodedBatch>,
+        appends: &[(PendingAppend, AppendAck)],
+        runs: &[usize],
+    ) -> Result<Vec<Arc<EncodedBatch>>> {
+        let mut lens = Vec::with_capacity(runs.len());
+        let mut at = 0;
+        for &run in runs {
+            let records = appends[at..at + run]
+                .iter()
+                .map(|(_, ack)| (ack.last_seq.0 - ack.first_seq.0 + 1) as usize);
+            lens.push(records.sum());
+            at += run;
+        }
+        let (Some(mut encoder), Some(mut decoder)) = (self.encoder.take(), self.decoder.take())
+        else {
+            return Err(Error::Encode(
+                "the cutter's codec was lost to an earlier failure".into(),
+            ));
+        };
+        let whole = encoded.clone();
+        let (encoder, decoder, parts) = tokio::task::spawn_blocking(move || {
+            let parts = decoder
+                .decode(whole.as_bytes())
+                .map_err(Error::from)
+                .and_then(|batch| batch.cut(&lens))
+                .and_then(|parts| {
+                    parts
+                        .iter()
+                        .map(|part| encoder.encode(part).map(Arc::new))
+                        .collect::<Result<Vec<_>>>()
+                });
+            (encoder, decoder, parts)
+        })
+        .await
+        .map_err(|e| Error::TaskFailed(format!("cutting a batch: {e}")))?;
+        self.encoder = Some(encoder);
+        self.decoder = Some(decoder);
+        parts
     }
 }
 
@@ -317,13 +497,25 @@ async fn commit_and_answer(
 /// are gone, it marks what is left to mark and ends, which in turn ends the applier.
 async fn local_log_loop(
     term: Arc<Term>,
-    mut written_ahead: mpsc::Receiver<Arc<EncodedBatch>>,
+    mut writes: mpsc::Receiver<LocalWrite>,
     mut committed: watch::Receiver<Seq>,
     received: watch::Sender<Seq>,
 ) {
     let mut written = *received.borrow();
-    let (mut sealer_open, mut committer_open) = (true, true);
+    let (mut writers_open, mut committer_open) = (true, true);
     loop {
+        // Every write queued goes first: the committer queues a cut before it commits the
+        // first part, so the seq marked below always ends a batch in the local log.
+        while writers_open {
+            match writes.try_recv() {
+                Ok(write) => match write_locally(&term, write).await {
+                    Some(end) => written = written.max(end),
+                    None => return,
+                },
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => writers_open = false,
+            }
+        }
         // Both are batch ends, so the smaller one is too.
         let markable = written.min(*committed.borrow_and_update());
         if markable > *received.borrow() {
@@ -338,23 +530,49 @@ async fn local_log_loop(
             received.send_replace(markable);
             continue;
         }
-        if !sealer_open && !committer_open {
+        if !writers_open && !committer_open {
             return;
         }
         tokio::select! {
-            batch = written_ahead.recv(), if sealer_open => match batch {
-                Some(batch) => {
-                    let store = term.store.clone();
-                    let last_seq = batch.last_seq();
-                    if let Err(e) = blocking(move || store.append_pending(&batch)).await {
-                        term.step_down(StepDown::PipelineFailed(format!("writing the batch ending at seq {last_seq} to the local log failed: {e}")));
-                        return;
-                    }
-                    written = last_seq;
-                }
-                None => sealer_open = false,
+            write = writes.recv(), if writers_open => match write {
+                Some(write) => match write_locally(&term, write).await {
+                    Some(end) => written = written.max(end),
+                    None => return,
+                },
+                None => writers_open = false,
             },
             changed = committed.changed(), if committer_open => committer_open = changed.is_ok(),
+        }
+    }
+}
+
+/// Does one local write; the end of what the log now holds, or `None` once it failed (the term
+/// then steps down).
+async fn write_locally(term: &Term, write: LocalWrite) -> Option<Seq> {
+    let store = term.store.clone();
+    let (last_seq, done) = match write {
+        LocalWrite::Ahead(batch) => {
+            let last_seq = batch.last_seq();
+            (
+                last_seq,
+                blocking(move || store.append_pending(&batch)).await,
+            )
+        }
+        LocalWrite::Cut(parts) => {
+            let last_seq = parts.last().map_or(Seq::NONE, |p| p.last_seq());
+            (
+                last_seq,
+                blocking(move || store.replace_pending(&parts)).await,
+            )
+        }
+    };
+    match done {
+        Ok(()) => Some(last_seq),
+        Err(e) => {
+            term.step_down(StepDown::PipelineFailed(format!(
+                "writing the batch ending at seq {last_seq} to the local log failed: {e}"
+            )));
+            None
         }
     }
 }
@@ -446,11 +664,9 @@ async fn commit_resolved(
             }
             // etcd refuses an oversized request before proposing it: nothing was written.
             Err(e) if !sent && request_too_large(&e) => {
-                let bytes = batch.as_bytes().len();
-                tracing::warn!(bytes, error = %e, "etcd refused the batch as too large; stepping down to seal smaller batches");
-                return Err(CommitFailure::NotCommitted(StepDown::RequestTooLarge {
-                    bytes,
-                }));
+                return Err(CommitFailure::TooLarge {
+                    bytes: batch.as_bytes().len(),
+                });
             }
             Err(e) => {
                 sent = true;

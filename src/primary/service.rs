@@ -120,7 +120,7 @@ async fn run(
             None => return closed,
             Some(cause) => {
                 tracing::info!(?cause, "the term ended; campaigning again");
-                cause.lower_caps(&mut config);
+                primary.keep_learned_caps(&mut config);
                 if let Err(e) = closed {
                     tracing::debug!(error = %e, "cleaning up the ended term");
                 }
