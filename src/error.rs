@@ -205,6 +205,8 @@ pub enum Error {
     },
     #[error("nobody leads cluster {cluster}: no leader key in etcd")]
     NoLeader { cluster: String },
+    #[error("no node could serve a snapshot ({refusals}); one can once its state reaches the log etcd holds: wait for the primary to apply, or start a standby that has")]
+    NoSnapshotSource { refusals: String },
     #[error("cannot reach the node at {addr}: {reason}")]
     Unreachable { addr: String, reason: String },
     #[error("node {node} {what}; its log is {}", log.display())]

@@ -118,6 +118,10 @@ impl KeyLayout {
         format!("{}nodes/{node}", self.root)
     }
 
+    pub fn node_claims_prefix(&self) -> String {
+        format!("{}nodes/", self.root)
+    }
+
     /// The lowest seq still in etcd, moved by each trim.
     pub fn trimmed(&self) -> String {
         format!("{}trimmed", self.root)

@@ -546,27 +546,18 @@ impl Runner {
         }
     }
 
-    /// Replaces the store with a snapshot of the primary's state. The old store stays as it
-    /// was until the new one is complete and verified.
+    /// Replaces the store with a snapshot of the primary's state, or, when the primary cannot
+    /// serve one, of another running node's ([`crate::snapshot::sources`]). The old store
+    /// stays as it was until the new one is complete and verified.
     async fn install_snapshot(&mut self) -> Result<()> {
-        let mut source = crate::snapshot::source(
+        let standby = &self.config.standby;
+        let sources = crate::snapshot::sources(
             &self.client,
-            &self.config.primary.cluster,
-            self.config.standby.etcd_request_timeout,
-            &self.config.peer_access,
+            &standby.cluster,
+            &standby.node,
+            standby.etcd_request_timeout,
         )
         .await?;
-        tracing::warn!(
-            source = source.addr(),
-            "the log was trimmed past this node: installing a snapshot"
-        );
-        self.lifecycle.raise(
-            Event::Bootstrap,
-            format!("installing a snapshot from {}", source.addr()),
-        );
-        let dir = current(&self.store).dir().to_path_buf();
-        let metrics = self.metrics.clone();
-        let standby = &self.config.standby;
         let layout = KeyLayout::new(&standby.cluster);
         let hold = SnapshotHold::register(
             self.client.clone(),
@@ -576,14 +567,42 @@ impl Runner {
             standby.etcd_request_timeout,
         )
         .await?;
-        let installed =
-            crate::snapshot::bootstrap(&mut source, &dir, standby.limits.clone(), |progress| {
-                hold.at_snapshot(progress.seq);
-                metrics.snapshot_bytes.set(progress.bytes as i64);
-            })
-            .await;
-        drop(hold);
-        let header = installed?;
+        let mut refused = Vec::new();
+        for addr in sources {
+            match self.install_snapshot_from(&addr, &hold).await {
+                Ok(()) => return Ok(()),
+                Err(e) if another_source_may_serve(&e) => {
+                    tracing::warn!(source = %addr, error = %e, "this node cannot serve a snapshot; asking the next");
+                    refused.push(format!("{addr}: {e}"));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::NoSnapshotSource {
+            refusals: refused.join("; "),
+        })
+    }
+
+    async fn install_snapshot_from(&mut self, addr: &str, hold: &SnapshotHold) -> Result<()> {
+        let endpoint = crate::api::Endpoint::Server(addr.to_owned());
+        let access = self.config.peer_access.clone();
+        let mut source = crate::api::WalClient::connect_with(endpoint, access).await?;
+        tracing::warn!(
+            source = addr,
+            "the log was trimmed past this node: installing a snapshot"
+        );
+        self.lifecycle.raise(
+            Event::Bootstrap,
+            format!("installing a snapshot from {addr}"),
+        );
+        let dir = current(&self.store).dir().to_path_buf();
+        let metrics = self.metrics.clone();
+        let limits = self.config.standby.limits.clone();
+        let header = crate::snapshot::bootstrap(&mut source, &dir, limits, |progress| {
+            hold.at_snapshot(progress.seq);
+            metrics.snapshot_bytes.set(progress.bytes as i64);
+        })
+        .await?;
         let options = StoreOptions {
             limits: self.config.standby.limits.clone(),
             ..StoreOptions::default()
@@ -594,6 +613,7 @@ impl Runner {
         tracing::info!(
             seq = header.seq,
             keys = header.keys,
+            source = addr,
             "snapshot installed; following from there"
         );
         Ok(())
@@ -703,4 +723,17 @@ async fn trim_local_log(
             Err(e) => tracing::warn!(error = %e, "cannot trim the local log"),
         }
     }
+}
+
+/// A snapshot that failed at its source — unreachable, refused (its state cannot continue into
+/// the log etcd holds), cut off or corrupt on the way — may come whole from another node; a
+/// failure of this node's own store would fail the same way from any.
+fn another_source_may_serve(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Rpc { .. }
+            | Error::Unreachable { .. }
+            | Error::NotLeader { .. }
+            | Error::SnapshotInvalid(_)
+    )
 }

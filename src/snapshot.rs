@@ -14,16 +14,19 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use etcd_client::GetOptions;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::api::proto::{snapshot_chunk, SnapshotData, SnapshotHeader};
-use crate::api::{ApiAccess, Endpoint, WalClient};
+use crate::api::WalClient;
 use crate::error::{Error, Result};
 use crate::etcd::leadership::current_leader;
-use crate::keys::{ClusterId, KeyLayout};
+use crate::etcd::timed;
+use crate::keys::{ClusterId, KeyLayout, NodeName};
 use crate::limits::Limits;
 use crate::local_store::{blocking, check_ours_or_empty, LocalStore, StateHasher, StoreOptions};
 use crate::record::{Epoch, Seq};
+use crate::standby::membership::MemberInfo;
 
 /// Pair bytes per frame (one larger pair goes alone): well under the API's message limit.
 pub const FRAME_BYTES: usize = 1024 * 1024;
@@ -217,20 +220,85 @@ pub struct Progress {
     pub total_bytes: u64,
 }
 
-/// The node to take a snapshot from: the primary, found through its leader key.
-pub async fn source(
+/// The nodes to take a snapshot from, in the order to ask them: the primary (through its leader
+/// key), then the other running nodes (their claims), furthest applied first; never `me`. A node
+/// whose state cannot continue into the log etcd holds refuses to serve one, so a standby far
+/// enough ahead serves it when the primary cannot (a new primary whose state lags `trimmed`).
+pub async fn sources(
     client: &etcd_client::Client,
     cluster: &ClusterId,
+    me: &NodeName,
     request_timeout: Duration,
-    access: &ApiAccess,
-) -> Result<WalClient> {
+) -> Result<Vec<String>> {
     let layout = KeyLayout::new(cluster);
-    let (leader, _) = current_leader(client, &layout, request_timeout)
-        .await?
-        .ok_or_else(|| Error::NoLeader {
+    let leader = current_leader(client, &layout, request_timeout).await?;
+    let prefixed = || GetOptions::new().with_prefix();
+    let mut kv = client.kv_client();
+    let claims = timed(
+        request_timeout,
+        kv.get(layout.node_claims_prefix(), Some(prefixed())),
+    )
+    .await?;
+    let members = timed(
+        request_timeout,
+        kv.get(layout.members_prefix(), Some(prefixed())),
+    )
+    .await?;
+    let named = |kv: &etcd_client::KeyValue, prefix: &str| {
+        let name = kv.key_str().ok()?.strip_prefix(prefix)?.to_owned();
+        Some((name, kv.value_str().ok()?.to_owned()))
+    };
+    let claims_prefix = layout.node_claims_prefix();
+    let members_prefix = layout.members_prefix();
+    let running: Vec<(String, String)> = claims
+        .kvs()
+        .iter()
+        .filter_map(|kv| named(kv, &claims_prefix))
+        .collect();
+    let applied: Vec<(String, Seq)> = members
+        .kvs()
+        .iter()
+        .filter_map(|kv| named(kv, &members_prefix))
+        .filter_map(|(node, value)| {
+            Some((node, MemberInfo::decode(value.as_bytes()).ok()?.applied_seq))
+        })
+        .collect();
+    let leader = leader.map(|(info, _)| (info.node.to_string(), info.addr));
+    let order = order_sources(leader, &running, &applied, me.as_str());
+    if order.is_empty() {
+        return Err(Error::NoLeader {
             cluster: cluster.as_str().to_owned(),
-        })?;
-    WalClient::connect_with(Endpoint::Server(leader.addr), access.clone()).await
+        });
+    }
+    Ok(order)
+}
+
+/// The addresses to ask, in order: the leader's, then every other running node's by applied
+/// seq, furthest first (a node with no registration last); `me` never.
+fn order_sources(
+    leader: Option<(String, String)>,
+    running: &[(String, String)],
+    applied: &[(String, Seq)],
+    me: &str,
+) -> Vec<String> {
+    let applied_of = |node: &str| {
+        applied
+            .iter()
+            .find(|(name, _)| name == node)
+            .map(|&(_, seq)| seq)
+    };
+    let leader_node = leader.as_ref().map(|(node, _)| node.clone());
+    let mut others: Vec<&(String, String)> = running
+        .iter()
+        .filter(|(node, _)| node != me && Some(node) != leader_node.as_ref())
+        .collect();
+    others.sort_by_key(|(node, _)| std::cmp::Reverse(applied_of(node)));
+    leader
+        .filter(|(node, _)| node != me)
+        .map(|(_, addr)| addr)
+        .into_iter()
+        .chain(others.into_iter().map(|(_, addr)| addr.clone()))
+        .collect()
 }
 
 /// Completes a snapshot swap that a crash cut between its two renames, when the old store had
@@ -386,4 +454,51 @@ fn corrupt_chunk(data: &mut SnapshotData) {
             *byte ^= 0xff;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
+        items
+            .iter()
+            .map(|&(a, b)| (a.to_owned(), b.to_owned()))
+            .collect()
+    }
+
+    fn leader(node: &str, addr: &str) -> Option<(String, String)> {
+        Some((node.to_owned(), addr.to_owned()))
+    }
+
+    #[test]
+    fn the_leader_is_asked_first_then_the_others_furthest_applied_first() {
+        let running = pairs(&[("a", "A"), ("b", "B"), ("c", "C"), ("d", "D")]);
+        let applied = vec![
+            ("b".to_owned(), Seq(10)),
+            ("c".to_owned(), Seq(30)),
+            ("a".to_owned(), Seq(5)),
+        ];
+        let order = order_sources(leader("a", "A"), &running, &applied, "me");
+        assert_eq!(order, ["A", "C", "B", "D"]);
+    }
+
+    #[test]
+    fn a_node_never_asks_itself() {
+        let running = pairs(&[("a", "A"), ("me", "M")]);
+        assert_eq!(order_sources(leader("a", "A"), &running, &[], "me"), ["A"]);
+        assert_eq!(order_sources(leader("me", "M"), &running, &[], "me"), ["A"]);
+    }
+
+    #[test]
+    fn with_no_leader_the_running_nodes_are_asked() {
+        let running = pairs(&[("a", "A"), ("b", "B")]);
+        let applied = vec![("b".to_owned(), Seq(1))];
+        assert_eq!(order_sources(None, &running, &applied, "me"), ["B", "A"]);
+    }
+
+    #[test]
+    fn a_leader_without_a_claim_is_still_asked() {
+        assert_eq!(order_sources(leader("a", "A"), &[], &[], "me"), ["A"]);
+    }
 }

@@ -990,7 +990,10 @@ async fn a_batch_over_etcds_request_limit_is_cut_between_appends_and_committed_i
         let ack = ack.expect("every append commits: the batch etcd refused was cut");
         acked.push((ack, records));
     }
-    let refusals = metrics.commit_refusals.with_label_values(&["too_large"]).get();
+    let refusals = metrics
+        .commit_refusals
+        .with_label_values(&["too_large"])
+        .get();
     assert!(refusals >= 1, "etcd refused a batch, which was cut");
     assert!(primary.is_leading(), "the term went on");
     assert_eq!(primary.epoch(), epoch);

@@ -71,6 +71,7 @@ pub fn to_status(error: &Error) -> tonic::Status {
         | Error::Etcd(_)
         | Error::EtcdTimeout(_)
         | Error::NoLeader { .. }
+        | Error::NoSnapshotSource { .. }
         | Error::EtcdRequestTooLarge { .. } => Code::Unavailable,
         Error::CommitOutcomeUnknown { .. } => Code::Unknown,
         Error::Rpc { code, .. } => *code,
