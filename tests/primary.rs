@@ -424,7 +424,9 @@ async fn pending_appends_never_exceed_the_byte_bound() {
         .collect();
     tokio::time::sleep(Duration::from_millis(700)).await;
     let pending = primary.pending_bytes();
-    let finished = appenders.iter().filter(|a| a.is_finished()).count();
+    let early: Vec<usize> = (0..appenders.len())
+        .filter(|&i| appenders[i].is_finished())
+        .collect();
     etcd.resume().unwrap();
 
     assert!(
@@ -435,10 +437,17 @@ async fn pending_appends_never_exceed_the_byte_bound() {
         pending >= 900_000,
         "the bound was not reached: {pending} bytes"
     );
-    assert_eq!(finished, 0, "appends completed while etcd was frozen");
+    let mut answers = Vec::new();
     for appender in appenders {
-        appender
-            .await
+        answers.push(appender.await.map_err(|e| e.to_string()));
+    }
+    let answered_early: Vec<_> = early.iter().map(|&i| &answers[i]).collect();
+    assert!(
+        early.is_empty(),
+        "appends {early:?} completed while etcd was frozen: {answered_early:?}"
+    );
+    for answer in answers {
+        answer
             .unwrap()
             .expect("appends complete once etcd runs again");
     }
