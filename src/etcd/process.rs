@@ -195,7 +195,28 @@ impl EtcdProcess {
     /// Freezes etcd (SIGSTOP): requests hang instead of failing, as with a stalled disk or a
     /// partition.
     pub fn pause(&self) -> Result<()> {
-        self.signal(libc::SIGSTOP)
+        self.signal(libc::SIGSTOP)?;
+        // kill(2) returns once the signal is queued; an etcd thread running on another core
+        // may still answer a request sent right after. Returns only once etcd is stopped.
+        let stat = format!("/proc/{}/stat", self.running_pid()?);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let state = std::fs::read_to_string(&stat)?;
+            // `pid (comm) state ...`: the state follows the last ')'.
+            let stopped = state
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                .is_some_and(|c| c == 'T' || c == 't');
+            if stopped {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Io(std::io::Error::other(
+                    "etcd did not stop within 2 s of SIGSTOP",
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Lets a paused etcd run again (SIGCONT).
@@ -203,13 +224,16 @@ impl EtcdProcess {
         self.signal(libc::SIGCONT)
     }
 
-    fn signal(&self, signal: libc::c_int) -> Result<()> {
+    fn running_pid(&self) -> Result<libc::pid_t> {
         let child = self
             .child
             .as_ref()
             .ok_or_else(|| Error::Io(std::io::Error::other("etcd is not running")))?;
-        let pid =
-            libc::pid_t::try_from(child.id()).map_err(|e| Error::Io(std::io::Error::other(e)))?;
+        libc::pid_t::try_from(child.id()).map_err(|e| Error::Io(std::io::Error::other(e)))
+    }
+
+    fn signal(&self, signal: libc::c_int) -> Result<()> {
+        let pid = self.running_pid()?;
         // SAFETY: kill(2) with a pid we spawned and still own; it touches no memory of ours.
         if unsafe { libc::kill(pid, signal) } != 0 {
             return Err(Error::Io(std::io::Error::last_os_error()));
