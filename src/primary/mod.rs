@@ -66,6 +66,8 @@ pub enum StepDown {
     /// learned the lower cap ([`Primary::keep_learned_caps`]).
     RequestTooLarge {
         bytes: usize,
+        /// The batch cap the term learned.
+        cap: usize,
     },
     ShuttingDown,
 }
@@ -86,9 +88,9 @@ impl StepDown {
             StepDown::PipelineFailed(reason) => Error::LeadershipLost {
                 reason: format!("stepped down: {reason}"),
             },
-            StepDown::RequestTooLarge { bytes } => Error::EtcdRequestTooLarge {
+            StepDown::RequestTooLarge { bytes, cap } => Error::EtcdRequestTooLarge {
                 bytes: *bytes,
-                cap: bytes / 2,
+                cap: *cap,
             },
             StepDown::ShuttingDown => Error::ShuttingDown,
         }

@@ -384,7 +384,7 @@ impl Cutter {
     /// parts under the cap (re-encoded, same seqs), and has the local log replace it by them;
     /// the parts, to be committed in its place. A batch of one append cannot be cut: that
     /// append is refused, and the term ends (module [`request_cap`]).
-    async fn cut(&mut self, term: &Term, batch: SealedBatch, bytes: usize) -> Vec<SealedBatch> {
+    async fn cut(&mut self, term: &Term, mut batch: SealedBatch, bytes: usize) -> Vec<SealedBatch> {
         let cap = term.learn_refusal(bytes);
         term.metrics
             .commit_refusals
@@ -400,7 +400,10 @@ impl Cutter {
                     cap: cap.max_batch_bytes,
                 })
             });
-            term.step_down(StepDown::RequestTooLarge { bytes });
+            term.step_down(StepDown::RequestTooLarge {
+                bytes,
+                cap: cap.max_batch_bytes,
+            });
             return Vec::new();
         }
         let runs = request_cap::cut(&sizes, cap.max_batch_bytes);
@@ -435,7 +438,6 @@ impl Cutter {
             batch.answer(|| Err(cause.to_error()));
             return Vec::new();
         }
-        let mut batch = batch;
         let slot = batch._slot.clone();
         let mut appends = std::mem::take(&mut batch.appends).into_iter();
         runs.iter()
