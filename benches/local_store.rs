@@ -117,7 +117,7 @@ fn state_apply(c: &mut Criterion, pool: &[EncodedBatch]) {
                 |store, batch| store.append_committed(batch).expect("appends"),
                 |store, _| {
                     store
-                        .apply_next(PER_BATCH)
+                        .apply_next()
                         .expect("applies")
                         .expect("a batch was waiting");
                 },

@@ -1,15 +1,17 @@
-//! Applies received records to the state, off the commit path: the one apply step every node
-//! uses, primary and standby alike.
+//! Applies received records to the state and checkpoints it, off the commit path: the one
+//! apply step every node uses, primary and standby alike.
 //!
-//! It follows a `watch` of the received seq and applies the local log up to it in steps of at
-//! most [`STEP_RECORDS`] records, announcing the applied seq after each. It runs on its own
-//! thread at a lower CPU priority (nice +10): applying random keys into sled is an order of
-//! magnitude slower than committing batches, so under saturation the commit path keeps the CPU
-//! and the apply lag grows, to drain when the load drops. The state catches up from the local
-//! log, never from etcd. An apply error (a damaged local log) stops the applier and is kept for
-//! status: the state stays at its last good seq, never skips.
+//! The apply thread follows a `watch` of the received seq and applies the local log up to it a
+//! batch at a time into the state in memory ([`LocalStore::apply_next`]), announcing the applied
+//! seq after each. The checkpointer thread writes a checkpoint whenever
+//! [`checkpoint::due`] says so, at a lower CPU priority (nice +10): a checkpoint under a load
+//! that dirties every page rewrites the whole state, and the commit path keeps the CPU before
+//! it. The state catches up from the local log, never from etcd. An apply error (a damaged
+//! local log) stops the applier and is kept for status: the state stays at its last good seq,
+//! never skips. A failed checkpoint is logged and counted; the next writes every page.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 use tokio::sync::watch;
@@ -17,24 +19,28 @@ use tokio::sync::watch;
 use crate::local_store::LocalStore;
 use crate::metrics::Metrics;
 use crate::record::Seq;
+use crate::state::checkpoint;
 
-/// Records applied per step: the applied seq is announced (and persisted) this often.
-pub const STEP_RECORDS: usize = 1024;
-/// The applier thread's nice value: background work yields to the commit path.
-const APPLIER_NICENESS: libc::c_int = 10;
+/// The checkpointer thread's nice value: background work yields to the commit path.
+const CHECKPOINTER_NICENESS: libc::c_int = 10;
+/// How often the checkpointer looks whether a checkpoint is due.
+const CHECKPOINT_POLL: Duration = Duration::from_millis(50);
 
 pub struct Applier {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    checkpointer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Dropped to stop the checkpointer.
+    stop_checkpoints: Mutex<Option<crossbeam_channel::Sender<()>>>,
     applied: watch::Receiver<Seq>,
     failure: Arc<Mutex<Option<String>>>,
     stop: watch::Sender<bool>,
 }
 
 impl Applier {
-    /// Starts applying whatever `received` announces. When `received`'s sender is dropped, the
-    /// applier catches up with the last announced seq and stops; dropping the applier does not
-    /// stop it (the thread never blocks an async caller's drop). Must be called inside a tokio
-    /// runtime.
+    /// Starts applying whatever `received` announces, and checkpointing as the store's policy
+    /// says. When `received`'s sender is dropped, the applier catches up with the last announced
+    /// seq and stops; dropping the applier does not stop it (the thread never blocks an async
+    /// caller's drop). Must be called inside a tokio runtime.
     pub fn spawn(
         store: Arc<LocalStore>,
         received: watch::Receiver<Seq>,
@@ -46,32 +52,53 @@ impl Applier {
         let thread_failure = failure.clone();
         let (stop, stop_rx) = watch::channel(false);
         let runtime = Handle::current();
+        let (apply_store, apply_metrics) = (store.clone(), metrics.clone());
         let thread = std::thread::Builder::new()
             .name("fencelog-applier".into())
             .spawn(move || {
-                lower_priority();
                 let input = Input { received, stop: stop_rx };
-                run(&runtime, &store, input, &applied_tx, &metrics, &thread_failure);
+                run(&runtime, &apply_store, input, &applied_tx, &apply_metrics, &thread_failure);
             })
             .map_err(|e| tracing::error!(error = %e, "cannot start the applier thread; the state will not advance"))
             .ok();
+        let (stop_checkpoints, stopped) = crossbeam_channel::bounded(0);
+        let watched = applied.clone();
+        let checkpointer = std::thread::Builder::new()
+            .name("fencelog-checkpointer".into())
+            .spawn(move || {
+                lower_priority();
+                checkpoints(&store, &watched, &stopped, &metrics);
+            })
+            .map_err(|e| tracing::error!(error = %e, "cannot start the checkpointer thread; the state will not be checkpointed"))
+            .ok();
         Applier {
             thread: Mutex::new(thread),
+            checkpointer: Mutex::new(checkpointer),
+            stop_checkpoints: Mutex::new(Some(stop_checkpoints)),
             applied,
             failure,
             stop,
         }
     }
 
-    /// Stops at the end of the current step, without catching up, and waits for the thread to
-    /// let go of the store: the state resumes from `applied_seq` under whoever applies next.
+    /// Stops at the end of the current batch, without catching up, and the checkpointer at the
+    /// end of the checkpoint it is writing, and waits for both threads to let go of the store:
+    /// the state resumes from its applied seq under whoever applies next.
     pub async fn stop(&self) {
         self.stop.send_replace(true);
-        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(thread) = thread {
-            let joined = tokio::task::spawn_blocking(move || thread.join()).await;
-            if !matches!(joined, Ok(Ok(()))) {
-                tracing::error!("the applier thread ended abnormally");
+        drop(
+            self.stop_checkpoints
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
+        for thread in [&self.thread, &self.checkpointer] {
+            let thread = thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(thread) = thread {
+                let joined = tokio::task::spawn_blocking(move || thread.join()).await;
+                if !matches!(joined, Ok(Ok(()))) {
+                    tracing::error!("an applier thread ended abnormally");
+                }
             }
         }
     }
@@ -121,7 +148,7 @@ fn run(
     let stopping = input.stop.clone();
     let catch_up = |target: Seq| -> bool {
         while *applied.borrow() < target && !*stopping.borrow() {
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             match apply_step(store) {
                 Ok(Some(step)) => {
                     metrics
@@ -164,13 +191,52 @@ fn run(
     }
 }
 
-/// One step of at most [`STEP_RECORDS`] records.
+/// One batch.
 fn apply_step(store: &LocalStore) -> crate::Result<Option<crate::local_store::AppliedRange>> {
     // Fail point (tests): the step fails as on a damaged local log.
     fail::fail_point!("applier::step_fails", |_| Err(crate::Error::TaskFailed(
         "fail point applier::step_fails".into()
     )));
-    store.apply_next(STEP_RECORDS)
+    store.apply_next()
+}
+
+/// The checkpointer: until `stop` is dropped, writes a checkpoint whenever one is due.
+fn checkpoints(
+    store: &LocalStore,
+    applied: &watch::Receiver<Seq>,
+    stop: &crossbeam_channel::Receiver<()>,
+    metrics: &Metrics,
+) {
+    let policy = store.options().checkpoint;
+    let mut last_end = Instant::now();
+    metrics
+        .checkpoint_seq
+        .set(store.positions().map_or(0, |p| p.checkpoint_seq.0) as i64);
+    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_POLL)
+    {
+        let checkpointed = store.positions().map_or(Seq::NONE, |p| p.checkpoint_seq);
+        let records = applied.borrow().0.saturating_sub(checkpointed.0);
+        if !checkpoint::due(&policy, records, last_end.elapsed()) {
+            continue;
+        }
+        let started = Instant::now();
+        match store.checkpoint() {
+            Ok(Some(written)) => {
+                metrics
+                    .checkpoint_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.checkpoint_bytes.inc_by(written.bytes);
+                metrics.checkpoint_seq.set(written.meta.seq.0 as i64);
+                tracing::debug!(seq = %written.meta.seq, pages = written.pages, bytes = written.bytes, "checkpointed the state");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                metrics.checkpoint_failures.inc();
+                tracing::error!(error = %e, "cannot checkpoint the state; trying again after the interval, a restart replays more of the log meanwhile");
+            }
+        }
+        last_end = Instant::now();
+    }
 }
 
 /// Lowers this thread's CPU priority. Linux gives each thread its own nice value.
@@ -178,9 +244,9 @@ fn lower_priority() {
     // SAFETY: gettid and setpriority take and return plain integers and touch no memory of ours.
     let result = unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, APPLIER_NICENESS)
+        libc::setpriority(libc::PRIO_PROCESS, tid, CHECKPOINTER_NICENESS)
     };
     if result != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the applier's priority");
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the checkpointer's priority");
     }
 }

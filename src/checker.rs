@@ -17,8 +17,9 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::batch::BatchHeader;
 use crate::error::{Error, Result};
-use crate::local_store::{StateDigest, StateHasher};
+use crate::local_store::StateDigest;
 use crate::record::{Epoch, Op, Record, Seq};
+use crate::state::DigestBuilder;
 
 /// One line of the shared record format.
 pub fn tsv_line(seq: Seq, record: &Record) -> String {
@@ -160,11 +161,11 @@ impl Checker {
     }
 
     fn replay_digest(&self, seq: Seq) -> StateDigest {
-        let mut hasher = StateHasher::default();
+        let mut hasher = DigestBuilder::default();
         for (key, value) in &self.replay {
             hasher.add(key, value);
         }
-        hasher.finish(seq)
+        StateDigest::at(seq, hasher.finish())
     }
 
     /// Ends the check; `batches` are the headers of the batches in etcd, in key order.
@@ -234,11 +235,11 @@ mod tests {
     use super::*;
 
     fn digest_of(pairs: &[(&str, &str)], seq: u64) -> StateDigest {
-        let mut hasher = StateHasher::default();
+        let mut hasher = DigestBuilder::default();
         for (k, v) in pairs {
             hasher.add(k.as_bytes(), v.as_bytes());
         }
-        hasher.finish(Seq(seq))
+        StateDigest::at(Seq(seq), hasher.finish())
     }
 
     fn acked(lines: &[String]) -> BTreeMap<u64, String> {

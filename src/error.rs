@@ -124,6 +124,10 @@ pub enum Error {
     },
     #[error("local store at {dir}: {source}")]
     StoreIo { dir: PathBuf, source: sled::Error },
+    #[error("the state machine stopped: {0}")]
+    State(#[from] crate::state::StateError),
+    #[error("this node's state is not the key/value map (it runs a state machine of its embedder's own), so it has no values to get")]
+    NotKeyValue,
     #[error(
         "batch starts at seq {found} but the log expects {expected}: the log never holds a gap"
     )]

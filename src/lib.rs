@@ -13,7 +13,9 @@
 //! - [`pointer`]: the `/latest` commit pointer;
 //! - [`etcd`]: the commit layer: leadership, the fenced commit transaction, reading batches
 //!   back, a secured etcd's TLS and user, and a real etcd process for tests;
-//! - [`local_store`]: the sled store of a node (log, state, positions);
+//! - [`local_store`]: the sled store of a node (log, state checkpoint, positions);
+//! - [`state`]: the state in memory behind the [`state::StateMachine`] trait, the built-in
+//!   key/value map, and its checkpoint;
 //! - [`applier`]: applies received batches to the state, off the commit path;
 //! - [`config`]: the primary's settings and their defaults;
 //! - [`credentials`]: secrets that are never printed, and PEM files, for etcd and the API;
@@ -52,6 +54,7 @@ pub mod primary;
 pub mod record;
 pub mod snapshot;
 pub mod standby;
+pub mod state;
 mod supervise;
 pub mod workload;
 

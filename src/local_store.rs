@@ -1,50 +1,56 @@
-//! A node's local sled store: the log of batches, the state it materializes, and the positions
-//! that say how far each has come.
+//! A node's local sled store: the log of batches, the state it materializes (in memory, with
+//! its checkpoint), and the positions that say how far each has come.
 //!
-//! | tree    | key                     | value                                              |
-//! |---------|-------------------------|----------------------------------------------------|
-//! | `log`   | first seq (big-endian)  | the encoded batch, as committed to etcd            |
-//! | `state` | record key              | record value (Put inserts, Delete removes)         |
-//! | `meta`  | `format`, `applied_seq`, `applying_through`, `lease_id`, `claim_lease`, `log_base`, `log_base_epoch` | u64, big-endian |
-//! | `meta`  | `identity`              | `<cluster> <node> <log id>`, UTF-8                 |
-//! | `meta`  | `received`              | received seq and its batch's epoch, u64 + u64, big-endian |
+//! | tree         | key                     | value                                         |
+//! |--------------|-------------------------|-----------------------------------------------|
+//! | `log`        | first seq (big-endian)  | the encoded batch, as committed to etcd       |
+//! | `checkpoint` | `meta`, `p` + page id   | the state as of one seq ([`crate::state::checkpoint`]) |
+//! | `meta`       | `format`, `lease_id`, `claim_lease`, `log_base`, `log_base_epoch` | u64, big-endian |
+//! | `meta`       | `identity`              | `<cluster> <node> <log id>`, UTF-8            |
+//! | `meta`       | `received`              | received seq and its batch's epoch, u64 + u64, big-endian |
 //!
 //! The log and the state advance separately, like a Postgres standby's received and replayed
-//! positions: the log takes one sled write per batch, the state one per record, an order of
-//! magnitude slower. Invariants, kept by every write and checked on open:
+//! positions. The state is a [`StateMachine`] in memory, applied a whole batch at a time
+//! ([`apply_next`](LocalStore::apply_next)); its durable copy is the last checkpoint
+//! ([`checkpoint`](LocalStore::checkpoint)), and `open` rebuilds it from that checkpoint and the
+//! log after it. Invariants, kept by every write and checked on open:
 //! - the log is contiguous: each batch starts right after the one before it;
-//! - `applied_seq <= received_seq <= log end`; `received_seq` is a batch boundary (`applied_seq`
-//!   may stop inside a batch: the state is applied in short steps);
+//! - `log_base <= checkpoint_seq <= applied_seq <= received_seq <= log end`; `checkpoint_seq`,
+//!   `applied_seq` and `received_seq` end batches (or are the log's base);
 //! - `received_seq` moves only after the log write it covers (or, for a primary's write-ahead
 //!   batch, once etcd has committed it); a crash in between leaves a log tail past
 //!   `received_seq`, which is never read or applied, and which the node drops before it follows
 //!   etcd again;
-//! - the state never stays ahead of `applied_seq`: an apply step first records
-//!   `applying_through`, then writes the state, then moves `applied_seq`; `open` redoes a step a
-//!   crash interrupted (puts and deletes replayed in order give the same state).
+//! - the log keeps every batch after `checkpoint_seq`: it is the state's redo.
 //!
 //! No sled transactions, on purpose: sled 0.34 runs each one under a process-wide write lock,
 //! and once any transaction has run, every sled read and write in the process takes that lock
-//! too. These invariants rest instead on each single-key write being atomic and on sled
-//! recovering a prefix of the writes after a crash (its log is replayed up to the first torn
-//! write). `kill_9_never_leaves_a_position_ahead_of_its_data` checks it.
+//! too. These invariants rest instead on each single-key write and each batch being atomic and on
+//! sled recovering a prefix of the writes after a crash (its log is replayed up to the first
+//! torn write). `kill_9_never_leaves_a_position_ahead_of_its_data` checks it.
 //!
 //! All calls block on sled; async callers run them on a blocking thread. Never call sled's
 //! `flush_async` from many tasks (it deadlocks in 0.34.7): this store flushes with `flush()`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use sled::Tree;
-use xxhash_rust::xxh3::Xxh3;
 
-use crate::batch::{Batch, BatchDecoder, BatchHeader, EncodedBatch};
+use crate::batch::{BatchDecoder, BatchHeader, EncodedBatch};
 use crate::error::{Error, Result};
 use crate::limits::Limits;
-use crate::record::{Epoch, Op, Record, Seq};
+use crate::record::{Epoch, Record, Seq};
+use crate::state::checkpoint::{self, CheckpointMeta};
+use crate::state::{kv_factory, Factory, KvState, StateMachine};
 
-/// The layout version this build reads and writes.
-pub const STORE_FORMAT: u64 = 2;
+/// The layout version this build writes. It reads [`MIGRATED_FORMAT`] too, and rewrites it.
+pub const STORE_FORMAT: u64 = 3;
+/// The layout before the state moved into memory: the state was a sled tree `state` of one
+/// entry per key, applied in steps (`applied_seq`, `applying_through`). Opening such a store
+/// turns it into a checkpoint once.
+pub const MIGRATED_FORMAT: u64 = 2;
 
 /// A file beside sled's own, written once the store exists. sled recovers a damaged file by
 /// keeping what it can read, which may be nothing: the marker tells "new" from "lost".
@@ -52,8 +58,11 @@ const MARKER_FILE: &str = "fencelog-store";
 
 const FORMAT: &[u8] = b"format";
 const RECEIVED: &[u8] = b"received";
+/// Format 2's state positions, read only to migrate it.
 const APPLIED_SEQ: &[u8] = b"applied_seq";
 const APPLYING_THROUGH: &[u8] = b"applying_through";
+/// Format 2's state tree, read only to migrate it.
+const FORMAT_2_STATE: &str = "state";
 const LEASE_ID: &[u8] = b"lease_id";
 /// The lease of the node's claim on its name (`nodes/<node>`), so that a restarted daemon
 /// recognises its own claim from before a crash.
@@ -77,12 +86,17 @@ pub enum FlushPolicy {
     Background { interval_ms: u64 },
 }
 
-/// How a store is opened. The default: [`Limits::default`] and [`FlushPolicy::EveryWrite`].
-#[derive(Clone, Debug)]
+/// How a store is opened. The default: [`Limits::default`], [`FlushPolicy::EveryWrite`] and
+/// the built-in [`KvState`].
+#[derive(Clone)]
 pub struct StoreOptions {
     /// The limits batches in the log were encoded with; decoding checks against them.
     pub limits: Limits,
     pub flush: FlushPolicy,
+    /// Makes the empty state machine the log is applied to and the checkpoint loaded into.
+    pub state: Factory,
+    /// When the node's applier checkpoints the state.
+    pub checkpoint: checkpoint::Policy,
 }
 
 impl Default for StoreOptions {
@@ -90,7 +104,19 @@ impl Default for StoreOptions {
         StoreOptions {
             limits: Limits::default(),
             flush: FlushPolicy::EveryWrite,
+            state: kv_factory(),
+            checkpoint: checkpoint::Policy::default(),
         }
+    }
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("limits", &self.limits)
+            .field("flush", &self.flush)
+            .field("checkpoint", &self.checkpoint)
+            .finish_non_exhaustive()
     }
 }
 
@@ -99,8 +125,10 @@ impl Default for StoreOptions {
 pub struct Positions {
     /// The log holds every committed record up to here.
     pub received_seq: Seq,
-    /// The state reflects the log up to here.
+    /// The state (in memory) reflects the log up to here.
     pub applied_seq: Seq,
+    /// The state's last checkpoint is as of here: a restart replays the log after it.
+    pub checkpoint_seq: Seq,
     /// The last seq in the log, committed or not; above `received_seq` only on a primary whose
     /// write-ahead batch is still being committed.
     pub log_end_seq: Seq,
@@ -108,37 +136,21 @@ pub struct Positions {
     pub received_epoch: Epoch,
 }
 
-/// A digest of the state, taken while no batch is being applied.
+/// A digest of the state at one applied seq ([`crate::state::Digest`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StateDigest {
     pub applied_seq: Seq,
     pub keys: u64,
-    /// xxh3-64 over every (key, value) in key order, each length-prefixed.
+    /// The wrapping sum of [`crate::state::pair_hash`] over every pair.
     pub digest: u64,
 }
 
-/// The state digest, fed pair by pair in key order: xxh3-64 over each key and value, each
-/// preceded by its length (u64, little-endian).
-#[derive(Default)]
-pub struct StateHasher {
-    hasher: Xxh3,
-    keys: u64,
-}
-
-impl StateHasher {
-    pub fn add(&mut self, key: &[u8], value: &[u8]) {
-        self.hasher.update(&(key.len() as u64).to_le_bytes());
-        self.hasher.update(key);
-        self.hasher.update(&(value.len() as u64).to_le_bytes());
-        self.hasher.update(value);
-        self.keys += 1;
-    }
-
-    pub fn finish(&self, applied_seq: Seq) -> StateDigest {
+impl StateDigest {
+    pub fn at(applied_seq: Seq, digest: crate::state::Digest) -> StateDigest {
         StateDigest {
             applied_seq,
-            keys: self.keys,
-            digest: self.hasher.digest(),
+            keys: digest.keys,
+            digest: digest.value,
         }
     }
 }
@@ -194,26 +206,46 @@ pub struct AppliedRange {
     pub sealed_at_micros: u64,
 }
 
-/// The applier's working set: its decoder, and the batch it is part way through.
-struct Applying {
-    decoder: BatchDecoder,
-    cached: Option<Arc<Batch>>,
+/// The state machine, and how far the log has been applied to it.
+struct Applied {
+    machine: Box<dyn StateMachine>,
+    seq: Seq,
+    /// The epoch of the batch that ends at `seq`.
+    epoch: Epoch,
+}
+
+/// What one checkpoint wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointStats {
+    pub meta: CheckpointMeta,
+    /// Pages written or removed, and the bytes written.
+    pub pages: usize,
+    pub bytes: u64,
 }
 
 pub struct LocalStore {
     dir: PathBuf,
     db: sled::Db,
     log: Tree,
-    state: Tree,
+    checkpoint: Tree,
     meta: Tree,
     limits: Limits,
     flush: FlushPolicy,
+    factory: Factory,
+    checkpoint_policy: checkpoint::Policy,
     /// Serializes log writes (append, commit, truncate): each checks the log's end, then writes.
     writer: Mutex<()>,
     /// One flush at a time: sled 0.34.7's flushes are not safe to run from many threads at once.
     flusher: Mutex<()>,
-    /// Serializes applying and digesting, so a digest sees one `applied_seq`.
-    applier: Mutex<Applying>,
+    /// The state. Applying a batch and taking a checkpoint's changes hold it for writing, briefly.
+    state: RwLock<Applied>,
+    /// Serializes applying: held from reading a batch to applying it. Holds the decoder.
+    applier: Mutex<BatchDecoder>,
+    /// Serializes checkpoints and snapshot exports, which read the checkpoint whole. Holds
+    /// whether the next checkpoint must write every page (one failed part way).
+    checkpointer: Mutex<bool>,
+    /// The seq of the last checkpoint written.
+    checkpoint_seq: AtomicU64,
     /// The first I/O error sled reported. sled 0.34 fails every later write once one failed
     /// (disk full, a failing disk), even when the cause is gone: only reopening recovers.
     failure: OnceLock<String>,
@@ -244,13 +276,19 @@ impl LocalStore {
         };
         let store = LocalStore {
             log: open_tree("log")?,
-            state: open_tree("state")?,
+            checkpoint: open_tree("checkpoint")?,
             meta: open_tree("meta")?,
-            applier: Mutex::new(Applying {
-                decoder: BatchDecoder::new(options.limits.clone())?,
-                cached: None,
+            state: RwLock::new(Applied {
+                machine: (options.state)(),
+                seq: Seq::NONE,
+                epoch: Epoch::default(),
             }),
+            applier: Mutex::new(BatchDecoder::new(options.limits.clone())?),
+            checkpointer: Mutex::new(false),
+            checkpoint_seq: AtomicU64::new(0),
             failure: OnceLock::new(),
+            factory: options.state,
+            checkpoint_policy: options.checkpoint,
             limits: options.limits,
             flush: options.flush,
             writer: Mutex::new(()),
@@ -258,12 +296,16 @@ impl LocalStore {
             db,
             dir,
         };
-        store.check_format(existed)?;
+        let format = store.check_format(existed)?;
         if !existed {
             write_marker(&marker)?;
         }
         store.check_positions()?;
-        store.finish_interrupted_apply()?;
+        match format {
+            MIGRATED_FORMAT => store.migrate_from_format_2()?,
+            _ => store.load_checkpoint()?,
+        }
+        store.replay()?;
         Ok(store)
     }
 
@@ -315,6 +357,17 @@ impl LocalStore {
         &self.dir
     }
 
+    /// The options this store was opened with: a store that replaces it (a snapshot) is opened
+    /// with the same.
+    pub fn options(&self) -> StoreOptions {
+        StoreOptions {
+            limits: self.limits.clone(),
+            flush: self.flush,
+            state: self.factory.clone(),
+            checkpoint: self.checkpoint_policy,
+        }
+    }
+
     /// Binds the store to `identity` the first time, and afterwards refuses any other: a store
     /// of another cluster or node, or of a log etcd no longer has (its prefix wiped and created
     /// anew, another etcd), would mix two logs. A store written before identities were recorded
@@ -347,7 +400,8 @@ impl LocalStore {
         let (received_seq, received_epoch) = self.received()?;
         Ok(Positions {
             received_seq,
-            applied_seq: Seq(self.meta_u64(APPLIED_SEQ)?),
+            applied_seq: self.read_applied().seq,
+            checkpoint_seq: Seq(self.checkpoint_seq.load(Ordering::SeqCst)),
             log_end_seq: self.log_end()?,
             received_epoch,
         })
@@ -501,117 +555,217 @@ impl LocalStore {
         self.flush_if_every_write()
     }
 
-    /// Applies up to `max_records` received records after `applied_seq` to the state, then
-    /// advances `applied_seq` over them; never past the end of the batch they belong to.
-    /// Returns `None` when the state has caught up with `received_seq`.
-    ///
-    /// No flush: a crash loses at most the last applies, which are redone from the log.
-    pub fn apply_next(&self, max_records: usize) -> Result<Option<AppliedRange>> {
-        let mut applier = lock(&self.applier);
-        let applied = Seq(self.meta_u64(APPLIED_SEQ)?);
+    /// Applies the next received batch after `applied_seq` to the state. Returns `None` when
+    /// the state has caught up with `received_seq`. An error of the state machine leaves the
+    /// state at its last good seq.
+    pub fn apply_next(&self) -> Result<Option<AppliedRange>> {
+        let mut decoder = lock(&self.applier);
+        let applied = self.read_applied().seq;
         let (received, _) = self.received()?;
-        if applied >= received || max_records == 0 {
+        if applied >= received {
             return Ok(None);
         }
-        self.apply_step(
-            applied,
-            Seq(received.0.min(applied.0.saturating_add(max_records as u64))),
-            &mut applier,
-        )
-        .map(Some)
+        let first = applied.next()?;
+        let bytes = self
+            .log
+            .get(first.to_be_bytes())
+            .map_err(|e| self.io(e))?
+            .ok_or_else(|| {
+                self.corrupt(format!(
+                    "the log has no batch starting at seq {first}, right after the applied state"
+                ))
+            })?;
+        let batch = decoder
+            .decode(&bytes)
+            .map_err(|e| self.corrupt(format!("the log's batch at seq {first}: {e}")))?;
+        let range = AppliedRange {
+            first_seq: first,
+            last_seq: batch.last_seq(),
+            sealed_at_micros: batch.sealed_at_micros(),
+        };
+        let epoch = batch.epoch();
+        let mut state = self.write_applied();
+        state.machine.apply(first, batch.into_records())?;
+        state.seq = range.last_seq;
+        state.epoch = epoch;
+        Ok(Some(range))
     }
 
-    /// Redoes the apply step a crash interrupted, if any, so that the state matches
-    /// `applied_seq` before anyone reads it.
-    fn finish_interrupted_apply(&self) -> Result<()> {
-        let mut applier = lock(&self.applier);
-        let through = Seq(self.meta_u64(APPLYING_THROUGH)?);
-        let mut applied = Seq(self.meta_u64(APPLIED_SEQ)?);
-        let (received, _) = self.received()?;
-        if through > received {
-            return Err(self.corrupt(format!(
-                "applying_through {through} is past received_seq {received}"
-            )));
+    /// Applies everything received: how `open` rebuilds the state after its checkpoint.
+    fn replay(&self) -> Result<()> {
+        let from = self.read_applied().seq;
+        let mut replayed = 0u64;
+        while let Some(range) = self.apply_next()? {
+            replayed += range.last_seq.0 - range.first_seq.0 + 1;
         }
-        while applied < through {
-            tracing::info!(from = %applied.next()?, %through, dir = %self.dir.display(), "redoing an interrupted apply");
-            applied = self.apply_step(applied, through, &mut applier)?.last_seq;
+        if replayed > 0 {
+            tracing::info!(from = %from, records = replayed, dir = %self.dir.display(), "replayed the local log after the checkpoint");
         }
         Ok(())
     }
 
-    /// Applies the records after `applied` up to `through`, or to the end of the batch holding
-    /// the first of them if that comes sooner.
-    fn apply_step(
-        &self,
-        applied: Seq,
-        through: Seq,
-        applier: &mut Applying,
-    ) -> Result<AppliedRange> {
-        let first = applied.next()?;
-        let batch = self.batch_holding(first, applier)?;
-        let last = through.min(batch.last_seq());
-        let skip = (first.0 - batch.first_seq().0) as usize;
-        let records = &batch.records()[skip..=(last.0 - batch.first_seq().0) as usize];
-        self.put_meta(APPLYING_THROUGH, last.0)?;
-        let apply = |records: &[Record]| -> Result<()> {
-            for record in records {
-                match record.op {
-                    Op::Put => self
-                        .state
-                        .insert(record.key.as_slice(), record.value.as_slice())
-                        .map(drop),
-                    Op::Delete => self.state.remove(record.key.as_slice()).map(drop),
-                }
-                .map_err(|e| self.io(e))?;
+    /// Loads the last checkpoint into the (empty) state and checks it against its digest. A
+    /// store without one starts from an empty state at the log's base, which must then be 0.
+    fn load_checkpoint(&self) -> Result<()> {
+        let meta = checkpoint::read_meta(&self.checkpoint).map_err(|e| self.io(e))?;
+        let meta = match meta {
+            Some(meta) => meta.map_err(|e| self.corrupt(format!("its checkpoint: {e}")))?,
+            None if self.log_base()? == Seq::NONE => CheckpointMeta::default(),
+            None => {
+                return Err(self.corrupt(format!(
+                    "its log starts after seq {} but it has no checkpoint of the state there",
+                    self.log_base()?
+                )))
             }
-            Ok(())
         };
-        let (first_half, second_half) = records.split_at(records.len() / 2);
-        apply(first_half)?;
-        // Tests crash here: `applying_through` written, half the state, not `applied_seq`.
-        fail::fail_point!("store::mid_apply", |_| std::process::abort());
-        apply(second_half)?;
-        self.put_meta(APPLIED_SEQ, last.0)?;
-        Ok(AppliedRange {
-            first_seq: first,
-            last_seq: last,
-            sealed_at_micros: batch.sealed_at_micros(),
-        })
-    }
-
-    /// The decoded batch that holds `seq`, from the applier's one-batch cache when it can: a
-    /// batch applied in several steps is decoded once.
-    fn batch_holding(&self, seq: Seq, applier: &mut Applying) -> Result<Arc<Batch>> {
-        if let Some(cached) = applier
-            .cached
-            .as_ref()
-            .filter(|b| b.first_seq() <= seq && seq <= b.last_seq())
-        {
-            return Ok(cached.clone());
-        }
-        let entry = self
-            .log
-            .range(..=seq.to_be_bytes())
-            .next_back()
-            .transpose()
-            .map_err(|e| self.io(e))?;
-        let (key, bytes) = entry.ok_or_else(|| {
-            self.corrupt(format!(
-                "the log has no batch holding seq {seq}, which it received"
-            ))
-        })?;
-        let batch = applier.decoder.decode(&bytes).map_err(|e| {
-            self.corrupt(format!("the log's batch at seq {}: {e}", seq_of_key(&key)))
-        })?;
-        if batch.last_seq() < seq {
+        let (received, _) = self.received()?;
+        let at_base = meta.seq == self.log_base()?;
+        if meta.seq > received || meta.seq < self.log_base()? {
             return Err(self.corrupt(format!(
-                "the log has no batch holding seq {seq}, which it received"
+                "its checkpoint at seq {} is outside the log it holds ({} to {received})",
+                meta.seq,
+                self.log_base()?
             )));
         }
-        let batch = Arc::new(batch);
-        applier.cached = Some(batch.clone());
-        Ok(batch)
+        if !at_base && self.batch_ending_at(meta.seq)?.is_none() {
+            return Err(self.corrupt(format!(
+                "its checkpoint at seq {} does not end a batch in the log",
+                meta.seq
+            )));
+        }
+        let machine = self.load_pages()?;
+        let digest = machine.digest();
+        if digest != meta.digest {
+            return Err(self.corrupt(format!(
+                "its checkpoint at seq {} holds {} keys with digest {:016x}, not the {} keys with digest {:016x} it was written with",
+                meta.seq, digest.keys, digest.value, meta.digest.keys, meta.digest.value
+            )));
+        }
+        *self.write_applied() = Applied {
+            machine,
+            seq: meta.seq,
+            epoch: meta.epoch,
+        };
+        self.checkpoint_seq.store(meta.seq.0, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// A fresh machine with every page of the checkpoint loaded.
+    fn load_pages(&self) -> Result<Box<dyn StateMachine>> {
+        let mut machine = (self.factory)();
+        for page in checkpoint::pages(&self.checkpoint) {
+            let (id, bytes) = page.map_err(|e| self.io(e))?;
+            machine
+                .load_page(&id, &bytes)
+                .map_err(|e| self.corrupt(format!("its checkpoint: {e}")))?;
+        }
+        Ok(machine)
+    }
+
+    /// Turns a format-2 store (a sled entry per key, applied up to `applied_seq`, a step maybe
+    /// cut short after `applying_through` was written) into a checkpoint: the old entries are
+    /// put into the state, the log after `applied_seq` replayed over them (which also redoes an
+    /// interrupted step: puts and deletes replayed in order give the same state), a full
+    /// checkpoint written, the format raised, and only then the old tree dropped. A crash part
+    /// way leaves a format-2 store, migrated again from the start.
+    fn migrate_from_format_2(&self) -> Result<()> {
+        let old = self.db.open_tree(FORMAT_2_STATE).map_err(|e| self.io(e))?;
+        let applied = Seq(self.meta_u64(APPLIED_SEQ)?);
+        let (received, _) = self.received()?;
+        if applied > received {
+            return Err(self.corrupt(format!(
+                "applied_seq {applied} is past received_seq {received}"
+            )));
+        }
+        self.checkpoint.clear().map_err(|e| self.io(e))?;
+        let mut machine = (self.factory)();
+        let mut pairs = Vec::new();
+        for entry in old.iter() {
+            let (key, value) = entry.map_err(|e| self.io(e))?;
+            pairs.push(Record::put(key.to_vec(), value.to_vec()));
+            if pairs.len() == 4096 {
+                machine.apply(applied, std::mem::take(&mut pairs))?;
+            }
+        }
+        machine.apply(applied, pairs)?;
+        // A step may have stopped inside a batch: replay from that batch's start (replaying
+        // records the entries already reflect leaves them as they are).
+        let base = self.log_base()?;
+        let (applied, epoch) = match self.batch_ending_at(applied)? {
+            Some(header) => (applied, header.epoch),
+            None if applied == base => (applied, self.log_base_epoch()?),
+            None => {
+                let start = self.batch_start_before(applied)?;
+                match self.batch_ending_at(start)? {
+                    Some(header) => (start, header.epoch),
+                    None => (start, self.log_base_epoch()?),
+                }
+            }
+        };
+        *self.write_applied() = Applied {
+            machine,
+            seq: applied,
+            epoch,
+        };
+        self.replay()?;
+        *lock(&self.checkpointer) = true;
+        self.checkpoint()?;
+        self.put_meta(FORMAT, STORE_FORMAT)?;
+        self.flush()?;
+        self.db.drop_tree(FORMAT_2_STATE).map_err(|e| self.io(e))?;
+        self.meta.remove(APPLIED_SEQ).map_err(|e| self.io(e))?;
+        self.meta.remove(APPLYING_THROUGH).map_err(|e| self.io(e))?;
+        self.flush()?;
+        tracing::info!(dir = %self.dir.display(), "migrated the store from format 2: its state is now a checkpoint");
+        Ok(())
+    }
+
+    /// The seq before the batch that holds `seq`: where a replay covering `seq` starts.
+    fn batch_start_before(&self, seq: Seq) -> Result<Seq> {
+        let entry = self.log.range(..=seq.to_be_bytes()).next_back().transpose();
+        match entry.map_err(|e| self.io(e))? {
+            Some((key, _)) => Ok(Seq(self.key_seq(&key)?.0 - 1)),
+            None => self.log_base(),
+        }
+    }
+
+    /// Writes a checkpoint of the state as it is now, if it moved since the last one: the
+    /// changes are taken under the state's lock, encoded without it, and written with their seq
+    /// in one sled batch, then flushed. Returns what it wrote.
+    pub fn checkpoint(&self) -> Result<Option<CheckpointStats>> {
+        let mut full = lock(&self.checkpointer);
+        let (changes, meta) = {
+            let mut state = self.write_applied();
+            if state.seq.0 == self.checkpoint_seq.load(Ordering::SeqCst) && !*full {
+                return Ok(None);
+            }
+            let changes = state.machine.take_changes(*full);
+            let meta = CheckpointMeta {
+                seq: state.seq,
+                epoch: state.epoch,
+                digest: state.machine.digest(),
+            };
+            (changes, meta)
+        };
+        // Taken changes are gone from the machine: until they are written, the next checkpoint
+        // must write every page.
+        *full = true;
+        let pages = changes.encode()?;
+        // Fail point (tests): the process dies with a checkpoint encoded, not yet written.
+        fail::fail_point!("store::before_checkpoint_write", |_| std::process::abort());
+        checkpoint::write(&self.checkpoint, &meta, &pages).map_err(|e| self.io(e))?;
+        self.flush()?;
+        *full = false;
+        self.checkpoint_seq.store(meta.seq.0, Ordering::SeqCst);
+        let bytes = pages
+            .iter()
+            .map(|p| p.bytes.as_ref().map_or(0, |b| b.len() as u64))
+            .sum();
+        Ok(Some(CheckpointStats {
+            meta,
+            pages: pages.len(),
+            bytes,
+        }))
     }
 
     /// Up to `max_records` received records from `from` on, stopping before the payload (keys
@@ -703,7 +857,7 @@ impl LocalStore {
         etcd_trimmed: Seq,
     ) -> Result<Option<Seq>> {
         let _writer = lock(&self.writer);
-        let applied = Seq(self.meta_u64(APPLIED_SEQ)?);
+        let checkpointed = Seq(self.checkpoint_seq.load(Ordering::SeqCst));
         let end = self.log_end()?;
         let mut kept_bytes = 0u64;
         let mut keep_from = None;
@@ -713,7 +867,7 @@ impl LocalStore {
             kept_bytes = kept_bytes.saturating_add(bytes.len() as u64);
             let kept_records = end.0 - header.first_seq.0 + 1;
             let over = kept_bytes > retain_bytes || kept_records > retain_records;
-            let droppable = header.last_seq() <= applied && header.last_seq() < etcd_trimmed;
+            let droppable = header.last_seq() <= checkpointed && header.last_seq() < etcd_trimmed;
             if over && droppable && keep_from.is_some() {
                 break;
             }
@@ -775,82 +929,98 @@ impl LocalStore {
         Ok((header.last_seq() >= seq).then_some(header.sealed_at_micros))
     }
 
-    /// The applied value of `key`, if any.
+    /// The applied value of `key`, if any. Only for a store whose state is the built-in
+    /// [`KvState`]; another machine answers [`Error::NotKeyValue`].
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .state
-            .get(key)
-            .map_err(|e| self.io(e))?
-            .map(|v| v.to_vec()))
+        self.read_state(|machine, _| {
+            let kv = machine
+                .as_any()
+                .downcast_ref::<KvState>()
+                .ok_or(Error::NotKeyValue)?;
+            Ok(kv.get(key).map(<[u8]>::to_vec))
+        })
     }
 
-    /// A digest of the whole state at one `applied_seq`.
+    /// Runs `read` on the state at the seq it is applied to, holding off applying meanwhile:
+    /// keep it short. A machine of the embedder's own is reached with `as_any().downcast_ref`.
+    pub fn read_state<R>(&self, read: impl FnOnce(&dyn StateMachine, Seq) -> R) -> R {
+        let state = self.read_applied();
+        read(state.machine.as_ref(), state.seq)
+    }
+
+    /// The digest of the whole state at its applied seq.
     pub fn state_digest(&self) -> Result<StateDigest> {
-        let _applier = lock(&self.applier);
-        let mut hasher = StateHasher::default();
-        for entry in self.state.iter() {
-            let (key, value) = entry.map_err(|e| self.io(e))?;
-            hasher.add(&key, &value);
-        }
-        Ok(hasher.finish(Seq(self.meta_u64(APPLIED_SEQ)?)))
+        let state = self.read_applied();
+        Ok(StateDigest::at(state.seq, state.machine.digest()))
     }
 
-    /// Hands every key/value pair of the state, in key order, to `each`, at one `applied_seq`
-    /// that ends a batch (the rest of a batch applied part way is applied first), and returns
-    /// that point. Applying waits meanwhile; appends and receiving do not.
-    pub(crate) fn export_state(
+    /// Brings the checkpoint up to the applied state, then hands each of its pages, in id
+    /// order, to `each`, and returns what it is of. Applying goes on meanwhile (the pages are
+    /// the checkpoint's, not the live state's); only the next checkpoint waits.
+    pub(crate) fn export_checkpoint(
         &self,
         mut each: impl FnMut(&[u8], &[u8]) -> Result<()>,
-    ) -> Result<(StateDigest, Epoch)> {
-        let mut applier = lock(&self.applier);
-        let mut applied = Seq(self.meta_u64(APPLIED_SEQ)?);
-        let epoch = loop {
-            if applied == self.log_base()? {
-                break self.log_base_epoch()?;
-            }
-            let batch = self.batch_holding(applied, &mut applier)?;
-            if batch.last_seq() == applied {
-                break batch.epoch();
-            }
-            applied = self
-                .apply_step(applied, batch.last_seq(), &mut applier)?
-                .last_seq;
-        };
-        let mut hasher = StateHasher::default();
-        for entry in self.state.iter() {
-            let (key, value) = entry.map_err(|e| self.io(e))?;
-            hasher.add(&key, &value);
-            each(&key, &value)?;
+    ) -> Result<CheckpointMeta> {
+        self.checkpoint()?;
+        let _checkpointer = lock(&self.checkpointer);
+        let meta = checkpoint::read_meta(&self.checkpoint)
+            .map_err(|e| self.io(e))?
+            .transpose()
+            .map_err(|e| self.corrupt(format!("its checkpoint: {e}")))?
+            .unwrap_or_default();
+        for page in checkpoint::pages(&self.checkpoint) {
+            let (id, bytes) = page.map_err(|e| self.io(e))?;
+            each(&id, &bytes)?;
         }
-        Ok((hasher.finish(applied), epoch))
+        Ok(meta)
     }
 
-    /// Writes snapshot pairs into an empty store being installed; see
+    /// Writes snapshot pages into an empty store being installed; see
     /// [`finish_snapshot`](Self::finish_snapshot).
-    pub(crate) fn insert_snapshot_pairs(&self, pairs: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+    pub(crate) fn insert_snapshot_pages(&self, pages: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
         // Plain inserts, not a sled batch: the store is staged, so a chunk need not be atomic,
         // and sled 0.34 runs batches under its process-wide concurrency lock.
-        for (key, value) in pairs {
-            self.state
-                .insert(key.as_slice(), value.as_slice())
-                .map_err(|e| self.io(e))?;
-        }
-        Ok(())
+        checkpoint::insert_pages(&self.checkpoint, pages).map_err(|e| self.io(e))
     }
 
-    /// Makes a store filled by [`insert_snapshot_pairs`](Self::insert_snapshot_pairs) the
-    /// state as of `seq` (epoch `epoch`): an empty log after `seq`, received and applied at
-    /// `seq`, flushed.
-    pub(crate) fn finish_snapshot(&self, seq: Seq, epoch: Epoch) -> Result<()> {
+    /// Makes a store filled by [`insert_snapshot_pages`](Self::insert_snapshot_pages) the
+    /// state as of `meta`: the pages loaded and checked against `meta`'s digest, an empty log
+    /// after its seq, received and applied there, flushed.
+    pub(crate) fn finish_snapshot(&self, meta: CheckpointMeta) -> Result<()> {
         if self.log.first().map_err(|e| self.io(e))?.is_some() {
             return Err(self.corrupt("a snapshot is installed only into an empty store".into()));
         }
-        self.put_meta(LOG_BASE_EPOCH, epoch.0)?;
-        self.put_meta(LOG_BASE, seq.0)?;
-        self.put_meta(APPLYING_THROUGH, seq.0)?;
-        self.put_meta(APPLIED_SEQ, seq.0)?;
-        self.set_received(seq, epoch)?;
-        self.flush()
+        let machine = self.load_pages().map_err(|e| match e {
+            Error::StoreCorrupt { detail, .. } => Error::SnapshotInvalid(detail),
+            e => e,
+        })?;
+        let digest = machine.digest();
+        if digest != meta.digest {
+            return Err(Error::SnapshotInvalid(format!(
+                "its pages hold {} keys with digest {:016x}; the header says {} keys, digest {:016x}",
+                digest.keys, digest.value, meta.digest.keys, meta.digest.value
+            )));
+        }
+        checkpoint::write(&self.checkpoint, &meta, &[]).map_err(|e| self.io(e))?;
+        self.put_meta(LOG_BASE_EPOCH, meta.epoch.0)?;
+        self.put_meta(LOG_BASE, meta.seq.0)?;
+        self.set_received(meta.seq, meta.epoch)?;
+        self.flush()?;
+        *self.write_applied() = Applied {
+            machine,
+            seq: meta.seq,
+            epoch: meta.epoch,
+        };
+        self.checkpoint_seq.store(meta.seq.0, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn read_applied(&self) -> RwLockReadGuard<'_, Applied> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_applied(&self) -> RwLockWriteGuard<'_, Applied> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The etcd lease this node last led under, so that a restarted primary can recognise its
@@ -898,26 +1068,28 @@ impl LocalStore {
     }
 
     /// `existed`: the store was created before, so sled must still hold its format marker.
-    fn check_format(&self, existed: bool) -> Result<()> {
+    /// Returns the store's format: [`STORE_FORMAT`], or [`MIGRATED_FORMAT`] to migrate.
+    fn check_format(&self, existed: bool) -> Result<u64> {
         match self.meta.get(FORMAT).map_err(|e| self.io(e))? {
             Some(_) => {
                 let found = self.meta_u64(FORMAT)?;
-                if found != STORE_FORMAT {
+                if found != STORE_FORMAT && found != MIGRATED_FORMAT {
                     return Err(Error::StoreFormat {
                         dir: self.dir.clone(),
                         found,
                         supported: STORE_FORMAT,
                     });
                 }
-                Ok(())
+                Ok(found)
             }
             None if existed => Err(self.corrupt(
                 "sled opened without the data this store was created with (a damaged or deleted file)"
                     .into(),
             )),
-            None if self.meta.is_empty() && self.log.is_empty() && self.state.is_empty() => {
+            None if self.meta.is_empty() && self.log.is_empty() && self.checkpoint.is_empty() => {
                 self.meta.insert(FORMAT, &STORE_FORMAT.to_be_bytes()).map_err(|e| self.io(e))?;
-                self.flush()
+                self.flush()?;
+                Ok(STORE_FORMAT)
             }
             None => Err(self.corrupt("it holds data but no format marker".into())),
         }
@@ -925,10 +1097,10 @@ impl LocalStore {
 
     fn check_positions(&self) -> Result<()> {
         let p = self.positions()?;
-        if !(p.applied_seq <= p.received_seq && p.received_seq <= p.log_end_seq) {
+        if p.received_seq > p.log_end_seq {
             return Err(self.corrupt(format!(
-                "applied_seq {} <= received_seq {} <= log end {} does not hold",
-                p.applied_seq, p.received_seq, p.log_end_seq
+                "received_seq {} is past the log's end {}",
+                p.received_seq, p.log_end_seq
             )));
         }
         let at_base = p.received_seq == self.log_base()?;

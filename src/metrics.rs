@@ -84,8 +84,16 @@ pub struct Metrics {
     pub appends: IntCounter,
     /// Records in the appends acknowledged by this node as primary.
     pub appended_records: IntCounter,
-    /// Seconds per apply step (up to 1024 records in one sled batch).
+    /// Seconds to apply one batch to the state in memory.
     pub apply_seconds: Histogram,
+    /// Seconds per checkpoint of the state, from taking its changes to the flush.
+    pub checkpoint_seconds: Histogram,
+    /// Bytes of pages written by checkpoints.
+    pub checkpoint_bytes: IntCounter,
+    /// The seq of the state's last checkpoint: a restart replays the local log after it.
+    pub checkpoint_seq: IntGauge,
+    /// Checkpoints that failed (the local store failed); the next one writes every page.
+    pub checkpoint_failures: IntCounter,
     /// Lifecycle transitions, by the state entered.
     pub state_transitions: IntCounterVec,
     /// Gaps in the watched log that a standby filled by reading etcd.
@@ -221,8 +229,25 @@ impl Metrics {
             )?,
             apply_seconds: histogram(
                 "apply_seconds",
-                "Seconds per apply step (up to 1024 records in one sled batch)",
-                exponential_buckets(0.0001, 2.0, 16)?,
+                "Seconds to apply one batch to the state in memory",
+                exponential_buckets(0.00001, 2.0, 18)?,
+            )?,
+            checkpoint_seconds: histogram(
+                "checkpoint_seconds",
+                "Seconds per checkpoint of the state, from taking its changes to the flush",
+                exponential_buckets(0.001, 2.0, 16)?,
+            )?,
+            checkpoint_bytes: counter(
+                "checkpoint_bytes_total",
+                "Bytes of pages written by checkpoints of the state",
+            )?,
+            checkpoint_seq: gauge(
+                "checkpoint_seq",
+                "Seq of the state's last checkpoint; a restart replays the local log after it",
+            )?,
+            checkpoint_failures: counter(
+                "checkpoint_failures_total",
+                "Checkpoints of the state that failed",
             )?,
             state_transitions: counter_vec(
                 "state_transitions_total",

@@ -27,7 +27,7 @@ use crate::etcd::identity::bind_store;
 use crate::etcd::leadership::{current_leader, Leadership};
 use crate::etcd::trim::read_trimmed;
 use crate::keys::KeyLayout;
-use crate::local_store::{blocking, LocalRetention, LocalStore, StoreOptions};
+use crate::local_store::{blocking, LocalRetention, LocalStore};
 use crate::metrics::{lag_seconds, Metrics};
 use crate::primary::{AppendAck, Primary, StepDown};
 use crate::record::{Epoch, Record, Seq};
@@ -595,18 +595,16 @@ impl Runner {
             Event::Bootstrap,
             format!("installing a snapshot from {addr}"),
         );
-        let dir = current(&self.store).dir().to_path_buf();
+        let old = current(&self.store);
+        let dir = old.dir().to_path_buf();
+        let options = old.options();
+        drop(old);
         let metrics = self.metrics.clone();
-        let limits = self.config.standby.limits.clone();
-        let header = crate::snapshot::bootstrap(&mut source, &dir, limits, |progress| {
+        let header = crate::snapshot::bootstrap(&mut source, &dir, options.clone(), |progress| {
             hold.at_snapshot(progress.seq);
             metrics.snapshot_bytes.set(progress.bytes as i64);
         })
         .await?;
-        let options = StoreOptions {
-            limits: self.config.standby.limits.clone(),
-            ..StoreOptions::default()
-        };
         let store = blocking(move || LocalStore::open(&dir, options)).await?;
         *self.store.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(store);
         self.metrics.snapshots_installed.inc();

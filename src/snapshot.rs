@@ -1,13 +1,16 @@
 //! State snapshots: how a node that the log in etcd was trimmed past gets the state back.
 //!
-//! A healthy node (the primary) exports its applied state as of one seq `S` that ends a batch
-//! ([`export`]: applying pauses while it iterates, appends do not) into a temporary file of
-//! checksummed frames, and streams it over the API: a header (`S`, epoch, key count, state
-//! digest, bytes), then the frames. The receiver installs it into a fresh store beside its
-//! data directory ([`Installer`]): every frame's checksum, the keys' order and limits, and at the
-//! end the key count and the digest are verified; only then does the new store replace the old
-//! one (two renames), with received = applied = `S` and an empty log after `S`, from which the
-//! node follows etcd. An interrupted or corrupt snapshot leaves the old store as it was.
+//! A healthy node (the primary) brings its state's checkpoint up to its applied seq `S` (which
+//! ends a batch) and copies the checkpoint's pages into a temporary file of checksummed frames
+//! ([`export`]: applying goes on meanwhile, only the next checkpoint waits), and streams it over
+//! the API: a header (`S`, epoch, key count, state digest, bytes, layout), then the frames. The
+//! receiver writes the pages into a fresh store beside its data directory ([`Installer`]):
+//! every frame's checksum and the pages' order are verified as they come, and at the end the
+//! pages are loaded into a state machine whose key count and digest must match the header; only
+//! then does the new store replace the old one (two renames), with received = applied = `S`
+//! and an empty log after `S`, from which the node follows etcd. An interrupted or corrupt
+//! snapshot leaves the old store as it was. Pages are opaque here: a snapshot carries any
+//! [`crate::state::StateMachine`]'s state.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -24,12 +27,19 @@ use crate::etcd::leadership::current_leader;
 use crate::etcd::timed;
 use crate::keys::{ClusterId, KeyLayout, NodeName};
 use crate::limits::Limits;
-use crate::local_store::{blocking, check_ours_or_empty, LocalStore, StateHasher, StoreOptions};
+use crate::local_store::{blocking, check_ours_or_empty, LocalStore, StoreOptions};
 use crate::record::{Epoch, Seq};
 use crate::standby::membership::MemberInfo;
+use crate::state::checkpoint::CheckpointMeta;
+use crate::state::{Digest, Factory};
 
-/// Pair bytes per frame (one larger pair goes alone): well under the API's message limit.
+/// Page bytes per frame (one larger page goes alone): well under the API's message limit.
 pub const FRAME_BYTES: usize = 1024 * 1024;
+
+/// The layout of a snapshot's data this build sends and reads: the state's checkpoint pages,
+/// each a u32 id length (big-endian), the id, a u32 page length, the page. A node of an older
+/// build sent key/value pairs, layout 0.
+pub const LAYOUT_PAGES: u32 = 1;
 
 /// Exports `store`'s state into a temporary file of frames; blocking. Returns the header and
 /// the file, rewound.
@@ -37,16 +47,16 @@ pub fn export(store: &LocalStore) -> Result<(SnapshotHeader, File)> {
     let mut file = BufWriter::new(tempfile::tempfile()?);
     let mut frame = Vec::with_capacity(FRAME_BYTES + 64 * 1024);
     let mut bytes = 0u64;
-    let (digest, epoch) = store.export_state(|key, value| {
-        if !frame.is_empty() && frame.len() + 8 + key.len() + value.len() > FRAME_BYTES {
+    let meta = store.export_checkpoint(|id, page| {
+        if !frame.is_empty() && frame.len() + 8 + id.len() + page.len() > FRAME_BYTES {
             write_frame(&mut file, &frame)?;
             frame.clear();
         }
-        for part in [key, value] {
+        for part in [id, page] {
             frame.extend_from_slice(&(part.len() as u32).to_be_bytes());
             frame.extend_from_slice(part);
         }
-        bytes += (8 + key.len() + value.len()) as u64;
+        bytes += (8 + id.len() + page.len()) as u64;
         Ok(())
     })?;
     if !frame.is_empty() {
@@ -55,19 +65,20 @@ pub fn export(store: &LocalStore) -> Result<(SnapshotHeader, File)> {
     let mut file = file.into_inner().map_err(|e| Error::Io(e.into_error()))?;
     std::io::Seek::rewind(&mut file)?;
     let header = SnapshotHeader {
-        seq: digest.applied_seq.0,
-        epoch: epoch.0,
-        keys: digest.keys,
-        digest: digest.digest,
+        seq: meta.seq.0,
+        epoch: meta.epoch.0,
+        keys: meta.digest.keys,
+        digest: meta.digest.value,
         bytes,
+        layout: LAYOUT_PAGES,
     };
     Ok((header, file))
 }
 
-fn write_frame(out: &mut impl Write, pairs: &[u8]) -> Result<()> {
-    out.write_all(&(pairs.len() as u32).to_be_bytes())?;
-    out.write_all(pairs)?;
-    out.write_all(&xxh3_64(pairs).to_be_bytes())?;
+fn write_frame(out: &mut impl Write, pages: &[u8]) -> Result<()> {
+    out.write_all(&(pages.len() as u32).to_be_bytes())?;
+    out.write_all(pages)?;
+    out.write_all(&xxh3_64(pages).to_be_bytes())?;
     Ok(())
 }
 
@@ -91,12 +102,12 @@ impl FrameReader {
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e.into()),
         }
-        let mut pairs = vec![0u8; u32::from_be_bytes(len) as usize];
-        self.file.read_exact(&mut pairs)?;
+        let mut pages = vec![0u8; u32::from_be_bytes(len) as usize];
+        self.file.read_exact(&mut pages)?;
         let mut checksum = [0u8; 8];
         self.file.read_exact(&mut checksum)?;
         Ok(Some(SnapshotData {
-            pairs,
+            pages,
             checksum: u64::from_be_bytes(checksum),
         }))
     }
@@ -110,102 +121,117 @@ fn invalid(reason: impl Into<String>) -> Error {
 pub struct Installer {
     store: LocalStore,
     header: SnapshotHeader,
-    limits: Limits,
-    hasher: StateHasher,
-    last_key: Option<Vec<u8>>,
+    last_page: Option<Vec<u8>>,
     bytes: u64,
 }
 
+/// The largest page a snapshot may carry: a page holds at most about twice its target size and
+/// one pair, far below this.
+const MAX_PAGE_BYTES: usize = 64 * 1024 * 1024;
+
 impl Installer {
     /// Creates an empty store at `dir` (removing what a failed install left there: only a
-    /// store of fencelog's own is ever removed).
-    pub fn create(dir: &Path, header: SnapshotHeader, limits: Limits) -> Result<Installer> {
+    /// store of fencelog's own is ever removed), whose state `state` makes.
+    pub fn create(
+        dir: &Path,
+        header: SnapshotHeader,
+        limits: Limits,
+        state: Factory,
+    ) -> Result<Installer> {
+        if header.layout != LAYOUT_PAGES {
+            return Err(invalid(format!(
+                "its data has layout {}, this build reads layout {LAYOUT_PAGES} (a node of another \
+                 build sent it): upgrade the nodes to one build",
+                header.layout
+            )));
+        }
         check_ours_or_empty(dir)?;
         if dir.exists() {
             std::fs::remove_dir_all(dir)?;
         }
         let options = StoreOptions {
-            limits: limits.clone(),
+            limits,
+            state,
             ..StoreOptions::default()
         };
         Ok(Installer {
             store: LocalStore::open(dir, options)?,
             header,
-            limits,
-            hasher: StateHasher::default(),
-            last_key: None,
+            last_page: None,
             bytes: 0,
         })
     }
 
     /// Verifies and writes one chunk.
     pub fn add(&mut self, data: &SnapshotData) -> Result<()> {
-        let computed = xxh3_64(&data.pairs);
+        let computed = xxh3_64(&data.pages);
         if computed != data.checksum {
             return Err(invalid(format!(
                 "chunk checksum mismatch: says {:#018x}, content hashes to {computed:#018x}",
                 data.checksum
             )));
         }
-        let pairs = self.decode(&data.pairs)?;
-        self.bytes += data.pairs.len() as u64;
+        let pages = self.decode(&data.pages)?;
+        self.bytes += data.pages.len() as u64;
         if self.bytes > self.header.bytes {
             return Err(invalid(format!(
                 "more than the {} bytes the header announced",
                 self.header.bytes
             )));
         }
-        self.store.insert_snapshot_pairs(&pairs)
+        self.store.insert_snapshot_pages(&pages)
     }
 
     fn decode(&mut self, mut bytes: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let mut pairs = Vec::new();
+        let mut pages = Vec::new();
         while !bytes.is_empty() {
-            let mut take = |limit: usize, what: &str| -> Result<Vec<u8>> {
+            let mut take = |what: &str| -> Result<Vec<u8>> {
                 let (len, rest) = bytes
                     .split_first_chunk::<4>()
                     .ok_or_else(|| invalid(format!("a chunk ends inside a {what} length")))?;
                 let len = u32::from_be_bytes(*len) as usize;
-                if len > limit || len > rest.len() {
+                if len > MAX_PAGE_BYTES || len > rest.len() {
                     return Err(invalid(format!(
-                        "a {what} of {len} bytes is over the limit of {limit} or past the chunk"
+                        "a {what} of {len} bytes is over the limit of {MAX_PAGE_BYTES} or past the chunk"
                     )));
                 }
                 let (part, rest) = rest.split_at(len);
                 bytes = rest;
                 Ok(part.to_vec())
             };
-            let key = take(self.limits.max_key_bytes, "key")?;
-            let value = take(self.limits.max_value_bytes, "value")?;
-            if self.last_key.as_ref().is_some_and(|last| *last >= key) {
-                return Err(invalid("keys are not in strictly increasing order"));
+            let id = take("page id")?;
+            let page = take("page")?;
+            if self.last_page.as_ref().is_some_and(|last| *last >= id) {
+                return Err(invalid("pages are not in strictly increasing order"));
             }
-            self.hasher.add(&key, &value);
-            self.last_key = Some(key.clone());
-            pairs.push((key, value));
+            self.last_page = Some(id.clone());
+            pages.push((id, page));
         }
-        Ok(pairs)
+        Ok(pages)
     }
 
-    /// Keys and pair bytes installed so far.
-    pub fn progress(&self) -> (u64, u64) {
-        (self.hasher.finish(Seq::NONE).keys, self.bytes)
+    /// Page bytes installed so far.
+    pub fn progress(&self) -> u64 {
+        self.bytes
     }
 
-    /// Checks the whole against the header and makes the store the state as of its seq.
+    /// Checks the whole against the header (the pages loaded must hold its keys and digest) and
+    /// makes the store the state as of its seq.
     pub fn finish(self) -> Result<()> {
-        let got = self.hasher.finish(Seq(self.header.seq));
-        if got.keys != self.header.keys
-            || got.digest != self.header.digest
-            || self.bytes != self.header.bytes
-        {
+        if self.bytes != self.header.bytes {
             return Err(invalid(format!(
-                "got {} keys, {} bytes, digest {:016x}; the header says {} keys, {} bytes, digest {:016x}",
-                got.keys, self.bytes, got.digest, self.header.keys, self.header.bytes, self.header.digest
+                "got {} bytes; the header says {}",
+                self.bytes, self.header.bytes
             )));
         }
-        self.store
-            .finish_snapshot(Seq(self.header.seq), Epoch(self.header.epoch))
+        self.store.finish_snapshot(CheckpointMeta {
+            seq: Seq(self.header.seq),
+            epoch: Epoch(self.header.epoch),
+            digest: Digest {
+                keys: self.header.keys,
+                value: self.header.digest,
+            },
+        })
     }
 }
 
@@ -214,7 +240,6 @@ impl Installer {
 pub struct Progress {
     /// The seq the snapshot's state is at: the node follows the log from the next one.
     pub seq: Seq,
-    pub keys: u64,
     pub bytes: u64,
     pub total_keys: u64,
     pub total_bytes: u64,
@@ -346,14 +371,14 @@ pub fn finish_interrupted_swap(data_dir: &Path) -> Result<bool> {
 pub async fn bootstrap(
     source: &mut WalClient,
     data_dir: &Path,
-    limits: Limits,
+    options: StoreOptions,
     mut progress: impl FnMut(Progress),
 ) -> Result<SnapshotHeader> {
     // Refused before anything is downloaded: the swap below moves `data_dir` aside and
     // removes it, which is only ever done to a store of fencelog's own.
     check_ours_or_empty(data_dir)?;
     let staging = sibling(data_dir, "snapshot");
-    let installed = download(source, &staging, limits, &mut progress).await;
+    let installed = download(source, &staging, options, &mut progress).await;
     let header = match installed {
         Ok(header) => header,
         Err(e) => {
@@ -385,7 +410,7 @@ pub async fn bootstrap(
 async fn download(
     source: &mut WalClient,
     staging: &Path,
-    limits: Limits,
+    options: StoreOptions,
     progress: &mut impl FnMut(Progress),
 ) -> Result<SnapshotHeader> {
     let mut stream = source.snapshot().await?;
@@ -406,10 +431,10 @@ async fn download(
         "receiving a snapshot"
     );
     let dir = staging.to_path_buf();
-    let mut installer = blocking(move || Installer::create(&dir, header, limits)).await?;
+    let (limits, state) = (options.limits, options.state);
+    let mut installer = blocking(move || Installer::create(&dir, header, limits, state)).await?;
     progress(Progress {
         seq: Seq(header.seq),
-        keys: 0,
         bytes: 0,
         total_keys: header.keys,
         total_bytes: header.bytes,
@@ -426,11 +451,9 @@ async fn download(
         corrupt_chunk(&mut data);
         installer = blocking(move || installer.add(&data).map(|()| installer)).await?;
         fail::fail_point!("snapshot::mid_install", |_| std::process::abort());
-        let (keys, bytes) = installer.progress();
         progress(Progress {
             seq: Seq(header.seq),
-            keys,
-            bytes,
+            bytes: installer.progress(),
             total_keys: header.keys,
             total_bytes: header.bytes,
         });
@@ -450,7 +473,7 @@ fn sibling(data_dir: &Path, suffix: &str) -> PathBuf {
 #[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
 fn corrupt_chunk(data: &mut SnapshotData) {
     fail::fail_point!("snapshot::corrupt_chunk", |_| {
-        if let Some(byte) = data.pairs.first_mut() {
+        if let Some(byte) = data.pages.first_mut() {
             *byte ^= 0xff;
         }
     });

@@ -235,7 +235,7 @@ async fn batches_read_from_etcd_rebuild_the_same_local_store() {
         commit_chained(&client, &layout, epoch, &mut latest_revision, batch).await;
         primary.mark_committed(batch.last_seq()).unwrap();
     }
-    while primary.apply_next(usize::MAX).unwrap().is_some() {}
+    while primary.apply_next().unwrap().is_some() {}
 
     let standby_dir = tempfile::tempdir().unwrap();
     let standby = LocalStore::open(standby_dir.path(), StoreOptions::default()).unwrap();
@@ -259,7 +259,7 @@ async fn batches_read_from_etcd_rebuild_the_same_local_store() {
         let last = page.kvs().last().unwrap();
         from = layout.batch(layout.parse_batch_key(last.key()).unwrap().next().unwrap());
     }
-    while standby.apply_next(usize::MAX).unwrap().is_some() {}
+    while standby.apply_next().unwrap().is_some() {}
     assert_eq!(standby.positions().unwrap(), primary.positions().unwrap());
     assert_eq!(
         standby.state_digest().unwrap(),

@@ -1,5 +1,6 @@
 //! The local store's contract: the log and the state advance separately, each never behind
-//! its position's promise, survive reopening and crashes, and refuse anything that would leave a gap
+//! its position's promise; the state is rebuilt on open from its checkpoint and the log after
+//! it; both survive reopening and crashes, and the store refuses anything that would leave a gap
 //! or a position pointing past what it covers.
 
 mod common;
@@ -47,7 +48,7 @@ fn set_format(dir: &std::path::Path, format: u64) {
 }
 
 fn apply_all(store: &LocalStore) {
-    while store.apply_next(usize::MAX).expect("applies").is_some() {}
+    while store.apply_next().expect("applies").is_some() {}
 }
 
 /// The state that replaying `records` produces.
@@ -96,6 +97,7 @@ fn append_apply_and_reopen_keep_everything() {
     let expected = Positions {
         received_seq: Seq(600),
         applied_seq: Seq(600),
+        checkpoint_seq: Seq::NONE,
         log_end_seq: Seq(600),
         received_epoch: Epoch(4),
     };
@@ -125,71 +127,117 @@ fn the_state_trails_the_log_until_applied() {
     }
     assert_eq!(store.positions().unwrap().applied_seq, Seq::NONE);
     assert_eq!(store.state_digest().unwrap().keys, 0);
-    let applied = store.apply_next(usize::MAX).unwrap().unwrap();
+    let applied = store.apply_next().unwrap().unwrap();
     assert_eq!((applied.first_seq, applied.last_seq), (Seq(1), Seq(10)));
     assert_eq!(store.positions().unwrap().applied_seq, Seq(10));
 }
 
 #[test]
-fn the_state_can_be_applied_in_steps_inside_a_batch_and_reopened_there() {
+fn a_reopened_store_rebuilds_its_state_from_the_checkpoint_and_the_log_after_it() {
     let dir = tempfile::tempdir().unwrap();
-    {
+    let digest = {
         let store = open(dir.path());
-        for batch in common::encoded_batches(Epoch(1), 2, 100) {
-            store.append_committed(&batch).unwrap();
-        }
-        let step = store.apply_next(30).unwrap().unwrap();
-        assert_eq!((step.first_seq, step.last_seq), (Seq(1), Seq(30)));
-        let step = store.apply_next(100).unwrap().unwrap();
-        assert_eq!(
-            (step.first_seq, step.last_seq),
-            (Seq(31), Seq(100)),
-            "a step ends with its batch"
-        );
-        store.apply_next(55).unwrap();
-        assert_state_is_replay_of_log(&store);
-    }
+        store
+            .append_committed_all(&common::encoded_batches(Epoch(1), 4, 100))
+            .unwrap();
+        store.apply_next().unwrap();
+        store.apply_next().unwrap();
+        let written = store.checkpoint().unwrap().expect("the state moved");
+        assert_eq!(written.meta.seq, Seq(200));
+        apply_all(&store);
+        store.state_digest().unwrap()
+    };
     let store = open(dir.path());
-    assert_eq!(store.positions().unwrap().applied_seq, Seq(155));
-    assert_state_is_replay_of_log(&store);
-    apply_all(&store);
-    assert_eq!(store.positions().unwrap().applied_seq, Seq(200));
+    let p = store.positions().unwrap();
+    assert_eq!((p.checkpoint_seq, p.applied_seq), (Seq(200), Seq(400)));
+    assert_eq!(store.state_digest().unwrap(), digest);
     assert_state_is_replay_of_log(&store);
 }
 
 #[test]
-fn an_apply_step_cut_short_by_a_crash_is_redone_on_open() {
+fn a_checkpoint_is_written_only_when_the_state_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.checkpoint().unwrap(), None);
+    store
+        .append_committed_all(&common::encoded_batches(Epoch(1), 2, 10))
+        .unwrap();
+    assert_eq!(store.checkpoint().unwrap(), None, "received is not applied");
+    apply_all(&store);
+    assert!(store.checkpoint().unwrap().is_some());
+    assert_eq!(store.checkpoint().unwrap(), None);
+}
+
+#[test]
+fn a_checkpoint_of_a_large_state_writes_only_the_pages_a_batch_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut generator = fencelog::workload::RecordGenerator::new(1, 1_000_000, 200);
+    let mut encoder = BatchEncoder::new(Limits::default(), 1).unwrap();
+    let mut next = Seq(1);
+    let mut append = |records: Vec<Record>| {
+        let count = records.len() as u64;
+        let batch = Batch::new(Epoch(1), next, records).unwrap();
+        store
+            .append_committed(&encoder.encode(&batch).unwrap())
+            .unwrap();
+        next = Seq(next.0 + count);
+    };
+    for _ in 0..20 {
+        append(generator.take_records(1000));
+    }
+    apply_all(&store);
+    let full = store.checkpoint().unwrap().unwrap();
+    append(vec![Record::put(b"k00000000000".to_vec(), b"v".to_vec())]);
+    apply_all(&store);
+    let one = store.checkpoint().unwrap().unwrap();
+    assert!(full.pages > 20, "{full:?}");
+    assert_eq!(one.pages, 1, "{one:?}");
+    assert!(one.bytes * 10 < full.bytes, "{one:?} vs {full:?}");
+}
+
+#[test]
+fn a_format_2_store_is_migrated_into_a_checkpoint_even_with_an_apply_step_cut_short() {
     let batches = common::encoded_batches(Epoch(1), 2, 10);
     let dir = tempfile::tempdir().unwrap();
-    let written_by_the_cut_step = {
+    {
         let store = open(dir.path());
         store.append_committed_all(&batches).unwrap();
-        store.apply_next(5).unwrap();
-        store.read(Seq(6), 3, usize::MAX).unwrap()
+    }
+    // What format 2 left after a crash inside a step: applied through 5, the step to 15 marked,
+    // and the entries of seqs 1 to 8 written.
+    let written = {
+        let store = open(dir.path());
+        store.read(Seq(1), 8, usize::MAX).unwrap()
     };
-    // What a crash leaves behind: the step's mark and the first three of its ten writes.
     {
         let db = common::raw_sled(dir.path());
+        db.drop_tree("checkpoint").unwrap();
         let meta = db.open_tree("meta").unwrap();
+        meta.insert("format", &2u64.to_be_bytes()).unwrap();
+        meta.insert("applied_seq", &5u64.to_be_bytes()).unwrap();
         meta.insert("applying_through", &15u64.to_be_bytes())
             .unwrap();
         let state = db.open_tree("state").unwrap();
-        for (_, record) in &written_by_the_cut_step {
+        for (_, record) in &written {
             state.insert(&record.key, record.value.as_slice()).unwrap();
         }
         db.flush().unwrap();
     }
-    let store = open(dir.path());
-    assert_eq!(store.positions().unwrap().applied_seq, Seq(15));
-    assert_state_is_replay_of_log(&store);
-
-    let clean_dir = tempfile::tempdir().unwrap();
-    let clean = open(clean_dir.path());
-    clean.append_committed_all(&batches).unwrap();
-    for _ in 0..3 {
-        clean.apply_next(5).unwrap();
+    {
+        let store = open(dir.path());
+        let p = store.positions().unwrap();
+        assert_eq!((p.checkpoint_seq, p.applied_seq), (Seq(20), Seq(20)));
+        assert_state_is_replay_of_log(&store);
     }
-    assert_eq!(store.state_digest().unwrap(), clean.state_digest().unwrap());
+    let db = common::raw_sled(dir.path());
+    assert!(!db.tree_names().iter().any(|name| &name[..] == b"state"));
+    let meta = db.open_tree("meta").unwrap();
+    assert_eq!(
+        meta.get("format").unwrap().as_deref(),
+        Some(&STORE_FORMAT.to_be_bytes()[..])
+    );
+    assert!(meta.get("applied_seq").unwrap().is_none());
 }
 
 #[test]
@@ -413,7 +461,7 @@ fn truncate_refuses_to_cut_inside_a_batch_or_below_the_applied_state() {
         store.truncate_after(Seq(15)),
         Err(Error::NotBatchBoundary { .. })
     ));
-    store.apply_next(usize::MAX).unwrap();
+    store.apply_next().unwrap();
     assert!(matches!(
         store.truncate_after(Seq::NONE),
         Err(Error::TruncateBelowApplied {
@@ -473,9 +521,10 @@ fn positions_that_point_past_the_log_are_refused() {
     }
     {
         let db = common::raw_sled(dir.path());
+        let received = (15u128 << 64) | 1;
         db.open_tree("meta")
             .unwrap()
-            .insert("applied_seq", &15u64.to_be_bytes())
+            .insert("received", &received.to_be_bytes())
             .unwrap();
         db.flush().unwrap();
     }
@@ -511,10 +560,13 @@ fn crash_child() {
     let store = open(dir.as_ref());
     let start = store.positions().unwrap().log_end_seq;
     let batches = common::encoded_batches(Epoch(1), 2000, 64);
-    for batch in batches.iter().skip((start.0 / 64) as usize) {
+    for (i, batch) in batches.iter().enumerate().skip((start.0 / 64) as usize) {
         store.append_committed(batch).unwrap();
         println!("{}", batch.last_seq());
-        store.apply_next(48).unwrap();
+        store.apply_next().unwrap();
+        if i % 4 == 0 {
+            store.checkpoint().unwrap();
+        }
     }
 }
 
@@ -555,6 +607,7 @@ fn kill_9_never_leaves_a_position_ahead_of_its_data() {
             p.received_seq >= acknowledged,
             "round {round}: lost {acknowledged} > {p:?}"
         );
+        assert!(p.checkpoint_seq <= p.applied_seq);
         assert!(p.applied_seq <= p.received_seq && p.received_seq <= p.log_end_seq);
         assert_state_is_replay_of_log(&store);
     }
@@ -631,20 +684,27 @@ fn a_store_whose_sled_file_was_truncated_is_refused_or_keeps_a_consistent_prefix
 }
 
 #[test]
-fn trimming_the_log_keeps_the_newest_records_and_never_unapplied_ones() {
+fn trimming_the_log_keeps_the_newest_records_and_never_any_after_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     store
         .append_committed_all(&common::encoded_batches(Epoch(1), 10, 10))
         .unwrap();
     for _ in 0..5 {
-        store.apply_next(10).unwrap();
+        store.apply_next().unwrap();
     }
+    assert_eq!(
+        store.trim_log(20, u64::MAX, Seq(u64::MAX)).unwrap(),
+        None,
+        "nothing is checkpointed yet: the whole log is the state's redo"
+    );
+    store.checkpoint().unwrap();
     assert_eq!(
         store.trim_log(20, u64::MAX, Seq(u64::MAX)).unwrap(),
         Some(Seq(51))
     );
-    while store.apply_next(10).unwrap().is_some() {}
+    apply_all(&store);
+    store.checkpoint().unwrap();
     assert_eq!(
         store.trim_log(20, u64::MAX, Seq(u64::MAX)).unwrap(),
         Some(Seq(81))
@@ -673,7 +733,8 @@ fn trimming_the_log_by_bytes_keeps_at_least_the_newest_batch() {
     store
         .append_committed_all(&common::encoded_batches(Epoch(1), 4, 10))
         .unwrap();
-    while store.apply_next(10).unwrap().is_some() {}
+    apply_all(&store);
+    store.checkpoint().unwrap();
     assert_eq!(
         store.trim_log(u64::MAX, 1, Seq(u64::MAX)).unwrap(),
         Some(Seq(31))
@@ -696,25 +757,35 @@ fn batch_in(epoch: u64, first_seq: u64, count: usize) -> fencelog::batch::Encode
 }
 
 #[test]
-fn a_snapshot_at_the_log_base_carries_the_epoch_that_committed_the_base() {
+fn a_snapshot_carries_the_epoch_of_its_seq_and_a_store_installed_from_it_exports_the_same() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let store = open(dir.path());
-        for (epoch, first) in [(1, 1), (2, 11), (3, 21)] {
-            store.append_committed(&batch_in(epoch, first, 10)).unwrap();
-        }
-        // Applied through seq 10 only, and the batch holding it trimmed away locally.
-        store.apply_next(10).unwrap();
-        assert_eq!(
-            store.trim_log(20, u64::MAX, Seq(u64::MAX)).unwrap(),
-            Some(Seq(11))
-        );
-    }
     let store = open(dir.path());
-    let (header, _) = fencelog::snapshot::export(&store).unwrap();
-    assert_eq!(header.seq, 10);
+    for (epoch, first) in [(1, 1), (2, 11), (3, 21)] {
+        store.append_committed(&batch_in(epoch, first, 10)).unwrap();
+    }
+    apply_all(&store);
+    let (header, file) = fencelog::snapshot::export(&store).unwrap();
+    assert_eq!((header.seq, header.epoch), (30, 3));
+
+    let installed = tempfile::tempdir().unwrap();
+    let target = installed.path().join("store");
+    let mut installer = fencelog::snapshot::Installer::create(
+        &target,
+        header,
+        Limits::default(),
+        fencelog::state::kv_factory(),
+    )
+    .unwrap();
+    let mut frames = fencelog::snapshot::FrameReader::new(file);
+    while let Some(frame) = frames.next_frame().unwrap() {
+        installer.add(&frame).unwrap();
+    }
+    installer.finish().unwrap();
+    let copy = open(&target);
+    assert_eq!(copy.state_digest().unwrap(), store.state_digest().unwrap());
+    let (again, _) = fencelog::snapshot::export(&copy).unwrap();
     assert_eq!(
-        header.epoch, 1,
-        "epoch 1 committed seq 10; a later epoch would make the installer refuse seq 11 (epoch 2)"
+        again, header,
+        "nothing was applied after the base: the same snapshot"
     );
 }

@@ -431,7 +431,7 @@ async fn a_leader_whose_local_log_starts_after_trimmed_trims_only_what_its_log_p
     next_node.config.retention = retention(0, u64::MAX);
     let next = start_primary(&etcd, &next_node).await.unwrap();
     next.shutdown().await.unwrap();
-    while next_node.store.apply_next(usize::MAX).unwrap().is_some() {}
+    while next_node.store.apply_next().unwrap().is_some() {}
     assert_eq!(
         next_node
             .store
@@ -463,7 +463,7 @@ async fn local_retention_never_drops_a_batch_etcd_still_holds() {
     append(&primary, 20).await;
     primary.shutdown().await.unwrap();
     let store = &primary_node.store;
-    while store.apply_next(usize::MAX).unwrap().is_some() {}
+    while store.apply_next().unwrap().is_some() {}
     let etcd_trimmed = read_trimmed(&common::client(&etcd).await, &layout(), WAIT)
         .await
         .unwrap();

@@ -11,7 +11,6 @@ use common::{node, ServedNode};
 use fail::FailScenario;
 use fencelog::api::{Endpoint, WalClient};
 use fencelog::etcd::trim::Retention;
-use fencelog::limits::Limits;
 use fencelog::local_store::{LocalStore, StoreOptions};
 use fencelog::record::Seq;
 use fencelog::snapshot::bootstrap;
@@ -42,7 +41,7 @@ async fn setup(
     let store = LocalStore::open(old.path(), StoreOptions::default()).unwrap();
     let batches = common::encoded_batches(fencelog::record::Epoch(1), 3, 10);
     store.append_committed_all(&batches).unwrap();
-    while store.apply_next(100).unwrap().is_some() {}
+    while store.apply_next().unwrap().is_some() {}
     let digest = store.state_digest().unwrap();
     drop(store);
     (pieces, primary, digest)
@@ -50,7 +49,7 @@ async fn setup(
 
 async fn install(primary: &ServedNode, dir: &std::path::Path) -> fencelog::Result<u64> {
     let mut source = WalClient::connect(Endpoint::Server(primary.addr.clone())).await?;
-    bootstrap(&mut source, dir, Limits::default(), |_| {})
+    bootstrap(&mut source, dir, StoreOptions::default(), |_| {})
         .await
         .map(|header| header.seq)
 }

@@ -425,8 +425,10 @@ impl Primary {
         }
         let received = *self.received.borrow();
         self.applier.wait_applied(received).await;
+        self.applier.stop().await;
+        // A last checkpoint, so that a restart replays nothing.
         let store = self.term.store.clone();
-        blocking(move || store.flush()).await?;
+        blocking(move || store.checkpoint().and_then(|_| store.flush())).await?;
         resigned
     }
 

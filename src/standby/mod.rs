@@ -369,8 +369,8 @@ impl Standby {
         started
     }
 
-    /// Stops following, deregisters, lets the applier finish what was received, and flushes
-    /// the store.
+    /// Stops following, deregisters, lets the applier finish what was received, checkpoints
+    /// the state (a restart then replays nothing) and flushes the store.
     pub async fn shutdown(&self) -> Result<()> {
         self.stop_following().await;
         self.lifecycle.raise(Event::Stop, "shut down");
@@ -378,7 +378,7 @@ impl Standby {
         self.applier.wait_applied(received).await;
         self.applier.stop().await;
         let store = self.store.clone();
-        blocking(move || store.flush()).await
+        blocking(move || store.checkpoint().and_then(|_| store.flush())).await
     }
 
     /// Ends the follower and the registration.

@@ -185,12 +185,12 @@ pub async fn bootstrap(target: &Target, data_dir: &std::path::Path) -> anyhow::R
     let header = fencelog::snapshot::bootstrap(
         &mut client,
         data_dir,
-        fencelog::limits::Limits::default(),
+        fencelog::local_store::StoreOptions::default(),
         |progress| {
             first_chunk.get_or_insert_with(|| started.elapsed());
             bar.set_length(progress.total_bytes);
             bar.set_position(progress.bytes);
-            bar.set_message(format!("{}/{} keys", progress.keys, progress.total_keys));
+            bar.set_message(format!("{} keys", progress.total_keys));
         },
     )
     .await
