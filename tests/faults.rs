@@ -624,23 +624,32 @@ async fn a_primary_killed_after_its_etcd_txn_before_the_ack_loses_nothing_acknow
 
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
-async fn a_standby_killed_in_the_middle_of_an_apply_step_comes_back_with_the_same_state() {
+async fn a_standby_killed_in_the_middle_of_a_checkpoint_comes_back_with_the_same_state() {
     let etcd = common::etcd().await;
     let dir = tempfile::tempdir().unwrap();
-    let crash = [("FAILPOINTS", "store::mid_apply=20*off->return")];
+    // Dies with its third checkpoint encoded and not yet written.
+    let crash = [
+        ("FAILPOINTS", "store::before_checkpoint_write=2*off->return"),
+        ("FENCELOG_CHECKPOINT_INTERVAL_MS", "100"),
+    ];
     let env = PairEnv {
         standby: &crash,
         ..PairEnv::default()
     };
     let mut pair = start_pair_with(&etcd, dir.path(), false, env).await;
     let file = dir.path().join("acked.tsv");
-    let load = start_load(&etcd, 10_000, &file);
+    let load = start_load(&etcd, 20_000, &file);
     let exit = pair[1].wait_exit(WAIT).await.unwrap();
-    assert!(!exit.success(), "store::mid_apply was never reached");
+    assert!(
+        !exit.success(),
+        "store::before_checkpoint_write was never reached"
+    );
     pair[1] = daemon(&etcd, dir.path(), "standby", "b", &NODE_ARGS);
     pair[1].wait_for("standby", None, WAIT).await.unwrap();
-    let redone = pair[1].log_text().contains("redoing an interrupted apply");
-    println!("restarted; the interrupted step was redone on open: {redone}");
+    let replayed = pair[1]
+        .log_text()
+        .contains("replayed the local log after the checkpoint");
+    println!("restarted; the log after the last checkpoint was replayed on open: {replayed}");
     finish_load(load);
     check(&etcd, &[file], &mut pair).await;
 }

@@ -367,3 +367,163 @@ fn decode_page(
         .into_iter()
         .try_for_each(|(key, value)| each(key, value))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::DigestBuilder;
+    use proptest::prelude::*;
+
+    /// Applies `changes` to `pages` as the checkpoint tree would hold them.
+    fn write(pages: &mut BTreeMap<Vec<u8>, Vec<u8>>, changes: Box<dyn Changes>) {
+        for write in changes.encode().unwrap() {
+            match write.bytes {
+                Some(bytes) => pages.insert(write.id, bytes),
+                None => pages.remove(&write.id),
+            };
+        }
+    }
+
+    fn load(pages: &BTreeMap<Vec<u8>, Vec<u8>>) -> KvState {
+        let mut state = KvState::new();
+        for (id, bytes) in pages {
+            state.load_page(id, bytes).unwrap();
+        }
+        state
+    }
+
+    fn pairs(state: &KvState) -> Vec<(Vec<u8>, Vec<u8>)> {
+        state
+            .iter()
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect()
+    }
+
+    fn put(key: u32, value_bytes: usize) -> Record {
+        Record::put(
+            format!("key{key:08}").into_bytes(),
+            vec![key as u8; value_bytes],
+        )
+    }
+
+    #[test]
+    fn a_state_loaded_from_its_pages_is_the_same_state() {
+        let mut state = KvState::new();
+        let records = (0..5000).map(|k| put(k * 7 % 5000, 100)).collect();
+        state.apply(Seq(1), records).unwrap();
+        let mut pages = BTreeMap::new();
+        write(&mut pages, state.take_changes(true));
+        let loaded = load(&pages);
+        assert_eq!(pairs(&loaded), pairs(&state));
+        assert_eq!(loaded.digest(), state.digest());
+        assert_eq!(loaded.page_count(), state.page_count());
+    }
+
+    #[test]
+    fn the_digest_is_the_sum_over_the_pairs_it_holds() {
+        let mut state = KvState::new();
+        state
+            .apply(
+                Seq(1),
+                vec![
+                    put(1, 10),
+                    put(2, 10),
+                    put(1, 20),
+                    Record::delete(put(2, 0).key),
+                ],
+            )
+            .unwrap();
+        let mut expected = DigestBuilder::default();
+        expected.add(&put(1, 20).key, &put(1, 20).value);
+        assert_eq!(state.digest(), expected.finish());
+        assert_eq!(state.get(&put(1, 0).key), Some(&put(1, 20).value[..]));
+    }
+
+    #[test]
+    fn a_page_grown_past_twice_the_target_is_split_into_pages_of_about_the_target() {
+        let mut state = KvState::new();
+        let records = (0..3000).map(|k| put(k, 100)).collect();
+        state.apply(Seq(1), records).unwrap();
+        let mut pages = BTreeMap::new();
+        write(&mut pages, state.take_changes(false));
+        assert!(pages.len() >= 4, "{} pages", pages.len());
+        for bytes in state.pages.values() {
+            assert!(*bytes <= PAGE_TARGET_BYTES + 200, "a page of {bytes} bytes");
+        }
+    }
+
+    #[test]
+    fn a_page_emptied_by_deletes_is_folded_into_the_page_before_it() {
+        let mut state = KvState::new();
+        state
+            .apply(Seq(1), (0..3000).map(|k| put(k, 100)).collect())
+            .unwrap();
+        let mut pages = BTreeMap::new();
+        write(&mut pages, state.take_changes(false));
+        let before = pages.len();
+        let deletes = (1500..3000)
+            .map(|k| Record::delete(put(k, 0).key))
+            .collect();
+        state.apply(Seq(3001), deletes).unwrap();
+        write(&mut pages, state.take_changes(false));
+        assert!(
+            pages.len() < before,
+            "{} pages, {before} before",
+            pages.len()
+        );
+        assert_eq!(pairs(&load(&pages)), pairs(&state));
+    }
+
+    #[test]
+    fn an_unchanged_state_has_no_changes_to_write() {
+        let mut state = KvState::new();
+        state.apply(Seq(1), vec![put(1, 10)]).unwrap();
+        let mut pages = BTreeMap::new();
+        write(&mut pages, state.take_changes(false));
+        assert!(state.take_changes(false).encode().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_damaged_page_is_refused_by_name() {
+        let mut state = KvState::new();
+        state.apply(Seq(1), vec![put(1, 10)]).unwrap();
+        let mut pages = BTreeMap::new();
+        write(&mut pages, state.take_changes(false));
+        let (id, mut bytes) = pages.into_iter().next().unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        let refused = KvState::new().load_page(&id, &bytes);
+        assert!(
+            matches!(refused, Err(StateError::BadPage { .. })),
+            "{refused:?}"
+        );
+    }
+
+    proptest! {
+        /// Checkpoints taken between random batches, each writing only what changed, always add
+        /// up to the state they were taken of.
+        #[test]
+        fn incremental_checkpoints_always_add_up_to_the_state(
+            batches in proptest::collection::vec(
+                proptest::collection::vec((0u32..400, 0usize..600, any::<bool>()), 1..200),
+                1..12,
+            ),
+        ) {
+            let mut state = KvState::new();
+            let mut pages = BTreeMap::new();
+            for (i, batch) in batches.into_iter().enumerate() {
+                let records = batch
+                    .into_iter()
+                    .map(|(key, bytes, delete)| {
+                        if delete { Record::delete(put(key, 0).key) } else { put(key, bytes) }
+                    })
+                    .collect();
+                state.apply(Seq(i as u64 * 1000 + 1), records).unwrap();
+                write(&mut pages, state.take_changes(false));
+                let loaded = load(&pages);
+                prop_assert_eq!(pairs(&loaded), pairs(&state));
+                prop_assert_eq!(loaded.digest(), state.digest());
+            }
+        }
+    }
+}

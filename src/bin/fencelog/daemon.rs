@@ -14,7 +14,7 @@ use anyhow::Context;
 use fencelog::api::{self, WalApi};
 use fencelog::etcd::leadership::current_leader;
 use fencelog::keys::KeyLayout;
-use fencelog::local_store::{blocking, LocalStore, StoreOptions};
+use fencelog::local_store::{blocking, LocalStore};
 use fencelog::metrics::Metrics;
 use fencelog::node::Node;
 use tokio::net::TcpListener;
@@ -62,9 +62,10 @@ pub async fn run(settings: Resolved, role: &str) -> anyhow::Result<()> {
         })?;
 
     let dir = settings.data_dir.clone();
+    let options = settings.store.clone();
     let store = blocking(move || {
         fencelog::snapshot::finish_interrupted_swap(&dir)?;
-        LocalStore::open_or_rebuild(&dir, StoreOptions::default())
+        LocalStore::open_or_rebuild(&dir, options)
     })
     .await
     .with_context(|| format!("cannot open the store in {}", settings.data_dir.display()))?;

@@ -291,6 +291,12 @@ pub(super) async fn measure(
                 100.0 * warm.as_secs_f64() / replay.max(1e-9)
             ));
         }
+        Stage::State { keyspace } => {
+            let run = super::state::run(&etcd, duration, *keyspace, keyspace.is_some()).await?;
+            records = run.committed;
+            elapsed = Some(run.loaded);
+            note = Some(run.note);
+        }
         Stage::SeedStyle => {
             let mut writer = SeedWriter::new(&client);
             let mut generator = RecordGenerator::new(9, 1_000_000, 256);
@@ -336,26 +342,34 @@ pub(super) async fn measure(
 /// A `fencelog primary` or `fencelog standby` daemon (this binary) of the bench cluster on
 /// `etcd`, and the directory that holds its store and log. A primary is returned leading, a
 /// standby watching.
-async fn start_daemon(
+pub(super) async fn start_daemon(
     etcd: &EtcdProcess,
     role: &str,
 ) -> anyhow::Result<(NodeProcess, tempfile::TempDir)> {
     let dir = tempfile::tempdir()?;
-    let spec = NodeSpec {
+    let mut node = NodeProcess::spawn(daemon_spec(etcd, role, dir.path())?)?;
+    let state = (role == "standby").then_some("watching");
+    node.wait_for(role, state, Duration::from_secs(30)).await?;
+    Ok((node, dir))
+}
+
+/// A daemon of the bench cluster with its store and log in `dir`.
+pub(super) fn daemon_spec(
+    etcd: &EtcdProcess,
+    role: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<NodeSpec> {
+    Ok(NodeSpec {
         binary: std::env::current_exe()?,
         role: role.into(),
         cluster: "bench".into(),
         node: format!("{role}-daemon"),
         etcd: etcd.endpoint().into(),
-        data_dir: dir.path().join("data"),
-        log: dir.path().join(format!("{role}.log")),
+        data_dir: dir.join("data"),
+        log: dir.join(format!("{role}.log")),
         extra_args: Vec::new(),
         env: Vec::new(),
-    };
-    let mut node = NodeProcess::spawn(spec)?;
-    let state = (role == "standby").then_some("watching");
-    node.wait_for(role, state, Duration::from_secs(30)).await?;
-    Ok((node, dir))
+    })
 }
 
 /// Waits for a standby daemon to apply through `seq`; its status once it has.
@@ -450,14 +464,14 @@ fn of_sled_raw(earlier: &[Measurement], rate: f64) -> String {
 }
 
 /// The `q` quantile of sorted `values` (zero when there are none).
-fn percentile(values: &[Duration], q: f64) -> Duration {
+pub(super) fn percentile(values: &[Duration], q: f64) -> Duration {
     if values.is_empty() {
         return Duration::ZERO;
     }
     values[((values.len() - 1) as f64 * q).round() as usize]
 }
 
-fn millis(duration: Duration) -> String {
+pub(super) fn millis(duration: Duration) -> String {
     format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
 }
 

@@ -23,6 +23,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 mod measure;
 mod plot;
 mod report;
+mod state;
 
 /// The batch size the targets compare at.
 const REFERENCE_BATCH: usize = 1024;
@@ -116,6 +117,11 @@ enum Stage {
     Replay {
         records: u64,
     },
+    /// A primary and a standby daemon under a saturated API load over `keyspace` keys (`None`:
+    /// unique keys), for at least 30 s: does the applied state keep up?
+    State {
+        keyspace: Option<u64>,
+    },
 }
 
 impl Stage {
@@ -150,6 +156,10 @@ impl Stage {
             Stage::Replay { records } => {
                 format!("standby: full replay of {records} records onto an empty store")
             }
+            Stage::State { keyspace } => format!(
+                "state under an API load, {}",
+                keyspace.map_or("unique keys".to_owned(), |k| format!("{k}-key keyspace"))
+            ),
         }
     }
 }
@@ -184,6 +194,10 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         stages.push(Stage::Follow { percent: 50 });
         stages.push(Stage::Follow { percent: 100 });
     }
+    stages.push(Stage::State {
+        keyspace: Some(1_000_000),
+    });
+    stages.push(Stage::State { keyspace: None });
     if options.replay_records > 0 {
         stages.push(Stage::Replay {
             records: options.replay_records,
