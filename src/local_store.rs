@@ -932,12 +932,17 @@ impl LocalStore {
     /// The applied value of `key`, if any. Only for a store whose state is the built-in
     /// [`KvState`]; another machine answers [`Error::NotKeyValue`].
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.read_state(|machine, _| {
+        self.get_applied(key).map(|(value, _)| value)
+    }
+
+    /// [`get`](Self::get), with the applied seq of the state the value was read from.
+    pub fn get_applied(&self, key: &[u8]) -> Result<(Option<Vec<u8>>, Seq)> {
+        self.read_state(|machine, applied| {
             let kv = machine
                 .as_any()
                 .downcast_ref::<KvState>()
                 .ok_or(Error::NotKeyValue)?;
-            Ok(kv.get(key).map(<[u8]>::to_vec))
+            Ok((kv.get(key).map(<[u8]>::to_vec), applied))
         })
     }
 

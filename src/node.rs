@@ -275,6 +275,18 @@ impl Node {
         }
     }
 
+    /// What a consistent read must see: the seq this node knows committed now, and, while it
+    /// leads, its term, which must still be held when the read answers (a lease read: no other
+    /// primary can commit before this term's lease has run out).
+    pub fn consistent_read_point(&self) -> (Seq, Option<Arc<Primary>>) {
+        match self.role() {
+            Role::Primary(primary) if primary.is_leading() => {
+                (primary.committed_seq(), Some(primary))
+            }
+            _ => (Seq(self.metrics.committed_seq.get().max(0) as u64), None),
+        }
+    }
+
     /// Why this node's state stopped advancing, if its applier failed: the node then serves
     /// a state that no longer follows the log, and is not ready.
     pub fn applier_failure(&self) -> Option<String> {

@@ -171,10 +171,33 @@ impl WalClient {
 
     /// `key` from the node's applied state, once it has applied `min_seq` (waiting at most
     /// `timeout`). Returns the value and the node's applied seq.
+    /// The value of `key` on this node, from a state that has applied at least `min_seq`
+    /// (waiting up to `timeout` for it), and that state's applied seq.
     pub async fn get(
         &mut self,
         key: Vec<u8>,
         min_seq: Seq,
+        timeout: Duration,
+    ) -> Result<(Option<Vec<u8>>, Seq)> {
+        self.get_from(key, min_seq, false, timeout).await
+    }
+
+    /// The value of `key` from a state that has applied everything the node knew committed when
+    /// the request arrived: on the primary, a linearizable read (every append acknowledged
+    /// before it is visible; refused with [`Error::NotLeader`] if the node stopped leading).
+    pub async fn get_consistent(
+        &mut self,
+        key: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(Option<Vec<u8>>, Seq)> {
+        self.get_from(key, Seq::NONE, true, timeout).await
+    }
+
+    async fn get_from(
+        &mut self,
+        key: Vec<u8>,
+        min_seq: Seq,
+        consistent: bool,
         timeout: Duration,
     ) -> Result<(Option<Vec<u8>>, Seq)> {
         let request = proto::GetRequest {
@@ -183,6 +206,7 @@ impl WalClient {
             timeout_ms: u32::try_from(timeout.as_millis())
                 .unwrap_or(u32::MAX)
                 .max(1),
+            consistent,
         };
         let response = self
             .stub

@@ -238,12 +238,18 @@ impl Wal for WalApi {
         request: Request<proto::GetRequest>,
     ) -> std::result::Result<Response<proto::GetResponse>, Status> {
         let request = request.into_inner();
-        let wanted = Seq(request.min_seq);
+        // A consistent read waits for what was committed when it arrived; on the primary it is
+        // answered only if the term that knew that is still held once the value is read.
+        let (committed, leading) = match request.consistent {
+            true => self.node.consistent_read_point(),
+            false => (Seq::NONE, None),
+        };
+        let wanted = Seq(request.min_seq).max(committed);
         let timeout = match request.timeout_ms {
             0 => DEFAULT_GET_TIMEOUT,
             ms => Duration::from_millis(ms.into()),
         };
-        let applied = match tokio::time::timeout(timeout, self.node.wait_applied(wanted)).await {
+        match tokio::time::timeout(timeout, self.node.wait_applied(wanted)).await {
             Ok(applied) => applied.map_err(|e| to_status(&e))?,
             Err(_) => {
                 return Err(to_status(&Error::NotYetApplied {
@@ -254,9 +260,14 @@ impl Wal for WalApi {
             }
         };
         let store = self.node.store().clone();
-        let value = blocking(move || store.get(&request.key))
+        let (value, applied) = blocking(move || store.get_applied(&request.key))
             .await
             .map_err(|e| to_status(&e))?;
+        if leading.is_some_and(|primary| !primary.is_leading()) {
+            return Err(to_status(&Error::NotLeader {
+                leader: self.node.leader_addr().await.ok().flatten(),
+            }));
+        }
         Ok(Response::new(proto::GetResponse {
             found: value.is_some(),
             value: value.unwrap_or_default(),

@@ -322,7 +322,8 @@ fn pair_bytes(key: &[u8], value: &[u8]) -> usize {
 
 const BINCODE: bincode::config::Configuration = bincode::config::standard();
 
-/// A page: the uncompressed length (u32, big-endian), then zstd of the bincode of its pairs.
+/// A page: the uncompressed length (u32, big-endian), the xxh3-64 of the uncompressed bytes
+/// (u64, big-endian), then zstd of the bincode of its pairs.
 fn encode_page(
     pairs: &[(Bytes, Bytes)],
     raw: &mut Vec<u8>,
@@ -333,6 +334,7 @@ fn encode_page(
     bincode::encode_into_std_write(&borrowed, raw, BINCODE).map_err(|e| e.to_string())?;
     let raw_len = u32::try_from(raw.len()).map_err(|_| "the page is over 4 GiB".to_owned())?;
     let mut page = raw_len.to_be_bytes().to_vec();
+    page.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(raw).to_be_bytes());
     page.extend(compressor.compress(raw).map_err(|e| e.to_string())?);
     Ok(page)
 }
@@ -342,9 +344,12 @@ fn decode_page(
     bytes: &[u8],
     mut each: impl FnMut(&[u8], &[u8]) -> Result<(), String>,
 ) -> Result<(), String> {
-    let (len, compressed) = bytes
+    let (len, rest) = bytes
         .split_first_chunk::<4>()
         .ok_or_else(|| "it is shorter than its length prefix".to_owned())?;
+    let (checksum, compressed) = rest
+        .split_first_chunk::<8>()
+        .ok_or_else(|| "it is shorter than its checksum".to_owned())?;
     let raw_len = u32::from_be_bytes(*len) as usize;
     if raw_len > MAX_PAGE_BYTES {
         return Err(format!(
@@ -357,6 +362,9 @@ fn decode_page(
             "it holds {} bytes, not the {raw_len} it says",
             raw.len()
         ));
+    }
+    if xxhash_rust::xxh3::xxh3_64(&raw) != u64::from_be_bytes(*checksum) {
+        return Err("its checksum does not match its content".into());
     }
     let (pairs, used): (Vec<(&[u8], &[u8])>, usize) =
         bincode::borrow_decode_from_slice(&raw, BINCODE).map_err(|e| e.to_string())?;

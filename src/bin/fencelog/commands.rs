@@ -87,17 +87,29 @@ pub async fn read(
     Ok(())
 }
 
+/// Which state a `get` reads.
+pub enum ReadAt {
+    /// One that has applied at least this seq.
+    Applied(Seq),
+    /// One that has applied everything the node knew committed when asked.
+    Consistent,
+}
+
 pub async fn get(
     target: &Target,
     key: String,
-    min_seq: Option<u64>,
+    at: ReadAt,
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let mut client = target.connect().await?;
-    let wanted = Seq(min_seq.unwrap_or(0));
-    let (value, applied) = client
-        .get(key.clone().into_bytes(), wanted, timeout)
-        .await?;
+    let (value, applied) = match at {
+        ReadAt::Applied(seq) => client.get(key.clone().into_bytes(), seq, timeout).await?,
+        ReadAt::Consistent => {
+            client
+                .get_consistent(key.clone().into_bytes(), timeout)
+                .await?
+        }
+    };
     match value {
         Some(value) => {
             let mut out = std::io::stdout().lock();

@@ -78,7 +78,11 @@ enum Command {
         /// Wait until the node has applied this seq (read-your-writes).
         #[arg(long)]
         min_seq: Option<u64>,
-        /// Seconds to wait for --min-seq.
+        /// Wait until the node has applied everything it knew committed when asked: on the
+        /// primary, a linearizable read.
+        #[arg(long, conflicts_with = "min_seq")]
+        consistent: bool,
+        /// Seconds to wait for --min-seq or --consistent.
         #[arg(long, default_value_t = 10)]
         timeout: u64,
         key: String,
@@ -216,9 +220,16 @@ async fn run_client(command: Command) -> anyhow::Result<()> {
         Command::Get {
             target,
             min_seq,
+            consistent,
             timeout,
             key,
-        } => commands::get(&target, key, min_seq, Duration::from_secs(timeout)).await,
+        } => {
+            let at = match (consistent, min_seq) {
+                (true, _) => commands::ReadAt::Consistent,
+                (false, seq) => commands::ReadAt::Applied(fencelog::record::Seq(seq.unwrap_or(0))),
+            };
+            commands::get(&target, key, at, Duration::from_secs(timeout)).await
+        }
         Command::Status { target, json } => commands::status(&target, json).await,
         Command::Promote {
             server,
