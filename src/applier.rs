@@ -208,7 +208,7 @@ fn checkpoints(
     metrics: &Metrics,
 ) {
     let policy = store.options().checkpoint;
-    let mut last_end = Instant::now();
+    let (mut last_end, mut took) = (Instant::now(), Duration::ZERO);
     metrics
         .checkpoint_seq
         .set(store.positions().map_or(0, |p| p.checkpoint_seq.0) as i64);
@@ -216,7 +216,7 @@ fn checkpoints(
     {
         let checkpointed = store.positions().map_or(Seq::NONE, |p| p.checkpoint_seq);
         let records = applied.borrow().0.saturating_sub(checkpointed.0);
-        if !checkpoint::due(&policy, records, last_end.elapsed()) {
+        if !checkpoint::due(&policy, records, last_end.elapsed(), took) {
             continue;
         }
         let started = Instant::now();
@@ -236,6 +236,7 @@ fn checkpoints(
             }
         }
         last_end = Instant::now();
+        took = started.elapsed();
     }
 }
 

@@ -368,6 +368,18 @@ impl BatchDecoder {
 
     /// Returns exactly the records that were encoded, or says why the bytes are not a batch.
     pub fn decode(&mut self, bytes: &[u8]) -> Result<Batch, BatchError> {
+        let view = self.decode_view(bytes)?;
+        Ok(Batch {
+            epoch: view.header.epoch,
+            first_seq: view.header.first_seq,
+            sealed_at_micros: view.header.sealed_at_micros,
+            records: view.records.iter().map(|r| r.to_record()).collect(),
+        })
+    }
+
+    /// [`decode`](Self::decode), with the records borrowed from the decoder's buffer instead of
+    /// copied out: what an apply that copies each key and value once wants.
+    pub fn decode_view(&mut self, bytes: &[u8]) -> Result<BatchView<'_>, BatchError> {
         let header = BatchHeader::parse(bytes, &self.limits)?;
         let expected_len = header.uncompressed_len as usize;
         self.body.clear();
@@ -394,13 +406,14 @@ impl BatchDecoder {
             });
         }
         let records = decode_records(&self.body, header.record_count, &self.limits)?;
-        Ok(Batch {
-            epoch: header.epoch,
-            first_seq: header.first_seq,
-            sealed_at_micros: header.sealed_at_micros,
-            records,
-        })
+        Ok(BatchView { header, records })
     }
+}
+
+/// A decoded batch whose records borrow from its decoder.
+pub struct BatchView<'a> {
+    pub header: BatchHeader,
+    pub records: Vec<RecordRef<'a>>,
 }
 
 /// Microseconds since the Unix epoch; 0 on a clock set before it.
@@ -410,7 +423,11 @@ pub fn unix_micros_now() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-fn decode_records(body: &[u8], count: u32, limits: &Limits) -> Result<Vec<Record>, BatchError> {
+fn decode_records<'a>(
+    body: &'a [u8],
+    count: u32,
+    limits: &Limits,
+) -> Result<Vec<RecordRef<'a>>, BatchError> {
     // Grows with what actually decodes rather than trusting the count for an allocation.
     let mut records = Vec::with_capacity((count as usize).min(4096));
     let mut rest = body;
@@ -438,7 +455,7 @@ fn decode_records(body: &[u8], count: u32, limits: &Limits) -> Result<Vec<Record
         if record.op == Op::Delete && !record.value.is_empty() {
             return Err(BatchError::DeleteWithValue { index });
         }
-        records.push(record.to_record());
+        records.push(record);
     }
     if !rest.is_empty() {
         return Err(BatchError::TrailingBytes { count: rest.len() });

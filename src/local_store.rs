@@ -41,7 +41,7 @@ use sled::Tree;
 use crate::batch::{BatchDecoder, BatchHeader, EncodedBatch};
 use crate::error::{Error, Result};
 use crate::limits::Limits;
-use crate::record::{Epoch, Record, Seq};
+use crate::record::{Epoch, Op, Record, RecordRef, Seq};
 use crate::state::checkpoint::{self, CheckpointMeta};
 use crate::state::{kv_factory, Factory, KvState, StateMachine};
 
@@ -576,18 +576,17 @@ impl LocalStore {
                 ))
             })?;
         let batch = decoder
-            .decode(&bytes)
+            .decode_view(&bytes)
             .map_err(|e| self.corrupt(format!("the log's batch at seq {first}: {e}")))?;
         let range = AppliedRange {
             first_seq: first,
-            last_seq: batch.last_seq(),
-            sealed_at_micros: batch.sealed_at_micros(),
+            last_seq: batch.header.last_seq(),
+            sealed_at_micros: batch.header.sealed_at_micros,
         };
-        let epoch = batch.epoch();
         let mut state = self.write_applied();
-        state.machine.apply(first, batch.into_records())?;
+        state.machine.apply(first, &batch.records)?;
         state.seq = range.last_seq;
-        state.epoch = epoch;
+        state.epoch = batch.header.epoch;
         Ok(Some(range))
     }
 
@@ -679,15 +678,15 @@ impl LocalStore {
         }
         self.checkpoint.clear().map_err(|e| self.io(e))?;
         let mut machine = (self.factory)();
-        let mut pairs = Vec::new();
         for entry in old.iter() {
             let (key, value) = entry.map_err(|e| self.io(e))?;
-            pairs.push(Record::put(key.to_vec(), value.to_vec()));
-            if pairs.len() == 4096 {
-                machine.apply(applied, std::mem::take(&mut pairs))?;
-            }
+            let put = RecordRef {
+                op: Op::Put,
+                key: &key,
+                value: &value,
+            };
+            machine.apply(applied, &[put])?;
         }
-        machine.apply(applied, pairs)?;
         // A step may have stopped inside a batch: replay from that batch's start (replaying
         // records the entries already reflect leaves them as they are).
         let base = self.log_base()?;

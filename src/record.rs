@@ -82,7 +82,7 @@ impl Record {
         }
     }
 
-    pub(crate) fn as_ref(&self) -> RecordRef<'_> {
+    pub fn as_ref(&self) -> RecordRef<'_> {
         RecordRef {
             op: self.op,
             key: &self.key,
@@ -92,9 +92,10 @@ impl Record {
 }
 
 /// A record borrowed from a decoded buffer. Decoding into borrowed slices allocates nothing, so a
-/// forged length can only fail the decode, never reserve memory.
+/// forged length can only fail the decode, never reserve memory; a state machine copies out
+/// only what it keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, BorrowDecode)]
-pub(crate) struct RecordRef<'a> {
+pub struct RecordRef<'a> {
     pub op: Op,
     pub key: &'a [u8],
     pub value: &'a [u8],

@@ -124,12 +124,16 @@ fn page_key(id: &[u8]) -> Vec<u8> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Policy {
     /// The time from the end of one checkpoint to the start of the next, while the state
-    /// changes. A longer one costs less CPU under a load that dirties every page (each
-    /// checkpoint then rewrites the whole state) and leaves more log to replay after a crash.
+    /// changes. Longer leaves more log to replay after a crash; shorter costs more CPU under a
+    /// load that dirties every page (each checkpoint then rewrites the whole state).
     pub interval: Duration,
-    /// A checkpoint starts earlier once this many records were applied since the last one:
-    /// bounds the replay after a crash under a heavy load.
+    /// A checkpoint starts before the interval is up once this many records were applied since
+    /// the last one: bounds the replay after a crash under a heavy load.
     pub max_records: u64,
+    /// Whatever the above say, the next checkpoint waits this many times as long as the last
+    /// one took: a state large enough to take a second to write is written at most a fifth of
+    /// the time, leaving the CPU to the commit path and the applier.
+    pub pacing: u32,
 }
 
 impl Default for Policy {
@@ -137,13 +141,16 @@ impl Default for Policy {
         Policy {
             interval: Duration::from_secs(2),
             max_records: 2_000_000,
+            pacing: 4,
         }
     }
 }
 
-/// Whether a checkpoint is due: the state moved `records` past the last one, `elapsed` ago.
-pub fn due(policy: &Policy, records: u64, elapsed: Duration) -> bool {
-    records > 0 && (elapsed >= policy.interval || records >= policy.max_records)
+/// Whether a checkpoint is due: the state moved `records` past the last one, which ended
+/// `elapsed` ago and took `took`.
+pub fn due(policy: &Policy, records: u64, elapsed: Duration, took: Duration) -> bool {
+    let rested = elapsed >= took.saturating_mul(policy.pacing);
+    records > 0 && rested && (elapsed >= policy.interval || records >= policy.max_records)
 }
 
 #[cfg(test)]
@@ -153,23 +160,33 @@ mod tests {
     const POLICY: Policy = Policy {
         interval: Duration::from_secs(2),
         max_records: 1000,
+        pacing: 4,
     };
+    const QUICK: Duration = Duration::from_millis(10);
 
     #[test]
     fn an_unchanged_state_is_never_checkpointed() {
-        assert!(!due(&POLICY, 0, Duration::from_secs(3600)));
+        assert!(!due(&POLICY, 0, Duration::from_secs(3600), QUICK));
     }
 
     #[test]
     fn a_changed_state_is_checkpointed_once_the_interval_passed() {
-        assert!(!due(&POLICY, 1, Duration::from_millis(1999)));
-        assert!(due(&POLICY, 1, Duration::from_secs(2)));
+        assert!(!due(&POLICY, 1, Duration::from_millis(1999), QUICK));
+        assert!(due(&POLICY, 1, Duration::from_secs(2), QUICK));
     }
 
     #[test]
     fn many_records_bring_the_checkpoint_forward() {
-        assert!(!due(&POLICY, 999, Duration::ZERO));
-        assert!(due(&POLICY, 1000, Duration::ZERO));
+        assert!(!due(&POLICY, 999, Duration::from_millis(40), QUICK));
+        assert!(due(&POLICY, 1000, Duration::from_millis(40), QUICK));
+    }
+
+    #[test]
+    fn a_checkpoint_that_took_long_pushes_the_next_one_back() {
+        let took = Duration::from_secs(1);
+        assert!(!due(&POLICY, 1000, Duration::from_millis(3999), took));
+        assert!(due(&POLICY, 1000, Duration::from_secs(4), took));
+        assert!(!due(&POLICY, 1, Duration::from_millis(3999), took));
     }
 
     #[test]

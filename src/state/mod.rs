@@ -23,7 +23,7 @@ use std::any::Any;
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-use crate::record::{Record, Seq};
+use crate::record::{RecordRef, Seq};
 
 pub use kv::KvState;
 
@@ -38,10 +38,11 @@ pub use kv::KvState;
 /// records/s and small ones at its per-key rate): [`KvState`] keeps ~64 KiB runs of pairs.
 pub trait StateMachine: Send + Sync + 'static {
     /// Applies committed records, the first at `first_seq`, the others at the seqs after it.
-    /// Must be deterministic: every node applies the same records and must reach the same
-    /// state (the same [`digest`](Self::digest)). An error stops the node's applier: its state
-    /// stays where it was and the node reports why.
-    fn apply(&mut self, first_seq: Seq, records: Vec<Record>) -> Result<(), StateError>;
+    /// They borrow from the decoded batch: copy out what the state keeps. Must be
+    /// deterministic: every node applies the same records and must reach the same state (the
+    /// same [`digest`](Self::digest)). An error stops the node's applier: its state stays where
+    /// it was and the node reports why.
+    fn apply(&mut self, first_seq: Seq, records: &[RecordRef<'_>]) -> Result<(), StateError>;
 
     /// The digest of the whole state, compared across nodes and against a snapshot's header.
     /// Called often (on every checkpoint): keep it incremental.
