@@ -86,6 +86,7 @@ pub async fn run(
             tokio::spawn(load(client, worker, keyspace, started, duration))
         })
         .collect();
+    let reader = tokio::spawn(consistent_reads(primary_api.clone(), started, duration));
     let (mut primary_lags, mut standby_lags) = (Lags::default(), Lags::default());
     while started.elapsed() < duration {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -98,6 +99,8 @@ pub async fn run(
         worker.await??;
     }
     let loaded = started.elapsed();
+    let mut reads = reader.await??;
+    reads.sort_unstable();
     let at_end = primary_api.status().await?;
     let standby_at_end = standby_api.status().await?;
     let committed = at_end.committed_seq;
@@ -122,8 +125,8 @@ pub async fn run(
     let mut note = format!(
         "{CLIENTS} clients x {PER_APPEND} records of {RECORD_BYTES} B over {keys}, {:.0} s: \
          committed {:.0} records/s; the primary applied {:.0} records/s ({:.1}% of the commits), \
-         {}, drained {} after the load, RSS {}; the standby applied {:.0} records/s ({:.1}%), {}, \
-         drained {}, RSS {}.",
+         {}, drained {} after the load, RSS {}, {}; the standby applied {:.0} records/s ({:.1}%), \
+         {}, drained {}, RSS {}, {}.",
         loaded.as_secs_f64(),
         per_second(committed),
         per_second(at_end.applied_seq),
@@ -131,12 +134,22 @@ pub async fn run(
         primary_lags.summary(),
         millis(primary_drained.unwrap_or_default()),
         rss(&primary),
+        checkpoints(&primary).await,
         per_second(standby_at_end.applied_seq),
         100.0 * standby_at_end.applied_seq as f64 / committed.max(1) as f64,
         standby_lags.summary(),
         millis(standby_drained.unwrap_or_default()),
         rss(&standby),
+        checkpoints(&standby).await,
     );
+    note.push_str(&format!(
+        " Get --consistent on the primary under the load, one every 10 ms: p50 {}, p99 {}, max {} \
+         over {} reads.",
+        millis(percentile(&reads, 0.5)),
+        millis(percentile(&reads, 0.99)),
+        millis(percentile(&reads, 1.0)),
+        reads.len()
+    ));
     if restarts {
         let stopped = Instant::now();
         standby.stop(Duration::from_secs(60)).await?;
@@ -185,6 +198,24 @@ async fn load(
     Ok(())
 }
 
+/// Consistent reads of one key, one every 10 ms while the load lasts; their latencies.
+async fn consistent_reads(
+    mut client: WalClient,
+    started: Instant,
+    duration: Duration,
+) -> fencelog::Result<Vec<Duration>> {
+    let mut latencies = Vec::new();
+    while started.elapsed() < duration {
+        let asked = Instant::now();
+        client
+            .get_consistent(b"obj/0000000001".to_vec(), Duration::from_secs(10))
+            .await?;
+        latencies.push(asked.elapsed());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(latencies)
+}
+
 /// Starts a stopped node again; the time until it answers with everything applied.
 async fn restart_until_applied(node: &mut NodeProcess, committed: u64) -> anyhow::Result<Duration> {
     let started = Instant::now();
@@ -229,4 +260,36 @@ fn rss(node: &NodeProcess) -> String {
         line.split_whitespace().nth(1)?.parse().ok()
     };
     read().map_or_else(|| "?".into(), |kib| format!("{} MiB", kib / 1024))
+}
+
+/// What a daemon's checkpoints took, from its `/metrics`.
+async fn checkpoints(node: &NodeProcess) -> String {
+    let Some(text) = metrics_text(node.metrics_addr()).await else {
+        return "checkpoints ?".into();
+    };
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let count = value("fencelog_checkpoint_seconds_count");
+    format!(
+        "{count:.0} checkpoints of {:.0} MB each on average, taking {} each",
+        value("fencelog_checkpoint_bytes_total") / count.max(1.0) / 1e6,
+        millis(Duration::from_secs_f64(
+            value("fencelog_checkpoint_seconds_sum") / count.max(1.0)
+        )),
+    )
+}
+
+/// The body of `GET /metrics` from `addr`, plain HTTP/1.1.
+async fn metrics_text(addr: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let response = String::from_utf8_lossy(&response).into_owned();
+    Some(response.split_once("\r\n\r\n")?.1.to_owned())
 }
