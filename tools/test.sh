@@ -18,3 +18,5 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --features failpoints --locked -- -D warnings
 cargo test --benches --locked
 cargo test --lib --bins --tests --features failpoints --locked
+# The example state machine, embedded in a primary on an etcd of its own.
+cargo run --example counters --locked

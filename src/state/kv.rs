@@ -222,7 +222,7 @@ impl KvState {
         let room = 2 * page.pairs.len().div_ceil(parts as usize);
         let mut split: Vec<Page> = (0..parts)
             .map(|_| Page {
-                pairs: Table::with_capacity_and_hasher(room, Xxh3DefaultBuilder::default()),
+                pairs: Table::with_capacity_and_hasher(room, Xxh3DefaultBuilder),
                 bytes: 0,
             })
             .collect();
@@ -420,7 +420,8 @@ fn decode_page(
     if xxh3_64(&raw) != u64::from_be_bytes(*checksum) {
         return Err("its checksum does not match its content".into());
     }
-    let (pairs, used): (Vec<(&[u8], &[u8])>, usize) =
+    type Pairs<'a> = Vec<(&'a [u8], &'a [u8])>;
+    let (pairs, used): (Pairs<'_>, usize) =
         bincode::borrow_decode_from_slice(&raw, BINCODE).map_err(|e| e.to_string())?;
     if used != raw.len() {
         return Err(format!("{} bytes follow its pairs", raw.len() - used));

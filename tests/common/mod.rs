@@ -65,9 +65,13 @@ pub const CLUSTER: &str = "test-cluster";
 
 /// A node named `name` with a fresh store and default settings.
 pub fn node(name: &str) -> Node {
+    node_with(name, Default::default())
+}
+
+/// A node named `name` with a fresh store opened with `options` (a state machine of its own).
+pub fn node_with(name: &str, options: fencelog::local_store::StoreOptions) -> Node {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = fencelog::local_store::LocalStore::open(dir.path(), Default::default())
-        .expect("store opens");
+    let store = fencelog::local_store::LocalStore::open(dir.path(), options).expect("store opens");
     let config = fencelog::config::PrimaryConfig::new(
         CLUSTER.parse().expect("valid cluster"),
         name.parse().expect("valid node name"),
