@@ -55,7 +55,9 @@ impl From<proto::Record> for Record {
 pub fn to_status(error: &Error) -> tonic::Status {
     use tonic::Code;
     let code = match error {
-        Error::NotLeader { .. } | Error::LeaderAlive { .. } => Code::FailedPrecondition,
+        Error::NotLeader { .. } | Error::LeaderAlive { .. } | Error::NotKeyValue => {
+            Code::FailedPrecondition
+        }
         Error::RecordTooLarge { .. }
         | Error::DeleteWithValue { .. }
         | Error::AppendTooLarge { .. }
