@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{node, ServedNode};
-use fencelog::etcd::trim::{read_trimmed, Retention};
+use fencelog::etcd::trim::Retention;
 use fencelog::keys::KeyLayout;
 use fencelog::local_store::LocalStore;
 use fencelog::node::Role;
@@ -18,13 +18,7 @@ use fencelog::workload::RecordGenerator;
 const WAIT: Duration = Duration::from_secs(30);
 
 fn quick_retention() -> Retention {
-    Retention {
-        retain_records: 100,
-        retain_seconds: 0,
-        max_etcd_log_bytes: u64::MAX,
-        interval: Duration::from_millis(100),
-        compact: true,
-    }
+    common::quick_retention(100)
 }
 
 async fn append(served: &ServedNode, seed: u64, appends: usize) -> Seq {
@@ -69,16 +63,7 @@ async fn a_standby_trimmed_past_while_stopped_bootstraps_from_a_snapshot_and_mat
     standby.stop().await;
 
     let last = append(&primary, 2, 50).await;
-    let client = common::client(&etcd).await;
-    let layout = KeyLayout::new(&common::CLUSTER.parse().unwrap());
-    let deadline = Instant::now() + WAIT;
-    while read_trimmed(&client, &layout, WAIT).await.unwrap() <= first.next().unwrap() {
-        assert!(
-            Instant::now() < deadline,
-            "the log was not trimmed past the standby"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::trimmed_past(&etcd, first).await;
 
     let standby = ServedNode::start(&etcd, &standby_pieces, Retention::default(), false).await;
     applied(&standby, last).await;

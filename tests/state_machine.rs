@@ -7,11 +7,10 @@ mod common;
 mod machine;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{node_with, ServedNode};
-use fencelog::etcd::trim::{read_trimmed, Retention};
-use fencelog::keys::KeyLayout;
+use fencelog::etcd::trim::Retention;
 use fencelog::local_store::{LocalStore, StoreOptions};
 use fencelog::node::Role;
 use fencelog::record::Seq;
@@ -79,13 +78,7 @@ async fn a_counters_state_follows_a_failover_and_counts_on_on_the_new_primary() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_counters_state_comes_whole_through_a_snapshot_bootstrap() {
     let etcd = common::etcd().await;
-    let quick = Retention {
-        retain_records: 20,
-        retain_seconds: 0,
-        max_etcd_log_bytes: u64::MAX,
-        interval: Duration::from_millis(100),
-        compact: true,
-    };
+    let quick = common::quick_retention(20);
     let (a, b) = (node_with("a", counters()), node_with("b", counters()));
     let primary = ServedNode::start(&etcd, &a, quick, true).await;
     tokio::time::timeout(WAIT, primary.node.leading())
@@ -97,16 +90,7 @@ async fn a_counters_state_comes_whole_through_a_snapshot_bootstrap() {
     standby.stop().await;
 
     let last = count_up(&primary, 10, 200).await;
-    let client = common::client(&etcd).await;
-    let layout = KeyLayout::new(&common::CLUSTER.parse().unwrap());
-    let deadline = Instant::now() + WAIT;
-    while read_trimmed(&client, &layout, WAIT).await.unwrap() <= first.next().unwrap() {
-        assert!(
-            Instant::now() < deadline,
-            "the log was not trimmed past the standby"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::trimmed_past(&etcd, first).await;
     let standby = ServedNode::start(&etcd, &b, Retention::default(), false).await;
     applied(&standby, last).await;
     let store = standby.node.store();

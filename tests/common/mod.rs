@@ -84,6 +84,38 @@ pub fn node_with(name: &str, options: fencelog::local_store::StoreOptions) -> No
     }
 }
 
+/// Retention that trims etcd to its newest `records` every 100 ms, whatever their age.
+pub fn quick_retention(records: u64) -> fencelog::etcd::trim::Retention {
+    fencelog::etcd::trim::Retention {
+        retain_records: records,
+        retain_seconds: 0,
+        max_etcd_log_bytes: u64::MAX,
+        interval: std::time::Duration::from_millis(100),
+        compact: true,
+    }
+}
+
+/// Waits (up to 30 s) until etcd's log of the test cluster was trimmed past `seq + 1`: a node
+/// stopped at `seq` can then only come back through a snapshot.
+pub async fn trimmed_past(etcd: &EtcdProcess, seq: fencelog::record::Seq) {
+    let wait = std::time::Duration::from_secs(30);
+    let client = client(etcd).await;
+    let layout = fencelog::keys::KeyLayout::new(&CLUSTER.parse().expect("valid cluster"));
+    let deadline = std::time::Instant::now() + wait;
+    let after = fencelog::record::Seq(seq.0 + 1);
+    while fencelog::etcd::trim::read_trimmed(&client, &layout, wait)
+        .await
+        .expect("trimmed reads")
+        <= after
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the log was not trimmed past seq {seq}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// A client of `etcd` with fencelog's timeouts.
 pub async fn client(etcd: &EtcdProcess) -> etcd_client::Client {
     fencelog::etcd::connect(

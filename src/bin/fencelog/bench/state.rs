@@ -122,24 +122,35 @@ pub async fn run(
     }
     let per_second = |records: u64| records as f64 / loaded.as_secs_f64().max(1e-9);
     let keys = keyspace.map_or("unique keys".to_owned(), |k| format!("a {k}-key keyspace"));
+    let node = |applied: u64, lags: &mut Lags, drained: Option<Duration>, node: &NodeProcess| {
+        format!(
+            "applied {:.0} records/s ({:.1}% of the commits), {}, drained {} after the load, \
+             RSS {}",
+            per_second(applied),
+            100.0 * applied as f64 / committed.max(1) as f64,
+            lags.summary(),
+            millis(drained.unwrap_or_default()),
+            rss(node),
+        )
+    };
     let mut note = format!(
         "{CLIENTS} clients x {PER_APPEND} records of {RECORD_BYTES} B over {keys}, {:.0} s: \
-         committed {:.0} records/s; the primary applied {:.0} records/s ({:.1}% of the commits), \
-         {}, drained {} after the load, RSS {}, {}; the standby applied {:.0} records/s ({:.1}%), \
-         {}, drained {}, RSS {}, {}.",
+         committed {:.0} records/s; the primary {}, {}; the standby {}, {}.",
         loaded.as_secs_f64(),
         per_second(committed),
-        per_second(at_end.applied_seq),
-        100.0 * at_end.applied_seq as f64 / committed.max(1) as f64,
-        primary_lags.summary(),
-        millis(primary_drained.unwrap_or_default()),
-        rss(&primary),
+        node(
+            at_end.applied_seq,
+            &mut primary_lags,
+            primary_drained,
+            &primary
+        ),
         checkpoints(&primary).await,
-        per_second(standby_at_end.applied_seq),
-        100.0 * standby_at_end.applied_seq as f64 / committed.max(1) as f64,
-        standby_lags.summary(),
-        millis(standby_drained.unwrap_or_default()),
-        rss(&standby),
+        node(
+            standby_at_end.applied_seq,
+            &mut standby_lags,
+            standby_drained,
+            &standby
+        ),
         checkpoints(&standby).await,
     );
     note.push_str(&format!(
