@@ -42,8 +42,8 @@ use crate::batch::{BatchDecoder, BatchHeader, EncodedBatch};
 use crate::error::{Error, Result};
 use crate::limits::Limits;
 use crate::record::{Epoch, Op, Record, RecordRef, Seq};
-use crate::state::checkpoint::{self, CheckpointMeta};
-use crate::state::{kv_factory, Factory, KvState, StateMachine};
+use crate::state::checkpoint::{self, CheckpointMeta, PageTable};
+use crate::state::{kv_factory, Factory, KvState, PageWrite, StateMachine};
 
 /// The layout version this build writes. It reads [`MIGRATED_FORMAT`] too, and rewrites it.
 pub const STORE_FORMAT: u64 = 3;
@@ -214,6 +214,14 @@ struct Applied {
     epoch: Epoch,
 }
 
+/// The checkpoint as written: its page table, and whether the next checkpoint must write
+/// every page (one failed part way, after its changes were taken from the machine).
+#[derive(Default)]
+struct Checkpointer {
+    table: PageTable,
+    full: bool,
+}
+
 /// What one checkpoint wrote.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CheckpointStats {
@@ -241,9 +249,8 @@ pub struct LocalStore {
     state: RwLock<Applied>,
     /// Serializes applying: held from reading a batch to applying it. Holds the decoder.
     applier: Mutex<BatchDecoder>,
-    /// Serializes checkpoints and snapshot exports, which read the checkpoint whole. Holds
-    /// whether the next checkpoint must write every page (one failed part way).
-    checkpointer: Mutex<bool>,
+    /// Serializes checkpoints and snapshot exports, which read the checkpoint whole.
+    checkpointer: Mutex<Checkpointer>,
     /// The seq of the last checkpoint written.
     checkpoint_seq: AtomicU64,
     /// The first I/O error sled reported. sled 0.34 fails every later write once one failed
@@ -284,7 +291,7 @@ impl LocalStore {
                 epoch: Epoch::default(),
             }),
             applier: Mutex::new(BatchDecoder::new(options.limits.clone())?),
-            checkpointer: Mutex::new(false),
+            checkpointer: Mutex::new(Checkpointer::default()),
             checkpoint_seq: AtomicU64::new(0),
             failure: OnceLock::new(),
             factory: options.state,
@@ -607,9 +614,9 @@ impl LocalStore {
     /// store without one starts from an empty state at the log's base, which must then be 0.
     fn load_checkpoint(&self) -> Result<()> {
         let meta = checkpoint::read_meta(&self.checkpoint).map_err(|e| self.io(e))?;
-        let meta = match meta {
+        let (meta, table) = match meta {
             Some(meta) => meta.map_err(|e| self.corrupt(format!("its checkpoint: {e}")))?,
-            None if self.log_base()? == Seq::NONE => CheckpointMeta::default(),
+            None if self.log_base()? == Seq::NONE => Default::default(),
             None => {
                 return Err(self.corrupt(format!(
                     "its log starts after seq {} but it has no checkpoint of the state there",
@@ -632,7 +639,12 @@ impl LocalStore {
                 meta.seq
             )));
         }
-        let machine = self.load_pages()?;
+        let machine = self.load_pages(&table)?;
+        let strays = checkpoint::remove_strays(&self.checkpoint, &table).map_err(|e| self.io(e))?;
+        if strays > 0 {
+            tracing::info!(pages = strays, dir = %self.dir.display(), "removed the pages of a checkpoint that was cut short");
+        }
+        lock(&self.checkpointer).table = table;
         let digest = machine.digest();
         if digest != meta.digest {
             return Err(self.corrupt(format!(
@@ -649,11 +661,13 @@ impl LocalStore {
         Ok(())
     }
 
-    /// A fresh machine with every page of the checkpoint loaded.
-    fn load_pages(&self) -> Result<Box<dyn StateMachine>> {
+    /// A fresh machine with every page of the checkpoint `table` describes loaded.
+    fn load_pages(&self, table: &PageTable) -> Result<Box<dyn StateMachine>> {
         let mut machine = (self.factory)();
-        for page in checkpoint::pages(&self.checkpoint) {
-            let (id, bytes) = page.map_err(|e| self.io(e))?;
+        for page in checkpoint::pages(&self.checkpoint, table) {
+            let (id, bytes) = page
+                .map_err(|e| self.io(e))?
+                .map_err(|id| self.corrupt(format!("its checkpoint lacks its page {id:02x?}")))?;
             machine
                 .load_page(&id, &bytes)
                 .map_err(|e| self.corrupt(format!("its checkpoint: {e}")))?;
@@ -707,7 +721,10 @@ impl LocalStore {
             epoch,
         };
         self.replay()?;
-        *lock(&self.checkpointer) = true;
+        *lock(&self.checkpointer) = Checkpointer {
+            table: PageTable::default(),
+            full: true,
+        };
         self.checkpoint()?;
         self.put_meta(FORMAT, STORE_FORMAT)?;
         self.flush()?;
@@ -729,16 +746,18 @@ impl LocalStore {
     }
 
     /// Writes a checkpoint of the state as it is now, if it moved since the last one: the
-    /// changes are taken under the state's lock, encoded without it, and written with their seq
-    /// in one sled batch, then flushed. Returns what it wrote.
+    /// changes are taken under the state's lock, encoded without it, and written under a new
+    /// generation, switched to by one write of the meta, then flushed
+    /// ([`crate::state::checkpoint`]). Returns what it wrote.
     pub fn checkpoint(&self) -> Result<Option<CheckpointStats>> {
-        let mut full = lock(&self.checkpointer);
+        let mut checkpointer = lock(&self.checkpointer);
+        let full = checkpointer.full;
         let (changes, meta) = {
             let mut state = self.write_applied();
-            if state.seq.0 == self.checkpoint_seq.load(Ordering::SeqCst) && !*full {
+            if state.seq.0 == self.checkpoint_seq.load(Ordering::SeqCst) && !full {
                 return Ok(None);
             }
-            let changes = state.machine.take_changes(*full);
+            let changes = state.machine.take_changes(full);
             let meta = CheckpointMeta {
                 seq: state.seq,
                 epoch: state.epoch,
@@ -748,13 +767,27 @@ impl LocalStore {
         };
         // Taken changes are gone from the machine: until they are written, the next checkpoint
         // must write every page.
-        *full = true;
-        let pages = changes.encode()?;
+        checkpointer.full = true;
+        let mut pages = changes.encode()?;
+        if full {
+            // Every page was written: any other the old checkpoint had is gone.
+            let written: std::collections::HashSet<&[u8]> =
+                pages.iter().map(|p| p.id.as_slice()).collect();
+            let gone = checkpoint::ids(&checkpointer.table)
+                .filter(|id| !written.contains(id))
+                .map(|id| PageWrite {
+                    id: id.to_vec(),
+                    bytes: None,
+                })
+                .collect::<Vec<_>>();
+            pages.extend(gone);
+        }
         // Fail point (tests): the process dies with a checkpoint encoded, not yet written.
         fail::fail_point!("store::before_checkpoint_write", |_| std::process::abort());
-        checkpoint::write(&self.checkpoint, &meta, &pages).map_err(|e| self.io(e))?;
+        checkpoint::write(&self.checkpoint, &meta, &pages, &mut checkpointer.table)
+            .map_err(|e| self.io(e))?;
         self.flush()?;
-        *full = false;
+        checkpointer.full = false;
         self.checkpoint_seq.store(meta.seq.0, Ordering::SeqCst);
         let bytes = pages
             .iter()
@@ -966,14 +999,17 @@ impl LocalStore {
         mut each: impl FnMut(&[u8], &[u8]) -> Result<()>,
     ) -> Result<CheckpointMeta> {
         self.checkpoint()?;
-        let _checkpointer = lock(&self.checkpointer);
+        let checkpointer = lock(&self.checkpointer);
         let meta = checkpoint::read_meta(&self.checkpoint)
             .map_err(|e| self.io(e))?
             .transpose()
             .map_err(|e| self.corrupt(format!("its checkpoint: {e}")))?
+            .map(|(meta, _)| meta)
             .unwrap_or_default();
-        for page in checkpoint::pages(&self.checkpoint) {
-            let (id, bytes) = page.map_err(|e| self.io(e))?;
+        for page in checkpoint::pages(&self.checkpoint, &checkpointer.table) {
+            let (id, bytes) = page
+                .map_err(|e| self.io(e))?
+                .map_err(|id| self.corrupt(format!("its checkpoint lacks its page {id:02x?}")))?;
             each(&id, &bytes)?;
         }
         Ok(meta)
@@ -984,7 +1020,9 @@ impl LocalStore {
     pub(crate) fn insert_snapshot_pages(&self, pages: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
         // Plain inserts, not a sled batch: the store is staged, so a chunk need not be atomic,
         // and sled 0.34 runs batches under its process-wide concurrency lock.
-        checkpoint::insert_pages(&self.checkpoint, pages).map_err(|e| self.io(e))
+        let mut checkpointer = lock(&self.checkpointer);
+        checkpoint::stage_pages(&self.checkpoint, pages, &mut checkpointer.table)
+            .map_err(|e| self.io(e))
     }
 
     /// Makes a store filled by [`insert_snapshot_pages`](Self::insert_snapshot_pages) the
@@ -994,7 +1032,8 @@ impl LocalStore {
         if self.log.first().map_err(|e| self.io(e))?.is_some() {
             return Err(self.corrupt("a snapshot is installed only into an empty store".into()));
         }
-        let machine = self.load_pages().map_err(|e| match e {
+        let table = lock(&self.checkpointer).table.clone();
+        let machine = self.load_pages(&table).map_err(|e| match e {
             Error::StoreCorrupt { detail, .. } => Error::SnapshotInvalid(detail),
             e => e,
         })?;
@@ -1005,7 +1044,13 @@ impl LocalStore {
                 digest.keys, digest.value, meta.digest.keys, meta.digest.value
             )));
         }
-        checkpoint::write(&self.checkpoint, &meta, &[]).map_err(|e| self.io(e))?;
+        checkpoint::write(
+            &self.checkpoint,
+            &meta,
+            &[],
+            &mut lock(&self.checkpointer).table,
+        )
+        .map_err(|e| self.io(e))?;
         self.put_meta(LOG_BASE_EPOCH, meta.epoch.0)?;
         self.put_meta(LOG_BASE, meta.seq.0)?;
         self.set_received(meta.seq, meta.epoch)?;

@@ -850,7 +850,11 @@ async fn a_primary_whose_disk_fills_up_stops_clearly_and_recovers_once_there_is_
     };
     let mut restarted = NodeProcess::spawn(spec).unwrap();
     let status = restarted.wait_for("standby", None, WAIT).await.unwrap();
-    assert!(status.received_seq > 0, "it restarted from zero");
+    assert!(
+        status.received_seq > 0,
+        "it restarted from zero: {}",
+        restarted.log_text()
+    );
     check(&etcd, &[file], &mut [restarted, standby]).await;
 }
 

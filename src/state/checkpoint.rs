@@ -2,17 +2,21 @@
 //!
 //! The sled tree `checkpoint` holds the state as of one seq:
 //!
-//! | key           | value                                                               |
-//! |---------------|---------------------------------------------------------------------|
-//! | `meta`        | layout version, seq, epoch, digest keys, digest value: 5 × u64, big-endian |
-//! | `p` + page id | the page, as the state machine encoded it                           |
+//! | key                        | value                                                        |
+//! |----------------------------|--------------------------------------------------------------|
+//! | `meta`                     | layout, seq, epoch, digest keys, digest value (5 × u64, big-endian), then the page table: its generation (u64), and per page its id (u32 length, bytes) and the generation it was written in (u64) |
+//! | `p` + generation + page id | one version of a page, as the state machine encoded it       |
 //!
-//! A checkpoint's page writes and its `meta` go in one sled batch, so a crash leaves the
-//! previous checkpoint or the new one, never a mix (sled recovers a prefix of its writes, and a
-//! batch is one write). The seq always ends a batch of the log (or is the log's base), so that
-//! replay starts at a batch, and the local log keeps every batch after it
+//! A checkpoint never overwrites a page the current `meta` points at: it writes its pages under
+//! a new generation, then `meta` with the new page table (one key: the switch), and only then
+//! removes the versions it superseded. A crash (or a failed write: seen under a full disk, where
+//! sled kept part of a batch) leaves the previous checkpoint whole and some unreferenced page
+//! versions, which `remove_strays` drops. This rests only on single-key writes being atomic and
+//! sled recovering a prefix of its writes. The seq always ends a batch of the log (or is the
+//! log's base), so that replay starts at a batch, and the local log keeps every batch after it
 //! ([`crate::local_store::LocalStore::trim_log`]).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use sled::Tree;
@@ -34,88 +38,182 @@ pub struct CheckpointMeta {
     pub digest: Digest,
 }
 
+/// Which version of each page a checkpoint is made of.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PageTable {
+    /// The generation of the last checkpoint written; the next writes its pages in the next.
+    generation: u64,
+    /// Each page's id and the generation its bytes were written in.
+    pages: BTreeMap<Vec<u8>, u64>,
+}
+
+/// The ids of the pages `table` names, in order.
+pub(crate) fn ids(table: &PageTable) -> impl Iterator<Item = &[u8]> {
+    table.pages.keys().map(Vec::as_slice)
+}
+
 impl CheckpointMeta {
-    fn encode(&self) -> [u8; 40] {
-        let mut bytes = [0u8; 40];
+    fn encode(&self, table: &PageTable) -> Vec<u8> {
         let fields = [
             LAYOUT,
             self.seq.0,
             self.epoch.0,
             self.digest.keys,
             self.digest.value,
+            table.generation,
         ];
-        for (slot, field) in bytes.chunks_exact_mut(8).zip(fields) {
-            slot.copy_from_slice(&field.to_be_bytes());
+        let mut bytes: Vec<u8> = fields.iter().flat_map(|f| f.to_be_bytes()).collect();
+        for (id, generation) in &table.pages {
+            bytes.extend_from_slice(&(id.len() as u32).to_be_bytes());
+            bytes.extend_from_slice(id);
+            bytes.extend_from_slice(&generation.to_be_bytes());
         }
         bytes
     }
 
-    fn decode(bytes: &[u8]) -> Result<CheckpointMeta, String> {
-        if bytes.len() != 40 {
-            return Err(format!("its meta is {} bytes, expected 40", bytes.len()));
+    fn decode(bytes: &[u8]) -> Result<(CheckpointMeta, PageTable), String> {
+        let mut rest = Cursor(bytes);
+        let layout = rest.word()?;
+        if layout != LAYOUT {
+            return Err(format!("its layout is {layout}, this build reads {LAYOUT}"));
         }
-        let field = |i: usize| {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
-            u64::from_be_bytes(word)
-        };
-        if field(0) != LAYOUT {
-            return Err(format!(
-                "its layout is {}, this build reads {LAYOUT}",
-                field(0)
-            ));
-        }
-        Ok(CheckpointMeta {
-            seq: Seq(field(1)),
-            epoch: Epoch(field(2)),
+        let meta = CheckpointMeta {
+            seq: Seq(rest.word()?),
+            epoch: Epoch(rest.word()?),
             digest: Digest {
-                keys: field(3),
-                value: field(4),
+                keys: rest.word()?,
+                value: rest.word()?,
             },
-        })
+        };
+        let mut table = PageTable {
+            generation: rest.word()?,
+            pages: BTreeMap::new(),
+        };
+        while !rest.0.is_empty() {
+            let len = u32::from_be_bytes(rest.take(4)?.try_into().unwrap_or_default());
+            let id = rest.take(len as usize)?.to_vec();
+            table.pages.insert(id, rest.word()?);
+        }
+        Ok((meta, table))
     }
 }
 
-/// The checkpoint's meta, if a checkpoint was ever written; `Err(reason)` inside when it does
-/// not parse.
-pub(crate) fn read_meta(tree: &Tree) -> sled::Result<Option<Result<CheckpointMeta, String>>> {
+/// Reads a meta value front to back.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, len: usize) -> Result<&'a [u8], String> {
+        if self.0.len() < len {
+            return Err("its meta ends early".into());
+        }
+        let (taken, rest) = self.0.split_at(len);
+        self.0 = rest;
+        Ok(taken)
+    }
+
+    fn word(&mut self) -> Result<u64, String> {
+        Ok(u64::from_be_bytes(
+            self.take(8)?.try_into().unwrap_or_default(),
+        ))
+    }
+}
+
+/// The checkpoint's meta and page table, if a checkpoint was ever written; `Err(reason)` inside
+/// when it does not parse.
+pub(crate) fn read_meta(
+    tree: &Tree,
+) -> sled::Result<Option<Result<(CheckpointMeta, PageTable), String>>> {
     Ok(tree
         .get(META_KEY)?
         .map(|bytes| CheckpointMeta::decode(&bytes)))
 }
 
-/// Writes `pages` and `meta` as one atomic step.
-pub(crate) fn write(tree: &Tree, meta: &CheckpointMeta, pages: &[PageWrite]) -> sled::Result<()> {
-    let mut batch = sled::Batch::default();
+/// Writes a checkpoint: `pages` under the next generation, then `meta` with the page table
+/// updated (the switch), then removes the page versions it superseded. `table` becomes the new
+/// one once the meta is written.
+pub(crate) fn write(
+    tree: &Tree,
+    meta: &CheckpointMeta,
+    pages: &[PageWrite],
+    table: &mut PageTable,
+) -> sled::Result<()> {
+    let generation = table.generation + 1;
+    let mut next = table.clone();
+    next.generation = generation;
     for page in pages {
-        let key = page_key(&page.id);
         match &page.bytes {
-            Some(bytes) => batch.insert(key, bytes.as_slice()),
-            None => batch.remove(key),
+            Some(bytes) => {
+                tree.insert(page_key(generation, &page.id), bytes.as_slice())?;
+                next.pages.insert(page.id.clone(), generation);
+            }
+            None => {
+                next.pages.remove(&page.id);
+            }
         }
     }
-    batch.insert(META_KEY, &meta.encode()[..]);
-    tree.apply_batch(batch)
+    tree.insert(META_KEY, meta.encode(&next))?;
+    for page in pages {
+        if let Some(&old) = table.pages.get(&page.id) {
+            if old != generation {
+                tree.remove(page_key(old, &page.id))?;
+            }
+        }
+    }
+    *table = next;
+    Ok(())
 }
 
-/// Writes pages outside any checkpoint: a snapshot being installed into a staged store, whose
-/// meta comes last ([`write`] with no pages).
-pub(crate) fn insert_pages(tree: &Tree, pages: &[(Vec<u8>, Vec<u8>)]) -> sled::Result<()> {
+/// Writes a snapshot's pages into a staged store, under the generation its [`write`] (with no
+/// pages, once all are in) will switch to.
+pub(crate) fn stage_pages(
+    tree: &Tree,
+    pages: &[(Vec<u8>, Vec<u8>)],
+    table: &mut PageTable,
+) -> sled::Result<()> {
+    let generation = table.generation + 1;
     for (id, bytes) in pages {
-        tree.insert(page_key(id), bytes.as_slice())?;
+        tree.insert(page_key(generation, id), bytes.as_slice())?;
+        table.pages.insert(id.clone(), generation);
     }
     Ok(())
 }
 
-/// The pages, in id order: `(id, bytes)`.
-pub(crate) fn pages(tree: &Tree) -> impl Iterator<Item = sled::Result<(Vec<u8>, sled::IVec)>> {
-    tree.scan_prefix(PAGE_PREFIX)
-        .map(|entry| entry.map(|(key, bytes)| (key[PAGE_PREFIX.len()..].to_vec(), bytes)))
+/// The pages of the checkpoint `table` describes, in id order: `(id, bytes)`; `Err(id)` inside
+/// for a page the table names and the tree lacks.
+pub(crate) fn pages<'a>(
+    tree: &'a Tree,
+    table: &'a PageTable,
+) -> impl Iterator<Item = sled::Result<Result<(Vec<u8>, sled::IVec), Vec<u8>>>> + 'a {
+    table.pages.iter().map(move |(id, &generation)| {
+        Ok(tree
+            .get(page_key(generation, id))?
+            .map(|bytes| (id.clone(), bytes))
+            .ok_or_else(|| id.clone()))
+    })
 }
 
-fn page_key(id: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(PAGE_PREFIX.len() + id.len());
+/// Removes the page versions `table` does not name (a checkpoint cut short); returns how many.
+pub(crate) fn remove_strays(tree: &Tree, table: &PageTable) -> sled::Result<usize> {
+    let named: std::collections::HashSet<Vec<u8>> = table
+        .pages
+        .iter()
+        .map(|(id, &generation)| page_key(generation, id))
+        .collect();
+    let mut removed = 0;
+    for key in tree.scan_prefix(PAGE_PREFIX).keys() {
+        let key = key?;
+        if !named.contains(&key[..]) {
+            tree.remove(key)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+fn page_key(generation: u64, id: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(PAGE_PREFIX.len() + 8 + id.len());
     key.extend_from_slice(PAGE_PREFIX);
+    key.extend_from_slice(&generation.to_be_bytes());
     key.extend_from_slice(id);
     key
 }
@@ -190,7 +288,7 @@ mod tests {
     }
 
     #[test]
-    fn meta_round_trips_and_another_layout_is_refused() {
+    fn meta_and_page_table_round_trip_and_another_layout_is_refused() {
         let meta = CheckpointMeta {
             seq: Seq(7),
             epoch: Epoch(3),
@@ -199,10 +297,77 @@ mod tests {
                 value: u64::MAX,
             },
         };
-        assert_eq!(CheckpointMeta::decode(&meta.encode()), Ok(meta));
-        let mut other = meta.encode();
+        let table = PageTable {
+            generation: 4,
+            pages: [(vec![], 1), (vec![9, 9], 4)].into_iter().collect(),
+        };
+        let bytes = meta.encode(&table);
+        assert_eq!(CheckpointMeta::decode(&bytes), Ok((meta, table)));
+        assert!(CheckpointMeta::decode(&bytes[..bytes.len() - 1]).is_err());
+        let mut other = bytes.clone();
         other[7] = 9;
         assert!(CheckpointMeta::decode(&other).is_err());
-        assert!(CheckpointMeta::decode(&other[..39]).is_err());
+    }
+
+    fn tree() -> (tempfile::TempDir, Tree) {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = sled::open(dir.path())
+            .unwrap()
+            .open_tree("checkpoint")
+            .unwrap();
+        (dir, tree)
+    }
+
+    fn page(id: u8, bytes: &[u8]) -> PageWrite {
+        PageWrite {
+            id: vec![id],
+            bytes: Some(bytes.to_vec()),
+        }
+    }
+
+    fn contents(tree: &Tree, table: &PageTable) -> Vec<(Vec<u8>, Vec<u8>)> {
+        pages(tree, table)
+            .map(|page| {
+                let (id, bytes) = page.unwrap().unwrap();
+                (id, bytes.to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_checkpoint_cut_before_its_meta_leaves_the_previous_one_whole() {
+        let (_dir, tree) = tree();
+        let mut table = PageTable::default();
+        let meta = CheckpointMeta::default();
+        write(&tree, &meta, &[page(1, b"a1"), page(2, b"b1")], &mut table).unwrap();
+        // The next checkpoint's page written, its meta never: as a crash or a full disk leaves it.
+        let mut next = table.clone();
+        next.generation += 1;
+        stage_pages(&tree, &[(vec![1], b"a2".to_vec())], &mut next).unwrap();
+        let (_, on_disk) = read_meta(&tree).unwrap().unwrap().unwrap();
+        assert_eq!(on_disk, table);
+        let whole = vec![(vec![1], b"a1".to_vec()), (vec![2], b"b1".to_vec())];
+        assert_eq!(contents(&tree, &on_disk), whole);
+        assert_eq!(remove_strays(&tree, &on_disk).unwrap(), 1);
+        assert_eq!(contents(&tree, &on_disk), whole);
+    }
+
+    #[test]
+    fn a_checkpoint_replaces_and_removes_pages_and_drops_what_it_superseded() {
+        let (_dir, tree) = tree();
+        let mut table = PageTable::default();
+        let meta = CheckpointMeta::default();
+        write(&tree, &meta, &[page(1, b"a1"), page(2, b"b1")], &mut table).unwrap();
+        let gone = PageWrite {
+            id: vec![2],
+            bytes: None,
+        };
+        write(&tree, &meta, &[page(1, b"a2"), gone], &mut table).unwrap();
+        assert_eq!(contents(&tree, &table), vec![(vec![1], b"a2".to_vec())]);
+        assert_eq!(
+            remove_strays(&tree, &table).unwrap(),
+            0,
+            "nothing was left behind"
+        );
     }
 }

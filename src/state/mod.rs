@@ -7,8 +7,9 @@
 //! database keeps a buffer pool: the applier applies each committed batch to the machine under
 //! one write lock; a checkpointer thread, every [`checkpoint::Policy::interval`], takes the
 //! pages the machine changed since the last checkpoint (cheap: shared references, under the
-//! lock), encodes and compresses them off the lock, and writes them with the checkpoint's seq in
-//! one atomic sled batch. A page is a large sorted run of pairs, so a checkpoint writes a few
+//! lock), encodes and compresses them off the lock, and writes them under a new generation,
+//! switched to by one write of the checkpoint's meta (seq, digest, page table). A page is a
+//! large run of pairs, so a checkpoint writes a few
 //! large values instead of one entry per key, and a key written eight times between two
 //! checkpoints is written once. On open, the store loads the last checkpoint and replays only
 //! the local log after it.
