@@ -178,12 +178,15 @@ pub(crate) fn stage_pages(
     Ok(())
 }
 
+/// A page's id and bytes.
+pub(crate) type Page = (Vec<u8>, sled::IVec);
+
 /// The pages of the checkpoint `table` describes, in id order: `(id, bytes)`; `Err(id)` inside
 /// for a page the table names and the tree lacks.
 pub(crate) fn pages<'a>(
     tree: &'a Tree,
     table: &'a PageTable,
-) -> impl Iterator<Item = sled::Result<Result<(Vec<u8>, sled::IVec), Vec<u8>>>> + 'a {
+) -> impl Iterator<Item = sled::Result<Result<Page, Vec<u8>>>> + 'a {
     table.pages.iter().map(move |(id, &generation)| {
         Ok(tree
             .get(page_key(generation, id))?
