@@ -2,30 +2,41 @@
 //!
 //! The map is cut into pages by the xxh3 hash of the key: page *i* holds the keys whose hash
 //! lies from its bound up to the next page's. A record costs one hash, a binary search over the
-//! bounds (a few kilobytes, in cache) and one probe of the page's hash table, where a single
-//! sorted map over all keys costs ~20 key comparisons, each a cache miss into the key's bytes
+//! bounds (a few kilobytes, in cache) and one probe of the page's table, where a single sorted
+//! map over all keys costs ~20 key comparisons, each a cache miss into the key's bytes
 //! (measured: three quarters of the apply thread's time went to `memcmp` and B-tree inserts).
-//! Its durable form is the same pages, each encoded with bincode and compressed with zstd, named
-//! by its bound (8 bytes, big-endian). Pages are shared (`Arc`) and copied on write: taking a
-//! checkpoint's changes clones the references of the dirty pages, microseconds under the lock,
-//! and a page the applier writes while the checkpointer still encodes it is copied once (its
-//! table of shared keys and values, not their bytes). A page that grows past twice
-//! [`PAGE_TARGET_BYTES`] is split by hash range into pages of about the target by the put that
-//! took it there; a dirty page under a quarter of it is folded into the page before it when
-//! the next checkpoint is taken.
 //!
-//! Memory: per key, the key and value bytes in shared allocations of their own (16 bytes of
-//! counts each), and ~40 bytes of hash table slot: about 330 MB for 1M keys of 14-byte keys and
-//! 200-byte values. A checkpoint in
-//! progress keeps the pages it took alive until it has encoded them, so a page written
-//! meanwhile is held twice for that long: at most twice the state, while a checkpoint of a
-//! state whose every page changed is being encoded.
+//! A page keeps its pairs' bytes in one buffer of its own, its *arena* (each key followed by its
+//! value), and a hash table of small fixed-size slots (the key's hash, where the pair starts,
+//! the two lengths): the key is hashed once per record, and the table grows and the page splits
+//! by the stored hash, never hashing a key again. An overwrite by a value no longer than the
+//! old one writes in place; otherwise the pair is appended and the old bytes become garbage,
+//! compacted away once they outweigh the live ones. So copying a page costs two `memcpy`s.
+//!
+//! That is what checkpoints rely on. Pages are shared (`Arc`) and copied on write: taking a
+//! checkpoint's changes clones the references of the dirty pages, microseconds under the lock,
+//! and a page the applier writes while the checkpointer still encodes it is copied once. With
+//! a pair per allocation, that copy cost two reference-count increments per pair (a cache miss
+//! each) and made the applier 2.6 times slower while a checkpoint was in progress
+//! (`cargo bench --bench state`, `apply/keyspace_1m_checkpointing`, docs/BENCHMARKS.md).
+//!
+//! Its durable form is the same pages, each encoded with bincode and compressed with zstd, named
+//! by its bound (8 bytes, big-endian). A page that grows past twice [`PAGE_TARGET_BYTES`] is
+//! split by hash range into pages of about the target by the put that took it there; a dirty
+//! page under a quarter of it is folded into the page before it when the next checkpoint is
+//! taken.
+//!
+//! Memory: per key, its key and value bytes in the arena (plus the garbage of overwrites, at
+//! most as much again before a compaction), and a 24-byte slot in a table at most 7/8 full. A
+//! checkpoint in progress keeps the pages it took alive until it has encoded them, so a page
+//! written meanwhile is held twice for that long: at most twice the state, while a checkpoint
+//! of a state whose every page changed is being encoded.
 
 use std::any::Any;
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed, Xxh3DefaultBuilder};
+use hashbrown::HashTable;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::{Changes, Digest, PageWrite, StateError, StateMachine};
 use crate::record::{Op, RecordRef, Seq};
@@ -38,18 +49,184 @@ const PAGE_ZSTD_LEVEL: i32 = 1;
 /// The largest page a load decompresses: far above any page written (a page holds at most
 /// twice the target plus one pair, and a pair is bounded by [`crate::limits::Limits`]).
 const MAX_PAGE_BYTES: usize = 256 * 1024 * 1024;
+/// Garbage an arena may hold beyond as many bytes as its live pairs before it is compacted:
+/// small pages are not compacted for every few overwrites.
+const ARENA_SLACK_BYTES: usize = 4 * 1024;
+/// A pair's share of its page beyond its bytes: room for the two length prefixes it is encoded
+/// with.
+const PAIR_OVERHEAD_BYTES: usize = 8;
 
-/// Keys and values are shared, so that copying a page on write (while a checkpoint still holds
-/// it) copies its table of references, not its bytes: measured under a load over a 1M-key
-/// keyspace, boxed pairs made the copies a quarter of the applier's time.
-type Table = HashMap<Arc<[u8]>, Arc<[u8]>, Xxh3DefaultBuilder>;
+/// Where one pair lives in its page's arena: the key's bytes at `at`, the value's right after.
+#[derive(Clone, Copy)]
+struct Slot {
+    /// The xxh3-64 of the key: the table's hash and what places the key in a page.
+    hash: u64,
+    at: usize,
+    key_len: u32,
+    value_len: u32,
+}
+
+impl Slot {
+    fn key<'a>(&self, arena: &'a [u8]) -> &'a [u8] {
+        &arena[self.at..self.at + self.key_len as usize]
+    }
+
+    fn value<'a>(&self, arena: &'a [u8]) -> &'a [u8] {
+        let start = self.at + self.key_len as usize;
+        &arena[start..start + self.value_len as usize]
+    }
+
+    /// The bytes of its key and value.
+    fn len(&self) -> usize {
+        self.key_len as usize + self.value_len as usize
+    }
+}
 
 /// The pairs whose key hashes fall in one range.
 #[derive(Clone, Default)]
 struct Page {
-    pairs: Table,
-    /// The bytes of its pairs, as [`pair_bytes`] counts them.
+    slots: HashTable<Slot>,
+    /// The pairs' bytes, and the garbage of overwritten and deleted ones.
+    arena: Vec<u8>,
+    /// The bytes of its pairs plus [`PAIR_OVERHEAD_BYTES`] each: what splits and folds go by.
     bytes: usize,
+    /// The bytes of `arena` its pairs use.
+    live: usize,
+}
+
+impl Page {
+    fn with_capacity(pairs: usize, arena_bytes: usize) -> Page {
+        Page {
+            slots: HashTable::with_capacity(pairs),
+            arena: Vec::with_capacity(arena_bytes),
+            ..Page::default()
+        }
+    }
+
+    fn find(&self, hash: u64, key: &[u8]) -> Option<&Slot> {
+        let arena = &self.arena;
+        self.slots
+            .find(hash, |slot| slot.hash == hash && slot.key(arena) == key)
+    }
+
+    /// Appends a pair's bytes, returning the slot that points at them.
+    fn push(&mut self, hash: u64, key: &[u8], value: &[u8], lens: (u32, u32)) -> Slot {
+        reserve(&mut self.arena, key.len() + value.len());
+        let at = self.arena.len();
+        self.arena.extend_from_slice(key);
+        self.arena.extend_from_slice(value);
+        Slot {
+            hash,
+            at,
+            key_len: lens.0,
+            value_len: lens.1,
+        }
+    }
+
+    /// Adds a pair whose key the page does not hold.
+    fn insert_new(&mut self, hash: u64, key: &[u8], value: &[u8], lens: (u32, u32)) {
+        let slot = self.push(hash, key, value, lens);
+        self.live += slot.len();
+        self.bytes += slot.len() + PAIR_OVERHEAD_BYTES;
+        self.slots.insert_unique(hash, slot, |slot| slot.hash);
+    }
+
+    /// Copies in a pair of another page, whose key this page does not hold.
+    fn copy_in(&mut self, slot: &Slot, arena: &[u8]) {
+        let lens = (slot.key_len, slot.value_len);
+        self.insert_new(slot.hash, slot.key(arena), slot.value(arena), lens);
+    }
+
+    /// Sets `key` to `value`; the pair hash of the value it replaced, if it had one.
+    fn put(&mut self, hash: u64, key: &[u8], value: &[u8], lens: (u32, u32)) -> Option<u64> {
+        let arena = &self.arena;
+        let Some(slot) = self
+            .slots
+            .find_mut(hash, |slot| slot.hash == hash && slot.key(arena) == key)
+        else {
+            self.insert_new(hash, key, value, lens);
+            return None;
+        };
+        let old = xxh3_64_with_seed(slot.value(&self.arena), hash);
+        let old_len = slot.value_len as usize;
+        if value.len() <= old_len {
+            let start = slot.at + slot.key_len as usize;
+            self.arena[start..start + value.len()].copy_from_slice(value);
+            slot.value_len = lens.1;
+        } else {
+            reserve(&mut self.arena, key.len() + value.len());
+            let at = self.arena.len();
+            self.arena.extend_from_slice(key);
+            self.arena.extend_from_slice(value);
+            *slot = Slot {
+                hash,
+                at,
+                key_len: lens.0,
+                value_len: lens.1,
+            };
+        }
+        self.live = self.live + value.len() - old_len;
+        self.bytes = self.bytes + value.len() - old_len;
+        self.compact_if_wasteful();
+        Some(old)
+    }
+
+    /// Removes `key`; the pair hash of its value, if it had one.
+    fn delete(&mut self, hash: u64, key: &[u8]) -> Option<u64> {
+        let arena = &self.arena;
+        let entry = self
+            .slots
+            .find_entry(hash, |slot| slot.hash == hash && slot.key(arena) == key)
+            .ok()?;
+        let (slot, _) = entry.remove();
+        self.live -= slot.len();
+        self.bytes -= slot.len() + PAIR_OVERHEAD_BYTES;
+        let old = xxh3_64_with_seed(slot.value(&self.arena), hash);
+        self.compact_if_wasteful();
+        Some(old)
+    }
+
+    /// Moves the live pairs into a new arena once the garbage outweighs them: each compaction
+    /// copies the live bytes once, after at least as many bytes of garbage were written.
+    fn compact_if_wasteful(&mut self) {
+        if self.arena.len() <= 2 * self.live + ARENA_SLACK_BYTES {
+            return;
+        }
+        let mut arena = Vec::with_capacity(self.live + self.live / 4);
+        for slot in self.slots.iter_mut() {
+            let at = arena.len();
+            arena.extend_from_slice(&self.arena[slot.at..slot.at + slot.len()]);
+            slot.at = at;
+        }
+        self.arena = arena;
+    }
+
+    fn pairs(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.slots
+            .iter()
+            .map(|slot| (slot.key(&self.arena), slot.value(&self.arena)))
+    }
+}
+
+/// Makes room for `bytes` more in an arena, growing it by a quarter rather than doubling it:
+/// the arenas are most of the state's memory, and copying one again is cheap.
+fn reserve(arena: &mut Vec<u8>, bytes: usize) {
+    if arena.capacity() - arena.len() < bytes {
+        arena.reserve_exact(bytes.max(arena.len() / 4));
+    }
+}
+
+/// The lengths of a pair as a slot holds them. A committed record always fits (a batch is at
+/// most [`crate::limits::HARD_MAX_UNCOMPRESSED`]); an embedder's own caller might not.
+fn slot_lens(key: &[u8], value: &[u8]) -> Result<(u32, u32), String> {
+    match (u32::try_from(key.len()), u32::try_from(value.len())) {
+        (Ok(key_len), Ok(value_len)) => Ok((key_len, value_len)),
+        _ => Err(format!(
+            "a pair of {} key and {} value bytes is over 4 GiB",
+            key.len(),
+            value.len()
+        )),
+    }
 }
 
 /// The key/value map, with its pages and digest.
@@ -94,8 +271,9 @@ impl KvState {
 
     /// The value of `key`, if it has one.
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
-        let page = &self.pages[self.page_of(xxh3_64(key))];
-        page.pairs.get(key).map(|value| &value[..])
+        let hash = xxh3_64(key);
+        let page = &self.pages[self.page_of(hash)];
+        page.find(hash, key).map(|slot| slot.value(&page.arena))
     }
 
     pub fn len(&self) -> usize {
@@ -108,9 +286,7 @@ impl KvState {
 
     /// The pairs, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.pages
-            .iter()
-            .flat_map(|page| page.pairs.iter().map(|(k, v)| (&k[..], &v[..])))
+        self.pages.iter().flat_map(|page| page.pairs())
     }
 
     /// How many pages the state is cut into.
@@ -124,29 +300,17 @@ impl KvState {
         self.bounds.partition_point(|&bound| bound <= hash) - 1
     }
 
-    fn put(&mut self, key: &[u8], value: &[u8]) {
+    fn put(&mut self, key: &[u8], value: &[u8], lens: (u32, u32)) {
         let hash = xxh3_64(key);
         let index = self.page_of(hash);
         self.dirty[index] = true;
         let page = Arc::make_mut(&mut self.pages[index]);
-        self.digest.value = self
-            .digest
-            .value
-            .wrapping_add(xxh3_64_with_seed(value, hash));
-        page.bytes += pair_bytes(key, value);
-        // An overwrite allocates only the value: the key stays.
-        let old = match page.pairs.get_mut(key) {
-            Some(slot) => Some(std::mem::replace(slot, Arc::from(value))),
-            None => page.pairs.insert(Arc::from(key), Arc::from(value)),
-        };
-        match old {
-            Some(old) => {
-                let old_hash = xxh3_64_with_seed(&old, hash);
-                self.digest.value = self.digest.value.wrapping_sub(old_hash);
-                page.bytes -= pair_bytes(key, &old);
-            }
+        let added = xxh3_64_with_seed(value, hash);
+        match page.put(hash, key, value, lens) {
+            Some(old) => self.digest.value = self.digest.value.wrapping_sub(old),
             None => self.digest.keys += 1,
         }
+        self.digest.value = self.digest.value.wrapping_add(added);
         if page.bytes > 2 * self.page_target {
             self.split_page(index);
         }
@@ -155,16 +319,13 @@ impl KvState {
     fn delete(&mut self, key: &[u8]) {
         let hash = xxh3_64(key);
         let index = self.page_of(hash);
-        if !self.pages[index].pairs.contains_key(key) {
+        if self.pages[index].find(hash, key).is_none() {
             return;
         }
         self.dirty[index] = true;
-        let page = Arc::make_mut(&mut self.pages[index]);
-        if let Some(old) = page.pairs.remove(key) {
+        if let Some(old) = Arc::make_mut(&mut self.pages[index]).delete(hash, key) {
             self.digest.keys -= 1;
-            let old_hash = xxh3_64_with_seed(&old, hash);
-            self.digest.value = self.digest.value.wrapping_sub(old_hash);
-            page.bytes -= pair_bytes(key, &old);
+            self.digest.value = self.digest.value.wrapping_sub(old);
         }
     }
 
@@ -186,10 +347,11 @@ impl KvState {
             self.dirty.remove(index);
             self.removed.push(self.bounds.remove(index));
             let into = Arc::make_mut(&mut self.pages[index - 1]);
-            into.bytes += folded.bytes;
-            let pairs =
-                Arc::try_unwrap(folded).map_or_else(|shared| shared.pairs.clone(), |p| p.pairs);
-            into.pairs.extend(pairs);
+            into.slots.reserve(folded.slots.len(), |slot| slot.hash);
+            reserve(&mut into.arena, folded.live);
+            for slot in folded.slots.iter() {
+                into.copy_in(slot, &folded.arena);
+            }
             self.dirty[index - 1] = true;
         }
     }
@@ -216,20 +378,16 @@ impl KvState {
             return;
         }
         let step = width / parts;
-        // Room for each part to grow to twice its share before it splits again: a table that
-        // grows by doubling moves every entry each time (measured under unique keys: a tenth of
-        // the applier's time).
-        let room = 2 * page.pairs.len().div_ceil(parts as usize);
+        // Room for each part's share and some growth: a part grows to twice its share before it
+        // splits in turn.
+        let share = page.slots.len().div_ceil(parts as usize);
+        let arena_share = page.live.div_ceil(parts as usize);
         let mut split: Vec<Page> = (0..parts)
-            .map(|_| Page {
-                pairs: Table::with_capacity_and_hasher(room, Xxh3DefaultBuilder),
-                bytes: 0,
-            })
+            .map(|_| Page::with_capacity(share + share / 2, arena_share + arena_share / 4))
             .collect();
-        for (key, value) in &page.pairs {
-            let part = ((u128::from(xxh3_64(key)) - lower) / step).min(parts - 1) as usize;
-            split[part].bytes += pair_bytes(key, value);
-            split[part].pairs.insert(key.clone(), value.clone());
+        for slot in page.slots.iter() {
+            let part = ((u128::from(slot.hash) - lower) / step).min(parts - 1) as usize;
+            split[part].copy_in(slot, &page.arena);
         }
         let bounds = (0..parts).map(|part| (lower + part * step) as u64);
         self.bounds.splice(index..=index, bounds);
@@ -241,10 +399,18 @@ impl KvState {
 }
 
 impl StateMachine for KvState {
-    fn apply(&mut self, _first_seq: Seq, records: &[RecordRef<'_>]) -> Result<(), StateError> {
-        for record in records {
+    fn apply(&mut self, first_seq: Seq, records: &[RecordRef<'_>]) -> Result<(), StateError> {
+        for (offset, record) in records.iter().enumerate() {
             match record.op {
-                Op::Put => self.put(record.key, record.value),
+                Op::Put => {
+                    let lens = slot_lens(record.key, record.value).map_err(|reason| {
+                        StateError::Apply {
+                            seq: Seq(first_seq.0 + offset as u64),
+                            reason,
+                        }
+                    })?;
+                    self.put(record.key, record.value, lens);
+                }
                 Op::Delete => self.delete(record.key),
             }
         }
@@ -295,24 +461,27 @@ impl StateMachine for KvState {
         }
         let mut page = Page::default();
         let mut highest = bound;
-        decode_page(bytes, |key, value| {
-            let hash = xxh3_64(key);
-            if hash < bound {
-                return Err("it holds a key below its range".into());
+        let mut digest = self.digest;
+        decode_page(bytes, |pairs| {
+            let arena_bytes = pairs.iter().map(|(k, v)| k.len() + v.len()).sum();
+            page = Page::with_capacity(pairs.len(), arena_bytes);
+            for (key, value) in pairs {
+                let hash = xxh3_64(key);
+                if hash < bound {
+                    return Err("it holds a key below its range".into());
+                }
+                if page.find(hash, key).is_some() {
+                    return Err("it holds a key twice".into());
+                }
+                highest = highest.max(hash);
+                page.insert_new(hash, key, value, slot_lens(key, value)?);
+                digest.keys += 1;
+                digest.value = digest.value.wrapping_add(xxh3_64_with_seed(value, hash));
             }
-            highest = highest.max(hash);
-            page.bytes += pair_bytes(key, value);
-            self.digest.keys += 1;
-            self.digest.value = self
-                .digest
-                .value
-                .wrapping_add(xxh3_64_with_seed(value, hash));
-            match page.pairs.insert(key.into(), value.into()) {
-                Some(_) => Err("it holds a key twice".into()),
-                None => Ok(()),
-            }
+            Ok(())
         })
         .map_err(bad)?;
+        self.digest = digest;
         if first {
             self.pages[0] = Arc::new(page);
         } else {
@@ -337,11 +506,8 @@ struct KvChanges {
 
 impl Changes for KvChanges {
     fn encode(self: Box<Self>) -> Result<Vec<PageWrite>, StateError> {
-        let mut compressor =
-            zstd::bulk::Compressor::new(PAGE_ZSTD_LEVEL).map_err(|e| StateError::BadPage {
-                id: Vec::new(),
-                reason: format!("cannot start zstd: {e}"),
-            })?;
+        let mut compressor = zstd::bulk::Compressor::new(PAGE_ZSTD_LEVEL)
+            .map_err(|e| StateError::Encode(format!("cannot start zstd: {e}")))?;
         let mut writes: Vec<PageWrite> = self
             .removed
             .iter()
@@ -354,12 +520,8 @@ impl Changes for KvChanges {
         // By value: each page the map has copied meanwhile is freed as soon as it is encoded.
         for (bound, page) in self.pages {
             let id = bound.to_be_bytes().to_vec();
-            let bytes = encode_page(&page.pairs, &mut raw, &mut compressor).map_err(|reason| {
-                StateError::BadPage {
-                    id: id.clone(),
-                    reason,
-                }
-            })?;
+            let bytes = encode_page(&page, &mut raw, &mut compressor)
+                .map_err(|reason| StateError::Encode(format!("page {bound:016x}: {reason}")))?;
             writes.push(PageWrite {
                 id,
                 bytes: Some(bytes),
@@ -369,22 +531,17 @@ impl Changes for KvChanges {
     }
 }
 
-/// A pair's share of its page: its bytes plus room for the two length prefixes.
-fn pair_bytes(key: &[u8], value: &[u8]) -> usize {
-    key.len() + value.len() + 8
-}
-
 const BINCODE: bincode::config::Configuration = bincode::config::standard();
 
 /// A page: the uncompressed length (u32, big-endian), the xxh3-64 of the uncompressed bytes
 /// (u64, big-endian), then zstd of the bincode of its pairs.
 fn encode_page(
-    pairs: &Table,
+    page: &Page,
     raw: &mut Vec<u8>,
     compressor: &mut zstd::bulk::Compressor<'_>,
 ) -> Result<Vec<u8>, String> {
     raw.clear();
-    let borrowed: Vec<(&[u8], &[u8])> = pairs.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    let borrowed: Vec<(&[u8], &[u8])> = page.pairs().collect();
     bincode::encode_into_std_write(&borrowed, raw, BINCODE).map_err(|e| e.to_string())?;
     let raw_len = u32::try_from(raw.len()).map_err(|_| "the page is over 4 GiB".to_owned())?;
     let mut page = raw_len.to_be_bytes().to_vec();
@@ -393,10 +550,10 @@ fn encode_page(
     Ok(page)
 }
 
-/// Hands each pair of a page [`encode_page`] wrote to `each`, in order.
+/// Hands the pairs of a page [`encode_page`] wrote to `load`, in order.
 fn decode_page(
     bytes: &[u8],
-    mut each: impl FnMut(&[u8], &[u8]) -> Result<(), String>,
+    load: impl FnOnce(&[(&[u8], &[u8])]) -> Result<(), String>,
 ) -> Result<(), String> {
     let (len, rest) = bytes
         .split_first_chunk::<4>()
@@ -426,9 +583,7 @@ fn decode_page(
     if used != raw.len() {
         return Err(format!("{} bytes follow its pairs", raw.len() - used));
     }
-    pairs
-        .into_iter()
-        .try_for_each(|(key, value)| each(key, value))
+    load(&pairs)
 }
 
 #[cfg(test)]
@@ -552,6 +707,44 @@ mod tests {
     }
 
     #[test]
+    fn overwrites_keep_a_page_arena_within_twice_its_live_bytes() {
+        let mut state = KvState::new();
+        let mut expected = BTreeMap::new();
+        // Values growing and shrinking: some overwrites in place, some appended.
+        for round in 0..40u32 {
+            let records: Vec<Record> = (0..500)
+                .map(|k| put(k, 50 + ((round * 37 + k) % 7) as usize * 40))
+                .collect();
+            for record in &records {
+                expected.insert(record.key.clone(), record.value.clone());
+            }
+            apply(&mut state, Seq(1 + u64::from(round) * 500), records);
+        }
+        assert_eq!(pairs(&state), expected.into_iter().collect::<Vec<_>>());
+        for page in &state.pages {
+            assert!(
+                page.arena.len() <= 2 * page.live + ARENA_SLACK_BYTES,
+                "an arena of {} bytes for {} live",
+                page.arena.len(),
+                page.live
+            );
+        }
+    }
+
+    #[test]
+    fn a_page_copied_for_a_checkpoint_keeps_the_pairs_it_had() {
+        let mut state = KvState::new();
+        apply(&mut state, Seq(1), (0..100).map(|k| put(k, 10)).collect());
+        let taken = state.take_changes(false);
+        apply(&mut state, Seq(101), (0..100).map(|k| put(k, 30)).collect());
+        let mut pages = BTreeMap::new();
+        write(&mut pages, taken);
+        let at_first = load(&pages);
+        assert_eq!(at_first.get(&put(5, 0).key), Some(&put(5, 10).value[..]));
+        assert_eq!(state.get(&put(5, 0).key), Some(&put(5, 30).value[..]));
+    }
+
+    #[test]
     fn an_unchanged_state_has_no_changes_to_write() {
         let mut state = KvState::new();
         apply(&mut state, Seq(1), vec![put(1, 10)]);
@@ -589,14 +782,22 @@ mod tests {
             // Small pages, so that the batches split and fold them.
             let mut state = KvState::with_page_target(2048);
             let mut pages = BTreeMap::new();
+            let mut model = BTreeMap::new();
             for (i, batch) in batches.into_iter().enumerate() {
-                let records = batch
+                let records: Vec<Record> = batch
                     .into_iter()
                     .map(|(key, bytes, delete)| {
                         if delete { Record::delete(put(key, 0).key) } else { put(key, bytes) }
                     })
                     .collect();
+                for record in &records {
+                    match record.op {
+                        Op::Put => model.insert(record.key.clone(), record.value.clone()),
+                        Op::Delete => model.remove(&record.key),
+                    };
+                }
                 apply(&mut state, Seq(i as u64 * 1000 + 1), records);
+                prop_assert_eq!(pairs(&state), model.clone().into_iter().collect::<Vec<_>>());
                 write(&mut pages, state.take_changes(false));
                 let loaded = load(&pages);
                 prop_assert_eq!(pairs(&loaded), pairs(&state));

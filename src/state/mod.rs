@@ -115,6 +115,9 @@ pub enum StateError {
     /// A page does not decode: the checkpoint or the snapshot it came from is damaged.
     #[error("page {id:02x?} does not decode: {reason}")]
     BadPage { id: Vec<u8>, reason: String },
+    /// A checkpoint's changes could not be encoded.
+    #[error("cannot encode the state's checkpoint: {0}")]
+    Encode(String),
     /// The machine cannot apply a committed record (a machine of the embedder's own).
     #[error("cannot apply seq {seq}: {reason}")]
     Apply { seq: Seq, reason: String },
