@@ -43,7 +43,7 @@ use crate::error::{Error, Result};
 use crate::limits::Limits;
 use crate::record::{Epoch, Op, Record, RecordRef, Seq};
 use crate::state::checkpoint::{self, CheckpointMeta, PageTable};
-use crate::state::{kv_factory, Factory, KvState, PageWrite, StateMachine};
+use crate::state::{kv_factory, Changes, Factory, KvState, PageWrite, StateError, StateMachine};
 
 /// The layout version this build writes. It reads [`MIGRATED_FORMAT`] too, and rewrites it.
 pub const STORE_FORMAT: u64 = 3;
@@ -750,6 +750,16 @@ impl LocalStore {
     /// generation, switched to by one write of the meta, then flushed
     /// ([`crate::state::checkpoint`]). Returns what it wrote.
     pub fn checkpoint(&self) -> Result<Option<CheckpointStats>> {
+        self.checkpoint_encoded_by(|changes| changes.encode())
+    }
+
+    /// [`checkpoint`](Self::checkpoint), with the changes encoded by `encode`: the applier's
+    /// checkpointer has them encoded on a thread of lower CPU priority, and writes and flushes
+    /// them itself, at the priority of the commit path whose flushes wait for its own.
+    pub fn checkpoint_encoded_by(
+        &self,
+        encode: impl FnOnce(Box<dyn Changes>) -> std::result::Result<Vec<PageWrite>, StateError>,
+    ) -> Result<Option<CheckpointStats>> {
         let mut checkpointer = lock(&self.checkpointer);
         let full = checkpointer.full;
         let (changes, meta) = {
@@ -768,7 +778,7 @@ impl LocalStore {
         // Taken changes are gone from the machine: until they are written, the next checkpoint
         // must write every page.
         checkpointer.full = true;
-        let mut pages = changes.encode()?;
+        let mut pages = encode(changes)?;
         if full {
             // Every page was written: any other the old checkpoint had is gone.
             let written: std::collections::HashSet<&[u8]> =
@@ -784,8 +794,18 @@ impl LocalStore {
         }
         // Fail point (tests): the process dies with a checkpoint encoded, not yet written.
         fail::fail_point!("store::before_checkpoint_write", |_| std::process::abort());
-        checkpoint::write(&self.checkpoint, &meta, &pages, &mut checkpointer.table)
-            .map_err(|e| self.io(e))?;
+        let flush = || {
+            let _flusher = lock(&self.flusher);
+            self.db.flush().map(drop)
+        };
+        checkpoint::write(
+            &self.checkpoint,
+            &meta,
+            &pages,
+            &mut checkpointer.table,
+            flush,
+        )
+        .map_err(|e| self.io(e))?;
         self.flush()?;
         checkpointer.full = false;
         self.checkpoint_seq.store(meta.seq.0, Ordering::SeqCst);
@@ -1049,6 +1069,7 @@ impl LocalStore {
             &meta,
             &[],
             &mut lock(&self.checkpointer).table,
+            || Ok(()),
         )
         .map_err(|e| self.io(e))?;
         self.put_meta(LOG_BASE_EPOCH, meta.epoch.0)?;
