@@ -8,10 +8,9 @@
 //! the whole state compressed), done by an encoder thread at a lower CPU priority (nice +10) so
 //! that the commit path keeps the CPU before it; the checkpointer writes and flushes the pages
 //! itself, at normal priority, because every log append flushes and waits for a flush in
-//! progress: when the whole checkpoint ran at nice +10, its flush held them back for seconds on
-//! a saturated machine (apply lag p99 4.8 s under unique keys, 0.8 s once the flush ran at
-//! normal priority; docs/BENCHMARKS.md). The state catches up from the local log, never from
-//! etcd. An apply error (a damaged
+//! progress: when the whole checkpoint ran at nice +10, a flush of tens of megabytes held the
+//! flush lock for as long as a niced thread on a saturated machine took (docs/BENCHMARKS.md,
+//! session 10). The state catches up from the local log, never from etcd. An apply error (a damaged
 //! local log) stops the applier and is kept for status: the state stays at its last good seq,
 //! never skips. A failed checkpoint is logged and counted; the next writes every page.
 
