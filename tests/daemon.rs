@@ -714,10 +714,14 @@ async fn a_second_primary_waits_for_the_leadership_and_says_so() {
         .wait_for("standby", Some("watching"), STARTUP)
         .await
         .unwrap();
-    assert!(
-        second.log_text().contains("another node leads"),
-        "{}",
-        second.log_text()
+    // Two and a half lease TTLs: the wait goes round once per TTL, and says so only once.
+    tokio::time::sleep(Duration::from_millis(5_000)).await;
+    let log = second.log_text();
+    assert_eq!(
+        log.matches("another node leads; waiting for its key to go")
+            .count(),
+        1,
+        "{log}"
     );
     assert_eq!(
         first.status().await.unwrap().role,
@@ -1047,4 +1051,67 @@ async fn an_idle_caught_up_standby_shows_no_lag_in_seconds() {
     }
     standby.stop(STARTUP).await.unwrap();
     primary.stop(STARTUP).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_logging_to_a_file_writes_no_colour_codes_and_debug_is_fencelogs_own() {
+    let cluster = Cluster::start().await;
+    let env = [("RUST_LOG", "debug"), ("NO_COLOR", "")];
+    let mut primary = common::daemon_with_env(
+        &cluster.etcd,
+        cluster.dir.path(),
+        "primary",
+        "alpha",
+        &[],
+        &env,
+    );
+    primary.wait_for("primary", None, STARTUP).await.unwrap();
+    let (ok, _, err) = fencelog(&["append", "--server", primary.api(), "k", "v"]);
+    assert!(ok, "{err}");
+    primary.stop(STARTUP).await.unwrap();
+    let log = primary.log_text();
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape codes in a log file:\n{log}"
+    );
+    let debug: Vec<&str> = log.lines().filter(|l| l.contains(" DEBUG ")).collect();
+    assert!(
+        !debug.is_empty(),
+        "RUST_LOG=debug gave no debug lines:\n{log}"
+    );
+    let foreign: Vec<&&str> = debug
+        .iter()
+        .filter(|l| {
+            !l.split(" DEBUG ")
+                .nth(1)
+                .is_some_and(|t| t.starts_with("fencelog"))
+        })
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "other crates' debug lines: {foreign:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rust_log_that_does_not_parse_is_reported_and_the_daemon_serves() {
+    let cluster = Cluster::start().await;
+    let env = [("RUST_LOG", "fencelog=loud")];
+    let mut primary = common::daemon_with_env(
+        &cluster.etcd,
+        cluster.dir.path(),
+        "primary",
+        "alpha",
+        &[],
+        &env,
+    );
+    primary.wait_for("primary", None, STARTUP).await.unwrap();
+    let (ok, _, err) = fencelog(&["append", "--server", primary.api(), "k", "v"]);
+    assert!(ok, "{err}");
+    let log = primary.log_text();
+    assert!(
+        log.contains("RUST_LOG=\"fencelog=loud\" is not a log filter"),
+        "{log}"
+    );
+    assert!(log.contains(" INFO "), "not at the default level:\n{log}");
 }

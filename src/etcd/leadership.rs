@@ -104,11 +104,18 @@ impl Leadership {
         store: &Arc<LocalStore>,
     ) -> Result<Leadership> {
         let mut backoff = Backoff::new(settings.ttl);
+        // Said once per leader: the wait goes round every lease TTL while that leader lives.
+        let mut reported: Option<String> = None;
         loop {
             match try_acquire(client, layout, me, settings, store).await {
                 Ok(Attempt::Won(leadership)) => return Ok(*leadership),
                 Ok(Attempt::Busy { leader, revision }) => {
-                    tracing::info!(leader = %leader, "another node leads; waiting for its key to go");
+                    if reported.as_ref() != Some(&leader) {
+                        tracing::info!(leader = %leader, "another node leads; waiting for its key to go");
+                        reported = Some(leader);
+                    } else {
+                        tracing::debug!(leader = %leader, "another node still leads");
+                    }
                     backoff.reset();
                     if let Err(e) = wait_for_vacancy(client, layout, revision, settings).await {
                         tracing::debug!(error = %e, "watch on the leader key failed");

@@ -80,7 +80,7 @@ pub async fn run(settings: Resolved, role: &str) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new()?);
 
     match (&leader, config.failover) {
-        (Some((info, _)), true) if info.node != config.primary.node => tracing::warn!(
+        (Some((info, _)), true) if info.node != config.primary.node => tracing::info!(
             leader = %info.node, addr = %info.addr,
             "another node leads: following it, and waiting for the leadership"
         ),

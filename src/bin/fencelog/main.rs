@@ -12,13 +12,13 @@ mod demo;
 mod etcd_security;
 mod inspect;
 mod load;
+mod logs;
 mod settings;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 use commands::{ReadFormat, Target};
 use settings::{LogFormat, NodeSettings};
@@ -187,7 +187,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Primary(args) => run_daemon(args, true).await,
         Command::Standby(args) => run_daemon(args, false).await,
         command => {
-            init_logs(LogFormat::Text, "warn");
+            logs::init(LogFormat::Text, "warn");
             run_client(command).await
         }
     }
@@ -199,7 +199,7 @@ async fn run_daemon(args: DaemonArgs, leads: bool) -> anyhow::Result<()> {
         None => NodeSettings::default(),
     };
     let settings = args.settings.or(file).resolve(leads)?;
-    init_logs(settings.log_format, "info");
+    logs::init(settings.log_format, "info");
     daemon::run(settings, if leads { "primary" } else { "standby" }).await
 }
 
@@ -246,18 +246,5 @@ async fn run_client(command: Command) -> anyhow::Result<()> {
         Command::Demo { records } => demo::run(records).await,
         Command::Bench(options) => bench::run(options).await,
         Command::Primary(_) | Command::Standby(_) => unreachable!("daemons are run by `run`"),
-    }
-}
-
-/// Logs go to stderr; `RUST_LOG` overrides the default level.
-fn init_logs(format: LogFormat, default_level: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().init(),
     }
 }
