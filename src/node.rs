@@ -466,7 +466,7 @@ impl Runner {
                 FollowEnd::Won(leadership, answer) => (*leadership, answer),
                 FollowEnd::Stopped => return Ok(()),
                 FollowEnd::NeedsSnapshot => {
-                    standby.shutdown().await?;
+                    standby.stop_for("stopped to install a snapshot").await?;
                     drop(standby);
                     if let Err(e) = self.install_snapshot().await {
                         tracing::error!(error = %e, "cannot install a snapshot; trying again after the recovery delay");
@@ -478,7 +478,7 @@ impl Runner {
                 FollowEnd::FollowerFailed(how) => {
                     tracing::error!(follower = %how, "the follower ended; following again with a new one");
                     self.metrics.follower_restarts.inc();
-                    standby.shutdown().await?;
+                    standby.stop_for("stopped to restart the follower").await?;
                     drop(standby);
                     tokio::time::sleep(FOLLOWER_RESTART_DELAY).await;
                     self.rejoin().await?;
@@ -668,7 +668,7 @@ impl Runner {
                     Some(Request::Promote { answer, .. }) => reply(Some(answer), Ok(())),
                     Some(Request::Stop { answer }) => {
                         let stopped = primary.shutdown().await;
-                        self.lifecycle.raise(Event::Stop, "shut down");
+                        self.lifecycle.raise(Event::Stop, "the primary shut down");
                         reply(Some(answer), stopped);
                         return Ok(None);
                     }

@@ -428,9 +428,10 @@ async fn a_standby_past_trimming_installs_a_snapshot_from_a_primary_behind_mtls(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(status.applied_seq, last.0, "{status:?}");
+    let log = standby.log_text();
+    assert!(log.contains("installing a snapshot"), "{log}");
     assert!(
-        standby.log_text().contains("installing a snapshot"),
-        "{}",
-        standby.log_text()
+        log.contains("node state: stopped to install a snapshot"),
+        "{log}"
     );
 }

@@ -220,7 +220,9 @@ async fn sigterm_resigns_so_a_failover_standby_takes_over_before_the_lease_expir
     let (ok, out, err) = fencelog(&["append", "--server", standby.api(), "k", "v2"]);
     assert!(ok, "{err}");
     assert_eq!(out.trim(), format!("seq {}", promoted.committed_seq + 1));
-    assert!(primary.log_text().contains("shutting down"));
+    let log = primary.log_text();
+    assert!(log.contains("shutting down"), "{log}");
+    assert!(log.contains("node state: the primary shut down"), "{log}");
     standby.stop(STARTUP).await.unwrap();
 }
 

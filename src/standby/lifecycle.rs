@@ -188,7 +188,7 @@ impl Lifecycle {
         if to == State::Recovering {
             tracing::error!(from = %self.state, ?event, %detail, "standby is recovering: it stays at its last good seq");
         } else {
-            tracing::info!(from = %self.state, to = %to, ?event, %detail, "standby state");
+            tracing::info!(from = %self.state, to = %to, ?event, "node state: {detail}");
         }
         if self.history.len() == HISTORY_LEN {
             self.history.pop_front();

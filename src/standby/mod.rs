@@ -372,8 +372,14 @@ impl Standby {
     /// Stops following, deregisters, lets the applier finish what was received, checkpoints
     /// the state (a restart then replays nothing) and flushes the store.
     pub async fn shutdown(&self) -> Result<()> {
+        self.stop_for("shut down").await
+    }
+
+    /// [`shutdown`](Self::shutdown), saying `why` in the lifecycle's log line and history (the
+    /// node stops its standby to install a snapshot or to restart the follower, too).
+    pub(crate) async fn stop_for(&self, why: &str) -> Result<()> {
         self.stop_following().await;
-        self.lifecycle.raise(Event::Stop, "shut down");
+        self.lifecycle.raise(Event::Stop, why);
         let received = *self.received.borrow();
         self.applier.wait_applied(received).await;
         self.applier.stop().await;
