@@ -234,8 +234,12 @@ pub enum Error {
     #[error("shutting down")]
     ShuttingDown,
 
-    #[error("etcd: {0}")]
+    #[error("etcd: {}", crate::etcd::failure::describe(.0))]
     Etcd(#[from] etcd_client::Error),
+    #[error("cannot reach etcd at {endpoints}: {reason}")]
+    EtcdUnreachable { endpoints: String, reason: String },
+    #[error("{endpoints} is not an etcd endpoint: it does not answer etcd's gRPC API (an etcd client URL looks like http://127.0.0.1:2379)")]
+    NotEtcd { endpoints: String },
     #[error("the etcd binary {binary:?} was not found: install it with `apt-get install etcd-server` (tools/test.sh does), or set FENCELOG_ETCD_BIN")]
     EtcdNotInstalled { binary: String },
     #[error("etcd did not start: {reason}\n--- last lines of its log ---\n{log_tail}")]

@@ -120,3 +120,45 @@ fn bench_refuses_a_zero_duration() {
     assert!(!ok);
     assert!(stderr.contains("--seconds must be at least 1"), "{stderr}");
 }
+
+/// A loopback port nothing listens on.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+#[test]
+fn an_unreachable_etcd_is_one_line_naming_it_and_why() {
+    let etcd = format!("http://127.0.0.1:{}", closed_port());
+    let (ok, _, stderr) = fencelog(&["append", "--etcd", &etcd, "--cluster", "c1", "k", "v"]);
+    assert!(!ok);
+    assert_eq!(
+        stderr,
+        format!("error: cannot reach etcd at {etcd}: connection refused\n")
+    );
+}
+
+#[test]
+fn an_endpoint_that_is_not_etcd_is_named_as_such() {
+    // An HTTP/1 server: it answers gRPC's HTTP/2 preface with a plain response.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let etcd = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut stream in listener.incoming().take(8).flatten() {
+            let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+            // Open until the client hangs up, as a server does.
+            while matches!(stream.read(&mut request), Ok(n) if n > 0) {}
+        }
+    });
+    let (ok, _, stderr) = fencelog(&["append", "--etcd", &etcd, "--cluster", "c1", "k", "v"]);
+    assert!(!ok);
+    assert!(
+        stderr.starts_with(&format!("error: {etcd} is not an etcd endpoint")),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}

@@ -77,8 +77,11 @@ impl WalClient {
                 cluster,
                 access: etcd_access,
             } => {
-                let etcd = etcd::connect_with(&endpoints, &etcd_access, CONNECT_TIMEOUT).await?;
-                let leader = find_leader(&etcd, &cluster).await?;
+                let named = |e| etcd::failure::at_endpoints(&endpoints, e);
+                let etcd = etcd::connect_with(&endpoints, &etcd_access, CONNECT_TIMEOUT)
+                    .await
+                    .map_err(named)?;
+                let leader = find_leader(&etcd, &cluster).await.map_err(named)?;
                 (
                     leader,
                     Home::Leader {

@@ -9,12 +9,14 @@
 //! - [`process`]: a real etcd child process for tests, benches and demos;
 //! - [`proxy`]: a TCP proxy that loses etcd's answers or cuts connections, for fault tests;
 //! - [`endpoints`]: a client of several members kept off the ones that are down;
-//! - [`access`]: TLS and an etcd user, for a secured etcd.
+//! - [`access`]: TLS and an etcd user, for a secured etcd;
+//! - [`failure`]: etcd's errors said in a line a person acts on.
 
 pub mod access;
 pub mod claim;
 pub mod commit;
 pub mod endpoints;
+pub mod failure;
 pub mod fetch;
 pub mod identity;
 pub mod leadership;

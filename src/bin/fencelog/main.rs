@@ -177,7 +177,7 @@ fn main() {
         }
     };
     if let Err(e) = runtime.block_on(run(cli.command)) {
-        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
 }
@@ -246,5 +246,52 @@ async fn run_client(command: Command) -> anyhow::Result<()> {
         Command::Demo { records } => demo::run(records).await,
         Command::Bench(options) => bench::run(options).await,
         Command::Primary(_) | Command::Standby(_) => unreachable!("daemons are run by `run`"),
+    }
+}
+
+/// An error as one line: its contexts, then causes down to the first of fencelog's own errors,
+/// whose message already says why (what lies under it is a library's text, often in Rust debug
+/// form, often said again); a cause already in the line is not repeated.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        if cause.downcast_ref::<fencelog::Error>().is_some() {
+            break;
+        }
+    }
+    line.replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_is_its_contexts_then_fencelogs_message_without_what_lies_under_it() {
+        let status = tonic::Status::unavailable("tcp connect error");
+        let error = anyhow::Error::new(fencelog::Error::Etcd(status.into()))
+            .context("cannot find the leader");
+        assert_eq!(
+            one_line(&error),
+            "cannot find the leader: etcd: cannot connect: tcp connect error"
+        );
+    }
+
+    #[test]
+    fn a_cause_already_in_the_line_is_not_said_twice() {
+        let error = anyhow::anyhow!("disk full").context("cannot write: disk full");
+        assert_eq!(one_line(&error), "cannot write: disk full");
+    }
+
+    #[test]
+    fn a_multi_line_message_becomes_one_line() {
+        assert_eq!(one_line(&anyhow::anyhow!("a\nb")), "a b");
     }
 }
