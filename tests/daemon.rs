@@ -46,6 +46,14 @@ impl Cluster {
         node
     }
 
+    /// A `primary` daemon with extra environment variables, once it leads.
+    async fn primary_with_env(&self, name: &str, env: &[(&str, &str)]) -> NodeProcess {
+        let dir = self.dir.path();
+        let mut node = common::daemon_with_env(&self.etcd, dir, "primary", name, &[], env);
+        node.wait_for("primary", None, STARTUP).await.unwrap();
+        node
+    }
+
     /// A `standby` daemon, once it follows caught up.
     async fn standby(&self, name: &str, args: &[&str]) -> NodeProcess {
         let mut node = daemon(&self.etcd, self.dir.path(), "standby", name, args);
@@ -1059,15 +1067,7 @@ async fn an_idle_caught_up_standby_shows_no_lag_in_seconds() {
 async fn a_daemon_logging_to_a_file_writes_no_colour_codes_and_debug_is_fencelogs_own() {
     let cluster = Cluster::start().await;
     let env = [("RUST_LOG", "debug"), ("NO_COLOR", "")];
-    let mut primary = common::daemon_with_env(
-        &cluster.etcd,
-        cluster.dir.path(),
-        "primary",
-        "alpha",
-        &[],
-        &env,
-    );
-    primary.wait_for("primary", None, STARTUP).await.unwrap();
+    let mut primary = cluster.primary_with_env("alpha", &env).await;
     let (ok, _, err) = fencelog(&["append", "--server", primary.api(), "k", "v"]);
     assert!(ok, "{err}");
     primary.stop(STARTUP).await.unwrap();
@@ -1099,15 +1099,7 @@ async fn a_daemon_logging_to_a_file_writes_no_colour_codes_and_debug_is_fencelog
 async fn a_rust_log_that_does_not_parse_is_reported_and_the_daemon_serves() {
     let cluster = Cluster::start().await;
     let env = [("RUST_LOG", "fencelog=loud")];
-    let mut primary = common::daemon_with_env(
-        &cluster.etcd,
-        cluster.dir.path(),
-        "primary",
-        "alpha",
-        &[],
-        &env,
-    );
-    primary.wait_for("primary", None, STARTUP).await.unwrap();
+    let mut primary = cluster.primary_with_env("alpha", &env).await;
     let (ok, _, err) = fencelog(&["append", "--server", primary.api(), "k", "v"]);
     assert!(ok, "{err}");
     let log = primary.log_text();

@@ -333,6 +333,11 @@ mod tests {
         (dir, tree)
     }
 
+    /// [`write`] with no flushes between pages: a temporary tree has nothing to flush to.
+    fn write_all(tree: &Tree, meta: &CheckpointMeta, pages: &[PageWrite], table: &mut PageTable) {
+        write(tree, meta, pages, table, || Ok(())).unwrap();
+    }
+
     fn page(id: u8, bytes: &[u8]) -> PageWrite {
         PageWrite {
             id: vec![id],
@@ -354,14 +359,7 @@ mod tests {
         let (_dir, tree) = tree();
         let mut table = PageTable::default();
         let meta = CheckpointMeta::default();
-        write(
-            &tree,
-            &meta,
-            &[page(1, b"a1"), page(2, b"b1")],
-            &mut table,
-            || Ok(()),
-        )
-        .unwrap();
+        write_all(&tree, &meta, &[page(1, b"a1"), page(2, b"b1")], &mut table);
         // The next checkpoint's page written, its meta never: as a crash or a full disk leaves it.
         let mut next = table.clone();
         next.generation += 1;
@@ -379,19 +377,12 @@ mod tests {
         let (_dir, tree) = tree();
         let mut table = PageTable::default();
         let meta = CheckpointMeta::default();
-        write(
-            &tree,
-            &meta,
-            &[page(1, b"a1"), page(2, b"b1")],
-            &mut table,
-            || Ok(()),
-        )
-        .unwrap();
+        write_all(&tree, &meta, &[page(1, b"a1"), page(2, b"b1")], &mut table);
         let gone = PageWrite {
             id: vec![2],
             bytes: None,
         };
-        write(&tree, &meta, &[page(1, b"a2"), gone], &mut table, || Ok(())).unwrap();
+        write_all(&tree, &meta, &[page(1, b"a2"), gone], &mut table);
         assert_eq!(contents(&tree, &table), vec![(vec![1], b"a2".to_vec())]);
         assert_eq!(
             remove_strays(&tree, &table).unwrap(),
