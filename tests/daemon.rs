@@ -1099,7 +1099,7 @@ async fn a_daemon_logging_to_a_file_writes_no_colour_codes_and_debug_is_fencelog
 async fn a_rust_log_that_does_not_parse_is_reported_and_the_daemon_serves() {
     let cluster = Cluster::start().await;
     let env = [("RUST_LOG", "fencelog=loud")];
-    let mut primary = cluster.primary_with_env("alpha", &env).await;
+    let primary = cluster.primary_with_env("alpha", &env).await;
     let (ok, _, err) = fencelog(&["append", "--server", primary.api(), "k", "v"]);
     assert!(ok, "{err}");
     let log = primary.log_text();
