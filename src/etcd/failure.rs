@@ -20,11 +20,11 @@ pub enum Failure {
 /// Sorts `error` out: see [`Failure`].
 pub fn classify(error: &etcd_client::Error) -> Failure {
     if let Some(io) = io_cause(error) {
-        return Failure::Unreachable(io.kind().to_string());
+        return Failure::Unreachable(io_reason(io));
     }
     match error {
         etcd_client::Error::GRpcStatus(status) => from_status(status.code(), status.message()),
-        etcd_client::Error::IoError(e) => Failure::Unreachable(e.kind().to_string()),
+        etcd_client::Error::IoError(e) => Failure::Unreachable(io_reason(e)),
         other => Failure::Answered(other.to_string()),
     }
 }
@@ -43,6 +43,15 @@ fn from_status(code: tonic::Code, message: &str) -> Failure {
     match code {
         tonic::Code::Unavailable => Failure::Unreachable(message.to_owned()),
         _ => Failure::Answered(message.to_owned()),
+    }
+}
+
+/// What an I/O error says: the error it carries (a TLS refusal: "invalid peer certificate:
+/// UnknownIssuer"), else its kind ("connection refused", without the OS's error number).
+fn io_reason(error: &std::io::Error) -> String {
+    match error.get_ref() {
+        Some(inner) => inner.to_string(),
+        None => error.kind().to_string(),
     }
 }
 
@@ -137,6 +146,20 @@ mod tests {
         assert_eq!(
             classify(&error),
             Failure::Unreachable("connection refused".into())
+        );
+    }
+
+    #[test]
+    fn an_io_error_carrying_an_error_gives_that_errors_message() {
+        let tls = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "invalid peer certificate: UnknownIssuer",
+        );
+        let mut status = tonic::Status::unavailable("tcp connect error");
+        status.set_source(std::sync::Arc::new(tls));
+        assert_eq!(
+            classify(&etcd_client::Error::GRpcStatus(status)),
+            Failure::Unreachable("invalid peer certificate: UnknownIssuer".into())
         );
     }
 
