@@ -238,8 +238,10 @@ pub enum Error {
     Etcd(#[from] etcd_client::Error),
     #[error("cannot reach etcd at {endpoints}: {reason}")]
     EtcdUnreachable { endpoints: String, reason: String },
-    #[error("{endpoints} is not an etcd endpoint: it does not answer etcd's gRPC API (an etcd client URL looks like http://127.0.0.1:2379)")]
+    #[error("{endpoints} is not an etcd endpoint: it does not answer etcd's gRPC API (an etcd client URL looks like http://127.0.0.1:2379, https:// for an etcd serving TLS)")]
     NotEtcd { endpoints: String },
+    #[error("etcd at {endpoints} closed the connection without answering: is that an etcd client URL (http://127.0.0.1:2379, https:// for an etcd serving TLS)?")]
+    EtcdClosed { endpoints: String },
     #[error("the etcd binary {binary:?} was not found: install it with `apt-get install etcd-server` (tools/test.sh does), or set FENCELOG_ETCD_BIN")]
     EtcdNotInstalled { binary: String },
     #[error("etcd did not start: {reason}\n--- last lines of its log ---\n{log_tail}")]

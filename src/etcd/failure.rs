@@ -13,6 +13,9 @@ pub enum Failure {
     Unreachable(String),
     /// Something answered, but not etcd's gRPC API (an HTTP/1 server, another service).
     NotEtcd,
+    /// The connection closed under the request: after a reply that is not HTTP/2 (hyper races
+    /// its protocol error), from a TLS server reached over plain HTTP, or a member going down.
+    Closed,
     /// etcd answered with an error: its message.
     Answered(String),
 }
@@ -23,6 +26,11 @@ pub fn classify(error: &etcd_client::Error) -> Failure {
         return Failure::Unreachable(io_reason(io));
     }
     match error {
+        etcd_client::Error::GRpcStatus(status)
+            if status.code() == tonic::Code::Cancelled && status.source().is_some() =>
+        {
+            Failure::Closed
+        }
         etcd_client::Error::GRpcStatus(status) => from_status(status.code(), status.message()),
         etcd_client::Error::IoError(e) => Failure::Unreachable(io_reason(e)),
         other => Failure::Answered(other.to_string()),
@@ -76,6 +84,7 @@ pub fn describe(error: &etcd_client::Error) -> String {
     match classify(error) {
         Failure::Unreachable(reason) => format!("cannot connect: {reason}"),
         Failure::NotEtcd => "the endpoint does not answer etcd's gRPC API".to_owned(),
+        Failure::Closed => "the connection closed before etcd answered".to_owned(),
         Failure::Answered(message) => message,
     }
 }
@@ -90,6 +99,7 @@ pub fn at_endpoints(endpoints: &[String], error: Error) -> Error {
     match classify(etcd) {
         Failure::Unreachable(reason) => Error::EtcdUnreachable { endpoints, reason },
         Failure::NotEtcd => Error::NotEtcd { endpoints },
+        Failure::Closed => Error::EtcdClosed { endpoints },
         Failure::Answered(_) => error,
     }
 }
@@ -160,6 +170,22 @@ mod tests {
         assert_eq!(
             classify(&etcd_client::Error::GRpcStatus(status)),
             Failure::Unreachable("invalid peer certificate: UnknownIssuer".into())
+        );
+    }
+
+    #[test]
+    fn a_connection_closed_under_the_request_is_said_so() {
+        let mut status = tonic::Status::cancelled("operation was canceled");
+        // hyper's own error type in the real case; any error that is not an I/O one here.
+        status.set_source(std::sync::Arc::new(std::fmt::Error));
+        assert_eq!(
+            classify(&etcd_client::Error::GRpcStatus(status)),
+            Failure::Closed
+        );
+        let bare = tonic::Status::cancelled("the request was cancelled");
+        assert_eq!(
+            classify(&etcd_client::Error::GRpcStatus(bare)),
+            Failure::Answered("the request was cancelled".into())
         );
     }
 
