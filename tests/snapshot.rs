@@ -51,10 +51,7 @@ fn digest(store: &LocalStore) -> (u64, u64) {
 async fn a_standby_trimmed_past_while_stopped_bootstraps_from_a_snapshot_and_matches() {
     let etcd = common::etcd().await;
     let primary_pieces = node("primary");
-    let primary = ServedNode::start(&etcd, &primary_pieces, quick_retention(), true).await;
-    tokio::time::timeout(WAIT, primary.node.leading())
-        .await
-        .unwrap();
+    let primary = ServedNode::start_leading(&etcd, &primary_pieces, quick_retention()).await;
 
     let standby_pieces = node("standby");
     let standby = ServedNode::start(&etcd, &standby_pieces, Retention::default(), false).await;
@@ -104,10 +101,7 @@ async fn a_standby_trimmed_past_while_stopped_bootstraps_from_a_snapshot_and_mat
 async fn a_node_whose_state_is_behind_trimmed_refuses_to_serve_a_snapshot_it_cannot_continue() {
     let etcd = common::etcd().await;
     let primary_pieces = node("primary");
-    let primary = ServedNode::start(&etcd, &primary_pieces, Retention::default(), true).await;
-    tokio::time::timeout(WAIT, primary.node.leading())
-        .await
-        .unwrap();
+    let primary = ServedNode::start_leading(&etcd, &primary_pieces, Retention::default()).await;
     let last = append(&primary, 1, 3).await;
     applied(&primary, last).await;
     // etcd says the log starts far past this node's state (as for a new primary whose state

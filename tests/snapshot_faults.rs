@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{node, ServedNode};
 use fail::FailScenario;
 use fencelog::api::{Endpoint, WalClient};
@@ -16,8 +14,6 @@ use fencelog::record::Seq;
 use fencelog::snapshot::bootstrap;
 use fencelog::workload::RecordGenerator;
 
-const WAIT: Duration = Duration::from_secs(30);
-
 /// A primary serving the API with 2,000 applied records (with its pieces, which must outlive
 /// it), and a closed store in `old` holding another state, whose digest is returned.
 async fn setup(
@@ -25,10 +21,7 @@ async fn setup(
     old: &tempfile::TempDir,
 ) -> (common::Node, ServedNode, fencelog::local_store::StateDigest) {
     let pieces = node("primary");
-    let primary = ServedNode::start(etcd, &pieces, Retention::default(), true).await;
-    tokio::time::timeout(WAIT, primary.node.leading())
-        .await
-        .unwrap();
+    let primary = ServedNode::start_leading(etcd, &pieces, Retention::default()).await;
     let mut generator = RecordGenerator::new(5, 5_000, 256);
     for _ in 0..20 {
         primary

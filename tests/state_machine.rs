@@ -55,10 +55,7 @@ async fn applied(served: &ServedNode, seq: Seq) {
 async fn a_counters_state_follows_a_failover_and_counts_on_on_the_new_primary() {
     let etcd = common::etcd().await;
     let (a, b) = (node_with("a", counters()), node_with("b", counters()));
-    let primary = ServedNode::start(&etcd, &a, Retention::default(), true).await;
-    tokio::time::timeout(WAIT, primary.node.leading())
-        .await
-        .unwrap();
+    let primary = ServedNode::start_leading(&etcd, &a, Retention::default()).await;
     let standby = ServedNode::start(&etcd, &b, Retention::default(), true).await;
     let before = count_up(&primary, 0, 50).await;
     applied(&standby, before).await;
@@ -80,10 +77,7 @@ async fn a_counters_state_comes_whole_through_a_snapshot_bootstrap() {
     let etcd = common::etcd().await;
     let quick = common::quick_retention(20);
     let (a, b) = (node_with("a", counters()), node_with("b", counters()));
-    let primary = ServedNode::start(&etcd, &a, quick, true).await;
-    tokio::time::timeout(WAIT, primary.node.leading())
-        .await
-        .unwrap();
+    let primary = ServedNode::start_leading(&etcd, &a, quick).await;
     let standby = ServedNode::start(&etcd, &b, Retention::default(), false).await;
     let first = count_up(&primary, 0, 10).await;
     applied(&standby, first).await;

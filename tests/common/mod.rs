@@ -408,6 +408,19 @@ impl ServedNode {
         }
     }
 
+    /// A node started with `failover`, once it leads (within 30 s): the primary of a test.
+    pub async fn start_leading(
+        etcd: &EtcdProcess,
+        pieces: &Node,
+        retention: fencelog::etcd::trim::Retention,
+    ) -> ServedNode {
+        let served = ServedNode::start(etcd, pieces, retention, true).await;
+        tokio::time::timeout(std::time::Duration::from_secs(30), served.node.leading())
+            .await
+            .expect("the node leads within 30 s");
+        served
+    }
+
     /// Shuts the node down (a primary resigns) and stops serving.
     pub async fn stop(self) {
         self.node.shutdown().await.expect("clean shutdown");
