@@ -1,7 +1,8 @@
-//! A standby node: follows the committed log and, when the primary goes, takes over.
+//! A node: follows the committed log as a standby and, when it may lead, takes over.
 //!
-//! With failover on, the node campaigns while it follows; a campaign waits for the leader key to
-//! go and never overwrites a live one, so of several standbys exactly one wins. The winner stops
+//! A node that campaigns ([`Campaign`]: at once for a node meant to lead, after a leader it
+//! followed is gone for a failover standby) does so while it follows; a campaign waits for the
+//! leader key to go and never overwrites a live one, so of several standbys exactly one wins. The winner stops
 //! following, receives the rest of the committed log up to `latest`, and starts a term at
 //! `latest + 1` ([`Standby::hand_over`]); the others go on following the new primary. A manual
 //! [`Node::promote`] takes the leadership only if nobody holds it, or, forced, after revoking
@@ -11,9 +12,12 @@
 //! as a standby: its unconfirmed local tail is dropped first, so a former primary never keeps a
 //! record etcd did not commit.
 
+mod campaign;
+
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::Client;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -34,6 +38,8 @@ use crate::record::{Epoch, Record, Seq};
 use crate::standby::lifecycle::{Event, State};
 use crate::standby::membership::SnapshotHold;
 use crate::standby::{LifecycleCell, Standby, StandbyConfig};
+pub use campaign::Campaign;
+use campaign::{before_campaign, BeforeCampaign};
 
 /// A node's settings.
 #[derive(Clone, Debug)]
@@ -41,8 +47,8 @@ pub struct NodeConfig {
     pub standby: StandbyConfig,
     /// How the node leads once promoted.
     pub primary: PrimaryConfig,
-    /// Take over by itself when the leader key goes.
-    pub failover: bool,
+    /// When the node campaigns for the leadership by itself.
+    pub campaign: Campaign,
     /// How much of the local log to keep (checked every [`LOCAL_TRIM_INTERVAL`]).
     pub local_retention: LocalRetention,
     /// How this node calls another node's API (a snapshot from the primary).
@@ -55,6 +61,9 @@ pub const LOCAL_TRIM_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a node waits before it follows again after its follower failed (a panic, a bug):
 /// long enough not to spin on one that fails at once, short enough not to fall far behind.
 const FOLLOWER_RESTART_DELAY: Duration = Duration::from_secs(1);
+
+/// How often a failover standby in its grace looks whether a primary took the leader key.
+const LEADER_LOOK_INTERVAL: Duration = Duration::from_millis(200);
 
 /// What the node is doing now.
 #[derive(Clone)]
@@ -183,6 +192,8 @@ impl Node {
             lifecycle: lifecycle.clone(),
             role: role_tx,
             inbox,
+            started: Instant::now(),
+            seen_leader: Arc::new(AtomicBool::new(false)),
         };
         Ok(Node {
             client,
@@ -444,6 +455,10 @@ struct Runner {
     lifecycle: Arc<LifecycleCell>,
     role: watch::Sender<Role>,
     inbox: mpsc::Receiver<Request>,
+    /// When the node started: a failover standby's grace runs from here.
+    started: Instant,
+    /// Whether the node has seen a leader key, or led, since it started.
+    seen_leader: Arc<AtomicBool>,
 }
 
 impl Runner {
@@ -502,6 +517,7 @@ impl Runner {
                 }
             };
             campaign_delay = Duration::ZERO;
+            self.seen_leader.store(true, Ordering::Relaxed);
             self.role.send_replace(Role::Primary(primary.clone()));
             reply(answer, Ok(()));
             let Some(cause) = self.lead(&primary).await? else {
@@ -629,19 +645,35 @@ impl Runner {
         Ok(())
     }
 
-    /// With failover on, waits `delay`, then until this node wins the leadership; otherwise
-    /// never ends.
+    /// Waits `delay`, then as the node's [`Campaign`] says, then until this node wins the
+    /// leadership; never ends for a node that does not campaign.
     fn campaign(&self, delay: Duration) -> impl Future<Output = Result<Leadership>> + 'static {
-        let failover = self.config.failover;
+        let policy = self.config.campaign;
+        let (started, seen_leader) = (self.started, self.seen_leader.clone());
         let client = self.client.clone();
         let store = current(&self.store);
         let primary = self.config.primary.clone();
         async move {
-            if !failover {
-                return std::future::pending().await;
-            }
             tokio::time::sleep(delay).await;
             let layout = KeyLayout::new(&primary.cluster);
+            loop {
+                let seen = seen_leader.load(Ordering::Relaxed);
+                match before_campaign(policy, seen, started.elapsed()) {
+                    BeforeCampaign::Never => return std::future::pending().await,
+                    BeforeCampaign::Campaign => break,
+                    BeforeCampaign::LookForLeader { within } => {
+                        let timeout = primary.etcd_request_timeout;
+                        match current_leader(&client, &layout, timeout).await {
+                            Ok(Some(_)) => seen_leader.store(true, Ordering::Relaxed),
+                            Ok(None) => tokio::time::sleep(within.min(LEADER_LOOK_INTERVAL)).await,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "cannot read the leader key");
+                                tokio::time::sleep(within.min(LEADER_LOOK_INTERVAL)).await;
+                            }
+                        }
+                    }
+                }
+            }
             Leadership::campaign(
                 &client,
                 &layout,

@@ -130,7 +130,17 @@ fn closed_port() -> u16 {
 #[test]
 fn an_unreachable_etcd_is_one_line_naming_it_and_why() {
     let etcd = format!("http://127.0.0.1:{}", closed_port());
-    let (ok, _, stderr) = fencelog(&["append", "--etcd", &etcd, "--cluster", "c1", "k", "v"]);
+    let (ok, _, stderr) = fencelog(&[
+        "append",
+        "--etcd",
+        &etcd,
+        "--cluster",
+        "c1",
+        "--wait",
+        "0",
+        "k",
+        "v",
+    ]);
     assert!(!ok);
     assert_eq!(
         stderr,
@@ -167,4 +177,151 @@ fn an_endpoint_that_is_not_etcd_is_named_as_such() {
         "{stderr}"
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+/// One command of the README's by-hand block: its text, whether it runs in the background
+/// (`&`), and what its `# ...` comment says it prints.
+struct Pasted {
+    command: String,
+    background: bool,
+    prints: Option<String>,
+}
+
+/// The README's `sh` block that starts etcd and the daemons by hand, command by command: lines
+/// ending in `\` joined, each command's trailing comment apart.
+fn readme_by_hand_block() -> Vec<Pasted> {
+    let readme = include_str!("../README.md");
+    let block = readme
+        .split("```sh\n")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("\n```").map(|(block, _)| block))
+        .find(|block| block.contains("fencelog primary"))
+        .expect("README.md has an sh block that starts a primary");
+    let mut commands = Vec::new();
+    let mut line = String::new();
+    for part in block.lines() {
+        match part.strip_suffix('\\') {
+            Some(continued) => line.push_str(continued),
+            None => {
+                line.push_str(part);
+                let (command, prints) = match line.split_once("  #") {
+                    Some((command, comment)) => (command, Some(comment.trim().to_owned())),
+                    None => (line.as_str(), None),
+                };
+                let command = command.trim();
+                let (command, background) = match command.strip_suffix('&') {
+                    Some(command) => (command.trim(), true),
+                    None => (command, false),
+                };
+                commands.push(Pasted {
+                    command: command.split_whitespace().collect::<Vec<_>>().join(" "),
+                    background,
+                    prints,
+                });
+                line.clear();
+            }
+        }
+    }
+    commands
+}
+
+/// Processes started in the background, killed (and reaped) when the test ends however it ends.
+struct Background(Vec<std::process::Child>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The README's block, pasted into a shell in a fresh directory: every port it names moved to
+/// a free one and `/tmp/` to a fresh directory, so that it runs beside other tests; nothing else
+/// changed. Each command must succeed and print what its comment says, with nothing waited for
+/// between them but each command's own end.
+#[test]
+fn the_readmes_by_hand_block_runs_as_pasted() {
+    let pasted = readme_by_hand_block();
+    assert!(
+        pasted.len() >= 8,
+        "the block shrank to {} commands",
+        pasted.len()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_fencelog"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut ports = std::collections::BTreeMap::new();
+    let relocate = |command: &str, ports: &mut std::collections::BTreeMap<String, String>| {
+        let mut out = command.replace("/tmp/", &format!("{}/", dir.path().display()));
+        let named: Vec<String> = out
+            .split(|c: char| !c.is_ascii_digit() && c != '.' && c != ':')
+            .filter_map(|word| word.strip_prefix("127.0.0.1:"))
+            .map(str::to_owned)
+            .collect();
+        for port in named {
+            let free = ports
+                .entry(port.clone())
+                .or_insert_with(|| closed_port().to_string())
+                .clone();
+            out = out.replace(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{free}"));
+        }
+        out
+    };
+    let mut background = Background(Vec::new());
+    for (i, step) in pasted.iter().enumerate() {
+        let command = relocate(&step.command, &mut ports);
+        let mut shell = std::process::Command::new("bash");
+        shell
+            .arg("-c")
+            .arg(format!("exec {command}"))
+            .current_dir(dir.path())
+            .env("PATH", &path)
+            .env_remove("RUST_LOG");
+        if step.background {
+            let log =
+                std::fs::File::create(dir.path().join(format!("background-{i}.log"))).unwrap();
+            shell
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log);
+            background.0.push(shell.spawn().unwrap());
+            continue;
+        }
+        let child = shell
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let output = common::output_within(child, std::time::Duration::from_secs(120));
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let logs = || {
+            (0..i)
+                .filter_map(|n| {
+                    std::fs::read_to_string(dir.path().join(format!("background-{n}.log"))).ok()
+                })
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        };
+        assert!(
+            output.status.success(),
+            "{command}\nfailed: {stdout}{}\nbackground logs:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            logs()
+        );
+        if let Some(prints) = &step.prints {
+            assert!(
+                stdout.contains(prints.as_str()),
+                "{command}\nprinted {stdout}, not {prints:?}"
+            );
+        }
+    }
 }

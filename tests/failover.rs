@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{node, start_primary, Node as Pieces};
 use fencelog::metrics::Metrics;
-use fencelog::node::{Node, NodeConfig, Role};
+use fencelog::node::{Campaign, Node, NodeConfig, Role};
 use fencelog::primary::Primary;
 use fencelog::record::{Epoch, Record, Seq};
 use fencelog::standby::lifecycle::State;
@@ -29,7 +29,11 @@ fn node_config(pieces: &Pieces, failover: bool) -> NodeConfig {
     NodeConfig {
         standby,
         primary,
-        failover,
+        campaign: if failover {
+            Campaign::AtOnce
+        } else {
+            Campaign::Never
+        },
         local_retention: Default::default(),
         peer_access: Default::default(),
     }

@@ -34,7 +34,12 @@ fn start_load(etcd: &impl Etcd, records: u64, acked: &std::path::Path) -> Load {
     let child = Command::new(env!("CARGO_BIN_EXE_fencelog"))
         .args(["load", "--etcd", &etcd.endpoints(), "--cluster", CLUSTER])
         .args(["--records", &records.to_string(), "--concurrency", "8"])
-        .args(["--failover-timeout", "30", "--acked-out"])
+        .args([
+            "--failover-timeout",
+            "30",
+            "--tolerate-failures",
+            "--acked-out",
+        ])
         .arg(acked)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).expect("the load's log file"))

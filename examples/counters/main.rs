@@ -13,7 +13,7 @@ use std::time::Duration;
 use fencelog::etcd::process::EtcdProcess;
 use fencelog::local_store::{LocalStore, StoreOptions};
 use fencelog::metrics::Metrics;
-use fencelog::node::{Node, NodeConfig};
+use fencelog::node::{Campaign, Node, NodeConfig};
 use fencelog::state::StateMachine;
 use machine::Counters;
 
@@ -47,7 +47,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         NodeConfig {
             standby,
             primary,
-            failover: true,
+            campaign: Campaign::AtOnce,
             local_retention: Default::default(),
             peer_access: Default::default(),
         }

@@ -21,6 +21,23 @@ use crate::record::{Epoch, Record, Seq};
 /// How long connecting to a node or to etcd may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How often a client waiting for a leader tries again.
+const RETRY: Duration = Duration::from_millis(100);
+
+/// True for the refusals a client may wait through, because what they lack comes with a
+/// cluster that is starting or failing over, and nothing of the request was taken: an etcd
+/// that does not answer (yet), no leader key in etcd (yet), a node that does not listen (yet),
+/// a node that does not lead (yet, or any more).
+pub fn waits_for_leader(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::EtcdUnreachable { .. }
+            | Error::NoLeader { .. }
+            | Error::Unreachable { .. }
+            | Error::NotLeader { .. }
+    )
+}
+
 /// Where a client finds its node.
 #[derive(Clone, Debug)]
 pub enum Endpoint {
@@ -101,6 +118,78 @@ impl WalClient {
         })
     }
 
+    /// [`connect_with`](Self::connect_with), waiting up to `wait` through what a cluster that
+    /// is just starting lacks ([`waits_for_leader`]): a leader key in etcd, a node that
+    /// listens. The last refusal is returned once `wait` has passed.
+    pub async fn connect_waiting(
+        endpoint: Endpoint,
+        access: ApiAccess,
+        wait: Duration,
+    ) -> Result<WalClient> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match WalClient::connect_with(endpoint.clone(), access.clone()).await {
+                Err(e) if waits_for_leader(&e) && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "no leader yet; waiting");
+                    tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + RETRY))
+                        .await;
+                }
+                connected => return connected,
+            }
+        }
+    }
+
+    /// [`append`](Self::append), waiting up to `wait` for a node that leads when the append
+    /// is refused because none does yet ([`waits_for_leader`]: a primary still recovering,
+    /// a failover under way): through etcd, for whichever node leads; for a named server,
+    /// for that node (a refusal naming another leader is returned at once). Such a refusal
+    /// comes before the records are given seqs, so sending them again cannot log them twice;
+    /// any other error is returned at once.
+    pub async fn append_waiting(
+        &mut self,
+        records: Vec<Record>,
+        wait: Duration,
+    ) -> Result<AppendAck> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let refusal = match self.append(records.clone()).await {
+                Err(e) if self.can_wait_out(&e) => e,
+                answered => return answered,
+            };
+            let mut hint = match (&refusal, &self.home) {
+                (Error::NotLeader { leader }, Home::Leader { .. }) => leader.clone(),
+                _ => None,
+            };
+            loop {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(refusal);
+                }
+                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + RETRY)).await;
+                match self.reconnect(hint.take().as_deref()).await {
+                    Ok(()) => break,
+                    Err(e) if waits_for_leader(&e) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
+    /// True if [`append_waiting`](Self::append_waiting) waits through `refusal`: one
+    /// [`waits_for_leader`] covers, except that a client of one named node waits only for that
+    /// node to lead (it may be recovering, or in its failover), so a refusal naming another
+    /// leader is final.
+    pub fn can_wait_out(&self, refusal: &Error) -> bool {
+        match (refusal, &self.home) {
+            (
+                Error::NotLeader {
+                    leader: Some(leader),
+                },
+                Home::Server(addr),
+            ) => leader == addr,
+            _ => waits_for_leader(refusal),
+        }
+    }
+
     /// The address of the node this client talks to.
     pub fn addr(&self) -> &str {
         &self.addr
@@ -172,8 +261,6 @@ impl WalClient {
         Ok(ReadStream { stream })
     }
 
-    /// `key` from the node's applied state, once it has applied `min_seq` (waiting at most
-    /// `timeout`). Returns the value and the node's applied seq.
     /// The value of `key` on this node, from a state that has applied at least `min_seq`
     /// (waiting up to `timeout` for it), and that state's applied seq.
     pub async fn get(
@@ -294,10 +381,11 @@ async fn open(addr: &str, access: &ApiAccess) -> Result<Stub<Channel>> {
         .connect()
         .await
         .map_err(|e| unreachable(error_chain(&e)))?;
-    let limit = max_message_bytes(&Limits::default());
+    // No limit of the client's own on what it sends: the node's limits decide, and its refusal
+    // says which (a client-side limit fails the call with a bare h2 protocol error).
     Ok(Stub::new(channel)
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit))
+        .max_decoding_message_size(max_message_bytes(&Limits::default()))
+        .max_encoding_message_size(usize::MAX))
 }
 
 /// The leader's API address, from the leader key.

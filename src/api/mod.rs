@@ -10,7 +10,7 @@ mod client;
 pub mod security;
 mod server;
 
-pub use client::{Endpoint, WalClient};
+pub use client::{waits_for_leader, Endpoint, WalClient};
 pub use security::{ApiAccess, ApiSecurity};
 pub use server::{serve, WalApi};
 

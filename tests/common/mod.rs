@@ -385,7 +385,11 @@ impl ServedNode {
         let config = fencelog::node::NodeConfig {
             standby,
             primary,
-            failover,
+            campaign: if failover {
+                fencelog::node::Campaign::AtOnce
+            } else {
+                fencelog::node::Campaign::Never
+            },
             local_retention: Default::default(),
             peer_access: Default::default(),
         };

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use fencelog::api::{Endpoint, WalClient};
+use fencelog::api::{waits_for_leader, Endpoint, WalClient};
 use fencelog::checker::tsv_line;
 use fencelog::record::{Record, Seq};
 
@@ -29,6 +29,10 @@ pub struct Target {
     pub etcd_security: EtcdSecurity,
     #[command(flatten)]
     pub api_security: ApiClientSettings,
+    /// Seconds to wait for a cluster that is starting or failing over: for etcd to answer,
+    /// a leader to be elected, the node to listen and to lead.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub wait: u64,
 }
 
 impl Target {
@@ -44,8 +48,23 @@ impl Target {
         }
     }
 
+    /// Connects, waiting up to `--wait` for what a starting cluster lacks (said once on
+    /// stderr, so that a wait is not mistaken for a hang).
     pub async fn connect(&self) -> anyhow::Result<WalClient> {
-        Ok(WalClient::connect_with(self.endpoint()?, self.api_security.access()?).await?)
+        let (endpoint, access) = (self.endpoint()?, self.api_security.access()?);
+        match WalClient::connect_with(endpoint.clone(), access.clone()).await {
+            Err(e) if waits_for_leader(&e) && self.wait > 0 => {
+                eprintln!("{e}: waiting up to {} s (--wait)", self.wait);
+                WalClient::connect_waiting(endpoint, access, self.wait())
+                    .await
+                    .with_context(|| format!("waited {} s (--wait)", self.wait))
+            }
+            connected => Ok(connected?),
+        }
+    }
+
+    pub fn wait(&self) -> Duration {
+        Duration::from_secs(self.wait)
     }
 }
 
@@ -57,7 +76,17 @@ pub enum ReadFormat {
 
 pub async fn append(target: &Target, key: String, value: String) -> anyhow::Result<()> {
     let mut client = target.connect().await?;
-    let ack = client.append(vec![Record::put(key, value)]).await?;
+    let records = vec![Record::put(key, value)];
+    let ack = match client.append(records.clone()).await {
+        Err(e) if client.can_wait_out(&e) && target.wait > 0 => {
+            eprintln!("{e}: waiting up to {} s (--wait)", target.wait);
+            client
+                .append_waiting(records, target.wait())
+                .await
+                .with_context(|| format!("waited {} s (--wait)", target.wait))?
+        }
+        acked => acked?,
+    };
     println!("seq {}", ack.first_seq);
     Ok(())
 }

@@ -8,15 +8,16 @@
 //! standby takes over at once), then the servers, then the store is flushed.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fencelog::api::{self, WalApi};
-use fencelog::etcd::leadership::current_leader;
+use fencelog::error::Error;
+use fencelog::etcd::leadership::{current_leader, LeaderInfo};
 use fencelog::keys::KeyLayout;
 use fencelog::local_store::{blocking, LocalStore};
 use fencelog::metrics::Metrics;
-use fencelog::node::Node;
+use fencelog::node::{Campaign, Node};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
@@ -27,6 +28,10 @@ use crate::settings::Resolved;
 const SERVER_DRAIN: Duration = Duration::from_secs(5);
 /// How often the daemon looks whether its local store has failed.
 const STORE_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a starting daemon waits for etcd to answer.
+const ETCD_STARTUP_WAIT: Duration = Duration::from_secs(10);
+/// How often it tries meanwhile.
+const ETCD_RETRY: Duration = Duration::from_millis(200);
 
 pub async fn run(settings: Resolved, role: &str) -> anyhow::Result<()> {
     let config = settings.node.clone();
@@ -43,23 +48,9 @@ pub async fn run(settings: Resolved, role: &str) -> anyhow::Result<()> {
         .api_security
         .http_tls()
         .context("cannot set up TLS for the API and metrics")?;
-    let client = fencelog::etcd::connect_with(
-        &settings.etcd,
-        &settings.etcd_access,
-        config.primary.etcd_request_timeout,
-    )
-    .await
-    .with_context(|| format!("cannot reach etcd at {}", settings.etcd.join(",")))?;
     let layout = KeyLayout::new(&cluster);
-    let leader = current_leader(&client, &layout, config.primary.etcd_request_timeout)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot read {} from etcd at {}",
-                layout.root(),
-                settings.etcd.join(",")
-            )
-        })?;
+    let (client, leader) =
+        reach_etcd(&settings, &layout, config.primary.etcd_request_timeout).await?;
 
     let dir = settings.data_dir.clone();
     let options = settings.store.clone();
@@ -79,19 +70,24 @@ pub async fn run(settings: Resolved, role: &str) -> anyhow::Result<()> {
     let store = Arc::new(store);
     let metrics = Arc::new(Metrics::new()?);
 
-    match (&leader, config.failover) {
-        (Some((info, _)), true) if info.node != config.primary.node => tracing::info!(
+    match (&leader, config.campaign) {
+        (_, Campaign::Never) => {}
+        (Some((info, _)), _) if info.node != config.primary.node => tracing::info!(
             leader = %info.node, addr = %info.addr,
             "another node leads: following it, and waiting for the leadership"
         ),
-        (None, true) => tracing::info!("nobody leads: campaigning"),
-        _ => {}
+        (Some(_), _) => {}
+        (None, Campaign::AtOnce) => tracing::info!("nobody leads: campaigning"),
+        (None, Campaign::AfterLeader { grace }) => tracing::info!(
+            grace = ?grace,
+            "nobody leads: campaigning unless a primary takes the leadership within the grace"
+        ),
     }
     let node = Arc::new(Node::start(client, store.clone(), config.clone(), metrics.clone()).await?);
     tracing::info!(
         role, cluster = %cluster, node = %config.primary.node,
         api = %settings.listen, metrics = %settings.metrics,
-        failover = config.failover, "serving"
+        failover = config.campaign.campaigns(), "serving"
     );
     if !settings.api_security.guards_writes() {
         tracing::warn!(
@@ -152,6 +148,49 @@ pub async fn run(settings: Resolved, role: &str) -> anyhow::Result<()> {
     flushed.context("cannot flush the local store")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Connects to etcd and reads the leader key, waiting up to [`ETCD_STARTUP_WAIT`] for an etcd
+/// that does not answer yet (one started at the same time as the daemon).
+async fn reach_etcd(
+    settings: &Resolved,
+    layout: &KeyLayout,
+    timeout: Duration,
+) -> anyhow::Result<(etcd_client::Client, Option<(LeaderInfo, i64)>)> {
+    let deadline = Instant::now() + ETCD_STARTUP_WAIT;
+    let mut said = false;
+    loop {
+        let attempt = async {
+            let client =
+                fencelog::etcd::connect_with(&settings.etcd, &settings.etcd_access, timeout)
+                    .await?;
+            let leader = current_leader(&client, layout, timeout).await?;
+            Ok((client, leader))
+        };
+        let error = match attempt.await {
+            Ok(reached) => return Ok(reached),
+            Err(e) => fencelog::etcd::failure::at_endpoints(&settings.etcd, e),
+        };
+        match error {
+            Error::EtcdUnreachable { .. } if Instant::now() < deadline => {
+                if !said {
+                    tracing::warn!(error = %error, wait = ?ETCD_STARTUP_WAIT, "waiting for etcd");
+                    said = true;
+                }
+                tokio::time::sleep(ETCD_RETRY).await;
+            }
+            Error::EtcdUnreachable { .. } | Error::NotEtcd { .. } | Error::EtcdClosed { .. } => {
+                return Err(error.into())
+            }
+            error => {
+                return Err(anyhow::Error::new(error).context(format!(
+                    "cannot read {} from etcd at {}",
+                    layout.root(),
+                    settings.etcd.join(",")
+                )))
+            }
+        }
+    }
 }
 
 /// Resolves with the local store's I/O failure: sled refuses every write after one, so the

@@ -54,6 +54,7 @@ pub async fn run(records: u64) -> anyhow::Result<()> {
             cluster: Some(CLUSTER.to_owned()),
             etcd_security: Default::default(),
             api_security: Default::default(),
+            wait: 10,
         },
         records,
         value_size: 256,
@@ -64,6 +65,8 @@ pub async fn run(records: u64) -> anyhow::Result<()> {
         random_values: false,
         failover_timeout: 30,
         append_timeout: 30,
+        // The demo kills the primary: appends in flight then fail, and it says how many.
+        tolerate_failures: true,
     };
     println!("appending {records} records through the API (16 workers, 64 records per call) ...");
     let loading = tokio::spawn(load::run(options));

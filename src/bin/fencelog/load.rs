@@ -1,8 +1,10 @@
 //! `fencelog load`: drives appends from concurrent workers, through a failover if one happens,
 //! with a progress bar and a summary. With `--acked-out` every acknowledged record is written
-//! as `<seq>\t<key>\t<xxh3 of the value>`, and nothing else is: a failed append is counted,
-//! never retried (its records may or may not have been committed, and a retry would log them
-//! twice), and never written.
+//! as `<seq>\t<key>\t<xxh3 of the value>`, and nothing else is. An append refused because the
+//! node does not lead (yet) is sent again to the primary (nothing of it was sequenced); any
+//! other failed append is counted, never retried (its records may or may not have been
+//! committed, and a retry would log them twice), never written, and makes the load exit
+//! non-zero unless `--tolerate-failures`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -16,7 +18,7 @@ use fencelog::api::WalClient;
 use fencelog::error::Error;
 use fencelog::record::Record;
 use fencelog::workload::RecordGenerator;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanCount, ProgressBar, ProgressState, ProgressStyle};
 use tokio::sync::mpsc;
 
 use crate::commands::Target;
@@ -55,6 +57,9 @@ pub struct LoadOptions {
     /// it is not written to --acked-out) and the worker connects again.
     #[arg(long, default_value_t = 30)]
     pub append_timeout: u64,
+    /// Exit 0 even if appends failed (a load run across a failover on purpose).
+    #[arg(long)]
+    pub tolerate_failures: bool,
 }
 
 #[derive(Default)]
@@ -68,6 +73,8 @@ struct Tally {
     latencies: Vec<u64>,
     /// Connections to a new primary after a failure.
     reconnects: u64,
+    /// Appends sent again after a refusal that came before sequencing ("not the primary").
+    resent: u64,
 }
 
 pub struct LoadSummary {
@@ -82,8 +89,12 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadSummary> {
     }
     let client = options.target.connect().await?;
     let progress = ProgressBar::new(options.records).with_style(ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} records ({per_sec}, eta {eta}) {msg}",
-    )?);
+        "{spinner} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} records ({rate}, eta {eta}) {msg}",
+    )?
+    .with_key("rate", |state: &ProgressState, out: &mut dyn std::fmt::Write| {
+        // Whole records per second, grouped: "20,822/s" (indicatif's own shows 4 decimals).
+        let _ = out.write_fmt(format_args!("{}/s", HumanCount(state.per_sec() as u64)));
+    }));
     let (lines, written) = mpsc::channel::<Vec<String>>(256);
     let writer = match &options.acked_out {
         Some(path) => {
@@ -116,6 +127,7 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadSummary> {
                 random_values: options.random_values,
                 failover_timeout: Duration::from_secs(options.failover_timeout),
                 append_timeout: Duration::from_secs(options.append_timeout),
+                failing_since: None,
             };
             tokio::spawn(worker_run.run())
         })
@@ -140,6 +152,14 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadSummary> {
     if let Some(e) = aborted {
         println!("{summary}");
         return Err(e.context("the load stopped early"));
+    }
+    if tally.failed_appends > 0 && !options.tolerate_failures {
+        println!("{summary}");
+        bail!(
+            "{} appends failed (their records may or may not be committed; none is in --acked-out): \
+             see the errors above, or pass --tolerate-failures",
+            tally.failed_appends
+        );
     }
     Ok(LoadSummary {
         acked: tally.acked,
@@ -173,6 +193,9 @@ struct Worker {
     random_values: bool,
     failover_timeout: Duration,
     append_timeout: Duration,
+    /// When this worker's last append failed, until one is acknowledged again: the next
+    /// acknowledgment's latency counts from there, so the worst latency shows an outage.
+    failing_since: Option<Instant>,
 }
 
 impl Worker {
@@ -192,17 +215,28 @@ impl Worker {
                 .lines
                 .as_ref()
                 .map(|_| records.iter().map(tsv_columns).collect());
-            let sent = Instant::now();
-            let answer = tokio::time::timeout(self.append_timeout, self.client.append(records))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(unanswered(format!(
-                        "no answer within {:?}",
-                        self.append_timeout
-                    )))
-                });
+            let sent = self.failing_since.unwrap_or_else(Instant::now);
+            let answer = loop {
+                let answer =
+                    tokio::time::timeout(self.append_timeout, self.client.append(records.clone()))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(unanswered(format!(
+                                "no answer within {:?}",
+                                self.append_timeout
+                            )))
+                        });
+                match answer {
+                    Err(e @ Error::NotLeader { .. }) => {
+                        self.shared.tally().resent += 1;
+                        self.reconnect(e).await?;
+                    }
+                    answer => break answer,
+                }
+            };
             match answer {
                 Ok(ack) => {
+                    self.failing_since = None;
                     let micros = sent.elapsed().as_micros() as u64;
                     {
                         let mut tally = self.shared.tally();
@@ -224,6 +258,7 @@ impl Worker {
                     }
                 }
                 Err(e) => {
+                    self.failing_since.get_or_insert(sent);
                     self.failed(count, &e);
                     self.reconnect(e).await?;
                 }
@@ -365,7 +400,7 @@ fn summarize(tally: &Tally, elapsed: Duration, value_bytes: u64, batch: usize) -
         format!("{} appends{}", tally.failed_appends, kinds.concat())
     };
     format!(
-        "load summary\n  acknowledged  {} records ({} failed) in {:.2} s\n  throughput    {:.0} records/s, {:.1} MB/s of values\n  ack latency   p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (per append of up to {batch} records)\n  errors        {errors}\n  reconnects    {}",
+        "load summary\n  acknowledged  {} records ({} failed) in {:.2} s\n  throughput    {:.0} records/s, {:.1} MB/s of values\n  ack latency   p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (per append of up to {batch} records)\n  errors        {errors}\n  reconnects    {} ({} appends sent again after a refusal before sequencing)",
         tally.acked,
         tally.failed_records,
         seconds,
@@ -375,5 +410,6 @@ fn summarize(tally: &Tally, elapsed: Duration, value_bytes: u64, batch: usize) -
         at(0.99),
         latencies.last().map_or(0.0, |&m| m as f64 / 1000.0),
         tally.reconnects,
+        tally.resent,
     )
 }

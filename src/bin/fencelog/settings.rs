@@ -12,7 +12,7 @@ use clap::{Args, ValueEnum};
 use fencelog::config::{Pipeline, PrimaryConfig};
 use fencelog::keys::{ClusterId, NodeName};
 use fencelog::local_store::LocalRetention;
-use fencelog::node::NodeConfig;
+use fencelog::node::{Campaign, NodeConfig};
 use fencelog::standby::StandbyConfig;
 use serde::Deserialize;
 
@@ -251,6 +251,14 @@ impl NodeSettings {
         }
         retention.compact = self.etcd_compaction.unwrap_or(retention.compact);
         primary.validate()?;
+        // A failover standby gives a primary started with it one lease TTL to take the key.
+        let campaign = match (leads, self.failover.unwrap_or(false)) {
+            (true, _) => Campaign::AtOnce,
+            (false, true) => Campaign::AfterLeader {
+                grace: primary.lease_ttl,
+            },
+            (false, false) => Campaign::Never,
+        };
         let standby = StandbyConfig::new(cluster, node);
         let mut store = fencelog::local_store::StoreOptions::default();
         if let Some(ms) = self.checkpoint_interval_ms {
@@ -268,7 +276,7 @@ impl NodeSettings {
             node: NodeConfig {
                 standby,
                 primary,
-                failover: leads || self.failover.unwrap_or(false),
+                campaign,
                 local_retention: LocalRetention {
                     retain_records: self.local_retain_records.unwrap_or(u64::MAX),
                     retain_bytes: self.local_retain_bytes.unwrap_or(u64::MAX),
