@@ -28,7 +28,7 @@ use crate::config::PrimaryConfig;
 use crate::error::{Error, Result};
 use crate::etcd::claim::NodeClaim;
 use crate::etcd::identity::bind_store;
-use crate::etcd::leadership::{current_leader, Leadership};
+use crate::etcd::leadership::{current_leader, LeaderInfo, Leadership};
 use crate::etcd::trim::read_trimmed;
 use crate::keys::KeyLayout;
 use crate::local_store::{blocking, LocalRetention, LocalStore};
@@ -249,6 +249,11 @@ impl Node {
 
     /// The API address of the node that leads now, read from its leader key.
     pub async fn leader_addr(&self) -> Result<Option<String>> {
+        Ok(self.leader().await?.map(|info| info.addr))
+    }
+
+    /// The node that leads now (its name and API address), read from its leader key.
+    pub async fn leader(&self) -> Result<Option<LeaderInfo>> {
         let layout = KeyLayout::new(&self.config.primary.cluster);
         let leader = current_leader(
             &self.client,
@@ -256,7 +261,7 @@ impl Node {
             self.config.primary.etcd_request_timeout,
         )
         .await?;
-        Ok(leader.map(|(info, _)| info.addr))
+        Ok(leader.map(|(info, _)| info))
     }
 
     /// Waits until the node's state reflects `seq`, across role changes.

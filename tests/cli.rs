@@ -325,3 +325,98 @@ fn the_readmes_by_hand_block_runs_as_pasted() {
         }
     }
 }
+
+/// A file of docs/ops/, as the repository ships it.
+fn ops_file(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("docs/ops")
+        .join(name)
+}
+
+#[test]
+fn the_alert_rules_pass_promtool() {
+    let output = std::process::Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(ops_file("alerts.yml"))
+        .output()
+        .expect("promtool runs (tools/test.sh installs Debian's prometheus)");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("SUCCESS: 8 rules found"), "{text}");
+}
+
+#[test]
+fn the_alert_rules_use_only_metrics_a_node_exports() {
+    let rules = std::fs::read_to_string(ops_file("alerts.yml")).unwrap();
+    let exported = fencelog::metrics::Metrics::new().unwrap().render();
+    let mut used: Vec<&str> = rules
+        .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+        .filter(|word| word.starts_with("fencelog_"))
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    assert!(used.len() >= 7, "{used:?}");
+    for metric in used {
+        assert!(
+            exported.contains(&format!("# TYPE {metric} ")),
+            "alerts.yml uses {metric}, which a node does not export"
+        );
+    }
+}
+
+#[test]
+fn the_systemd_units_pass_systemd_analyze_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    for unit in ["fencelog-primary.service", "fencelog-standby.service"] {
+        // The one change: the binary where this build put it, not where an install would.
+        let text = std::fs::read_to_string(ops_file(unit))
+            .unwrap()
+            .replace("/usr/local/bin/fencelog", env!("CARGO_BIN_EXE_fencelog"));
+        let path = dir.path().join(unit);
+        std::fs::write(&path, text).unwrap();
+        let output = std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .expect("systemd-analyze runs (tools/test.sh installs Debian's systemd)");
+        let complaints = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{unit}: {complaints}");
+        assert!(complaints.trim().is_empty(), "{unit}: {complaints}");
+    }
+}
+
+#[test]
+fn the_tools_run_the_release_binary_where_cargo_target_dir_puts_it() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let bin = |target_dir: Option<&str>| {
+        let mut shell = std::process::Command::new("bash");
+        shell
+            .args([
+                "-c",
+                "source tools/deps.sh >/dev/null && echo \"$release_bin\"",
+            ])
+            .current_dir(root);
+        match target_dir {
+            Some(dir) => shell.env("CARGO_TARGET_DIR", dir),
+            None => shell.env_remove("CARGO_TARGET_DIR"),
+        };
+        let output = shell.output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    };
+    assert_eq!(bin(Some("/elsewhere")), "/elsewhere/release/fencelog");
+    assert_eq!(bin(None), "target/release/fencelog");
+    for tool in ["demo.sh", "bench.sh", "bench_snapshot.sh"] {
+        let script = std::fs::read_to_string(format!("{root}/tools/{tool}")).unwrap();
+        assert!(
+            script.contains("$release_bin") && !script.contains("target/release"),
+            "tools/{tool} does not run $release_bin"
+        );
+    }
+}

@@ -148,6 +148,13 @@ async fn a_standby_refuses_appends_and_names_the_leader() {
     assert_eq!(status["role"], "standby");
     assert_eq!(status["state"], "watching");
     assert_eq!(status["leader"], primary.api());
+    assert_eq!(status["leader_node"], "alpha");
+    let (ok, out, _) = fencelog(&["status", "--server", standby.api()]);
+    assert!(ok);
+    assert!(
+        out.contains(&format!("leader         alpha ({})", primary.api())),
+        "{out}"
+    );
     standby.stop(STARTUP).await.unwrap();
     primary.stop(STARTUP).await.unwrap();
 }

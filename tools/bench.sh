@@ -8,5 +8,5 @@ source tools/deps.sh
 seconds=${1:-5}
 shift || true
 cargo build --release --locked -q
-target/release/fencelog bench --seconds "$seconds" \
+"$release_bin" bench --seconds "$seconds" \
   --report docs/bench/REPORT.md --plot docs/bench/throughput.png "$@"

@@ -11,7 +11,7 @@ source tools/deps.sh
 records=${1:-1000000}
 keyspace=${2:-$records}
 cargo build --release --locked -q
-bin=target/release/fencelog
+bin=$release_bin
 work=$(mktemp -d)
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done; rm -rf "$work"; }

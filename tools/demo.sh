@@ -9,4 +9,4 @@ cd "$(dirname "$0")/.."
 source tools/deps.sh
 
 cargo build --release --locked
-exec target/release/fencelog demo "$@"
+exec "$release_bin" demo "$@"

@@ -5,6 +5,10 @@ need_packages=()
 command -v etcd >/dev/null 2>&1 || need_packages+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || need_packages+=(protobuf-compiler)
 command -v cc >/dev/null 2>&1 || need_packages+=(build-essential)
+# The tests check docs/ops/: the alert rules with promtool (package prometheus), the systemd
+# units with systemd-analyze (package systemd; no service of either is started).
+command -v promtool >/dev/null 2>&1 || need_packages+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || need_packages+=(systemd)
 # The font `fencelog bench --plot` labels its chart with.
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_packages+=(fonts-dejavu-core)
 # A script may ask for more commands whose Debian package has the same name.
@@ -22,3 +26,7 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is not on the PATH: install a Rust toolchain (rustup) first" >&2
   exit 1
 fi
+
+# Where `cargo build --release` puts the binary: CARGO_TARGET_DIR when set (relative to the
+# repository root, where the tools run), else target/.
+release_bin="${CARGO_TARGET_DIR:-target}/release/fencelog"

@@ -280,7 +280,7 @@ impl Wal for WalApi {
         _request: Request<proto::StatusRequest>,
     ) -> std::result::Result<Response<proto::StatusResponse>, Status> {
         let status = self.node.status();
-        let leader = match self.node.leader_addr().await {
+        let leader = match self.node.leader().await {
             Ok(leader) => leader,
             Err(e) => {
                 tracing::debug!(error = %e, "status: cannot read the leader key");
@@ -298,7 +298,8 @@ impl Wal for WalApi {
             applied_seq: status.applied_seq.0,
             receive_lag_seconds: status.receive_lag_seconds,
             apply_lag_seconds: status.apply_lag_seconds,
-            leader,
+            leader_node: leader.as_ref().map(|info| info.node.as_str().to_owned()),
+            leader: leader.map(|info| info.addr),
             address: self.address.clone(),
             error: status.error,
         }))

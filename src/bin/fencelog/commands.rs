@@ -184,6 +184,7 @@ pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
             "receive_lag_seconds": s.receive_lag_seconds,
             "apply_lag_seconds": s.apply_lag_seconds,
             "leader": s.leader,
+            "leader_node": s.leader_node,
             "error": s.error,
         });
         println!("{object}");
@@ -203,10 +204,10 @@ pub async fn status(target: &Target, json: bool) -> anyhow::Result<()> {
         "lag            {lag_records} records; receive {:.3} s, apply {:.3} s",
         s.receive_lag_seconds, s.apply_lag_seconds
     );
-    println!(
-        "leader         {}",
-        s.leader.as_deref().unwrap_or("(nobody)")
-    );
+    match (&s.leader_node, &s.leader) {
+        (Some(node), Some(addr)) => println!("leader         {node} ({addr})"),
+        _ => println!("leader         (nobody)"),
+    }
     if let Some(error) = &s.error {
         println!("error          {error}");
     }
