@@ -405,8 +405,29 @@ async fn bad_flags_and_an_unreachable_etcd_give_one_line_errors() {
     );
     let secured = dir.path().join("secured.toml");
     std::fs::write(&secured, "[etcd-security]\netcd-user = \"alpha\"\n").unwrap();
+    let five = dir.path().join("five.toml");
+    std::fs::write(&five, "cluster = \"c\"\nlease-ttl = \"five\"\n").unwrap();
+    let one_etcd = dir.path().join("one-etcd.toml");
+    std::fs::write(&one_etcd, "etcd = \"http://127.0.0.1:1\"\n").unwrap();
     let cases = [
         ("primary --bogus".to_owned(), "--bogus"),
+        (
+            "primary --clustr c".to_owned(),
+            "tip: a similar argument exists: '--cluster'",
+        ),
+        (
+            "primary".to_owned(),
+            "--cluster, --node, --data-dir, --etcd are required",
+        ),
+        (
+            format!("primary --config {}", five.display()),
+            "line 2 (lease-ttl): invalid type: string \"five\", expected u64",
+        ),
+        (
+            // A single endpoint as a string: taken, so only the others are missing.
+            format!("primary --config {}", one_etcd.display()),
+            "--cluster, --node, --data-dir are required",
+        ),
         (daemon.replace("--cluster c ", ""), "--cluster is required"),
         (
             daemon.replace("--cluster c", "--cluster ../x"),

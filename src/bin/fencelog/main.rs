@@ -157,14 +157,16 @@ fn main() {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
-            // One line: the reason, without the usage block.
+            // One line: the reason and clap's tip ("a similar argument exists: '--cluster'"),
+            // without the usage block.
             let rendered = e.render().to_string();
             let reason: Vec<&str> = rendered
                 .lines()
-                .take_while(|line| !line.is_empty() && !line.starts_with("Usage:"))
+                .take_while(|line| !line.starts_with("Usage:"))
                 .map(str::trim)
+                .filter(|line| !line.is_empty() && !line.starts_with("For more information"))
                 .collect();
-            eprintln!("{} (see --help)", reason.join(" "));
+            eprintln!("{} (see --help)", reason.join("; "));
             std::process::exit(2);
         }
         Err(e) => e.exit(),

@@ -60,6 +60,7 @@ pub struct NodeSettings {
     pub data_dir: Option<PathBuf>,
     /// etcd endpoints, comma-separated (http://127.0.0.1:2379,...).
     #[arg(long, env = "FENCELOG_ETCD", value_delimiter = ',')]
+    #[serde(default, deserialize_with = "one_or_many")]
     pub etcd: Option<Vec<String>>,
     /// Address the gRPC API listens on [default: 127.0.0.1:7400].
     #[arg(long, env = "FENCELOG_LISTEN")]
@@ -153,8 +154,11 @@ impl NodeSettings {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the config file {}", path.display()))?;
         toml::from_str(&text).map_err(|e| {
-            let reason = e.message().to_owned();
-            anyhow::anyhow!("config file {}: {reason}", path.display())
+            let place = e
+                .span()
+                .map(|span| where_in(&text, span.start))
+                .unwrap_or_default();
+            anyhow::anyhow!("config file {}{place}: {}", path.display(), e.message())
         })
     }
 
@@ -191,23 +195,23 @@ impl NodeSettings {
     /// Checks the merged settings and fills in the defaults. `leads` is true for `primary`,
     /// which always campaigns.
     pub fn resolve(self, leads: bool) -> anyhow::Result<Resolved> {
-        let required = |value: Option<String>, flag: &str| {
-            value.with_context(|| {
-                format!(
-                    "--{flag} is required (or FENCELOG_{} or the config file)",
-                    env_name(flag)
-                )
-            })
-        };
-        let cluster: ClusterId = required(self.cluster, "cluster")?.parse()?;
-        let node: NodeName = required(self.node, "node")?.parse()?;
-        let data_dir = self
-            .data_dir
-            .context("--data-dir is required (or FENCELOG_DATA_DIR or the config file)")?;
         let etcd = self.etcd.unwrap_or_default();
-        if etcd.is_empty() {
-            bail!("--etcd is required (or FENCELOG_ETCD or the config file)");
-        }
+        let missing: Vec<&str> = [
+            ("cluster", self.cluster.is_none()),
+            ("node", self.node.is_none()),
+            ("data-dir", self.data_dir.is_none()),
+            ("etcd", etcd.is_empty()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, missing)| missing.then_some(flag))
+        .collect();
+        let (Some(cluster), Some(node), Some(data_dir), true) =
+            (self.cluster, self.node, self.data_dir, missing.is_empty())
+        else {
+            bail!("{}", missing_settings(&missing));
+        };
+        let cluster: ClusterId = cluster.parse()?;
+        let node: NodeName = node.parse()?;
         let etcd_access = self.etcd_security.access()?;
         let listen = socket_addr(self.listen.as_deref().unwrap_or(Defaults::LISTEN), "listen")?;
         let metrics = socket_addr(
@@ -285,6 +289,55 @@ impl NodeSettings {
             },
         })
     }
+}
+
+/// Every required setting that none of the sources gave, in one line.
+fn missing_settings(flags: &[&str]) -> String {
+    let names: Vec<String> = flags.iter().map(|flag| format!("--{flag}")).collect();
+    let variables: Vec<String> = flags
+        .iter()
+        .map(|flag| format!("FENCELOG_{}", env_name(flag)))
+        .collect();
+    let verb = if flags.len() == 1 { "is" } else { "are" };
+    format!(
+        "{} {verb} required (or {} or the config file)",
+        names.join(", "),
+        variables.join(", ")
+    )
+}
+
+/// Where byte `at` of a config file is, for an error: `, line N (key)`.
+fn where_in(text: &str, at: usize) -> String {
+    let before = &text[..at.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let rest = &text[start..];
+    let key = rest
+        .lines()
+        .next()
+        .and_then(|l| l.split_once('='))
+        .map(|(key, _)| key.trim());
+    match key {
+        Some(key) if !key.is_empty() => format!(", line {line} ({key})"),
+        _ => format!(", line {line}"),
+    }
+}
+
+/// `etcd = "http://a,http://b"` as well as `etcd = ["http://a", "http://b"]`.
+fn one_or_many<'de, D>(deserializer: D) -> Result<Option<Vec<String>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(Some(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(endpoints) => endpoints.split(',').map(|e| e.trim().to_owned()).collect(),
+        OneOrMany::Many(endpoints) => endpoints,
+    }))
 }
 
 fn env_name(flag: &str) -> String {
