@@ -29,11 +29,15 @@ pub fn tsv_line(seq: Seq, record: &Record) -> String {
 /// The key and digest columns of [`tsv_line`]. Keys are printed with non-printable bytes
 /// escaped (`\t`, `\xff`), so a line always has three columns.
 pub fn tsv_columns(record: &Record) -> String {
-    let digest = match record.op {
+    format!("{}\t{}", record.key.escape_ascii(), value_digest(record))
+}
+
+/// The digest column of [`tsv_line`]: the value's xxh3-64 in 16 hex digits, `-` for a delete.
+pub fn value_digest(record: &Record) -> String {
+    match record.op {
         Op::Put => format!("{:016x}", xxh3_64(&record.value)),
         Op::Delete => "-".to_owned(),
-    };
-    format!("{}\t{digest}", record.key.escape_ascii())
+    }
 }
 
 /// The acknowledged records, by seq, from `load --acked-out` files; a seq acknowledged twice

@@ -101,6 +101,10 @@ pub enum Error {
     StoreOpen { dir: PathBuf, source: sled::Error },
     #[error("{dir} is not a fencelog store and not empty ({found}): fencelog never writes into a directory it did not create; give it an empty or new directory")]
     NotAStore { dir: PathBuf, found: String },
+    #[error(
+        "{path} is a file, not a directory: give the node a new or empty directory for its store"
+    )]
+    NotADirectory { path: PathBuf },
     #[error("node {node} of cluster {cluster} is already running, at {addr}: give this daemon another --node, or stop that one first (its claim was kept alive through a lease TTL of {ttl:?})")]
     NodeRunning {
         node: String,

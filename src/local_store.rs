@@ -1378,9 +1378,8 @@ pub fn check_ours_or_empty(dir: &Path) -> Result<()> {
         return Ok(());
     }
     if dir.exists() && !dir.is_dir() {
-        return Err(Error::NotAStore {
-            dir: dir.to_path_buf(),
-            found: "it is a file, not a directory".into(),
+        return Err(Error::NotADirectory {
+            path: dir.to_path_buf(),
         });
     }
     let mut entries = match std::fs::read_dir(dir) {

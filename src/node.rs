@@ -236,20 +236,23 @@ impl Node {
         .await
     }
 
-    /// Appends through this node's term; `NotLeader`, naming the leader's address when one
-    /// leads, while this node does not lead.
+    /// Appends through this node's term; `NotLeader` while this node does not lead, naming
+    /// the leader's address when another node leads.
     pub async fn append(&self, records: Vec<Record>) -> Result<AppendAck> {
         match self.role() {
             Role::Primary(primary) if primary.is_leading() => primary.append(records).await,
             _ => Err(Error::NotLeader {
-                leader: self.leader_addr().await.ok().flatten(),
+                leader: self.other_leader_addr().await,
             }),
         }
     }
 
-    /// The API address of the node that leads now, read from its leader key.
-    pub async fn leader_addr(&self) -> Result<Option<String>> {
-        Ok(self.leader().await?.map(|info| info.addr))
+    /// The API address of the node that leads now, unless that is this node (its leader key
+    /// is there while its term starts): a refusal then names no one to go to, and a client
+    /// waits for this node — whatever address it reached it by.
+    pub async fn other_leader_addr(&self) -> Option<String> {
+        let leader = self.leader().await.ok().flatten()?;
+        (leader.node != self.config.primary.node).then_some(leader.addr)
     }
 
     /// The node that leads now (its name and API address), read from its leader key.

@@ -121,15 +121,9 @@ fn bench_refuses_a_zero_duration() {
     assert!(stderr.contains("--seconds must be at least 1"), "{stderr}");
 }
 
-/// A loopback port nothing listens on.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 #[test]
 fn an_unreachable_etcd_is_one_line_naming_it_and_why() {
-    let etcd = format!("http://127.0.0.1:{}", closed_port());
+    let etcd = format!("http://127.0.0.1:{}", common::free_port());
     let (ok, _, stderr) = fencelog(&[
         "append",
         "--etcd",
@@ -270,7 +264,7 @@ fn the_readmes_by_hand_block_runs_as_pasted() {
         for port in named {
             let free = ports
                 .entry(port.clone())
-                .or_insert_with(|| closed_port().to_string())
+                .or_insert_with(|| common::free_port().to_string())
                 .clone();
             out = out.replace(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{free}"));
         }

@@ -409,6 +409,8 @@ async fn bad_flags_and_an_unreachable_etcd_give_one_line_errors() {
     std::fs::write(&five, "cluster = \"c\"\nlease-ttl = \"five\"\n").unwrap();
     let one_etcd = dir.path().join("one-etcd.toml");
     std::fs::write(&one_etcd, "etcd = \"http://127.0.0.1:1\"\n").unwrap();
+    let a_file = dir.path().join("a-file");
+    std::fs::write(&a_file, "mine").unwrap();
     let cases = [
         ("primary --bogus".to_owned(), "--bogus"),
         (
@@ -440,7 +442,18 @@ async fn bad_flags_and_an_unreachable_etcd_give_one_line_errors() {
         (daemon.replace("--node a", "--node a/b"), "invalid node"),
         (daemon.replace("--node a", "--node é"), "invalid node"),
         (daemon.replace("--node a", "--node .."), "invalid node"),
-        (format!("{daemon} --listen nowhere"), "not an IP:port"),
+        (
+            // Refused before etcd is waited for, and left as it was (checked below).
+            daemon.replace(
+                &dir.path().join("data").display().to_string(),
+                &a_file.display().to_string(),
+            ),
+            "a-file is a file, not a directory: give the node a new or empty directory",
+        ),
+        (
+            format!("{daemon} --listen nowhere"),
+            "not a HOST:PORT address",
+        ),
         (format!("{daemon} --lease-ttl 1"), "lease_ttl"),
         (
             format!("{daemon} --listen 127.0.0.1:0 --metrics 127.0.0.1:0"),
@@ -504,6 +517,7 @@ async fn bad_flags_and_an_unreachable_etcd_give_one_line_errors() {
         );
         assert!(err.contains(expected), "{command}: {err}");
     }
+    assert_eq!(std::fs::read_to_string(&a_file).unwrap(), "mine");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -265,7 +265,7 @@ impl Wal for WalApi {
             .map_err(|e| to_status(&e))?;
         if leading.is_some_and(|primary| !primary.is_leading()) {
             return Err(to_status(&Error::NotLeader {
-                leader: self.node.leader_addr().await.ok().flatten(),
+                leader: self.node.other_leader_addr().await,
             }));
         }
         Ok(Response::new(proto::GetResponse {

@@ -29,6 +29,12 @@ impl Etcd for EtcdCluster {
     }
 }
 
+/// A loopback port nothing listens on (for a moment: bind it soon).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
 /// Starts a real etcd; panics with etcd's own message (and how to install it) if it cannot.
 pub async fn etcd() -> EtcdProcess {
     match EtcdProcess::start().await {

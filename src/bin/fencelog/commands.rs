@@ -1,29 +1,32 @@
 //! The client commands: `append`, `read`, `get`, `status` and `promote`, each one call to a
 //! node's API.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use fencelog::api::{waits_for_leader, Endpoint, WalClient};
-use fencelog::checker::tsv_line;
+use fencelog::checker::value_digest;
 use fencelog::record::{Record, Seq};
 
 use crate::api_security::ApiClientSettings;
 use crate::etcd_security::EtcdSecurity;
 
-/// Which node a command talks to: one address, or the leader found through etcd.
+/// Which node a command talks to: one address, or the leader found through etcd. Each of the
+/// three may come from the environment instead (see [`choose_target`] for which wins).
 #[derive(Args, Debug, Clone)]
 pub struct Target {
-    /// A node's API address (host:port).
-    #[arg(long, conflicts_with_all = ["etcd", "cluster"], required_unless_present = "etcd")]
+    /// A node's API address (host:port) [env: FENCELOG_SERVER].
+    #[arg(long, value_name = "HOST:PORT")]
     pub server: Option<String>,
-    /// etcd endpoints (comma-separated), to find the primary through its leader key.
-    #[arg(long, value_delimiter = ',', requires = "cluster")]
+    /// etcd endpoints (comma-separated), to find the primary through its leader key
+    /// [env: FENCELOG_ETCD].
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
     pub etcd: Option<Vec<String>>,
-    /// The cluster whose primary to find (with --etcd).
-    #[arg(long, requires = "etcd")]
+    /// The cluster whose primary to find (with --etcd) [env: FENCELOG_CLUSTER].
+    #[arg(long, value_name = "ID")]
     pub cluster: Option<String>,
     #[command(flatten)]
     pub etcd_security: EtcdSecurity,
@@ -35,17 +38,104 @@ pub struct Target {
     pub wait: u64,
 }
 
+/// A target's settings from one source: the flags, or the environment.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TargetSettings {
+    pub server: Option<String>,
+    pub etcd: Option<Vec<String>>,
+    pub cluster: Option<String>,
+}
+
+impl TargetSettings {
+    /// `FENCELOG_SERVER`, `FENCELOG_ETCD` (comma-separated) and `FENCELOG_CLUSTER`; an empty
+    /// variable counts as unset.
+    fn from_env() -> TargetSettings {
+        let var = |name| std::env::var(name).ok().filter(|v| !v.is_empty());
+        TargetSettings {
+            server: var("FENCELOG_SERVER"),
+            etcd: var("FENCELOG_ETCD").map(|v| v.split(',').map(|e| e.trim().to_owned()).collect()),
+            cluster: var("FENCELOG_CLUSTER"),
+        }
+    }
+}
+
+/// Where a command goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chosen {
+    Server(String),
+    Etcd {
+        endpoints: Vec<String>,
+        cluster: String,
+    },
+}
+
+/// Which target the flags and the environment name. Flags win: `--server` alone, or `--etcd`
+/// and `--cluster` (either may come from the environment once the other is a flag); with
+/// neither, `FENCELOG_SERVER`, then `FENCELOG_ETCD` with `FENCELOG_CLUSTER`. So a shell that
+/// holds a daemon's `FENCELOG_ETCD`/`FENCELOG_CLUSTER` still lets `--server` pick one node.
+pub fn choose_target(flags: TargetSettings, env: TargetSettings) -> Result<Chosen, String> {
+    const NEITHER: &str = "give --server HOST:PORT, or --etcd URL and --cluster ID \
+                           (or FENCELOG_SERVER, or FENCELOG_ETCD and FENCELOG_CLUSTER)";
+    let by_etcd = |etcd: Option<Vec<String>>, cluster: Option<String>| match (etcd, cluster) {
+        (Some(endpoints), Some(cluster)) => Ok(Chosen::Etcd { endpoints, cluster }),
+        (Some(_), None) => Err("--etcd needs --cluster ID (or FENCELOG_CLUSTER)".to_owned()),
+        (None, _) => Err("--cluster needs --etcd URL (or FENCELOG_ETCD)".to_owned()),
+    };
+    match flags {
+        TargetSettings {
+            server: Some(_),
+            etcd: Some(_),
+            ..
+        }
+        | TargetSettings {
+            server: Some(_),
+            cluster: Some(_),
+            ..
+        } => Err("--server and --etcd/--cluster name two targets: give one".to_owned()),
+        TargetSettings {
+            server: Some(server),
+            ..
+        } => Ok(Chosen::Server(server)),
+        TargetSettings {
+            etcd: None,
+            cluster: None,
+            ..
+        } => match env {
+            TargetSettings {
+                server: Some(server),
+                ..
+            } => Ok(Chosen::Server(server)),
+            TargetSettings {
+                etcd: Some(endpoints),
+                cluster: Some(cluster),
+                ..
+            } => Ok(Chosen::Etcd { endpoints, cluster }),
+            _ => Err(NEITHER.to_owned()),
+        },
+        TargetSettings { etcd, cluster, .. } => by_etcd(etcd.or(env.etcd), cluster.or(env.cluster)),
+    }
+}
+
 impl Target {
+    /// The target the flags and the environment name (see [`choose_target`]).
+    pub fn chosen(&self) -> anyhow::Result<Chosen> {
+        let flags = TargetSettings {
+            server: self.server.clone(),
+            etcd: self.etcd.clone(),
+            cluster: self.cluster.clone(),
+        };
+        choose_target(flags, TargetSettings::from_env()).map_err(anyhow::Error::msg)
+    }
+
     pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
-        match (&self.server, &self.etcd, &self.cluster) {
-            (Some(server), _, _) => Ok(Endpoint::Server(server.clone())),
-            (None, Some(endpoints), Some(cluster)) => Ok(Endpoint::Etcd {
-                endpoints: endpoints.clone(),
+        Ok(match self.chosen()? {
+            Chosen::Server(server) => Endpoint::Server(server),
+            Chosen::Etcd { endpoints, cluster } => Endpoint::Etcd {
+                endpoints,
                 cluster: cluster.parse()?,
                 access: self.etcd_security.access()?,
-            }),
-            _ => bail!("give --server ADDR, or --etcd URL and --cluster ID"),
-        }
+            },
+        })
     }
 
     /// Connects, waiting up to `--wait` for what a starting cluster lacks (said once on
@@ -74,16 +164,100 @@ pub enum ReadFormat {
     Tsv,
 }
 
-pub async fn append(target: &Target, key: String, value: String) -> anyhow::Result<()> {
+/// How keys and values are written on the command line and printed: as they are, or in
+/// base64 (for bytes a shell cannot pass or a terminal cannot show).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct Encoding {
+    /// Keys and values given on the command line, and those printed, are base64 (standard
+    /// alphabet, padded).
+    #[arg(long)]
+    pub base64: bool,
+}
+
+impl Encoding {
+    /// The bytes `text` stands for; `what` names it in the error.
+    pub fn decode(self, what: &str, text: &str) -> anyhow::Result<Vec<u8>> {
+        use base64::Engine;
+        match self.base64 {
+            false => Ok(text.as_bytes().to_vec()),
+            true => base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .with_context(|| format!("{what} {text:?} is not base64 (--base64)")),
+        }
+    }
+
+    /// `bytes` as printed: base64, or escaped where not printable ASCII (`\t`, `\xff`).
+    pub fn show(self, bytes: &[u8]) -> String {
+        use base64::Engine;
+        match self.base64 {
+            false => bytes.escape_ascii().to_string(),
+            true => base64::engine::general_purpose::STANDARD.encode(bytes),
+        }
+    }
+}
+
+/// Where an appended value comes from.
+pub enum ValueSource {
+    Given(String),
+    /// A file's bytes as they are; `-` is stdin.
+    File(PathBuf),
+}
+
+/// Bytes a value file is read up to: past them no node takes the value, whatever its limits.
+const MAX_VALUE_FILE_BYTES: u64 = fencelog::limits::HARD_MAX_UNCOMPRESSED as u64;
+
+impl ValueSource {
+    fn read(self, encoding: Encoding) -> anyhow::Result<Vec<u8>> {
+        let path = match self {
+            ValueSource::Given(text) => return encoding.decode("the value", &text),
+            ValueSource::File(path) => path,
+        };
+        let mut value = Vec::new();
+        let read = if path.as_os_str() == "-" {
+            std::io::stdin()
+                .lock()
+                .take(MAX_VALUE_FILE_BYTES + 1)
+                .read_to_end(&mut value)
+        } else {
+            std::fs::File::open(&path)
+                .and_then(|file| file.take(MAX_VALUE_FILE_BYTES + 1).read_to_end(&mut value))
+        };
+        let name = match path.as_os_str() == "-" {
+            true => "stdin".to_owned(),
+            false => path.display().to_string(),
+        };
+        read.with_context(|| format!("cannot read the value from {name} (--value-file)"))?;
+        if value.len() as u64 > MAX_VALUE_FILE_BYTES {
+            bail!(
+                "the value in {name} (--value-file) is over {} MiB, more than any node takes",
+                MAX_VALUE_FILE_BYTES >> 20
+            );
+        }
+        Ok(value)
+    }
+}
+
+pub async fn append(
+    target: &Target,
+    key: &str,
+    value: ValueSource,
+    encoding: Encoding,
+) -> anyhow::Result<()> {
+    let records = vec![Record::put(
+        encoding.decode("the key", key)?,
+        value.read(encoding)?,
+    )];
     let mut client = target.connect().await?;
-    let records = vec![Record::put(key, value)];
     let ack = match client.append(records.clone()).await {
         Err(e) if client.can_wait_out(&e) && target.wait > 0 => {
             eprintln!("{e}: waiting up to {} s (--wait)", target.wait);
-            client
-                .append_waiting(records, target.wait())
-                .await
-                .with_context(|| format!("waited {} s (--wait)", target.wait))?
+            // Past the wait the refusal is the one waited out; any other answer is its own.
+            match client.append_waiting(records, target.wait()).await {
+                Err(e) if client.can_wait_out(&e) => {
+                    Err(e).with_context(|| format!("waited {} s (--wait)", target.wait))?
+                }
+                acked => acked?,
+            }
         }
         acked => acked?,
     };
@@ -96,6 +270,7 @@ pub async fn read(
     from: u64,
     to: Option<u64>,
     _format: ReadFormat,
+    encoding: Encoding,
 ) -> anyhow::Result<()> {
     if from == 0 {
         bail!("--from must be at least 1: seqs start at 1");
@@ -107,13 +282,24 @@ pub async fn read(
     let mut stream = client.read(Seq(from), to.map(Seq)).await?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut last = from - 1;
     while let Some(chunk) = stream.next_chunk().await? {
         for (seq, record) in chunk {
-            writeln!(out, "{}", tsv_line(seq, &record))?;
+            let digest = value_digest(&record);
+            writeln!(out, "{seq}\t{}\t{digest}", encoding.show(&record.key))?;
+            last = seq.0;
         }
     }
     out.flush()?;
-    Ok(())
+    match to {
+        Some(to) if last < to => bail!(
+            "--to {to} is past the log {} holds committed, which ends at seq {last}: printed \
+             {} records, {from}..={last}",
+            client.addr(),
+            last + 1 - from
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Which state a `get` reads.
@@ -124,30 +310,32 @@ pub enum ReadAt {
     Consistent,
 }
 
+/// Prints the value of `key` (its bytes, or base64, then a newline).
 pub async fn get(
     target: &Target,
-    key: String,
+    key: &str,
     at: ReadAt,
     timeout: Duration,
+    encoding: Encoding,
 ) -> anyhow::Result<()> {
+    let bytes = encoding.decode("the key", key)?;
     let mut client = target.connect().await?;
     let (value, applied) = match at {
-        ReadAt::Applied(seq) => client.get(key.clone().into_bytes(), seq, timeout).await?,
-        ReadAt::Consistent => {
-            client
-                .get_consistent(key.clone().into_bytes(), timeout)
-                .await?
-        }
+        ReadAt::Applied(seq) => client.get(bytes, seq, timeout).await?,
+        ReadAt::Consistent => client.get_consistent(bytes, timeout).await?,
     };
-    match value {
-        Some(value) => {
-            let mut out = std::io::stdout().lock();
+    let Some(value) = value else {
+        bail!("key {key:?} not found (the node has applied through seq {applied})");
+    };
+    let mut out = std::io::stdout().lock();
+    match encoding.base64 {
+        true => writeln!(out, "{}", encoding.show(&value))?,
+        false => {
             out.write_all(&value)?;
             writeln!(out)?;
-            Ok(())
         }
-        None => bail!("key {key:?} not found (the node has applied through seq {applied})"),
     }
+    Ok(())
 }
 
 pub async fn promote(
@@ -289,14 +477,12 @@ pub async fn check(
         stores.push(store);
     }
     let mut checker = Checker::new(acked, nodes);
-    let (source, batches) = match (&target.server, &target.etcd, &target.cluster) {
-        (None, Some(endpoints), Some(cluster)) => {
+    let (source, batches) = match target.chosen()? {
+        Chosen::Etcd { endpoints, cluster } => {
             let access = target.etcd_security.access()?;
-            let (etcd, batches) =
-                read_etcd_log(endpoints, &access, cluster, &stores, &mut checker).await?;
-            (etcd, batches)
+            read_etcd_log(&endpoints, &access, &cluster, &stores, &mut checker).await?
         }
-        _ => {
+        Chosen::Server(_) => {
             let mut client = target.connect().await?;
             let mut stream = client.read(Seq(1), None).await?;
             while let Some(chunk) = stream.next_chunk().await? {
@@ -396,4 +582,101 @@ async fn read_etcd_log(
         }
     }
     Ok((source, headers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn given(server: Option<&str>, etcd: Option<&str>, cluster: Option<&str>) -> TargetSettings {
+        TargetSettings {
+            server: server.map(str::to_owned),
+            etcd: etcd.map(|e| vec![e.to_owned()]),
+            cluster: cluster.map(str::to_owned),
+        }
+    }
+
+    fn etcd(endpoint: &str, cluster: &str) -> Chosen {
+        Chosen::Etcd {
+            endpoints: vec![endpoint.to_owned()],
+            cluster: cluster.to_owned(),
+        }
+    }
+
+    const NOTHING: TargetSettings = TargetSettings {
+        server: None,
+        etcd: None,
+        cluster: None,
+    };
+
+    #[test]
+    fn a_server_flag_wins_over_a_daemons_etcd_and_cluster_in_the_environment() {
+        let env = given(None, Some("http://e"), Some("c1"));
+        let chosen = choose_target(given(Some("n:1"), None, None), env);
+        assert_eq!(chosen, Ok(Chosen::Server("n:1".into())));
+    }
+
+    #[test]
+    fn etcd_flags_win_over_a_server_in_the_environment() {
+        let env = given(Some("n:1"), None, None);
+        let chosen = choose_target(given(None, Some("http://e"), Some("c1")), env);
+        assert_eq!(chosen, Ok(etcd("http://e", "c1")));
+    }
+
+    #[test]
+    fn an_etcd_flag_takes_the_cluster_from_the_environment() {
+        let env = given(None, Some("http://other"), Some("c1"));
+        let chosen = choose_target(given(None, Some("http://e"), None), env);
+        assert_eq!(chosen, Ok(etcd("http://e", "c1")));
+    }
+
+    #[test]
+    fn a_cluster_flag_takes_etcd_from_the_environment() {
+        let env = given(None, Some("http://e"), Some("c1"));
+        let chosen = choose_target(given(None, None, Some("c2")), env);
+        assert_eq!(chosen, Ok(etcd("http://e", "c2")));
+    }
+
+    #[test]
+    fn without_flags_the_environments_server_wins_over_its_etcd() {
+        let env = given(Some("n:1"), Some("http://e"), Some("c1"));
+        assert_eq!(
+            choose_target(NOTHING, env),
+            Ok(Chosen::Server("n:1".into()))
+        );
+    }
+
+    #[test]
+    fn without_flags_the_environments_etcd_and_cluster_are_used() {
+        let env = given(None, Some("http://e"), Some("c1"));
+        assert_eq!(choose_target(NOTHING, env), Ok(etcd("http://e", "c1")));
+    }
+
+    #[test]
+    fn a_server_and_etcd_flags_together_are_refused() {
+        for flags in [
+            given(Some("n:1"), Some("http://e"), None),
+            given(Some("n:1"), None, Some("c1")),
+        ] {
+            let refused = choose_target(flags, NOTHING).unwrap_err();
+            assert!(refused.contains("name two targets"), "{refused}");
+        }
+    }
+
+    #[test]
+    fn etcd_without_a_cluster_anywhere_asks_for_one() {
+        let refused = choose_target(given(None, Some("http://e"), None), NOTHING).unwrap_err();
+        assert!(refused.contains("--etcd needs --cluster"), "{refused}");
+        let refused = choose_target(given(None, None, Some("c1")), NOTHING).unwrap_err();
+        assert!(refused.contains("--cluster needs --etcd"), "{refused}");
+    }
+
+    #[test]
+    fn nothing_anywhere_says_what_to_give() {
+        let refused = choose_target(NOTHING, NOTHING).unwrap_err();
+        assert!(refused.contains("give --server HOST:PORT"), "{refused}");
+        assert!(refused.contains("FENCELOG_SERVER"), "{refused}");
+        let only_a_cluster = given(None, None, Some("c1"));
+        assert!(choose_target(NOTHING, only_a_cluster).is_err());
+    }
 }

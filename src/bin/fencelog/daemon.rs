@@ -48,6 +48,13 @@ pub async fn run(settings: Resolved, role: &str) -> anyhow::Result<()> {
         .api_security
         .http_tls()
         .context("cannot set up TLS for the API and metrics")?;
+    // Checked before etcd is waited for: someone else's files are refused at once.
+    fencelog::local_store::check_ours_or_empty(&settings.data_dir).with_context(|| {
+        format!(
+            "cannot open the store in {} (--data-dir)",
+            settings.data_dir.display()
+        )
+    })?;
     let layout = KeyLayout::new(&cluster);
     let (client, leader) =
         reach_etcd(&settings, &layout, config.primary.etcd_request_timeout).await?;

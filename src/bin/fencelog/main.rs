@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use commands::{ReadFormat, Target};
+use commands::{Encoding, ReadFormat, Target, ValueSource};
 use settings::{LogFormat, NodeSettings};
 
 #[derive(Parser)]
@@ -54,8 +54,17 @@ enum Command {
     Append {
         #[command(flatten)]
         target: Target,
+        /// The record's key.
         key: String,
-        value: String,
+        /// The record's value (or --value-file).
+        #[arg(required_unless_present = "value_file")]
+        value: Option<String>,
+        /// Take the value from this file, as it is (`-`: stdin); for values a command line
+        /// cannot carry (up to the node's limit, 1 MiB by default).
+        #[arg(long, value_name = "PATH", conflicts_with = "value")]
+        value_file: Option<PathBuf>,
+        #[command(flatten)]
+        encoding: Encoding,
     },
     /// Drive appends from concurrent workers and print throughput and ack latency.
     Load(load::LoadOptions),
@@ -63,13 +72,18 @@ enum Command {
     Read {
         #[command(flatten)]
         target: Target,
-        #[arg(long)]
+        /// First seq to print (seqs start at 1).
+        #[arg(long, value_name = "SEQ")]
         from: u64,
-        /// Last seq [default: what the node holds now].
-        #[arg(long)]
+        /// Last seq to print; past what the node holds committed, it prints what there is
+        /// and fails saying where the log ends [default: what the node holds now].
+        #[arg(long, value_name = "SEQ")]
         to: Option<u64>,
+        /// Output format.
         #[arg(long, value_enum, default_value = "tsv")]
         format: ReadFormat,
+        #[command(flatten)]
+        encoding: Encoding,
     },
     /// Print a key's value from the node's applied state.
     Get {
@@ -83,9 +97,12 @@ enum Command {
         #[arg(long, conflicts_with = "min_seq")]
         consistent: bool,
         /// Seconds to wait for --min-seq or --consistent.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, value_name = "SECONDS", default_value_t = 10)]
         timeout: u64,
+        /// The key to look up.
         key: String,
+        #[command(flatten)]
+        encoding: Encoding,
     },
     /// Show a node's role, state, positions and lag.
     Status {
@@ -166,7 +183,7 @@ fn main() {
                 .map(str::trim)
                 .filter(|line| !line.is_empty() && !line.starts_with("For more information"))
                 .collect();
-            eprintln!("{} (see --help)", reason.join("; "));
+            eprintln!("{} (see --help)", reason.join("; ").replace(":; ", ": "));
             std::process::exit(2);
         }
         Err(e) => e.exit(),
@@ -207,7 +224,20 @@ async fn run_daemon(args: DaemonArgs, leads: bool) -> anyhow::Result<()> {
 
 async fn run_client(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Append { target, key, value } => commands::append(&target, key, value).await,
+        Command::Append {
+            target,
+            key,
+            value,
+            value_file,
+            encoding,
+        } => {
+            let value = match (value, value_file) {
+                (_, Some(path)) => ValueSource::File(path),
+                (Some(value), None) => ValueSource::Given(value),
+                (None, None) => anyhow::bail!("give a VALUE or --value-file PATH"),
+            };
+            commands::append(&target, &key, value, encoding).await
+        }
         Command::Load(options) => {
             let summary = load::run(options).await?;
             println!("{}", summary.summary);
@@ -218,19 +248,21 @@ async fn run_client(command: Command) -> anyhow::Result<()> {
             from,
             to,
             format,
-        } => commands::read(&target, from, to, format).await,
+            encoding,
+        } => commands::read(&target, from, to, format, encoding).await,
         Command::Get {
             target,
             min_seq,
             consistent,
             timeout,
             key,
+            encoding,
         } => {
             let at = match (consistent, min_seq) {
                 (true, _) => commands::ReadAt::Consistent,
                 (false, seq) => commands::ReadAt::Applied(fencelog::record::Seq(seq.unwrap_or(0))),
             };
-            commands::get(&target, key, at, Duration::from_secs(timeout)).await
+            commands::get(&target, &key, at, Duration::from_secs(timeout), encoding).await
         }
         Command::Status { target, json } => commands::status(&target, json).await,
         Command::Promote {

@@ -344,8 +344,27 @@ fn env_name(flag: &str) -> String {
     flag.to_uppercase().replace('-', "_")
 }
 
+/// An address to listen on: `IP:PORT`, or `HOST:PORT` with the host resolved now (its IPv4
+/// address where it has one, so that `localhost` means 127.0.0.1 as the defaults do).
 fn socket_addr(value: &str, flag: &str) -> anyhow::Result<SocketAddr> {
-    value
-        .parse()
-        .with_context(|| format!("--{flag} {value:?} is not an IP:port address"))
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = value.parse() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = value.rsplit_once(':') else {
+        bail!("--{flag} {value:?} is not a HOST:PORT address");
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        bail!("--{flag} {value:?} is not a HOST:PORT address");
+    }
+    let addrs: Vec<SocketAddr> = value
+        .to_socket_addrs()
+        .with_context(|| format!("--{flag} {value:?}: cannot resolve {host}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|addr| addr.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .with_context(|| format!("--{flag} {value:?}: {host} has no address"))
 }
