@@ -414,3 +414,69 @@ fn the_tools_run_the_release_binary_where_cargo_target_dir_puts_it() {
         );
     }
 }
+
+/// `fencelog [COMMAND] --help`.
+fn help(command: &[&str]) -> String {
+    let args: Vec<&str> = command.iter().copied().chain(["--help"]).collect();
+    let (ok, out, err) = fencelog(&args);
+    assert!(ok, "{command:?} --help: {err}");
+    out
+}
+
+/// The commands `fencelog --help` lists (but `help` itself).
+fn subcommands() -> Vec<String> {
+    let top = help(&[]);
+    let listed = top
+        .lines()
+        .skip_while(|line| !line.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|line| !line.is_empty());
+    let names: Vec<String> = listed
+        .filter_map(|line| line.strip_prefix("  ")?.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_owned)
+        .collect();
+    assert!(names.len() >= 10, "{top}");
+    names
+}
+
+#[test]
+fn every_commands_help_describes_each_of_its_arguments_below_it() {
+    for command in subcommands() {
+        let text = help(&[&command]);
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let is_argument = ["  -", "      --", "  <", "  ["]
+                .iter()
+                .any(|start| line.starts_with(start));
+            if !is_argument {
+                continue;
+            }
+            let described = lines
+                .get(i + 1)
+                .is_some_and(|next| next.starts_with("          ") && !next.trim().is_empty());
+            assert!(
+                described,
+                "fencelog {command} --help: {line:?} has no description:\n{text}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_primarys_help_offers_only_its_own_flags_and_each_role_marks_the_required_ones() {
+    let (primary, standby) = (help(&["primary"]), help(&["standby"]));
+    assert!(!primary.contains("--failover"), "{primary}");
+    assert!(standby.contains("--failover"), "{standby}");
+    for text in [primary, standby] {
+        let required: Vec<&str> = text
+            .lines()
+            .skip_while(|line| !line.starts_with("Required"))
+            .skip(1)
+            .take_while(|line| !line.is_empty())
+            .filter_map(|line| line.trim().strip_prefix("--"))
+            .filter_map(|flag| flag.split_whitespace().next())
+            .collect();
+        assert_eq!(required, ["cluster", "node", "data-dir", "etcd"], "{text}");
+    }
+}

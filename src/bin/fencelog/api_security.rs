@@ -20,25 +20,50 @@ pub const TOKEN_ENV: &str = "FENCELOG_API_TOKEN";
 pub struct ApiServerSettings {
     /// Serve the API over TLS with this certificate (PEM); also this node's certificate when it
     /// calls another node.
-    #[arg(long, env = "FENCELOG_TLS_CERT")]
+    #[arg(
+        long,
+        env = "FENCELOG_TLS_CERT",
+        help_heading = "API security",
+        value_name = "FILE"
+    )]
     pub tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM).
-    #[arg(long, env = "FENCELOG_TLS_KEY")]
+    #[arg(
+        long,
+        env = "FENCELOG_TLS_KEY",
+        help_heading = "API security",
+        value_name = "FILE"
+    )]
     pub tls_key: Option<PathBuf>,
     /// Verify client certificates against this CA (PEM) and require one on every connection,
     /// unless --open-reads.
-    #[arg(long, env = "FENCELOG_TLS_CLIENT_CA")]
+    #[arg(
+        long,
+        env = "FENCELOG_TLS_CLIENT_CA",
+        help_heading = "API security",
+        value_name = "FILE"
+    )]
     pub tls_client_ca: Option<PathBuf>,
     /// With --tls-client-ca: let clients without a certificate connect for Read, Get, Status
     /// and Snapshot; Append and Promote still need a certificate or the token.
-    #[arg(long, env = "FENCELOG_OPEN_READS", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "FENCELOG_OPEN_READS", help_heading = "API security", num_args = 0..=1, default_missing_value = "true")]
     pub open_reads: Option<bool>,
     /// CA (PEM) of the other nodes' API certificates [default: --tls-client-ca].
-    #[arg(long, env = "FENCELOG_TLS_CA")]
+    #[arg(
+        long,
+        env = "FENCELOG_TLS_CA",
+        help_heading = "API security",
+        value_name = "FILE"
+    )]
     pub tls_ca: Option<PathBuf>,
     /// File whose first line is a bearer token that authorizes Append and Promote (or set
     /// FENCELOG_API_TOKEN).
-    #[arg(long, env = "FENCELOG_API_TOKEN_FILE")]
+    #[arg(
+        long,
+        env = "FENCELOG_API_TOKEN_FILE",
+        help_heading = "API security",
+        value_name = "FILE"
+    )]
     pub api_token_file: Option<PathBuf>,
 }
 
@@ -83,16 +108,36 @@ impl ApiServerSettings {
 #[derive(Args, Debug, Clone, Default)]
 pub struct ApiClientSettings {
     /// Connect over TLS, trusting this CA (PEM) for the node's certificate.
-    #[arg(long, env = "FENCELOG_TLS_CA")]
+    #[arg(
+        long,
+        env = "FENCELOG_TLS_CA",
+        help_heading = "API security",
+        value_name = "FILE"
+    )]
     pub tls_ca: Option<PathBuf>,
     /// Present this client certificate (PEM); needs --tls-ca and --tls-key.
-    #[arg(long, env = "FENCELOG_TLS_CERT")]
+    #[arg(
+        long,
+        env = "FENCELOG_TLS_CERT",
+        help_heading = "API security",
+        value_name = "FILE"
+    )]
     pub tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM).
-    #[arg(long, env = "FENCELOG_TLS_KEY")]
+    #[arg(
+        long,
+        env = "FENCELOG_TLS_KEY",
+        help_heading = "API security",
+        value_name = "FILE"
+    )]
     pub tls_key: Option<PathBuf>,
     /// File whose first line is the API's bearer token (or set FENCELOG_API_TOKEN).
-    #[arg(long, env = "FENCELOG_API_TOKEN_FILE")]
+    #[arg(
+        long,
+        env = "FENCELOG_API_TOKEN_FILE",
+        help_heading = "API security",
+        value_name = "FILE"
+    )]
     pub api_token_file: Option<PathBuf>,
 }
 

@@ -19,24 +19,27 @@ use crate::etcd_security::EtcdSecurity;
 #[derive(Args, Debug, Clone)]
 pub struct Target {
     /// A node's API address (host:port) [env: FENCELOG_SERVER].
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", help_heading = TARGET)]
     pub server: Option<String>,
     /// etcd endpoints (comma-separated), to find the primary through its leader key
     /// [env: FENCELOG_ETCD].
-    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    #[arg(long, value_name = "URLS", value_delimiter = ',', help_heading = TARGET)]
     pub etcd: Option<Vec<String>>,
     /// The cluster whose primary to find (with --etcd) [env: FENCELOG_CLUSTER].
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", help_heading = TARGET)]
     pub cluster: Option<String>,
+    /// Seconds to wait for a cluster that is starting or failing over: for etcd to answer,
+    /// a leader to be elected, the node to listen and to lead.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, help_heading = TARGET)]
+    pub wait: u64,
     #[command(flatten)]
     pub etcd_security: EtcdSecurity,
     #[command(flatten)]
     pub api_security: ApiClientSettings,
-    /// Seconds to wait for a cluster that is starting or failing over: for etcd to answer,
-    /// a leader to be elected, the node to listen and to lead.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
-    pub wait: u64,
 }
+
+/// The `--help` section of [`Target`]'s own flags.
+const TARGET: &str = "Target (one node, or the primary through etcd)";
 
 /// A target's settings from one source: the flags, or the environment.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -158,9 +161,10 @@ impl Target {
     }
 }
 
+/// `read`'s output: only `tsv` so far, `<seq>\t<key>\t<xxh3-64 of the value, 16 hex digits>`
+/// (a delete shows `-` as its digest).
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum ReadFormat {
-    /// `<seq>\t<key>\t<xxh3-64 of the value, 16 hex digits>`; a delete shows `-` as its digest.
     Tsv,
 }
 

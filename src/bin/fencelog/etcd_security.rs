@@ -21,20 +21,45 @@ pub const PASSWORD_ENV: &str = "FENCELOG_ETCD_PASSWORD";
 pub struct EtcdSecurity {
     /// CA certificate (PEM) etcd's server certificate must chain to: connect over TLS
     /// (https:// endpoints).
-    #[arg(long, env = "FENCELOG_ETCD_CA")]
+    #[arg(
+        long,
+        env = "FENCELOG_ETCD_CA",
+        help_heading = "etcd security",
+        value_name = "FILE"
+    )]
     pub etcd_ca: Option<PathBuf>,
     /// Client certificate (PEM) to present to etcd; needs --etcd-key and --etcd-ca.
-    #[arg(long, env = "FENCELOG_ETCD_CERT")]
+    #[arg(
+        long,
+        env = "FENCELOG_ETCD_CERT",
+        help_heading = "etcd security",
+        value_name = "FILE"
+    )]
     pub etcd_cert: Option<PathBuf>,
     /// The client certificate's private key (PEM).
-    #[arg(long, env = "FENCELOG_ETCD_KEY")]
+    #[arg(
+        long,
+        env = "FENCELOG_ETCD_KEY",
+        help_heading = "etcd security",
+        value_name = "FILE"
+    )]
     pub etcd_key: Option<PathBuf>,
     /// etcd user to authenticate as; the password from --etcd-password-file or
     /// FENCELOG_ETCD_PASSWORD.
-    #[arg(long, env = "FENCELOG_ETCD_USER")]
+    #[arg(
+        long,
+        env = "FENCELOG_ETCD_USER",
+        help_heading = "etcd security",
+        value_name = "USER"
+    )]
     pub etcd_user: Option<String>,
     /// File whose first line is the etcd user's password.
-    #[arg(long, env = "FENCELOG_ETCD_PASSWORD_FILE")]
+    #[arg(
+        long,
+        env = "FENCELOG_ETCD_PASSWORD_FILE",
+        help_heading = "etcd security",
+        value_name = "FILE"
+    )]
     pub etcd_password_file: Option<PathBuf>,
 }
 

@@ -29,33 +29,33 @@ pub struct LoadOptions {
     #[command(flatten)]
     pub target: Target,
     /// Records to append.
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     pub records: u64,
     /// Bytes per value.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, value_name = "BYTES", default_value_t = 256)]
     pub value_size: usize,
     /// Concurrent append calls.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, value_name = "N", default_value_t = 16)]
     pub concurrency: usize,
     /// Records per append call.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, value_name = "N", default_value_t = 64)]
     pub batch: usize,
     /// Write `<seq>\t<key>\t<xxh3 of value>` for every acknowledged record.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub acked_out: Option<PathBuf>,
     /// Write over this many keys (record i goes to key i mod N) instead of a new key per
     /// record: a long history over a smaller state.
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     pub keyspace: Option<u64>,
     /// Incompressible values instead of JSON-like ones.
     #[arg(long)]
     pub random_values: bool,
     /// Seconds a worker keeps looking for a primary after losing it.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub failover_timeout: u64,
     /// Seconds an append may go unanswered: then it counts as failed (its outcome unknown, so
     /// it is not written to --acked-out) and the worker connects again.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub append_timeout: u64,
     /// Exit 0 even if appends failed (a load run across a failover on purpose).
     #[arg(long)]

@@ -18,10 +18,10 @@ mod settings;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use commands::{Encoding, ReadFormat, Target, ValueSource};
-use settings::{LogFormat, NodeSettings};
+use settings::{LogFormat, NodeSettings, StandbyArgs};
 
 #[derive(Parser)]
 #[command(
@@ -37,7 +37,7 @@ struct Cli {
 #[derive(Args)]
 struct DaemonArgs {
     /// A TOML file with the settings below (flags and FENCELOG_* variables override it).
-    #[arg(long, env = "FENCELOG_CONFIG")]
+    #[arg(long, env = "FENCELOG_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(flatten)]
     settings: NodeSettings,
@@ -49,7 +49,12 @@ enum Command {
     /// leads), then takes appends.
     Primary(DaemonArgs),
     /// Run a node that follows the committed log (and takes over with --failover).
-    Standby(DaemonArgs),
+    Standby {
+        #[command(flatten)]
+        args: DaemonArgs,
+        #[command(flatten)]
+        standby: StandbyArgs,
+    },
     /// Append one record; prints `seq N` once it is committed.
     Append {
         #[command(flatten)]
@@ -79,7 +84,7 @@ enum Command {
         /// and fails saying where the log ends [default: what the node holds now].
         #[arg(long, value_name = "SEQ")]
         to: Option<u64>,
-        /// Output format.
+        /// Output format: `tsv` is `<seq>\t<key>\t<xxh3-64 of the value>`, a delete's digest `-`.
         #[arg(long, value_enum, default_value = "tsv")]
         format: ReadFormat,
         #[command(flatten)]
@@ -90,7 +95,7 @@ enum Command {
         #[command(flatten)]
         target: Target,
         /// Wait until the node has applied this seq (read-your-writes).
-        #[arg(long)]
+        #[arg(long, value_name = "SEQ")]
         min_seq: Option<u64>,
         /// Wait until the node has applied everything it knew committed when asked: on the
         /// primary, a linearizable read.
@@ -115,7 +120,7 @@ enum Command {
     /// Make a standby the primary.
     Promote {
         /// The node's API address.
-        #[arg(long)]
+        #[arg(long, value_name = "HOST:PORT")]
         server: String,
         /// Depose a live primary first (revokes its lease).
         #[arg(long)]
@@ -129,7 +134,7 @@ enum Command {
         #[command(flatten)]
         target: Target,
         /// The stopped node's data directory.
-        #[arg(long)]
+        #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
     },
     /// Check a history after faults: every acknowledged record committed once, unchanged; the
@@ -138,16 +143,16 @@ enum Command {
         #[command(flatten)]
         target: Target,
         /// `load --acked-out` files (repeatable).
-        #[arg(long = "acked", required = true)]
+        #[arg(long = "acked", value_name = "FILE", required = true)]
         acked: Vec<PathBuf>,
         /// A stopped node's data directory whose state to check (repeatable).
-        #[arg(long = "data-dir")]
+        #[arg(long = "data-dir", value_name = "DIR")]
         data_dirs: Vec<PathBuf>,
     },
     /// Print a stopped node's store: positions, log size and state digest.
     Inspect {
         /// The node's data directory.
-        #[arg(long)]
+        #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
         /// One JSON object.
         #[arg(long)]
@@ -161,7 +166,7 @@ enum Command {
     /// and check that the promoted standby has every acknowledged record.
     Demo {
         /// Records to append.
-        #[arg(long, default_value_t = 200_000)]
+        #[arg(long, value_name = "N", default_value_t = 200_000)]
         records: u64,
     },
 }
@@ -171,7 +176,12 @@ fn main() {
     // exact steps this way); other builds have none.
     #[cfg(feature = "failpoints")]
     let _fail_points = fail::FailScenario::setup();
-    let cli = match Cli::try_parse() {
+    // Every command's help in one layout: each description on the line below its flag.
+    let command = Cli::command().mut_subcommands(|sub| sub.next_line_help(true));
+    let cli = match command
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches))
+    {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
             // One line: the reason and clap's tip ("a similar argument exists: '--cluster'"),
@@ -203,8 +213,8 @@ fn main() {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Primary(args) => run_daemon(args, true).await,
-        Command::Standby(args) => run_daemon(args, false).await,
+        Command::Primary(args) => run_daemon(args, None).await,
+        Command::Standby { args, standby } => run_daemon(args, Some(standby)).await,
         command => {
             logs::init(LogFormat::Text, "warn");
             run_client(command).await
@@ -212,12 +222,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn run_daemon(args: DaemonArgs, leads: bool) -> anyhow::Result<()> {
+/// Runs a `primary` (no `standby` flags) or a `standby`.
+async fn run_daemon(args: DaemonArgs, standby: Option<StandbyArgs>) -> anyhow::Result<()> {
     let file = match &args.config {
         Some(path) => NodeSettings::from_file(path)?,
         None => NodeSettings::default(),
     };
-    let settings = args.settings.or(file).resolve(leads)?;
+    let mut merged = args.settings.or(file);
+    let leads = standby.is_none();
+    if let Some(standby) = standby {
+        merged.failover = standby.failover.or(merged.failover);
+    }
+    let settings = merged.resolve(leads)?;
     logs::init(settings.log_format, "info");
     daemon::run(settings, if leads { "primary" } else { "standby" }).await
 }
@@ -279,7 +295,7 @@ async fn run_client(command: Command) -> anyhow::Result<()> {
         Command::Bootstrap { target, data_dir } => commands::bootstrap(&target, &data_dir).await,
         Command::Demo { records } => demo::run(records).await,
         Command::Bench(options) => bench::run(options).await,
-        Command::Primary(_) | Command::Standby(_) => unreachable!("daemons are run by `run`"),
+        Command::Primary(_) | Command::Standby { .. } => unreachable!("daemons are run by `run`"),
     }
 }
 

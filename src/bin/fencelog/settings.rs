@@ -19,6 +19,15 @@ use serde::Deserialize;
 use crate::api_security::ApiServerSettings;
 use crate::etcd_security::EtcdSecurity;
 
+/// The `--help` sections of a daemon's settings.
+const REQUIRED: &str = "Required (as a flag, its FENCELOG_* variable, or in the --config file)";
+const ADDRESSES: &str = "Addresses";
+const LEADERSHIP: &str = "Leadership";
+const BATCHING: &str = "Batching";
+const RETENTION: &str = "Retention in etcd (while leading)";
+const LOCAL_STORE: &str = "Local store";
+const LOGGING: &str = "Logging";
+
 /// Every default, in one place (documented in `docs/OPERATIONS.md`).
 pub struct Defaults;
 
@@ -44,84 +53,94 @@ pub enum PipelineArg {
     Single,
 }
 
+/// A standby's own flag, beside the settings both roles take.
+#[derive(Args, Debug, Clone)]
+pub struct StandbyArgs {
+    /// Take over when the leader's lease ends; in a cluster where no node leads yet, after
+    /// one lease TTL (so a `primary` started with it wins the first election).
+    #[arg(long, env = "FENCELOG_FAILOVER", num_args = 0..=1, default_missing_value = "true", help_heading = LEADERSHIP)]
+    pub failover: Option<bool>,
+}
+
 /// The settings a daemon takes. Every field is optional here: [`NodeSettings::resolve`] says
 /// which ones are required once all sources are merged.
 #[derive(Args, Deserialize, Default, Debug, Clone)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct NodeSettings {
     /// The cluster this node belongs to.
-    #[arg(long, env = "FENCELOG_CLUSTER")]
+    #[arg(long, value_name = "ID", env = "FENCELOG_CLUSTER", help_heading = REQUIRED)]
     pub cluster: Option<String>,
     /// This node's name, unique in the cluster.
-    #[arg(long, env = "FENCELOG_NODE")]
+    #[arg(long, value_name = "NAME", env = "FENCELOG_NODE", help_heading = REQUIRED)]
     pub node: Option<String>,
     /// Directory of the node's local store.
-    #[arg(long, env = "FENCELOG_DATA_DIR")]
+    #[arg(long, value_name = "DIR", env = "FENCELOG_DATA_DIR", help_heading = REQUIRED)]
     pub data_dir: Option<PathBuf>,
     /// etcd endpoints, comma-separated (http://127.0.0.1:2379,...).
-    #[arg(long, env = "FENCELOG_ETCD", value_delimiter = ',')]
+    #[arg(long, value_name = "URLS", env = "FENCELOG_ETCD", value_delimiter = ',', help_heading = REQUIRED)]
     #[serde(default, deserialize_with = "one_or_many")]
     pub etcd: Option<Vec<String>>,
     /// Address the gRPC API listens on [default: 127.0.0.1:7400].
-    #[arg(long, env = "FENCELOG_LISTEN")]
+    #[arg(long, value_name = "HOST:PORT", env = "FENCELOG_LISTEN", help_heading = ADDRESSES)]
     pub listen: Option<String>,
     /// Address clients reach the API at, written into the leader key [default: --listen].
-    #[arg(long, env = "FENCELOG_ADVERTISE")]
+    #[arg(long, value_name = "HOST:PORT", env = "FENCELOG_ADVERTISE", help_heading = ADDRESSES)]
     pub advertise: Option<String>,
     /// Address of the /metrics, /healthz and /readyz endpoint [default: 127.0.0.1:7401].
-    #[arg(long, env = "FENCELOG_METRICS")]
+    #[arg(long, value_name = "HOST:PORT", env = "FENCELOG_METRICS", help_heading = ADDRESSES)]
     pub metrics: Option<String>,
     /// Leadership lease TTL in seconds [default: 5].
-    #[arg(long, env = "FENCELOG_LEASE_TTL")]
+    #[arg(long, value_name = "SECONDS", env = "FENCELOG_LEASE_TTL", help_heading = LEADERSHIP)]
     pub lease_ttl: Option<u64>,
-    /// Standby only: take over when the leader's key goes [default: false].
-    #[arg(long, env = "FENCELOG_FAILOVER", num_args = 0..=1, default_missing_value = "true")]
+    /// `failover` of a standby's config file: its flag is [`StandbyArgs::failover`], which a
+    /// primary does not have (it always campaigns, and ignores this).
+    #[arg(skip)]
     pub failover: Option<bool>,
     /// Serve the API and metrics unauthenticated on an address that is not loopback
     /// [default: false].
-    #[arg(long, env = "FENCELOG_INSECURE", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "FENCELOG_INSECURE", num_args = 0..=1, default_missing_value = "true", help_heading = ADDRESSES)]
     pub insecure: Option<bool>,
     /// Most records per committed batch [default: 1024].
-    #[arg(long, env = "FENCELOG_MAX_BATCH_RECORDS")]
+    #[arg(long, value_name = "N", env = "FENCELOG_MAX_BATCH_RECORDS", help_heading = BATCHING)]
     pub max_batch_records: Option<usize>,
     /// Milliseconds a batch waits for more records after its first [default: 0].
-    #[arg(long, env = "FENCELOG_LINGER_MS")]
+    #[arg(long, value_name = "MS", env = "FENCELOG_LINGER_MS", help_heading = BATCHING)]
     pub linger_ms: Option<u64>,
     /// Commit pipeline: `double` overlaps the next batch with the commit [default: double].
-    #[arg(long, env = "FENCELOG_PIPELINE")]
+    #[arg(long, env = "FENCELOG_PIPELINE", help_heading = BATCHING)]
     pub pipeline: Option<PipelineArg>,
-    /// Primary: always keep at least this many of the newest records in etcd [default: 100000].
-    #[arg(long, env = "FENCELOG_RETAIN_RECORDS")]
+    /// While leading: always keep at least this many of the newest records in etcd [default: 100000].
+    #[arg(long, value_name = "N", env = "FENCELOG_RETAIN_RECORDS", help_heading = RETENTION)]
     pub retain_records: Option<u64>,
-    /// Primary: always keep the batches of the last S seconds in etcd [default: 60].
-    #[arg(long, env = "FENCELOG_RETAIN_SECONDS")]
+    /// While leading: always keep the batches of the last S seconds in etcd [default: 60].
+    #[arg(long, value_name = "SECONDS", env = "FENCELOG_RETAIN_SECONDS", help_heading = RETENTION)]
     pub retain_seconds: Option<u64>,
-    /// Primary: most encoded bytes of batches etcd keeps; past it, the oldest go even if a
+    /// While leading: most encoded bytes of batches etcd keeps; past it, the oldest go even if a
     /// standby still needs them [default: 536870912].
-    #[arg(long, env = "FENCELOG_MAX_ETCD_LOG_BYTES")]
+    #[arg(long, value_name = "BYTES", env = "FENCELOG_MAX_ETCD_LOG_BYTES", help_heading = RETENTION)]
     pub max_etcd_log_bytes: Option<u64>,
-    /// Primary: milliseconds between trims [default: 5000].
-    #[arg(long, env = "FENCELOG_TRIM_INTERVAL_MS")]
+    /// While leading: milliseconds between trims [default: 5000].
+    #[arg(long, value_name = "MS", env = "FENCELOG_TRIM_INTERVAL_MS", help_heading = RETENTION)]
     pub trim_interval_ms: Option<u64>,
-    /// Primary: compact etcd's revision history behind each trim; compaction is etcd-wide, so
+    /// While leading: compact etcd's revision history behind each trim; compaction is etcd-wide, so
     /// on an etcd shared with others leave it to one of them or to etcd's own
     /// `--auto-compaction-*` [default: true].
-    #[arg(long, env = "FENCELOG_ETCD_COMPACTION", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "FENCELOG_ETCD_COMPACTION", num_args = 0..=1, default_missing_value = "true", help_heading = RETENTION)]
     pub etcd_compaction: Option<bool>,
     /// Milliseconds between checkpoints of the state while it changes: longer costs less CPU
     /// under a load that dirties the whole state, shorter leaves less log to replay after a
     /// crash [default: 2000].
-    #[arg(long, env = "FENCELOG_CHECKPOINT_INTERVAL_MS")]
+    #[arg(long, value_name = "MS", env = "FENCELOG_CHECKPOINT_INTERVAL_MS", help_heading = LOCAL_STORE)]
     pub checkpoint_interval_ms: Option<u64>,
     /// Keep at most this many records in the local log (never any the state's last checkpoint
     /// does not cover) [default: all].
-    #[arg(long, env = "FENCELOG_LOCAL_RETAIN_RECORDS")]
+    #[arg(long, value_name = "N", env = "FENCELOG_LOCAL_RETAIN_RECORDS", help_heading = LOCAL_STORE)]
     pub local_retain_records: Option<u64>,
     /// Keep at most this many bytes of batches in the local log [default: all].
-    #[arg(long, env = "FENCELOG_LOCAL_RETAIN_BYTES")]
+    #[arg(long, value_name = "BYTES", env = "FENCELOG_LOCAL_RETAIN_BYTES", help_heading = LOCAL_STORE)]
     pub local_retain_bytes: Option<u64>,
     /// Log format [default: text].
-    #[arg(long, env = "FENCELOG_LOG_FORMAT")]
+    #[arg(long, env = "FENCELOG_LOG_FORMAT", help_heading = LOGGING)]
     pub log_format: Option<LogFormat>,
     /// TLS and user for a secured etcd (`[etcd-security]` in the config file).
     #[command(flatten)]

@@ -31,27 +31,28 @@ const REFERENCE_BATCH: usize = 1024;
 #[derive(Args)]
 pub struct BenchOptions {
     /// Seconds each measurement runs.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
     seconds: u64,
     /// Batch caps (records) of fencelog's own runs.
-    #[arg(long, value_delimiter = ',', default_values_t = [128, 1024, 4096])]
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',', default_values_t = [128, 1024, 4096])]
     caps: Vec<usize>,
     /// Also write the report, as markdown, to this file.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
     /// Records a standby replays onto an empty store, then restarts warm on (0: skip).
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
     replay_records: u64,
     /// Run only the measurements whose name contains this text (e.g. `fencelog double`; those
     /// measured against the saturated rate need `fencelog double, batch cap 1024` too).
-    #[arg(long)]
+    #[arg(long, value_name = "TEXT")]
     only: Option<String>,
     /// Draw records/s against batch size into this PNG.
-    #[arg(long)]
+    #[arg(long, value_name = "FILE.png")]
     plot: Option<PathBuf>,
     /// The TrueType font the plot is labelled with.
     #[arg(
         long,
+        value_name = "FILE.ttf",
         default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
     )]
     font: PathBuf,
