@@ -6,7 +6,8 @@ command -v etcd >/dev/null 2>&1 || need_packages+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || need_packages+=(protobuf-compiler)
 command -v cc >/dev/null 2>&1 || need_packages+=(build-essential)
 # The tests check docs/ops/: the alert rules with promtool (package prometheus), the systemd
-# units with systemd-analyze (package systemd; no service of either is started).
+# units with systemd-analyze (package systemd), and tests/monitoring.rs runs a Prometheus server
+# of its own on a loopback port (no service of either package is started).
 command -v promtool >/dev/null 2>&1 || need_packages+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || need_packages+=(systemd)
 # The font `fencelog bench --plot` labels its chart with.
