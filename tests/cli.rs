@@ -16,6 +16,41 @@ fn demo_fails_over_mid_load_and_finds_every_acknowledged_record_on_the_new_prima
         stdout.contains("acknowledged records are on the new primary"),
         "{stdout}"
     );
+    // The worst ack latency includes the time the workers spent without a primary: from their
+    // failed appends (sent before the kill) to their first ack from the new one.
+    let number_after = |label: &str| -> f64 {
+        let at = stdout
+            .find(label)
+            .unwrap_or_else(|| panic!("no {label:?}: {stdout}"));
+        let rest = &stdout[at + label.len()..];
+        let end = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap();
+        rest[..end].parse().unwrap()
+    };
+    let outage_ms = number_after("promoted itself after ") * 1000.0;
+    let max_ms = number_after(", max ");
+    assert!(
+        max_ms >= outage_ms - 300.0,
+        "max latency {max_ms} ms, yet no primary for {outage_ms} ms:\n{stdout}"
+    );
+}
+
+#[test]
+fn bad_flags_exit_with_status_2_and_failed_commands_with_1() {
+    let status = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_fencelog"))
+            .args(args)
+            .output()
+            .unwrap();
+        output.status.code()
+    };
+    assert_eq!(status(&["primary", "--bogus"]), Some(2));
+    assert_eq!(status(&["append", "k"]), Some(2), "a missing VALUE");
+    assert_eq!(
+        status(&["read", "--server", "127.0.0.1:1", "--from", "0"]),
+        Some(1)
+    );
 }
 
 #[test]
