@@ -1,12 +1,12 @@
 //! Against a real etcd: a batch and its commit pointer are written by one fenced transaction,
-//! read back and decoded; a stale epoch, a moved pointer or an existing batch key each make
-//! the transaction write nothing.
+//! read back and decoded; a stale epoch, a pointer other than the one it is chained to, or an
+//! existing batch key each make the transaction write nothing.
 
 mod common;
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use fencelog::batch::{BatchDecoder, EncodedBatch};
-use fencelog::etcd::commit::{commit_batch, CommitOutcome};
+use fencelog::etcd::commit::{commit_batch, moved, CommitOutcome, Head, Moved};
 use fencelog::keys::KeyLayout;
 use fencelog::limits::Limits;
 use fencelog::local_store::{LocalStore, StoreOptions};
@@ -42,24 +42,16 @@ async fn led_cluster() -> (common::EtcdProcess, Client, KeyLayout, Epoch) {
     (etcd, client, layout, epoch)
 }
 
-/// Commits `batch` on top of `latest_revision`, which it then advances; panics if refused.
+/// Commits `batch` chained to `head`, which it then advances; panics if refused.
 async fn commit_chained(
     client: &Client,
     layout: &KeyLayout,
     epoch: Epoch,
-    latest_revision: &mut i64,
+    head: &mut Head,
     batch: &EncodedBatch,
 ) {
-    match commit_batch(
-        &mut client.kv_client(),
-        layout,
-        epoch,
-        *latest_revision,
-        batch,
-    )
-    .await
-    {
-        Ok(CommitOutcome::Committed { revision }) => *latest_revision = revision,
+    match commit_batch(&mut client.kv_client(), layout, epoch, head, batch).await {
+        Ok(CommitOutcome::Committed { .. }) => *head = Head::after(batch, epoch),
         other => panic!("batch at {} not committed: {other:?}", batch.first_seq()),
     }
 }
@@ -73,7 +65,7 @@ async fn a_batch_and_its_pointer_commit_in_one_transaction_and_decode_back() {
     let (_etcd, mut client, layout, epoch) = led_cluster().await;
     let batch = &common::encoded_batches(epoch, 1, 1024)[0];
 
-    let outcome = commit_batch(&mut client.kv_client(), &layout, epoch, 0, batch)
+    let outcome = commit_batch(&mut client.kv_client(), &layout, epoch, &Head::Empty, batch)
         .await
         .unwrap();
     let CommitOutcome::Committed { revision } = outcome else {
@@ -109,11 +101,11 @@ async fn a_batch_and_its_pointer_commit_in_one_transaction_and_decode_back() {
 }
 
 #[tokio::test]
-async fn consecutive_commits_chain_on_the_pointer_revision() {
+async fn consecutive_commits_chain_on_the_pointer_each_leaves() {
     let (_etcd, mut client, layout, epoch) = led_cluster().await;
-    let mut latest_revision = 0;
+    let mut head = Head::Empty;
     for batch in &common::encoded_batches(epoch, 5, 100) {
-        commit_chained(&client, &layout, epoch, &mut latest_revision, batch).await;
+        commit_chained(&client, &layout, epoch, &mut head, batch).await;
     }
     let latest = get(&mut client, layout.latest()).await.unwrap();
     assert_eq!(
@@ -145,9 +137,15 @@ async fn a_deposed_primary_cannot_commit() {
     let new_epoch = take_leadership(&mut client, &layout, "node-b").await;
 
     let batch = &common::encoded_batches(old_epoch, 1, 10)[0];
-    let outcome = commit_batch(&mut client.kv_client(), &layout, old_epoch, 0, batch)
-        .await
-        .unwrap();
+    let outcome = commit_batch(
+        &mut client.kv_client(),
+        &layout,
+        old_epoch,
+        &Head::Empty,
+        batch,
+    )
+    .await
+    .unwrap();
     let CommitOutcome::Refused(refusal) = outcome else {
         panic!("a deposed primary committed")
     };
@@ -168,9 +166,15 @@ async fn a_commit_without_a_leader_key_is_refused() {
     let etcd = common::etcd().await;
     let client = etcd.client().await.unwrap();
     let batch = &common::encoded_batches(Epoch(1), 1, 10)[0];
-    let outcome = commit_batch(&mut client.kv_client(), &layout(), Epoch(1), 0, batch)
-        .await
-        .unwrap();
+    let outcome = commit_batch(
+        &mut client.kv_client(),
+        &layout(),
+        Epoch(1),
+        &Head::Empty,
+        batch,
+    )
+    .await
+    .unwrap();
     let CommitOutcome::Refused(refusal) = outcome else {
         panic!("committed without leadership")
     };
@@ -178,19 +182,19 @@ async fn a_commit_without_a_leader_key_is_refused() {
 }
 
 #[tokio::test]
-async fn a_commit_on_a_stale_pointer_revision_is_refused_and_reports_the_head() {
+async fn a_commit_on_a_stale_pointer_is_refused_and_reports_the_head() {
     let (_etcd, mut client, layout, epoch) = led_cluster().await;
     let batches = common::encoded_batches(epoch, 2, 10);
     let mut kv = client.kv_client();
     let CommitOutcome::Committed { revision } =
-        commit_batch(&mut kv, &layout, epoch, 0, &batches[0])
+        commit_batch(&mut kv, &layout, epoch, &Head::Empty, &batches[0])
             .await
             .unwrap()
     else {
         panic!("first commit refused")
     };
 
-    let outcome = commit_batch(&mut kv, &layout, epoch, 0, &batches[1])
+    let outcome = commit_batch(&mut kv, &layout, epoch, &Head::Empty, &batches[1])
         .await
         .unwrap();
     let CommitOutcome::Refused(refusal) = outcome else {
@@ -200,6 +204,65 @@ async fn a_commit_on_a_stale_pointer_revision_is_refused_and_reports_the_head() 
     assert_eq!(refusal.latest_revision, revision);
     assert_eq!(refusal.latest.map(|p| p.last_seq), Some(Seq(10)));
     assert!(get(&mut client, layout.batch(Seq(11))).await.is_none());
+    let value = refusal.latest_value.as_deref();
+    assert_eq!(moved(value, &Head::Empty, &batches[1]), Some(Moved::Past));
+}
+
+#[tokio::test]
+async fn a_commit_sent_before_the_one_it_follows_landed_is_refused_as_behind_then_lands() {
+    let (_etcd, mut client, layout, epoch) = led_cluster().await;
+    let batches = common::encoded_batches(epoch, 2, 10);
+    let mut kv = client.kv_client();
+    // The second batch, chained to the first, reaches etcd first: refused, nothing written.
+    let after_first = Head::after(&batches[0], epoch);
+    let early = commit_batch(&mut kv, &layout, epoch, &after_first, &batches[1])
+        .await
+        .unwrap();
+    let CommitOutcome::Refused(refusal) = early else {
+        panic!("committed ahead of the batch it follows: {early:?}")
+    };
+    let value = refusal.latest_value.as_deref();
+    assert_eq!(moved(value, &after_first, &batches[1]), Some(Moved::Behind));
+    assert!(get(&mut client, layout.batch(Seq(11))).await.is_none());
+
+    let mut head = Head::Empty;
+    commit_chained(&client, &layout, epoch, &mut head, &batches[0]).await;
+    commit_chained(&client, &layout, epoch, &mut head, &batches[1]).await;
+    let latest = get(&mut client, layout.latest()).await.unwrap();
+    assert_eq!(
+        CommitPointer::decode(latest.value()).unwrap().last_seq,
+        Seq(20)
+    );
+}
+
+#[tokio::test]
+async fn a_commit_chained_to_a_batch_that_was_cut_into_parts_never_lands() {
+    let (_etcd, mut client, layout, epoch) = led_cluster().await;
+    // The batch 1..=20 was refused and committed as the parts 1..=10 and 11..=20 instead.
+    let whole = &common::encoded_batches(epoch, 1, 20)[0];
+    let parts = common::encoded_batches(epoch, 2, 10);
+    let next = {
+        let records = common::records(99, 5, 10);
+        let batch = fencelog::batch::Batch::new(epoch, Seq(21), records).unwrap();
+        fencelog::batch::BatchEncoder::new(Limits::default(), 1)
+            .unwrap()
+            .encode(&batch)
+            .unwrap()
+    };
+    let mut head = Head::Empty;
+    for part in &parts {
+        commit_chained(&client, &layout, epoch, &mut head, part).await;
+    }
+    let stale = Head::after(whole, epoch);
+    let outcome = commit_batch(&mut client.kv_client(), &layout, epoch, &stale, &next)
+        .await
+        .unwrap();
+    let CommitOutcome::Refused(refusal) = outcome else {
+        panic!("committed after a batch that never landed: {outcome:?}")
+    };
+    let value = refusal.latest_value.as_deref();
+    assert_eq!(moved(value, &stale, &next), Some(Moved::Past));
+    assert!(get(&mut client, layout.batch(Seq(21))).await.is_none());
 }
 
 #[tokio::test]
@@ -207,16 +270,13 @@ async fn an_existing_batch_key_is_never_overwritten() {
     let (_etcd, mut client, layout, epoch) = led_cluster().await;
     let original = &common::encoded_batches(epoch, 1, 10)[0];
     let mut kv = client.kv_client();
-    commit_batch(&mut kv, &layout, epoch, 0, original)
+    commit_batch(&mut kv, &layout, epoch, &Head::Empty, original)
         .await
         .unwrap();
-    let latest_revision = get(&mut client, layout.latest())
-        .await
-        .unwrap()
-        .mod_revision();
+    let head = Head::after(original, epoch);
 
     let impostor = &common::encoded_batches(epoch, 1, 20)[0];
-    let outcome = commit_batch(&mut kv, &layout, epoch, latest_revision, impostor)
+    let outcome = commit_batch(&mut kv, &layout, epoch, &head, impostor)
         .await
         .unwrap();
     assert!(matches!(outcome, CommitOutcome::Refused(_)), "{outcome:?}");
@@ -229,10 +289,10 @@ async fn batches_read_from_etcd_rebuild_the_same_local_store() {
     let (_etcd, mut client, layout, epoch) = led_cluster().await;
     let primary_dir = tempfile::tempdir().unwrap();
     let primary = LocalStore::open(primary_dir.path(), StoreOptions::default()).unwrap();
-    let mut latest_revision = 0;
+    let mut head = Head::Empty;
     for batch in &common::encoded_batches(epoch, 8, 256) {
         primary.append_pending(batch).unwrap();
-        commit_chained(&client, &layout, epoch, &mut latest_revision, batch).await;
+        commit_chained(&client, &layout, epoch, &mut head, batch).await;
         primary.mark_committed(batch.last_seq()).unwrap();
     }
     while primary.apply_next().unwrap().is_some() {}

@@ -6,7 +6,7 @@ use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 
 use crate::batch::{Batch, BatchEncoder, EncodedBatch};
 use crate::error::{Error, Result};
-use crate::etcd::commit::{commit_batch, CommitOutcome};
+use crate::etcd::commit::{commit_batch, CommitOutcome, Head};
 use crate::keys::KeyLayout;
 use crate::limits::Limits;
 use crate::record::{Epoch, Record, Seq};
@@ -16,7 +16,8 @@ pub struct FencedWriter {
     client: Client,
     layout: KeyLayout,
     epoch: Epoch,
-    latest_revision: i64,
+    /// What `latest` holds: the next commit is chained to it.
+    head: Head,
     next_seq: Seq,
 }
 
@@ -49,7 +50,7 @@ impl FencedWriter {
             client,
             layout,
             epoch: Epoch(revision as u64),
-            latest_revision: 0,
+            head: Head::Empty,
             next_seq: Seq(1),
         })
     }
@@ -90,12 +91,12 @@ impl FencedWriter {
             &mut self.client.kv_client(),
             &self.layout,
             self.epoch,
-            self.latest_revision,
+            &self.head,
             batch,
         )
         .await?;
         match outcome {
-            CommitOutcome::Committed { revision } => self.latest_revision = revision,
+            CommitOutcome::Committed { .. } => self.head = Head::after(batch, self.epoch),
             CommitOutcome::Refused(refusal) => {
                 return Err(Error::Benchmark(format!(
                     "the fenced commit was refused: {refusal:?}"

@@ -1,10 +1,10 @@
 //! The one etcd transaction that commits a batch.
 //!
 //! ```text
-//! If(   create_revision(leader)          == epoch                 -- fencing: still our term
-//!   AND mod_revision(latest)             == the revision last seen -- nobody else moved the log
+//! If(   create_revision(leader)          == epoch            -- fencing: still our term
+//!   AND value(latest)                    == the batch before's pointer -- chained to it
 //!       (create_revision(latest) == 0 for the first batch of an empty cluster)
-//!   AND create_revision(batches/<first>) == 0 )                   -- never overwrite a batch
+//!   AND create_revision(batches/<first>) == 0 )              -- never overwrite a batch
 //! Then( Put(batches/<first>, batch), Put(latest, pointer) )
 //! Else( Get(leader), Get(latest) )
 //! ```
@@ -13,12 +13,19 @@
 //! never commit, however late its request arrives. The batch and the pointer move in one raft
 //! proposal; the `Else` branch tells a refused committer why in the same round trip.
 //!
+//! The chain: a commit lands only right after the one before it, because it compares `latest`
+//! with the pointer that one writes ([`Head::after`]) — (last seq, epoch, first seq) of one
+//! batch, which `latest` holds once and never again. So a committer may send the next batch
+//! before the one before is answered and still never commit out of order; nor after a batch
+//! that did not land, nor after the parts a refused batch was cut into (the last part's
+//! pointer names another first seq).
+//!
 //! A commit whose answer was lost is in doubt. [`read_commit_view`] reads, at one revision,
 //! what settles it, and [`settle`] (pure) decides: the batch key holds our bytes (landed); or
 //! it cannot hold them, now or later (absent); or it may still (open), or may have and been
-//! trimmed since (unknown). Every compare of the transaction, once false, stays false (a
-//! revision only grows, an epoch is never reused), so an attempt that did not land by the time
-//! the view shows a compare failing never will.
+//! trimmed since (unknown). Every compare of the transaction, once false, stays false (an
+//! epoch is never reused, `latest` never goes back), so an attempt that did not land by the time
+//! the view shows a compare failing for good never will.
 
 use etcd_client::{Compare, CompareOp, KvClient, Txn, TxnOp, TxnOpResponse};
 
@@ -29,28 +36,47 @@ use crate::keys::KeyLayout;
 use crate::pointer::CommitPointer;
 use crate::record::{Epoch, Seq};
 
-/// The transaction that commits `batch` in `epoch`, if `latest` still has `latest_revision`
-/// (0: `latest` does not exist yet).
-pub fn commit_txn(
-    layout: &KeyLayout,
-    epoch: Epoch,
-    latest_revision: i64,
-    batch: &EncodedBatch,
-) -> Txn {
-    let batch_key = layout.batch(batch.first_seq());
-    let pointer = CommitPointer {
+/// `latest` as a commit expects to find it: what the batch before it left there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Head {
+    /// No batch was ever committed: `latest` does not exist.
+    Empty,
+    /// `latest` holds these bytes (a [`CommitPointer`], as etcd has them).
+    Pointer(Vec<u8>),
+}
+
+impl Head {
+    /// The head `latest` holds once `batch` committed in `epoch` has landed.
+    pub fn after(batch: &EncodedBatch, epoch: Epoch) -> Head {
+        Head::Pointer(pointer_of(batch, epoch).encode())
+    }
+
+    /// The head of `latest` as read from etcd.
+    pub fn read(value: Option<&[u8]>) -> Head {
+        value.map_or(Head::Empty, |bytes| Head::Pointer(bytes.to_vec()))
+    }
+}
+
+fn pointer_of(batch: &EncodedBatch, epoch: Epoch) -> CommitPointer {
+    CommitPointer {
         last_seq: batch.last_seq(),
         epoch,
         batch_first_seq: batch.first_seq(),
-    };
-    let latest_unchanged = match latest_revision {
-        0 => Compare::create_revision(layout.latest(), CompareOp::Equal, 0),
-        revision => Compare::mod_revision(layout.latest(), CompareOp::Equal, revision),
+    }
+}
+
+/// The transaction that commits `batch` in `epoch`, if `latest` is still `head`.
+pub fn commit_txn(layout: &KeyLayout, epoch: Epoch, head: &Head, batch: &EncodedBatch) -> Txn {
+    let batch_key = layout.batch(batch.first_seq());
+    let pointer = pointer_of(batch, epoch);
+    let chained = match head {
+        Head::Empty => Compare::create_revision(layout.latest(), CompareOp::Equal, 0),
+        Head::Pointer(bytes) => Compare::value(layout.latest(), CompareOp::Equal, bytes.clone()),
     };
     Txn::new()
         .when([
             Compare::create_revision(layout.leader(), CompareOp::Equal, epoch_as_revision(epoch)),
-            latest_unchanged,
+            chained,
             Compare::create_revision(batch_key.clone(), CompareOp::Equal, 0),
         ])
         .and_then([
@@ -80,6 +106,39 @@ pub struct Refusal {
     /// The `mod_revision` of `latest` (0 if absent).
     pub latest_revision: i64,
     pub latest: Option<CommitPointer>,
+    /// `latest`'s bytes, as etcd holds them.
+    pub latest_value: Option<Vec<u8>>,
+}
+
+/// Where `latest` stands against a batch that expected `head`, if it is not `head`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Moved {
+    /// Still before the batch: the batches before it (ours) have not all landed yet.
+    Behind,
+    /// At or past the batch's seqs, or after a batch it was not chained to: its compare can
+    /// never hold again.
+    Past,
+}
+
+/// How `latest` (its bytes; `None`: absent) stands against `batch`, sent expecting `head`;
+/// `None` if it is `head`.
+pub fn moved(latest: Option<&[u8]>, head: &Head, batch: &EncodedBatch) -> Option<Moved> {
+    let expected = match head {
+        Head::Empty => None,
+        Head::Pointer(bytes) => Some(bytes.as_slice()),
+    };
+    if latest == expected {
+        return None;
+    }
+    match latest.map(CommitPointer::decode) {
+        None => Some(Moved::Behind),
+        // A seq before the one this batch follows: the chain has not reached it yet.
+        Some(Ok(now)) if now.last_seq.next().is_ok_and(|n| n < batch.first_seq()) => {
+            Some(Moved::Behind)
+        }
+        // Where a pointer that does not decode stands is unknown: never taken as behind.
+        Some(_) => Some(Moved::Past),
+    }
 }
 
 impl Refusal {
@@ -95,12 +154,10 @@ pub async fn commit_batch(
     kv: &mut KvClient,
     layout: &KeyLayout,
     epoch: Epoch,
-    latest_revision: i64,
+    head: &Head,
     batch: &EncodedBatch,
 ) -> Result<CommitOutcome> {
-    let response = kv
-        .txn(commit_txn(layout, epoch, latest_revision, batch))
-        .await?;
+    let response = kv.txn(commit_txn(layout, epoch, head, batch)).await?;
     if response.succeeded() {
         let revision = response.header().map_or(0, |h| h.revision());
         return Ok(CommitOutcome::Committed { revision });
@@ -109,6 +166,7 @@ pub async fn commit_batch(
         leader_epoch: None,
         latest_revision: 0,
         latest: None,
+        latest_value: None,
     };
     for op in response.op_responses() {
         let TxnOpResponse::Get(get) = op else {
@@ -122,6 +180,7 @@ pub async fn commit_batch(
         } else if kv.key() == layout.latest().as_bytes() {
             refusal.latest_revision = kv.mod_revision();
             refusal.latest = Some(CommitPointer::decode(kv.value())?);
+            refusal.latest_value = Some(kv.value().to_vec());
         }
     }
     Ok(CommitOutcome::Refused(refusal))
@@ -134,6 +193,8 @@ pub struct CommitView {
     pub leader_epoch: Option<Epoch>,
     /// The `mod_revision` of `latest` (0 if absent).
     pub latest_revision: i64,
+    /// What `latest` holds (`None`: absent).
+    pub latest: Option<Vec<u8>>,
     /// The value under the batch's key, if any.
     pub batch: Option<Vec<u8>>,
     /// The lowest seq still in etcd.
@@ -154,30 +215,23 @@ pub enum Settlement {
     Unknown,
 }
 
-/// Decides from `view` whether `batch`, sent in `epoch` comparing `latest` against
-/// `latest_revision`, landed.
-pub fn settle(
-    view: &CommitView,
-    epoch: Epoch,
-    latest_revision: i64,
-    batch: &EncodedBatch,
-) -> Settlement {
+/// Decides from `view` whether `batch`, sent in `epoch` expecting `latest` to be `head`,
+/// landed.
+pub fn settle(view: &CommitView, epoch: Epoch, head: &Head, batch: &EncodedBatch) -> Settlement {
     match &view.batch {
         // A batch key is never overwritten; another batch under it means ours never can be
         // written (and once that one is trimmed, `latest` has moved past our compare).
         Some(value) if value.as_slice() == batch.as_bytes() => Settlement::Landed,
         Some(_) => Settlement::Absent,
-        // Landing moves `latest`: while it has not moved, ours has not landed.
-        None if view.latest_revision == latest_revision => {
-            if view.leader_epoch == Some(epoch) {
-                Settlement::Open
-            } else {
-                Settlement::Absent
-            }
-        }
-        // `latest` moved without our batch: it landed only if a trim took it since.
-        None if batch.first_seq() >= view.trimmed => Settlement::Absent,
-        None => Settlement::Unknown,
+        // Landing moves `latest` past `head`: while it has not, ours has not landed, and can
+        // while our term leads.
+        None => match moved(view.latest.as_deref(), head, batch) {
+            None | Some(Moved::Behind) if view.leader_epoch == Some(epoch) => Settlement::Open,
+            None | Some(Moved::Behind) => Settlement::Absent,
+            // Past ours without our batch: it landed only if a trim took it since.
+            Some(Moved::Past) if batch.first_seq() >= view.trimmed => Settlement::Absent,
+            Some(Moved::Past) => Settlement::Unknown,
+        },
     }
 }
 
@@ -199,6 +253,7 @@ pub async fn read_commit_view(
     let mut view = CommitView {
         leader_epoch: None,
         latest_revision: 0,
+        latest: None,
         batch: None,
         trimmed: Seq(1),
     };
@@ -215,6 +270,8 @@ pub async fn read_commit_view(
             view.leader_epoch = u64::try_from(kv.create_revision()).ok().map(Epoch);
         } else if key == layout.latest().as_bytes() {
             view.latest_revision = kv.mod_revision();
+            CommitPointer::decode(kv.value())?;
+            view.latest = Some(kv.value().to_vec());
         } else if key == batch_key.as_bytes() {
             view.batch = Some(kv.value().to_vec());
         } else if key == layout.trimmed().as_bytes() {
@@ -238,92 +295,163 @@ mod tests {
     use crate::record::Record;
 
     const EPOCH: Epoch = Epoch(7);
-    const SENT_AGAINST: i64 = 40;
+
+    fn encoded(first: u64) -> EncodedBatch {
+        let records = vec![Record::put("a", "1"), Record::put("b", "2")];
+        let batch = Batch::new(EPOCH, Seq(first), records).expect("a valid batch");
+        BatchEncoder::new(Limits::default(), 1)
+            .expect("default limits")
+            .encode(&batch)
+            .expect("encodes")
+    }
 
     /// Ours: seqs 11..=12 in epoch 7, encoded once (the encoding carries its seal time).
     fn ours() -> &'static EncodedBatch {
         static OURS: std::sync::OnceLock<EncodedBatch> = std::sync::OnceLock::new();
-        OURS.get_or_init(|| {
-            let records = vec![Record::put("a", "1"), Record::put("b", "2")];
-            let batch = Batch::new(EPOCH, Seq(11), records).expect("a valid batch");
-            BatchEncoder::new(Limits::default(), 1)
-                .expect("default limits")
-                .encode(&batch)
-                .expect("encodes")
-        })
+        OURS.get_or_init(|| encoded(11))
     }
 
-    fn view(leader: Option<u64>, latest: i64, batch: Option<Vec<u8>>, trimmed: u64) -> CommitView {
+    /// `latest` as a batch `first..=last` committed in `epoch` leaves it.
+    fn at(last: u64, epoch: u64, first: u64) -> Vec<u8> {
+        let pointer = CommitPointer {
+            last_seq: Seq(last),
+            epoch: Epoch(epoch),
+            batch_first_seq: Seq(first),
+        };
+        pointer.encode()
+    }
+
+    /// What ours was sent expecting: the batch 5..=10 of our epoch before it.
+    fn head() -> Head {
+        Head::Pointer(at(10, 7, 5))
+    }
+
+    fn view(leader: Option<u64>, latest: Option<Vec<u8>>, batch: Option<Vec<u8>>) -> CommitView {
+        view_trimmed(leader, latest, batch, 1)
+    }
+
+    fn view_trimmed(
+        leader: Option<u64>,
+        latest: Option<Vec<u8>>,
+        batch: Option<Vec<u8>>,
+        trimmed: u64,
+    ) -> CommitView {
         CommitView {
             leader_epoch: leader.map(Epoch),
-            latest_revision: latest,
+            latest_revision: 40,
+            latest,
             batch,
             trimmed: Seq(trimmed),
         }
     }
 
     fn settled(view: &CommitView) -> Settlement {
-        settle(view, EPOCH, SENT_AGAINST, ours())
+        settle(view, EPOCH, &head(), ours())
+    }
+
+    #[test]
+    fn a_batch_leaves_latest_pointing_at_its_seqs_in_its_epoch() {
+        assert_eq!(Head::after(ours(), EPOCH), Head::Pointer(at(12, 7, 11)));
+    }
+
+    #[test]
+    fn latest_at_the_expected_head_has_not_moved() {
+        assert_eq!(moved(Some(&at(10, 7, 5)), &head(), ours()), None);
+        assert_eq!(moved(None, &Head::Empty, &encoded(1)), None);
+    }
+
+    #[test]
+    fn latest_before_the_batch_it_follows_is_behind() {
+        assert_eq!(
+            moved(Some(&at(4, 7, 1)), &head(), ours()),
+            Some(Moved::Behind)
+        );
+        assert_eq!(moved(None, &head(), ours()), Some(Moved::Behind));
+    }
+
+    #[test]
+    fn latest_at_our_seqs_or_after_another_batch_is_past() {
+        for latest in [at(12, 7, 11), at(30, 9, 13), at(10, 7, 8), b"junk".to_vec()] {
+            assert_eq!(
+                moved(Some(&latest), &head(), ours()),
+                Some(Moved::Past),
+                "{latest:?}"
+            );
+        }
     }
 
     #[test]
     fn our_bytes_under_the_batch_key_landed_whoever_leads_now() {
         let bytes = Some(ours().as_bytes().to_vec());
         for leader in [Some(7), Some(9), None] {
+            let latest = Some(at(30, 9, 13));
             assert_eq!(
-                settled(&view(leader, 45, bytes.clone(), 1)),
+                settled(&view(leader, latest, bytes.clone())),
                 Settlement::Landed
             );
         }
-        assert_eq!(settled(&view(Some(7), 41, bytes, 1)), Settlement::Landed);
+        let latest = Some(at(12, 7, 11));
+        assert_eq!(settled(&view(Some(7), latest, bytes)), Settlement::Landed);
     }
 
     #[test]
     fn another_batch_under_the_key_means_ours_never_lands() {
         let theirs = Some(b"another epoch's batch".to_vec());
-        assert_eq!(settled(&view(Some(9), 45, theirs, 1)), Settlement::Absent);
+        let latest = Some(at(30, 9, 11));
+        assert_eq!(settled(&view(Some(9), latest, theirs)), Settlement::Absent);
     }
 
     #[test]
-    fn latest_unmoved_while_we_lead_is_still_open() {
+    fn latest_at_our_head_or_behind_it_while_we_lead_is_still_open() {
+        for latest in [Some(at(10, 7, 5)), Some(at(4, 7, 1)), None] {
+            assert_eq!(settled(&view(Some(7), latest, None)), Settlement::Open);
+        }
+    }
+
+    #[test]
+    fn latest_at_our_head_or_behind_it_and_fenced_can_never_land() {
+        for leader in [Some(9), None] {
+            for latest in [Some(at(10, 7, 5)), Some(at(4, 7, 1))] {
+                assert_eq!(settled(&view(leader, latest, None)), Settlement::Absent);
+            }
+        }
+    }
+
+    #[test]
+    fn latest_past_ours_without_our_batch_and_nothing_trimmed_past_it_is_absent() {
+        for trimmed in [1, 11] {
+            let latest = Some(at(30, 9, 13));
+            assert_eq!(
+                settled(&view_trimmed(Some(9), latest, None, trimmed)),
+                Settlement::Absent
+            );
+        }
+        // The batch before ours was cut into parts: the last part's pointer is not our head.
+        let after_parts = Some(at(10, 7, 8));
         assert_eq!(
-            settled(&view(Some(7), SENT_AGAINST, None, 1)),
-            Settlement::Open
+            settled(&view(Some(7), after_parts, None)),
+            Settlement::Absent
         );
     }
 
     #[test]
-    fn latest_unmoved_and_fenced_can_never_land() {
-        for leader in [Some(9), None] {
+    fn latest_past_ours_and_trimmed_past_our_batch_cannot_be_told() {
+        for trimmed in [12, 500] {
+            let latest = Some(at(600, 9, 590));
             assert_eq!(
-                settled(&view(leader, SENT_AGAINST, None, 1)),
-                Settlement::Absent
+                settled(&view_trimmed(Some(9), latest, None, trimmed)),
+                Settlement::Unknown
             );
         }
-    }
-
-    #[test]
-    fn latest_moved_without_our_batch_and_nothing_trimmed_past_it_is_absent() {
-        for trimmed in [1, 11] {
-            assert_eq!(
-                settled(&view(Some(9), 45, None, trimmed)),
-                Settlement::Absent
-            );
-        }
-        assert_eq!(settled(&view(Some(7), 45, None, 1)), Settlement::Absent);
-    }
-
-    #[test]
-    fn latest_moved_and_trimmed_past_our_batch_cannot_be_told() {
-        assert_eq!(settled(&view(Some(9), 45, None, 12)), Settlement::Unknown);
-        assert_eq!(settled(&view(Some(9), 45, None, 500)), Settlement::Unknown);
     }
 
     #[test]
     fn an_empty_cluster_sent_against_no_latest_is_open_until_latest_appears() {
-        let first = settle(&view(Some(7), 0, None, 1), EPOCH, 0, ours());
-        assert_eq!(first, Settlement::Open);
-        let moved = settle(&view(Some(9), 45, None, 1), EPOCH, 0, ours());
+        let first = encoded(1);
+        let open = settle(&view(Some(7), None, None), EPOCH, &Head::Empty, &first);
+        assert_eq!(open, Settlement::Open);
+        let theirs = view(Some(9), Some(at(3, 9, 1)), None);
+        let moved = settle(&theirs, EPOCH, &Head::Empty, &first);
         assert_eq!(moved, Settlement::Absent);
     }
 }

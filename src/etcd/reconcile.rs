@@ -12,6 +12,7 @@ use std::time::Duration;
 use etcd_client::Client;
 
 use crate::error::{Error, Result};
+use crate::etcd::commit::Head;
 use crate::etcd::timed;
 use crate::keys::KeyLayout;
 use crate::local_store::{blocking, LocalStore};
@@ -19,11 +20,11 @@ use crate::pointer::CommitPointer;
 use crate::record::Seq;
 
 /// What etcd's log holds, as `latest` says.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EtcdLog {
     pub last_seq: Seq,
-    /// `latest`'s mod revision, or 0 when the cluster has no commit yet.
-    pub latest_revision: i64,
+    /// What `latest` holds: the next commit is chained to it.
+    pub head: Head,
 }
 
 /// Reads `latest`, refuses a local log that is ahead of it, and drops the unconfirmed tail.
@@ -63,11 +64,11 @@ pub async fn read_latest(
     Ok(match response.kvs().first() {
         Some(kv) => EtcdLog {
             last_seq: CommitPointer::decode(kv.value())?.last_seq,
-            latest_revision: kv.mod_revision(),
+            head: Head::read(Some(kv.value())),
         },
         None => EtcdLog {
             last_seq: Seq::NONE,
-            latest_revision: 0,
+            head: Head::Empty,
         },
     })
 }

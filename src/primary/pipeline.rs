@@ -27,7 +27,9 @@ use tracing::Instrument;
 
 use crate::batch::{Batch, BatchDecoder, BatchEncoder, EncodedBatch};
 use crate::error::{Error, Result};
-use crate::etcd::commit::{commit_batch, read_commit_view, settle, CommitOutcome, Settlement};
+use crate::etcd::commit::{
+    commit_batch, read_commit_view, settle, CommitOutcome, Head, Settlement,
+};
 use crate::etcd::{request_too_large, timed, Backoff};
 use crate::local_store::blocking;
 use crate::primary::accumulator::PendingAppend;
@@ -146,13 +148,7 @@ pub(super) fn spawn(
             supervised(
                 &term,
                 "committer",
-                commit_loop(
-                    term.clone(),
-                    sealed,
-                    resume.latest_revision,
-                    committed,
-                    cutter,
-                ),
+                commit_loop(term.clone(), sealed, resume.head, committed, cutter),
             ),
         ],
         helpers: vec![tokio::spawn(async move {
@@ -275,7 +271,7 @@ async fn seal_loop(
 async fn commit_loop(
     term: Arc<Term>,
     mut sealed: mpsc::UnboundedReceiver<SealedBatch>,
-    mut latest_revision: i64,
+    mut head: Head,
     committed: watch::Sender<Seq>,
     mut cutter: Cutter,
 ) {
@@ -296,11 +292,11 @@ async fn commit_loop(
         // Instrumented, never entered across an await: an entered span would leak into
         // whatever else ran on the thread meanwhile.
         let span = tracing::debug_span!("commit", epoch = %term.epoch(), first_seq = %batch.encoded.first_seq(), last_seq = %batch.encoded.last_seq());
-        match commit_and_answer(&term, batch, latest_revision, &committed)
+        match commit_and_answer(&term, batch, &head, &committed)
             .instrument(span)
             .await
         {
-            Answered::Committed { revision } => latest_revision = revision,
+            Answered::Committed { head: next } => head = next,
             Answered::Failed => {}
             Answered::TooLarge { batch, bytes } => {
                 for part in cutter.cut(&term, batch, bytes).await.into_iter().rev() {
@@ -313,8 +309,8 @@ async fn commit_loop(
 
 /// What became of a batch the committer took.
 enum Answered {
-    /// Committed and acknowledged; the next commit compares `latest` against `revision`.
-    Committed { revision: i64 },
+    /// Committed and acknowledged; the next commit is chained to `head`.
+    Committed { head: Head },
     /// Answered with a failure; the term has ended.
     Failed,
     /// Refused by etcd as a request of `bytes`, over its limit; not answered yet.
@@ -325,18 +321,19 @@ enum Answered {
 async fn commit_and_answer(
     term: &Term,
     batch: SealedBatch,
-    latest_revision: i64,
+    head: &Head,
     committed: &watch::Sender<Seq>,
 ) -> Answered {
     // Fail point (tests): the process dies here, as with SIGKILL, with the batch sealed and
     // going to the local log but not yet sent to etcd.
     fail::fail_point!("primary::before_commit", |_| std::process::abort());
-    match commit_resolved(term, &batch.encoded, latest_revision).await {
-        Ok(Landed { revision, then }) => {
+    match commit_resolved(term, &batch.encoded, head).await {
+        Ok(Landed { then }) => {
             // Fail point (tests): the process dies here, committed in etcd but not yet
             // acknowledged.
             fail::fail_point!("primary::before_ack", |_| std::process::abort());
             record_commit(term, &batch);
+            let next = Head::after(&batch.encoded, term.epoch());
             committed.send_replace(batch.encoded.last_seq());
             batch.answer(|| Ok(()));
             if let Some(cause) = then {
@@ -348,7 +345,7 @@ async fn commit_and_answer(
             term.metrics
                 .pending_bytes
                 .set(term.accumulator.pending_bytes() as i64);
-            Answered::Committed { revision }
+            Answered::Committed { head: next }
         }
         Err(CommitFailure::TooLarge { bytes }) => Answered::TooLarge { batch, bytes },
         Err(CommitFailure::NotCommitted(cause)) => {
@@ -603,7 +600,7 @@ fn record_commit(term: &Term, batch: &SealedBatch) {
 async fn commit_resolved(
     term: &Term,
     batch: &EncodedBatch,
-    latest_revision: i64,
+    head: &Head,
 ) -> Result<Landed, CommitFailure> {
     let epoch = term.epoch();
     let deadline = Instant::now() + term.config.commit_deadline;
@@ -621,23 +618,20 @@ async fn commit_resolved(
             if !sent {
                 return Err(CommitFailure::NotCommitted(cause));
             }
-            return settle_in_doubt(term, &mut kv, batch, latest_revision, cause).await;
+            return settle_in_doubt(term, &mut kv, batch, head, cause).await;
         }
         let started = Instant::now();
         let attempt = timed(
             term.config.etcd_request_timeout,
-            commit_batch(&mut kv, &term.layout, epoch, latest_revision, batch),
+            commit_batch(&mut kv, &term.layout, epoch, head, batch),
         )
         .await;
         match attempt {
-            Ok(CommitOutcome::Committed { revision }) => {
+            Ok(CommitOutcome::Committed { .. }) => {
                 term.metrics
                     .commit_seconds
                     .observe(started.elapsed().as_secs_f64());
-                return Ok(Landed {
-                    revision,
-                    then: None,
-                });
+                return Ok(Landed { then: None });
             }
             Ok(CommitOutcome::Refused(refusal)) => {
                 let fenced = refusal.is_fenced(epoch);
@@ -662,7 +656,7 @@ async fn commit_resolved(
                 }
                 // An earlier attempt may be what refused this one, or may have landed before
                 // a new leader moved the log on.
-                return settle_in_doubt(term, &mut kv, batch, latest_revision, cause).await;
+                return settle_in_doubt(term, &mut kv, batch, head, cause).await;
             }
             // etcd refuses an oversized request before proposing it: nothing was written.
             Err(e) if !sent && request_too_large(&e) => {
@@ -681,7 +675,7 @@ async fn commit_resolved(
                     let cause = StepDown::LeadershipLost(format!(
                         "etcd did not confirm within the commit deadline: {e}"
                     ));
-                    return settle_in_doubt(term, &mut kv, batch, latest_revision, cause).await;
+                    return settle_in_doubt(term, &mut kv, batch, head, cause).await;
                 }
                 tracing::warn!(error = %e, "commit attempt failed; resolving and retrying");
                 backoff.wait().await;
@@ -692,8 +686,6 @@ async fn commit_resolved(
 
 /// A batch etcd has.
 struct Landed {
-    /// The revision the next commit compares `latest` against.
-    revision: i64,
     /// Why the term ends after answering it, if it does: it landed, but another epoch leads.
     then: Option<StepDown>,
 }
@@ -704,7 +696,7 @@ async fn settle_in_doubt(
     term: &Term,
     kv: &mut KvClient,
     batch: &EncodedBatch,
-    latest_revision: i64,
+    head: &Head,
     cause: StepDown,
 ) -> Result<Landed, CommitFailure> {
     let epoch = term.epoch();
@@ -722,11 +714,10 @@ async fn settle_in_doubt(
             )))
         }
     };
-    let settlement = settle(&view, epoch, latest_revision, batch);
+    let settlement = settle(&view, epoch, head, batch);
     tracing::info!(?settlement, "settled a commit in doubt from etcd");
     match settlement {
         Settlement::Landed => Ok(Landed {
-            revision: view.latest_revision,
             then: (view.leader_epoch != Some(epoch)).then_some(StepDown::Fenced {
                 epoch,
                 leader_epoch: view.leader_epoch,

@@ -2,7 +2,7 @@
 //!
 //! The unconfirmed local tail is dropped ([`reconcile`]); committed batches the local log lacks
 //! are read from etcd, verified, and appended. The term then takes
-//! appends at etcd's last seq + 1, comparing against `latest`'s current revision.
+//! appends at etcd's last seq + 1, chaining its first commit to what `latest` holds.
 
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use etcd_client::Client;
 use crate::batch::BatchDecoder;
 use crate::config::PrimaryConfig;
 use crate::error::Result;
+use crate::etcd::commit::Head;
 use crate::etcd::fetch::{append_verified, BatchPages};
 use crate::etcd::identity::bind_store;
 use crate::etcd::reconcile::reconcile;
@@ -21,8 +22,8 @@ use crate::record::Seq;
 /// Where a term starts.
 pub(crate) struct Resume {
     pub next_seq: Seq,
-    /// `latest`'s mod revision, or 0 when the cluster has no commit yet.
-    pub latest_revision: i64,
+    /// What `latest` holds: the term's first commit is chained to it.
+    pub head: Head,
 }
 
 pub(crate) async fn recover(
@@ -66,6 +67,6 @@ pub(crate) async fn recover(
     }
     Ok(Resume {
         next_seq: etcd.last_seq.next()?,
-        latest_revision: etcd.latest_revision,
+        head: etcd.head,
     })
 }
