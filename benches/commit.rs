@@ -7,6 +7,10 @@
 //!   each record (real work per record), batch caps 1, 128, 1024, 4096, with the primary's own
 //!   state apply running; `..._prebuilt/1024`: the same with producers that append records
 //!   built beforehand;
+//! - `in_flight/<delay>/<cap>/k<k>`: the double pipeline with etcd behind the test kit's
+//!   delaying proxy (`etcd::proxy::FaultProxy`, each way `FENCELOG_BENCH_DELAYS_MS`, default
+//!   0 and 1 ms), `max_commits_in_flight` 1, 2, 4, 8, caps 128 and 1024, prebuilt records:
+//!   what commits in flight buy when etcd is a round trip away;
 //! - `seed_style`: the design fencelog replaces: one etcd key per record holding JSON with base64
 //!   payloads, 127 keys per transaction, then `latest` in a separate put.
 //!
@@ -23,6 +27,7 @@ use fencelog::bench::producers::{produce, saturating, Producers};
 use fencelog::bench::seed_style::{SeedWriter, KEYS_PER_TXN};
 use fencelog::config::{Pipeline, PrimaryConfig};
 use fencelog::etcd::process::EtcdProcess;
+use fencelog::etcd::proxy::FaultProxy;
 use fencelog::limits::Limits;
 use fencelog::local_store::LocalStore;
 use fencelog::metrics::Metrics;
@@ -110,6 +115,85 @@ fn caps() -> Vec<usize> {
         .ok()
         .and_then(|caps| caps.split(',').map(|c| c.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 128, 1024, 4096])
+}
+
+/// Delays each way (ms) of the `in_flight` group; `FENCELOG_BENCH_DELAYS_MS=0,0.5,1,2`.
+fn delays() -> Vec<f64> {
+    std::env::var("FENCELOG_BENCH_DELAYS_MS")
+        .ok()
+        .and_then(|ms| ms.split(',').map(|d| d.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![0.0, 1.0])
+}
+
+fn in_flight(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("commit");
+    for delay_ms in delays() {
+        for cap in [128, BATCH] {
+            for k in [1, 2, 4, 8] {
+                let (etcd, _) = rt.block_on(start_etcd());
+                let proxy = rt
+                    .block_on(FaultProxy::start(etcd.endpoint()))
+                    .expect("the proxy starts");
+                proxy.delay(Duration::from_secs_f64(delay_ms / 1000.0));
+                let client = rt
+                    .block_on(fencelog::etcd::connect(
+                        &[proxy.endpoint().to_owned()],
+                        Duration::from_secs(5),
+                    ))
+                    .expect("etcd answers through the proxy");
+                let dir = tempfile::tempdir().expect("temp dir");
+                let store =
+                    Arc::new(LocalStore::open(dir.path(), Default::default()).expect("store"));
+                let mut config = PrimaryConfig::new(
+                    "bench".parse().unwrap(),
+                    "bench".parse().unwrap(),
+                    "127.0.0.1:1",
+                );
+                config.max_batch_records = cap;
+                config.max_commits_in_flight = k;
+                let metrics = Arc::new(Metrics::new().expect("metrics"));
+                let primary = Arc::new(
+                    rt.block_on(Primary::start(client, store, config, metrics.clone()))
+                        .expect("primary starts"),
+                );
+                let per_append = cap.min(16);
+                // Enough appends to fill every batch in flight, and the one filling.
+                let producers = saturating(cap, per_append) * (k + 1) / 2;
+                group.throughput(Throughput::Elements(BATCH as u64));
+                let name = format!("in_flight/{delay_ms}ms/{cap}");
+                let mut round = 0;
+                group.bench_with_input(
+                    BenchmarkId::new(name.clone(), format!("k{k}")),
+                    &k,
+                    |b, _| {
+                        b.iter_custom(|iters| {
+                            round += 1;
+                            rt.block_on(produce(
+                                &primary,
+                                iters * BATCH as u64,
+                                per_append,
+                                producers,
+                                Producers::Prebuilt,
+                                round,
+                            ))
+                            .expect("appends commit")
+                        })
+                    },
+                );
+                println!(
+                    "{name}/k{k}: {:.0} records per committed batch, {} refused as behind",
+                    metrics.committed_records.get() as f64 / metrics.commits.get().max(1) as f64,
+                    metrics.commit_refusals.with_label_values(&["behind"]).get()
+                );
+                let primary = Arc::into_inner(primary).expect("producers are done");
+                rt.block_on(primary.shutdown()).expect("shuts down");
+                drop(proxy);
+                drop(etcd);
+            }
+        }
+    }
+    group.finish();
 }
 
 fn fencelog_primary(c: &mut Criterion) {
@@ -202,6 +286,6 @@ criterion_group! {
         .sample_size(10)
         .measurement_time(Duration::from_secs(4))
         .warm_up_time(Duration::from_secs(1));
-    targets = ceiling_and_plain_loop, fencelog_primary, seed_style
+    targets = ceiling_and_plain_loop, fencelog_primary, in_flight, seed_style
 }
 criterion_main!(benches);

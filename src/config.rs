@@ -19,15 +19,8 @@ pub enum Pipeline {
     Double,
 }
 
-impl Pipeline {
-    /// Sealed batches in flight at once: the one committing plus those being prepared.
-    pub fn depth(self) -> usize {
-        match self {
-            Pipeline::Single => 1,
-            Pipeline::Double => 2,
-        }
-    }
-}
+/// The most commit transactions [`PrimaryConfig::max_commits_in_flight`] may allow.
+pub const MAX_COMMITS_IN_FLIGHT: usize = 64;
 
 #[derive(Clone, Debug)]
 pub struct PrimaryConfig {
@@ -53,6 +46,11 @@ pub struct PrimaryConfig {
     /// sealed as soon as the pipeline has room (natural group commit).
     pub linger: Duration,
     pub pipeline: Pipeline,
+    /// Commit transactions sent to etcd and not yet answered, at most (`Double` only). Each is
+    /// chained to the one before (`etcd::commit`), so they land in order or not at all; more
+    /// than one hides etcd's round trip when it is far away. Default 2 (docs/BENCHMARKS.md: 1.4x one on
+    /// loopback, 1.7x with etcd 1 ms away; more are refused as behind too often here).
+    pub max_commits_in_flight: usize,
     /// Payload bytes waiting for a commit, at most; appends wait beyond it. Default 64 MiB.
     pub max_pending_bytes: usize,
     /// How long one batch may keep retrying through etcd trouble before its appends fail and
@@ -80,6 +78,7 @@ impl PrimaryConfig {
             etcd_refused_request: None,
             linger: Duration::ZERO,
             pipeline: Pipeline::Double,
+            max_commits_in_flight: 2,
             max_pending_bytes: 64 * 1024 * 1024,
             commit_deadline: Duration::from_secs(10),
             etcd_request_timeout: Duration::from_secs(2),
@@ -106,9 +105,31 @@ impl PrimaryConfig {
         }
     }
 
+    /// Sealed batches the pipeline holds at once: those committing, and (`Double`) the one
+    /// being filled and sealed meanwhile.
+    pub fn pipeline_depth(&self) -> usize {
+        match self.pipeline {
+            Pipeline::Single => 1,
+            Pipeline::Double => self.max_commits_in_flight + 1,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.limits.validate()?;
         let fail = |msg: String| Err(Error::InvalidConfig(msg));
+        if !(1..=MAX_COMMITS_IN_FLIGHT).contains(&self.max_commits_in_flight) {
+            return fail(format!(
+                "max_commits_in_flight {} must be between 1 and {MAX_COMMITS_IN_FLIGHT}",
+                self.max_commits_in_flight
+            ));
+        }
+        if self.pipeline == Pipeline::Single && self.max_commits_in_flight > 1 {
+            return fail(format!(
+                "max_commits_in_flight {} needs the double pipeline: the single one commits \
+                 one batch at a time",
+                self.max_commits_in_flight
+            ));
+        }
         if self.lease_ttl < Duration::from_secs(2) {
             return fail(format!(
                 "lease_ttl {:?} is under etcd's minimum useful TTL of 2 s",
@@ -154,5 +175,45 @@ impl PrimaryConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> PrimaryConfig {
+        PrimaryConfig::new("c1".parse().unwrap(), "a".parse().unwrap(), "127.0.0.1:1")
+    }
+
+    #[test]
+    fn the_double_pipeline_holds_the_commits_in_flight_and_one_batch_filling() {
+        let mut config = config();
+        for k in [1, 2, 8] {
+            config.max_commits_in_flight = k;
+            assert_eq!(config.pipeline_depth(), k + 1);
+            assert!(config.validate().is_ok());
+        }
+    }
+
+    #[test]
+    fn the_single_pipeline_holds_one_batch_and_takes_no_more_commits_in_flight() {
+        let mut config = config();
+        config.pipeline = Pipeline::Single;
+        config.max_commits_in_flight = 1;
+        assert_eq!(config.pipeline_depth(), 1);
+        assert!(config.validate().is_ok());
+        config.max_commits_in_flight = 2;
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn commits_in_flight_are_at_least_one_and_bounded() {
+        let mut config = config();
+        for k in [0, MAX_COMMITS_IN_FLIGHT + 1] {
+            config.max_commits_in_flight = k;
+            let refused = config.validate().unwrap_err().to_string();
+            assert!(refused.contains("max_commits_in_flight"), "{refused}");
+        }
     }
 }

@@ -292,7 +292,7 @@ impl Metrics {
         };
         // Label values known up front are exported from the start, at 0, so that rates and
         // alerts work before the first event.
-        for reason in ["fenced", "conflict"] {
+        for reason in ["fenced", "conflict", "behind"] {
             metrics.commit_refusals.with_label_values(&[reason]);
         }
         for op in ["commit", "follow", "trim"] {

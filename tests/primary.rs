@@ -1081,3 +1081,117 @@ async fn an_append_no_etcd_request_can_carry_is_refused_as_such_and_the_primary_
     assert_eq!(next.append(small).await.unwrap().first_seq, Seq(3));
     service.shutdown().await.unwrap();
 }
+
+/// A primary `name` with `in_flight` commit transactions allowed, batches of at most `cap`
+/// records, and etcd `delay` away each way (through a proxy the test controls).
+async fn primary_far_from_etcd(
+    etcd: &common::EtcdProcess,
+    name: &str,
+    in_flight: usize,
+    cap: usize,
+    delay: Duration,
+) -> (
+    common::Node,
+    FaultProxy,
+    Arc<Primary>,
+    Arc<fencelog::metrics::Metrics>,
+) {
+    let proxy = FaultProxy::start(etcd.endpoint()).await.unwrap();
+    proxy.delay(delay);
+    let mut node = node(name);
+    node.config.max_commits_in_flight = in_flight;
+    node.config.max_batch_records = cap;
+    let client = fencelog::etcd::connect(&[proxy.endpoint().to_owned()], Duration::from_secs(2))
+        .await
+        .unwrap();
+    let metrics = Arc::new(fencelog::metrics::Metrics::new().unwrap());
+    let primary = Primary::start(
+        client,
+        node.store.clone(),
+        node.config.clone(),
+        metrics.clone(),
+    )
+    .await
+    .unwrap();
+    (node, proxy, Arc::new(primary), metrics)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_in_flight_to_a_distant_etcd_land_in_seq_order_and_every_ack_is_in_etcd() {
+    let etcd = common::etcd().await;
+    let (_node, _proxy, primary, metrics) =
+        primary_far_from_etcd(&etcd, "far", 8, 16, Duration::from_millis(2)).await;
+    let acked = append_concurrently(&primary, 32, 20).await;
+    assert_acks_match_etcd(&etcd, &acked).await;
+    assert!(
+        metrics.commits.get() >= 40,
+        "{} batches: too few to have had several in flight",
+        metrics.commits.get()
+    );
+    Arc::into_inner(primary).unwrap().shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_deposed_with_its_window_full_acknowledges_only_what_etcd_has() {
+    let etcd = common::etcd().await;
+    // 50 ms each way: every commit of the window is on its way when the lease is revoked.
+    let (_node, _proxy, primary, _) =
+        primary_far_from_etcd(&etcd, "deposed", 4, 2, Duration::from_millis(50)).await;
+    primary
+        .append(vec![Record::put("first", "1")])
+        .await
+        .unwrap();
+    let appending: Vec<_> = (0..32u32)
+        .map(|i| {
+            let primary = primary.clone();
+            tokio::spawn(async move {
+                let record = Record::put(format!("k{i}"), format!("v{i}"));
+                (record.clone(), primary.append(vec![record]).await)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let direct = common::client(&etcd).await;
+    fencelog::etcd::leadership::depose(&direct, &layout(), Duration::from_secs(2))
+        .await
+        .unwrap()
+        .expect("the primary led");
+
+    let committed: BTreeMap<Seq, Record> = committed_records(&etcd).await.into_iter().collect();
+    let (mut acknowledged, mut refused) = (0, 0);
+    for task in appending {
+        let (record, answer) = tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("every append is answered")
+            .unwrap();
+        match answer {
+            Ok(ack) => {
+                assert_eq!(
+                    committed.get(&ack.first_seq),
+                    Some(&record),
+                    "acked, not in etcd"
+                );
+                acknowledged += 1;
+            }
+            Err(Error::Fenced { .. } | Error::LeadershipLost { .. }) => {
+                let key = record.key.clone();
+                assert!(
+                    committed.values().all(|r| r.key != key),
+                    "{record:?} was refused as not committed, yet etcd has it"
+                );
+                refused += 1;
+            }
+            Err(e @ Error::CommitOutcomeUnknown { .. }) => println!("in doubt: {e}"),
+            Err(e) => panic!("an append answered {e:?}"),
+        }
+    }
+    let seqs: Vec<u64> = committed.keys().map(|s| s.0).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "etcd's log is dense"
+    );
+    println!("{acknowledged} acknowledged, {refused} refused as not committed");
+    assert!(refused > 0, "the window held commits when the lease went");
+    assert!(!primary.is_leading(), "the deposed term ended");
+}

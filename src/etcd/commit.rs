@@ -191,8 +191,6 @@ pub async fn commit_batch(
 pub struct CommitView {
     /// The current leadership's epoch, if anyone leads.
     pub leader_epoch: Option<Epoch>,
-    /// The `mod_revision` of `latest` (0 if absent).
-    pub latest_revision: i64,
     /// What `latest` holds (`None`: absent).
     pub latest: Option<Vec<u8>>,
     /// The value under the batch's key, if any.
@@ -252,7 +250,6 @@ pub async fn read_commit_view(
         .await?;
     let mut view = CommitView {
         leader_epoch: None,
-        latest_revision: 0,
         latest: None,
         batch: None,
         trimmed: Seq(1),
@@ -269,7 +266,6 @@ pub async fn read_commit_view(
         if key == layout.leader().as_bytes() {
             view.leader_epoch = u64::try_from(kv.create_revision()).ok().map(Epoch);
         } else if key == layout.latest().as_bytes() {
-            view.latest_revision = kv.mod_revision();
             CommitPointer::decode(kv.value())?;
             view.latest = Some(kv.value().to_vec());
         } else if key == batch_key.as_bytes() {
@@ -338,7 +334,6 @@ mod tests {
     ) -> CommitView {
         CommitView {
             leader_epoch: leader.map(Epoch),
-            latest_revision: 40,
             latest,
             batch,
             trimmed: Seq(trimmed),

@@ -245,7 +245,7 @@ impl Primary {
                 config.max_batch_bytes,
                 config.linger,
             ),
-            slots: Arc::new(Semaphore::new(config.pipeline.depth())),
+            slots: Arc::new(Semaphore::new(config.pipeline_depth())),
             ended: watch::channel(None).0,
             config,
             layout,
@@ -392,7 +392,7 @@ impl Primary {
         let config = &self.term.config;
         self.term.accumulator.stop_taking();
         let deadline = Instant::now() + config.commit_deadline;
-        let depth = config.pipeline.depth();
+        let depth = config.pipeline_depth();
         while self.term.ended().is_none() && Instant::now() < deadline {
             let idle =
                 self.term.accumulator.is_empty() && self.term.slots.available_permits() == depth;

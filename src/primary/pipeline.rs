@@ -3,8 +3,9 @@
 //! The sealer waits for appends and a free pipeline slot, then for the batch to fill or the
 //! committer to be free (natural group commit), seals the accumulated appends into a batch
 //! (assigning seqs), encodes it on a blocking thread, and hands it both to the committer
-//! and to the local log writer. The committer commits batches one at a time, in seq order, and
-//! acknowledges each as soon as etcd has it. The local log writer writes each batch ahead to the
+//! and to the local log writer. The committer keeps up to `max_commits_in_flight` commit
+//! transactions on their way, each chained to the batch before it (`etcd::commit`), and
+//! acknowledges each, in seq order, as soon as etcd has it. The local log writer writes each batch ahead to the
 //! local log while its transaction runs, and moves `received_seq` over it once etcd has
 //! committed it, then tells the applier. With two slots (`Double`) the next batch is sealed and
 //! encoded while the previous one is in its etcd round trip; with one (`Single`), appends wait
@@ -28,7 +29,7 @@ use tracing::Instrument;
 use crate::batch::{Batch, BatchDecoder, BatchEncoder, EncodedBatch};
 use crate::error::{Error, Result};
 use crate::etcd::commit::{
-    commit_batch, read_commit_view, settle, CommitOutcome, Head, Settlement,
+    commit_batch, moved, read_commit_view, settle, CommitOutcome, Head, Moved, Settlement,
 };
 use crate::etcd::{request_too_large, timed, Backoff};
 use crate::local_store::blocking;
@@ -96,6 +97,10 @@ enum CommitFailure {
     TooLarge { bytes: usize },
     /// Sent, and neither confirmed nor refused before the deadline or the lease ran out.
     Unknown(String),
+    /// Refused because the batch before it had not landed yet (`etcd::commit::Moved::Behind`)
+    /// while our term leads: to be sent again, with the same compares, once that one has.
+    /// `sent`: an earlier attempt went unanswered, and may still land.
+    Behind { sent: bool },
 }
 
 /// The running tasks of a term's pipeline.
@@ -191,14 +196,20 @@ async fn seal_loop(
     mut next_seq: Seq,
 ) {
     // Seal only once a slot is free, so the batch takes everything that arrived meanwhile.
-    let depth = term.config.pipeline.depth();
+    let depth = term.config.pipeline_depth();
     while term.accumulator.wait_for_appends().await {
         let Ok(slot) = term.slots.clone().acquire_owned().await else {
             return;
         };
-        // Natural group commit: while the committer is busy with an earlier batch, this one
-        // keeps filling; it is sealed once full, or once the committer is free.
-        while term.slots.available_permits() + 1 < depth && !term.accumulator.is_full() {
+        // Natural group commit: while every commit slot is busy, this batch keeps filling;
+        // it is sealed once full, or once a commit is answered.
+        let max_in_flight = term.config.max_commits_in_flight;
+        loop {
+            // Every slot taken but this one holds a batch not yet answered.
+            let in_flight = depth - 1 - term.slots.available_permits();
+            if seal_now(in_flight, max_in_flight, term.accumulator.is_full()) {
+                break;
+            }
             term.accumulator.sealer_woken().await;
         }
         let Some(pending) = term.accumulator.take_batch() else {
@@ -268,104 +279,200 @@ async fn seal_loop(
     }
 }
 
+/// Whether the sealer seals the batch it fills now: once a commit slot is free (fewer than
+/// `max_in_flight` batches sealed and unanswered), or once the batch is full.
+fn seal_now(in_flight: usize, max_in_flight: usize, full: bool) -> bool {
+    full || in_flight < max_in_flight
+}
+
+/// A batch whose commit transaction is on its way.
+struct InFlight {
+    batch: SealedBatch,
+    /// What its transaction expects `latest` to be.
+    head: Head,
+    attempt: JoinHandle<Result<Landed, CommitFailure>>,
+}
+
+/// Commits the sealed batches in seq order with up to `max_commits_in_flight` transactions
+/// on their way at once, and answers them in that order. Each transaction is chained to the
+/// batch before it (`etcd::commit`), so one sent before its predecessor landed is refused as
+/// behind and sent again once the predecessor is answered; a batch that fails takes the ones
+/// chained to it along, each answered with what etcd proves of it.
 async fn commit_loop(
     term: Arc<Term>,
     mut sealed: mpsc::UnboundedReceiver<SealedBatch>,
-    mut head: Head,
+    head: Head,
     committed: watch::Sender<Seq>,
     mut cutter: Cutter,
 ) {
-    // The parts of a batch etcd refused as too large hold the next seqs: they go first.
-    let mut parts = VecDeque::new();
+    let max_in_flight = term.config.max_commits_in_flight;
+    // Batches to send before anything newly sealed: parts of a batch etcd refused as too
+    // large, and the batches that were chained to it.
+    let mut queued: VecDeque<SealedBatch> = VecDeque::new();
+    let mut window: VecDeque<InFlight> = VecDeque::new();
+    // What the next batch sent is chained to.
+    let mut next_head = head;
+    let mut sealer_open = true;
     loop {
-        let batch = match parts.pop_front() {
-            Some(part) => part,
-            None => match sealed.recv().await {
+        while window.len() < max_in_flight {
+            let batch = match queued.pop_front() {
                 Some(batch) => batch,
-                None => return,
-            },
-        };
-        if let Some(cause) = term.ended() {
-            batch.answer(|| Err(cause.to_error()));
-            continue;
+                None if !sealer_open => break,
+                None if window.is_empty() => match sealed.recv().await {
+                    Some(batch) => batch,
+                    None => {
+                        sealer_open = false;
+                        break;
+                    }
+                },
+                None => match sealed.try_recv() {
+                    Ok(batch) => batch,
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        sealer_open = false;
+                        break;
+                    }
+                },
+            };
+            if let Some(cause) = term.ended() {
+                batch.answer(|| Err(cause.to_error()));
+                continue;
+            }
+            let chained_to =
+                std::mem::replace(&mut next_head, Head::after(&batch.encoded, term.epoch()));
+            window.push_back(send(&term, batch, chained_to, false));
         }
-        // Instrumented, never entered across an await: an entered span would leak into
-        // whatever else ran on the thread meanwhile.
-        let span = tracing::debug_span!("commit", epoch = %term.epoch(), first_seq = %batch.encoded.first_seq(), last_seq = %batch.encoded.last_seq());
-        match commit_and_answer(&term, batch, &head, &committed)
-            .instrument(span)
-            .await
-        {
-            Answered::Committed { head: next } => head = next,
-            Answered::Failed => {}
-            Answered::TooLarge { batch, bytes } => {
-                for part in cutter.cut(&term, batch, bytes).await.into_iter().rev() {
-                    parts.push_front(part);
+        // The oldest is answered first; meanwhile a newly sealed batch may join the window.
+        let room = window.len() < max_in_flight && sealer_open && queued.is_empty();
+        let Some(oldest) = window.front_mut() else {
+            if !sealer_open && queued.is_empty() {
+                return;
+            }
+            continue;
+        };
+        let result = tokio::select! {
+            result = &mut oldest.attempt => result,
+            batch = sealed.recv(), if room => {
+                match batch {
+                    Some(batch) => queued.push_back(batch),
+                    None => sealer_open = false,
+                }
+                continue;
+            }
+        };
+        let Some(InFlight { batch, head, .. }) = window.pop_front() else {
+            continue;
+        };
+        let result = result.unwrap_or_else(|e| {
+            Err(CommitFailure::Unknown(format!(
+                "the attempt to commit it ended: {e}"
+            )))
+        });
+        match result {
+            Ok(landed) => acknowledge(&term, batch, landed, &committed),
+            Err(CommitFailure::Behind { sent }) => {
+                // etcd took it before the batch before it, which has landed since: the same
+                // transaction again, safe to repeat. Those chained after it most likely met the
+                // same fate, or will: they go again right behind it, in order, rather than a
+                // round trip each. Their attempts may still be on their way (`sent`).
+                let rest: Vec<(SealedBatch, Head)> = window
+                    .drain(..)
+                    .map(|in_flight| {
+                        in_flight.attempt.abort();
+                        (in_flight.batch, in_flight.head)
+                    })
+                    .collect();
+                window.push_back(send(&term, batch, head, sent));
+                for (later, chained_to) in rest {
+                    window.push_back(send(&term, later, chained_to, true));
                 }
             }
-        }
-    }
-}
-
-/// What became of a batch the committer took.
-enum Answered {
-    /// Committed and acknowledged; the next commit is chained to `head`.
-    Committed { head: Head },
-    /// Answered with a failure; the term has ended.
-    Failed,
-    /// Refused by etcd as a request of `bytes`, over its limit; not answered yet.
-    TooLarge { batch: SealedBatch, bytes: usize },
-}
-
-/// Commits `batch` and answers its appends, unless etcd refused it as too large.
-async fn commit_and_answer(
-    term: &Term,
-    batch: SealedBatch,
-    head: &Head,
-    committed: &watch::Sender<Seq>,
-) -> Answered {
-    // Fail point (tests): the process dies here, as with SIGKILL, with the batch sealed and
-    // going to the local log but not yet sent to etcd.
-    fail::fail_point!("primary::before_commit", |_| std::process::abort());
-    match commit_resolved(term, &batch.encoded, head).await {
-        Ok(Landed { then }) => {
-            // Fail point (tests): the process dies here, committed in etcd but not yet
-            // acknowledged.
-            fail::fail_point!("primary::before_ack", |_| std::process::abort());
-            record_commit(term, &batch);
-            let next = Head::after(&batch.encoded, term.epoch());
-            committed.send_replace(batch.encoded.last_seq());
-            batch.answer(|| Ok(()));
-            if let Some(cause) = then {
-                term.step_down(cause);
-                return Answered::Failed;
+            Err(CommitFailure::TooLarge { bytes }) => {
+                // Not proposed; those chained to it can never land: send them again after
+                // its parts.
+                let rest = take_window(&mut window);
+                next_head = head;
+                for batch in rest.into_iter().rev() {
+                    queued.push_front(batch);
+                }
+                for part in cutter.cut(&term, batch, bytes).await.into_iter().rev() {
+                    queued.push_front(part);
+                }
             }
-            // Its slot is free: a filling batch may now be sealed.
-            term.accumulator.wake_sealer();
-            term.metrics
-                .pending_bytes
-                .set(term.accumulator.pending_bytes() as i64);
-            Answered::Committed { head: next }
-        }
-        Err(CommitFailure::TooLarge { bytes }) => Answered::TooLarge { batch, bytes },
-        Err(CommitFailure::NotCommitted(cause)) => {
-            batch.answer(|| Err(cause.to_error()));
-            term.step_down(cause);
-            Answered::Failed
-        }
-        Err(CommitFailure::Unknown(reason)) => {
-            let (first_seq, last_seq) = (batch.encoded.first_seq(), batch.encoded.last_seq());
-            batch.answer(|| {
-                Err(Error::CommitOutcomeUnknown {
-                    first_seq,
-                    last_seq,
-                    reason: reason.clone(),
-                })
-            });
-            term.step_down(StepDown::LeadershipLost(reason));
-            Answered::Failed
+            Err(CommitFailure::NotCommitted(cause)) => {
+                // It can never land, so neither can those chained to it.
+                batch.answer(|| Err(cause.to_error()));
+                for later in take_window(&mut window) {
+                    later.answer(|| Err(cause.to_error()));
+                }
+                term.step_down(cause);
+            }
+            Err(CommitFailure::Unknown(reason)) => {
+                let (first_seq, last_seq) = (batch.encoded.first_seq(), batch.encoded.last_seq());
+                batch.answer(|| {
+                    Err(Error::CommitOutcomeUnknown {
+                        first_seq,
+                        last_seq,
+                        reason: reason.clone(),
+                    })
+                });
+                // Those chained to it settle for themselves, the term having ended.
+                term.step_down(StepDown::LeadershipLost(reason));
+            }
         }
     }
+}
+
+/// Sends `batch`'s transaction, chained to `head`; `sent`: an attempt of it went unanswered.
+fn send(term: &Arc<Term>, batch: SealedBatch, head: Head, sent: bool) -> InFlight {
+    let (attempting, encoded, chained_to) = (term.clone(), batch.encoded.clone(), head.clone());
+    // Instrumented, never entered across an await: an entered span would leak into whatever
+    // else ran on the thread meanwhile.
+    let span = tracing::debug_span!("commit", epoch = %term.epoch(), first_seq = %encoded.first_seq(), last_seq = %encoded.last_seq());
+    let attempt = tokio::spawn(
+        async move {
+            // Fail point (tests): the process dies here, as with SIGKILL, with the batch sealed
+            // and going to the local log but not yet sent to etcd.
+            fail::fail_point!("primary::before_commit", |_| std::process::abort());
+            commit_resolved(&attempting, &encoded, &chained_to, sent).await
+        }
+        .instrument(span),
+    );
+    InFlight {
+        batch,
+        head,
+        attempt,
+    }
+}
+
+/// The batches of `window`, in order, their transactions abandoned: only for batches chained to
+/// one that can never land, whose transactions therefore cannot land either.
+fn take_window(window: &mut VecDeque<InFlight>) -> Vec<SealedBatch> {
+    window
+        .drain(..)
+        .map(|in_flight| {
+            in_flight.attempt.abort();
+            in_flight.batch
+        })
+        .collect()
+}
+
+/// Answers a batch etcd has: the local log may mark it, its appends are acknowledged, and its
+/// slot is free for the sealer.
+fn acknowledge(term: &Term, batch: SealedBatch, landed: Landed, committed: &watch::Sender<Seq>) {
+    // Fail point (tests): the process dies here, committed in etcd but not yet acknowledged.
+    fail::fail_point!("primary::before_ack", |_| std::process::abort());
+    record_commit(term, &batch);
+    committed.send_replace(batch.encoded.last_seq());
+    batch.answer(|| Ok(()));
+    if let Some(cause) = landed.then {
+        term.step_down(cause);
+        return;
+    }
+    term.accumulator.wake_sealer();
+    term.metrics
+        .pending_bytes
+        .set(term.accumulator.pending_bytes() as i64);
 }
 
 /// Cuts batches etcd refused as too large into parts it takes.
@@ -601,12 +708,12 @@ async fn commit_resolved(
     term: &Term,
     batch: &EncodedBatch,
     head: &Head,
+    mut sent: bool,
 ) -> Result<Landed, CommitFailure> {
     let epoch = term.epoch();
     let deadline = Instant::now() + term.config.commit_deadline;
     let mut kv = term.client.kv_client();
     let mut backoff = Backoff::new(term.config.lease_ttl / 4);
-    let mut sent = false;
     loop {
         if !term.leadership.is_held() {
             // A term that ended (shutdown, a step-down) gave its leadership up first.
@@ -635,6 +742,14 @@ async fn commit_resolved(
             }
             Ok(CommitOutcome::Refused(refusal)) => {
                 let fenced = refusal.is_fenced(epoch);
+                let latest = refusal.latest_value.as_deref();
+                if !fenced && moved(latest, head, batch) == Some(Moved::Behind) {
+                    term.metrics
+                        .commit_refusals
+                        .with_label_values(&["behind"])
+                        .inc();
+                    return Err(CommitFailure::Behind { sent });
+                }
                 term.metrics
                     .commit_refusals
                     .with_label_values(&[if fenced { "fenced" } else { "conflict" }])
@@ -732,5 +847,30 @@ async fn settle_in_doubt(
             "{}; the log in etcd was trimmed past it since, so etcd cannot tell",
             cause.to_error()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::seal_now;
+
+    #[test]
+    fn a_batch_is_sealed_as_soon_as_a_commit_slot_is_free() {
+        assert!(seal_now(0, 1, false));
+        assert!(seal_now(1, 2, false));
+        assert!(seal_now(3, 4, false));
+    }
+
+    #[test]
+    fn a_batch_keeps_filling_while_every_commit_slot_is_busy() {
+        assert!(!seal_now(1, 1, false));
+        assert!(!seal_now(2, 2, false));
+        assert!(!seal_now(8, 8, false));
+    }
+
+    #[test]
+    fn a_full_batch_is_sealed_whatever_is_in_flight() {
+        assert!(seal_now(1, 1, true));
+        assert!(seal_now(8, 8, true));
     }
 }

@@ -109,6 +109,10 @@ pub struct NodeSettings {
     /// Commit pipeline: `double` overlaps the next batch with the commit [default: double].
     #[arg(long, env = "FENCELOG_PIPELINE", help_heading = BATCHING)]
     pub pipeline: Option<PipelineArg>,
+    /// Commit transactions on their way to etcd at once (double pipeline): more hide the round
+    /// trip to an etcd far away [default: 2].
+    #[arg(long, value_name = "N", env = "FENCELOG_MAX_COMMITS_IN_FLIGHT", help_heading = BATCHING)]
+    pub max_commits_in_flight: Option<usize>,
     /// While leading: always keep at least this many of the newest records in etcd [default: 100000].
     #[arg(long, value_name = "N", env = "FENCELOG_RETAIN_RECORDS", help_heading = RETENTION)]
     pub retain_records: Option<u64>,
@@ -197,6 +201,7 @@ impl NodeSettings {
             max_batch_records: self.max_batch_records.or(lower.max_batch_records),
             linger_ms: self.linger_ms.or(lower.linger_ms),
             pipeline: self.pipeline.or(lower.pipeline),
+            max_commits_in_flight: self.max_commits_in_flight.or(lower.max_commits_in_flight),
             retain_records: self.retain_records.or(lower.retain_records),
             retain_seconds: self.retain_seconds.or(lower.retain_seconds),
             max_etcd_log_bytes: self.max_etcd_log_bytes.or(lower.max_etcd_log_bytes),
@@ -262,6 +267,12 @@ impl NodeSettings {
         primary.pipeline = match self.pipeline.unwrap_or(PipelineArg::Double) {
             PipelineArg::Double => Pipeline::Double,
             PipelineArg::Single => Pipeline::Single,
+        };
+        // The single pipeline commits one batch at a time unless told otherwise (and refused).
+        primary.max_commits_in_flight = match (self.max_commits_in_flight, primary.pipeline) {
+            (Some(k), _) => k,
+            (None, Pipeline::Single) => 1,
+            (None, Pipeline::Double) => primary.max_commits_in_flight,
         };
         let retention = &mut primary.retention;
         retention.retain_records = self.retain_records.unwrap_or(retention.retain_records);
