@@ -117,6 +117,27 @@ fn caps() -> Vec<usize> {
         .unwrap_or_else(|| vec![1, 128, 1024, 4096])
 }
 
+/// A primary of the cluster `bench` on a new store (in the returned directory), its settings
+/// the defaults changed by `set`.
+async fn start_primary(
+    client: Client,
+    set: impl FnOnce(&mut PrimaryConfig),
+) -> (tempfile::TempDir, Arc<Primary>, Arc<Metrics>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Arc::new(LocalStore::open(dir.path(), Default::default()).expect("store"));
+    let mut config = PrimaryConfig::new(
+        "bench".parse().unwrap(),
+        "bench".parse().unwrap(),
+        "127.0.0.1:1",
+    );
+    set(&mut config);
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let primary = Primary::start(client, store, config, metrics.clone())
+        .await
+        .expect("primary starts");
+    (dir, Arc::new(primary), metrics)
+}
+
 /// Delays each way (ms) of the `in_flight` group; `FENCELOG_BENCH_DELAYS_MS=0,0.5,1,2`.
 fn delays() -> Vec<f64> {
     std::env::var("FENCELOG_BENCH_DELAYS_MS")
@@ -142,21 +163,10 @@ fn in_flight(c: &mut Criterion) {
                         Duration::from_secs(5),
                     ))
                     .expect("etcd answers through the proxy");
-                let dir = tempfile::tempdir().expect("temp dir");
-                let store =
-                    Arc::new(LocalStore::open(dir.path(), Default::default()).expect("store"));
-                let mut config = PrimaryConfig::new(
-                    "bench".parse().unwrap(),
-                    "bench".parse().unwrap(),
-                    "127.0.0.1:1",
-                );
-                config.max_batch_records = cap;
-                config.max_commits_in_flight = k;
-                let metrics = Arc::new(Metrics::new().expect("metrics"));
-                let primary = Arc::new(
-                    rt.block_on(Primary::start(client, store, config, metrics.clone()))
-                        .expect("primary starts"),
-                );
+                let (_dir, primary, metrics) = rt.block_on(start_primary(client, |config| {
+                    config.max_batch_records = cap;
+                    config.max_commits_in_flight = k;
+                }));
                 let per_append = cap.min(16);
                 // Enough appends to fill every batch in flight, and the one filling.
                 let producers = saturating(cap, per_append) * (k + 1) / 2;
@@ -202,20 +212,10 @@ fn fencelog_primary(c: &mut Criterion) {
     for pipeline in [Pipeline::Double, Pipeline::Single] {
         for cap in caps() {
             let (etcd, client) = rt.block_on(start_etcd());
-            let dir = tempfile::tempdir().expect("temp dir");
-            let store = Arc::new(LocalStore::open(dir.path(), Default::default()).expect("store"));
-            let mut config = PrimaryConfig::new(
-                "bench".parse().unwrap(),
-                "bench".parse().unwrap(),
-                "127.0.0.1:1",
-            );
-            config.pipeline = pipeline;
-            config.max_batch_records = cap;
-            let metrics = Arc::new(Metrics::new().expect("metrics"));
-            let primary = Arc::new(
-                rt.block_on(Primary::start(client, store, config, metrics.clone()))
-                    .expect("primary starts"),
-            );
+            let (_dir, primary, metrics) = rt.block_on(start_primary(client, |config| {
+                config.pipeline = pipeline;
+                config.max_batch_records = cap;
+            }));
             let per_append = cap.min(16);
             let producers = saturating(cap, per_append);
             let unit = if cap == 1 { 64 } else { BATCH as u64 };

@@ -203,7 +203,7 @@ async fn seal_loop(
         };
         // Natural group commit: while every commit slot is busy, this batch keeps filling;
         // it is sealed once full, or once a commit is answered.
-        let max_in_flight = term.config.max_commits_in_flight;
+        let max_in_flight = term.config.commits_in_flight();
         loop {
             // Every slot taken but this one holds a batch not yet answered.
             let in_flight = depth - 1 - term.slots.available_permits();
@@ -305,7 +305,7 @@ async fn commit_loop(
     committed: watch::Sender<Seq>,
     mut cutter: Cutter,
 ) {
-    let max_in_flight = term.config.max_commits_in_flight;
+    let max_in_flight = term.config.commits_in_flight();
     // Batches to send before anything newly sealed: parts of a batch etcd refused as too
     // large, and the batches that were chained to it.
     let mut queued: VecDeque<SealedBatch> = VecDeque::new();

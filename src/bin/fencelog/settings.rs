@@ -268,12 +268,9 @@ impl NodeSettings {
             PipelineArg::Double => Pipeline::Double,
             PipelineArg::Single => Pipeline::Single,
         };
-        // The single pipeline commits one batch at a time unless told otherwise (and refused).
-        primary.max_commits_in_flight = match (self.max_commits_in_flight, primary.pipeline) {
-            (Some(k), _) => k,
-            (None, Pipeline::Single) => 1,
-            (None, Pipeline::Double) => primary.max_commits_in_flight,
-        };
+        primary.max_commits_in_flight = self
+            .max_commits_in_flight
+            .unwrap_or(primary.max_commits_in_flight);
         let retention = &mut primary.retention;
         retention.retain_records = self.retain_records.unwrap_or(retention.retain_records);
         retention.retain_seconds = self.retain_seconds.unwrap_or(retention.retain_seconds);
