@@ -539,11 +539,23 @@ async fn a_damaged_store_is_moved_aside_and_rebuilt_from_etcd() {
 /// on its store, and the history holds.
 #[cfg(feature = "failpoints")]
 async fn a_primary_killed_at_an_exact_step(fail_point: &str) {
+    a_primary_with_commits_in_flight_killed_at_an_exact_step(fail_point, "2").await;
+}
+
+/// [`a_primary_killed_at_an_exact_step`] with `in_flight` commit transactions allowed.
+#[cfg(feature = "failpoints")]
+async fn a_primary_with_commits_in_flight_killed_at_an_exact_step(
+    fail_point: &str,
+    in_flight: &str,
+) {
     let etcd = common::etcd().await;
     let dir = tempfile::tempdir().unwrap();
     let crash = format!("{fail_point}=30*off->return");
     let env = PairEnv {
-        primary: &[("FAILPOINTS", crash.as_str())],
+        primary: &[
+            ("FAILPOINTS", crash.as_str()),
+            ("FENCELOG_MAX_COMMITS_IN_FLIGHT", in_flight),
+        ],
         ..PairEnv::default()
     };
     let mut pair = start_pair_with(&etcd, dir.path(), true, env).await;
@@ -628,6 +640,14 @@ async fn a_primary_killed_between_sealing_and_its_etcd_txn_loses_nothing_acknowl
 #[tokio::test(flavor = "multi_thread")]
 async fn a_primary_killed_after_its_etcd_txn_before_the_ack_loses_nothing_acknowledged() {
     a_primary_killed_at_an_exact_step("primary::before_ack").await;
+}
+
+/// Killed with up to eight commits on their way, some landed and unacknowledged: the new
+/// primary's log holds every acknowledged record once, and whatever else landed, in order.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_primary_killed_with_eight_commits_in_flight_loses_nothing_acknowledged() {
+    a_primary_with_commits_in_flight_killed_at_an_exact_step("primary::before_ack", "8").await;
 }
 
 #[cfg(feature = "failpoints")]

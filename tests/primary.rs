@@ -1195,3 +1195,51 @@ async fn a_primary_deposed_with_its_window_full_acknowledges_only_what_etcd_has(
     assert!(refused > 0, "the window held commits when the lease went");
     assert!(!primary.is_leading(), "the deposed term ended");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_answers_to_a_full_window_are_settled_from_etcd_and_each_append_acknowledged_once() {
+    let etcd = common::etcd().await;
+    let (_node, proxy, primary, metrics) =
+        primary_far_from_etcd(&etcd, "lossy", 4, 2, Duration::from_millis(20)).await;
+    primary
+        .append(vec![Record::put("first", "1")])
+        .await
+        .unwrap();
+    let appending: Vec<_> = (0..24u32)
+        .map(|i| {
+            let primary = primary.clone();
+            tokio::spawn(async move {
+                let records = vec![Record::put(format!("k{i}"), format!("v{i}"))];
+                (primary.append(records.clone()).await, records)
+            })
+        })
+        .collect();
+    // The window's transactions reach etcd; their answers do not. Then the connection breaks,
+    // as a lost answer's connection would, and the committer retries on a new one.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    proxy.lose_answers(true);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.lose_answers(false);
+    proxy.cut();
+
+    let mut acked = vec![(
+        AppendAck {
+            first_seq: Seq(1),
+            last_seq: Seq(1),
+        },
+        vec![Record::put("first", "1")],
+    )];
+    for task in appending {
+        let (answer, records) = tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("every append is answered")
+            .unwrap();
+        let ack = answer.expect("etcd has every batch of the window: acknowledged, not failed");
+        acked.push((ack, records));
+    }
+    // Each record once in etcd, at the seq its ack gave, and the log dense.
+    assert_acks_match_etcd(&etcd, &acked).await;
+    assert!(primary.is_leading(), "the term rode it out");
+    assert!(metrics.commit_retries.get() > 0, "no answer was lost");
+    Arc::into_inner(primary).unwrap().shutdown().await.unwrap();
+}
