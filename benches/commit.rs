@@ -11,6 +11,9 @@
 //!   delaying proxy (`etcd::proxy::FaultProxy`, each way `FENCELOG_BENCH_DELAYS_MS`, default
 //!   0 and 1 ms), `max_commits_in_flight` 1, 2, 4, 8, caps 128 and 1024, prebuilt records:
 //!   what commits in flight buy when etcd is a round trip away;
+//! - `one_client/<delay>/k<k>`: one client appending one record at a time, each append
+//!   awaited (the time of one append, criterion's unit; p50 and p99 of 500 printed), etcd as
+//!   far away as in `in_flight`, k 1 and 2: what a lightly loaded primary answers in;
 //! - `seed_style`: the design fencelog replaces: one etcd key per record holding JSON with base64
 //!   payloads, 127 keys per transaction, then `latest` in a separate put.
 //!
@@ -206,6 +209,69 @@ fn in_flight(c: &mut Criterion) {
     group.finish();
 }
 
+fn one_client(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("commit");
+    group.throughput(Throughput::Elements(1));
+    for delay_ms in delays() {
+        for k in [1, 2] {
+            let (etcd, _) = rt.block_on(start_etcd());
+            let proxy = rt
+                .block_on(FaultProxy::start(etcd.endpoint()))
+                .expect("the proxy starts");
+            proxy.delay(Duration::from_secs_f64(delay_ms / 1000.0));
+            let client = rt
+                .block_on(fencelog::etcd::connect(
+                    &[proxy.endpoint().to_owned()],
+                    Duration::from_secs(5),
+                ))
+                .expect("etcd answers through the proxy");
+            let (_dir, primary, _) = rt.block_on(start_primary(client, |config| {
+                config.max_commits_in_flight = k;
+            }));
+            let mut generator = RecordGenerator::new(5, 1_000_000, 256);
+            let mut latencies: Vec<Duration> = rt.block_on(async {
+                let mut latencies = Vec::with_capacity(500);
+                for _ in 0..500 {
+                    let started = Instant::now();
+                    primary
+                        .append(generator.take_records(1))
+                        .await
+                        .expect("commits");
+                    latencies.push(started.elapsed());
+                }
+                latencies
+            });
+            latencies.sort();
+            let name = format!("one_client/{delay_ms}ms");
+            println!(
+                "{name}/k{k}: ack p50 {:.2} ms, p99 {:.2} ms (500 appends of one record)",
+                latencies[250].as_secs_f64() * 1e3,
+                latencies[495].as_secs_f64() * 1e3
+            );
+            group.bench_with_input(BenchmarkId::new(name, format!("k{k}")), &k, |b, _| {
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let started = Instant::now();
+                        for _ in 0..iters {
+                            primary
+                                .append(generator.take_records(1))
+                                .await
+                                .expect("commits");
+                        }
+                        started.elapsed()
+                    })
+                })
+            });
+            let primary = Arc::into_inner(primary).expect("the client is done");
+            rt.block_on(primary.shutdown()).expect("shuts down");
+            drop(proxy);
+            drop(etcd);
+        }
+    }
+    group.finish();
+}
+
 fn fencelog_primary(c: &mut Criterion) {
     let rt = runtime();
     let mut group = c.benchmark_group("commit");
@@ -286,6 +352,6 @@ criterion_group! {
         .sample_size(10)
         .measurement_time(Duration::from_secs(4))
         .warm_up_time(Duration::from_secs(1));
-    targets = ceiling_and_plain_loop, fencelog_primary, in_flight, seed_style
+    targets = ceiling_and_plain_loop, fencelog_primary, in_flight, one_client, seed_style
 }
 criterion_main!(benches);
