@@ -9,15 +9,23 @@ use futures_util::FutureExt;
 
 /// Runs `task` to its end and says how it ended: `"stopped"`, or `"panicked: <message>"`.
 pub(crate) async fn run_to_end(task: impl Future<Output = ()>) -> String {
-    match AssertUnwindSafe(task).catch_unwind().await {
+    match unless_panicked(task).await {
         Ok(()) => "stopped".to_owned(),
-        Err(panic) => {
+        Err(panicked) => panicked,
+    }
+}
+
+/// Runs `task` to its end: what it returned, or `"panicked: <message>"`.
+pub(crate) async fn unless_panicked<T>(task: impl Future<Output = T>) -> Result<T, String> {
+    AssertUnwindSafe(task)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
             let message = panic
                 .downcast_ref::<&str>()
                 .map(|m| (*m).to_owned())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "no message".to_owned());
             format!("panicked: {message}")
-        }
-    }
+        })
 }

@@ -18,10 +18,13 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
 use etcd_client::KvClient;
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -38,7 +41,7 @@ use crate::primary::recovery::Resume;
 use crate::primary::request_cap;
 use crate::primary::{AppendAck, StepDown, Term};
 use crate::record::Seq;
-use crate::supervise::run_to_end;
+use crate::supervise::{run_to_end, unless_panicked};
 
 /// Sealed batches that may wait for the local log writer; past it the sealer waits.
 const LOCAL_LOG_QUEUE: usize = 16;
@@ -285,12 +288,86 @@ fn seal_now(in_flight: usize, max_in_flight: usize, full: bool) -> bool {
     full || in_flight < max_in_flight
 }
 
-/// A batch whose commit transaction is on its way.
-struct InFlight {
-    batch: SealedBatch,
-    /// What its transaction expects `latest` to be.
-    head: Head,
-    attempt: JoinHandle<Result<Landed, CommitFailure>>,
+/// The batches whose commit transactions are on their way, oldest first, each with what its
+/// transaction expects `latest` to be.
+///
+/// The committer polls every attempt itself, in the order they were sent (`FuturesOrdered`
+/// polls new futures in the order they were pushed), so each transaction reaches etcd's
+/// connection after the one it is chained to. Attempts spawned as tasks of their own did not:
+/// tokio runs the task spawned last first (its LIFO slot), and a transaction that overtakes
+/// its predecessor is refused as behind and costs a round trip.
+struct Window {
+    batches: VecDeque<(SealedBatch, Head)>,
+    attempts: FuturesOrdered<Attempt>,
+}
+
+type Attempt = Pin<Box<dyn Future<Output = Result<Landed, CommitFailure>> + Send>>;
+
+impl Window {
+    fn new() -> Self {
+        Window {
+            batches: VecDeque::new(),
+            attempts: FuturesOrdered::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.batches.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// Sends `batch`'s transaction, chained to `head`; `sent`: an attempt of it went
+    /// unanswered.
+    fn send(&mut self, term: &Arc<Term>, batch: SealedBatch, head: Head, sent: bool) {
+        let (attempting, encoded, chained_to) = (term.clone(), batch.encoded.clone(), head.clone());
+        // Instrumented, never entered across an await: an entered span would leak into
+        // whatever else ran on the thread meanwhile.
+        let span = tracing::debug_span!("commit", epoch = %term.epoch(), first_seq = %encoded.first_seq(), last_seq = %encoded.last_seq());
+        let attempt = async move {
+            // Fail point (tests): the process dies here, as with SIGKILL, with the batch sealed
+            // and going to the local log but not yet sent to etcd.
+            fail::fail_point!("primary::before_commit", |_| std::process::abort());
+            commit_resolved(&attempting, &encoded, &chained_to, sent).await
+        }
+        .instrument(span);
+        // A panic in one attempt answers its batch as in doubt, as a failed task would,
+        // rather than taking the committer and every other batch in the window with it.
+        let attempt = unless_panicked(attempt).map(|ended| {
+            ended.unwrap_or_else(|panicked| {
+                Err(CommitFailure::Unknown(format!(
+                    "the attempt to commit it {panicked}"
+                )))
+            })
+        });
+        self.attempts.push_back(Box::pin(attempt));
+        self.batches.push_back((batch, head));
+    }
+
+    /// The oldest batch once its attempt is answered (later ones may be answered meanwhile;
+    /// their answers wait their turn). Never ready while the window is empty.
+    async fn oldest_answered(&mut self) -> (SealedBatch, Head, Result<Landed, CommitFailure>) {
+        loop {
+            match self.attempts.next().await {
+                Some(result) => {
+                    if let Some((batch, head)) = self.batches.pop_front() {
+                        return (batch, head, result);
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    /// The batches in the window, in order, their attempts dropped unanswered: an attempt
+    /// already sent may still land, which the batch's next attempt is told (`sent`) where it
+    /// matters.
+    fn abandon(&mut self) -> Vec<(SealedBatch, Head)> {
+        self.attempts = FuturesOrdered::new();
+        self.batches.drain(..).collect()
+    }
 }
 
 /// Commits the sealed batches in seq order with up to `max_commits_in_flight` transactions
@@ -309,7 +386,7 @@ async fn commit_loop(
     // Batches to send before anything newly sealed: parts of a batch etcd refused as too
     // large, and the batches that were chained to it.
     let mut queued: VecDeque<SealedBatch> = VecDeque::new();
-    let mut window: VecDeque<InFlight> = VecDeque::new();
+    let mut window = Window::new();
     // What the next batch sent is chained to.
     let mut next_head = head;
     let mut sealer_open = true;
@@ -340,18 +417,18 @@ async fn commit_loop(
             }
             let chained_to =
                 std::mem::replace(&mut next_head, Head::after(&batch.encoded, term.epoch()));
-            window.push_back(send(&term, batch, chained_to, false));
+            window.send(&term, batch, chained_to, false);
         }
         // The oldest is answered first; meanwhile a newly sealed batch may join the window.
         let room = window.len() < max_in_flight && sealer_open && queued.is_empty();
-        let Some(oldest) = window.front_mut() else {
+        if window.is_empty() {
             if !sealer_open && queued.is_empty() {
                 return;
             }
             continue;
-        };
-        let result = tokio::select! {
-            result = &mut oldest.attempt => result,
+        }
+        let (batch, head, result) = tokio::select! {
+            answered = window.oldest_answered() => answered,
             batch = sealed.recv(), if room => {
                 match batch {
                     Some(batch) => queued.push_back(batch),
@@ -360,14 +437,6 @@ async fn commit_loop(
                 continue;
             }
         };
-        let Some(InFlight { batch, head, .. }) = window.pop_front() else {
-            continue;
-        };
-        let result = result.unwrap_or_else(|e| {
-            Err(CommitFailure::Unknown(format!(
-                "the attempt to commit it ended: {e}"
-            )))
-        });
         match result {
             Ok(landed) => acknowledge(&term, batch, landed, &committed),
             Err(CommitFailure::Behind { sent }) => {
@@ -375,24 +444,18 @@ async fn commit_loop(
                 // transaction again, safe to repeat. Those chained after it most likely met the
                 // same fate, or will: they go again right behind it, in order, rather than a
                 // round trip each. Their attempts may still be on their way (`sent`).
-                let rest: Vec<(SealedBatch, Head)> = window
-                    .drain(..)
-                    .map(|in_flight| {
-                        in_flight.attempt.abort();
-                        (in_flight.batch, in_flight.head)
-                    })
-                    .collect();
-                window.push_back(send(&term, batch, head, sent));
+                let rest = window.abandon();
+                window.send(&term, batch, head, sent);
                 for (later, chained_to) in rest {
-                    window.push_back(send(&term, later, chained_to, true));
+                    window.send(&term, later, chained_to, true);
                 }
             }
             Err(CommitFailure::TooLarge { bytes }) => {
                 // Not proposed; those chained to it can never land: send them again after
                 // its parts.
-                let rest = take_window(&mut window);
+                let rest = window.abandon();
                 next_head = head;
-                for batch in rest.into_iter().rev() {
+                for (batch, _) in rest.into_iter().rev() {
                     queued.push_front(batch);
                 }
                 for part in cutter.cut(&term, batch, bytes).await.into_iter().rev() {
@@ -402,7 +465,7 @@ async fn commit_loop(
             Err(CommitFailure::NotCommitted(cause)) => {
                 // It can never land, so neither can those chained to it.
                 batch.answer(|| Err(cause.to_error()));
-                for later in take_window(&mut window) {
+                for (later, _) in window.abandon() {
                     later.answer(|| Err(cause.to_error()));
                 }
                 term.step_down(cause);
@@ -421,40 +484,6 @@ async fn commit_loop(
             }
         }
     }
-}
-
-/// Sends `batch`'s transaction, chained to `head`; `sent`: an attempt of it went unanswered.
-fn send(term: &Arc<Term>, batch: SealedBatch, head: Head, sent: bool) -> InFlight {
-    let (attempting, encoded, chained_to) = (term.clone(), batch.encoded.clone(), head.clone());
-    // Instrumented, never entered across an await: an entered span would leak into whatever
-    // else ran on the thread meanwhile.
-    let span = tracing::debug_span!("commit", epoch = %term.epoch(), first_seq = %encoded.first_seq(), last_seq = %encoded.last_seq());
-    let attempt = tokio::spawn(
-        async move {
-            // Fail point (tests): the process dies here, as with SIGKILL, with the batch sealed
-            // and going to the local log but not yet sent to etcd.
-            fail::fail_point!("primary::before_commit", |_| std::process::abort());
-            commit_resolved(&attempting, &encoded, &chained_to, sent).await
-        }
-        .instrument(span),
-    );
-    InFlight {
-        batch,
-        head,
-        attempt,
-    }
-}
-
-/// The batches of `window`, in order, their transactions abandoned: only for batches chained to
-/// one that can never land, whose transactions therefore cannot land either.
-fn take_window(window: &mut VecDeque<InFlight>) -> Vec<SealedBatch> {
-    window
-        .drain(..)
-        .map(|in_flight| {
-            in_flight.attempt.abort();
-            in_flight.batch
-        })
-        .collect()
 }
 
 /// Answers a batch etcd has: the local log may mark it, its appends are acknowledged, and its
