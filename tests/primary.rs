@@ -457,11 +457,33 @@ async fn pending_appends_never_exceed_the_byte_bound() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_killed_and_restarted_during_appends_loses_no_acknowledged_record() {
+    etcd_killed_and_restarted_during_appends(4, |_| {}).await;
+}
+
+/// The same with eight commits in flight: 32 appenders of 3 records and batches of at most 6
+/// keep the window full when etcd dies under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_killed_and_restarted_under_a_full_window_loses_no_acknowledged_record() {
+    etcd_killed_and_restarted_during_appends(32, |config| {
+        config.max_commits_in_flight = 8;
+        config.max_batch_records = 6;
+    })
+    .await;
+}
+
+/// `appenders` tasks append 3 records at a time for 4 s while etcd is killed and, 1.5 s later,
+/// restarted: every acknowledged record is in etcd at its seq, etcd's log is dense from seq 1
+/// with no seq twice, and `latest` points at its end.
+async fn etcd_killed_and_restarted_during_appends(
+    appenders: u64,
+    set: impl FnOnce(&mut fencelog::config::PrimaryConfig),
+) {
     let mut etcd = common::etcd().await;
-    let node = node("p1");
+    let mut node = node("p1");
+    set(&mut node.config);
     let primary = Arc::new(start_primary(&etcd, &node).await.unwrap());
     let stop_at = Instant::now() + Duration::from_secs(4);
-    let appenders: Vec<_> = (0..4u64)
+    let appenders: Vec<_> = (0..appenders)
         .map(|task| {
             let primary = primary.clone();
             tokio::spawn(async move {
@@ -491,7 +513,9 @@ async fn etcd_killed_and_restarted_during_appends_loses_no_acknowledged_record()
         acked.extend(appender.await.unwrap().0);
     }
     assert!(!acked.is_empty());
-    let committed: BTreeMap<Seq, Record> = committed_records(&etcd).await.into_iter().collect();
+    let in_etcd = committed_records(&etcd).await;
+    let committed: BTreeMap<Seq, Record> = in_etcd.iter().cloned().collect();
+    assert_eq!(committed.len(), in_etcd.len(), "a seq is in etcd twice");
     for (ack, records) in &acked {
         for (i, record) in records.iter().enumerate() {
             assert_eq!(
