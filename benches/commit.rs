@@ -11,6 +11,9 @@
 //!   delaying proxy (`etcd::proxy::FaultProxy`, each way `FENCELOG_BENCH_DELAYS_MS`, default
 //!   0 and 1 ms), `max_commits_in_flight` 1, 2, 4, 8, caps 128 and 1024, prebuilt records:
 //!   what commits in flight buy when etcd is a round trip away;
+//! - `in_flight_cluster/<delay>/<cap>/k<k>`: the same against a 3-member etcd whose members are
+//!   the delay apart each way (`EtcdCluster::start_apart`), the client the delay from each:
+//!   raft's replication pays the round trip too;
 //! - `one_client/<delay>/k<k>`: one client appending one record at a time, each append
 //!   awaited (the time of one append, criterion's unit; p50 and p99 of 500 printed), etcd as
 //!   far away as in `in_flight`, k 1 and 2: what a lightly loaded primary answers in;
@@ -29,7 +32,7 @@ use fencelog::bench::ceiling::FencedWriter;
 use fencelog::bench::producers::{produce, saturating, Producers};
 use fencelog::bench::seed_style::{SeedWriter, KEYS_PER_TXN};
 use fencelog::config::{Pipeline, PrimaryConfig};
-use fencelog::etcd::process::EtcdProcess;
+use fencelog::etcd::process::{EtcdCluster, EtcdProcess};
 use fencelog::etcd::proxy::FaultProxy;
 use fencelog::limits::Limits;
 use fencelog::local_store::LocalStore;
@@ -151,21 +154,56 @@ fn delays() -> Vec<f64> {
 
 fn in_flight(c: &mut Criterion) {
     let rt = runtime();
+    in_flight_rows(c, &rt, "in_flight", |delay| async move {
+        let (etcd, _) = start_etcd().await;
+        let proxy = FaultProxy::start(etcd.endpoint())
+            .await
+            .expect("the proxy starts");
+        proxy.delay(delay);
+        let client =
+            fencelog::etcd::connect(&[proxy.endpoint().to_owned()], Duration::from_secs(5))
+                .await
+                .expect("etcd answers through the proxy");
+        (Box::new((proxy, etcd)) as Box<dyn Send>, client)
+    });
+}
+
+/// As `in_flight`, against 3 etcd members `delay` apart each way (their peer URLs through
+/// delaying proxies) with the client `delay` from each: every commit pays the client's round
+/// trip and raft's replication round trip, as across zones.
+fn in_flight_cluster(c: &mut Criterion) {
+    let rt = runtime();
+    in_flight_rows(c, &rt, "in_flight_cluster", |delay| async move {
+        let cluster = EtcdCluster::start_apart(3, delay)
+            .await
+            .expect("a 3-member etcd cluster starts");
+        let mut proxies = Vec::new();
+        for endpoint in cluster.endpoints().split(',') {
+            let proxy = FaultProxy::start(endpoint).await.expect("the proxy starts");
+            proxy.delay(delay);
+            proxies.push(proxy);
+        }
+        let urls: Vec<String> = proxies.iter().map(|p| p.endpoint().to_owned()).collect();
+        let client = fencelog::etcd::connect(&urls, Duration::from_secs(5))
+            .await
+            .expect("etcd answers through the proxies");
+        (Box::new((proxies, cluster)) as Box<dyn Send>, client)
+    });
+}
+
+/// Records/s of the double pipeline for k = 1, 2, 4, 8 commits in flight at each delay of
+/// `delays()` and batch caps 128 and 1024, prebuilt records, each row on an etcd of its own
+/// from `start` (what it returns besides the client is kept until the row is done).
+fn in_flight_rows<F, S>(c: &mut Criterion, rt: &Runtime, group_name: &str, start: S)
+where
+    S: Fn(Duration) -> F,
+    F: std::future::Future<Output = (Box<dyn Send>, Client)>,
+{
     let mut group = c.benchmark_group("commit");
     for delay_ms in delays() {
         for cap in [128, BATCH] {
             for k in [1, 2, 4, 8] {
-                let (etcd, _) = rt.block_on(start_etcd());
-                let proxy = rt
-                    .block_on(FaultProxy::start(etcd.endpoint()))
-                    .expect("the proxy starts");
-                proxy.delay(Duration::from_secs_f64(delay_ms / 1000.0));
-                let client = rt
-                    .block_on(fencelog::etcd::connect(
-                        &[proxy.endpoint().to_owned()],
-                        Duration::from_secs(5),
-                    ))
-                    .expect("etcd answers through the proxy");
+                let (etcd, client) = rt.block_on(start(Duration::from_secs_f64(delay_ms / 1000.0)));
                 let (_dir, primary, metrics) = rt.block_on(start_primary(client, |config| {
                     config.max_batch_records = cap;
                     config.max_commits_in_flight = k;
@@ -174,7 +212,7 @@ fn in_flight(c: &mut Criterion) {
                 // Enough appends to fill every batch in flight, and the one filling.
                 let producers = saturating(cap, per_append) * (k + 1) / 2;
                 group.throughput(Throughput::Elements(BATCH as u64));
-                let name = format!("in_flight/{delay_ms}ms/{cap}");
+                let name = format!("{group_name}/{delay_ms}ms/{cap}");
                 let mut round = 0;
                 group.bench_with_input(
                     BenchmarkId::new(name.clone(), format!("k{k}")),
@@ -194,14 +232,17 @@ fn in_flight(c: &mut Criterion) {
                         })
                     },
                 );
+                let commit_seconds = &metrics.commit_seconds;
                 println!(
-                    "{name}/k{k}: {:.0} records per committed batch, {} refused as behind",
+                    "{name}/k{k}: {:.0} records per committed batch, {} refused as behind, \
+                     commit txn mean {:.2} ms",
                     metrics.committed_records.get() as f64 / metrics.commits.get().max(1) as f64,
-                    metrics.commit_refusals.with_label_values(&["behind"]).get()
+                    metrics.commit_refusals.with_label_values(&["behind"]).get(),
+                    commit_seconds.get_sample_sum() * 1e3
+                        / commit_seconds.get_sample_count().max(1) as f64
                 );
                 let primary = Arc::into_inner(primary).expect("producers are done");
                 rt.block_on(primary.shutdown()).expect("shuts down");
-                drop(proxy);
                 drop(etcd);
             }
         }
@@ -379,6 +420,6 @@ criterion_group! {
         .sample_size(10)
         .measurement_time(Duration::from_secs(4))
         .warm_up_time(Duration::from_secs(1));
-    targets = ceiling_and_plain_loop, fencelog_primary, in_flight, one_client, seed_style
+    targets = ceiling_and_plain_loop, fencelog_primary, in_flight, in_flight_cluster, one_client, seed_style
 }
 criterion_main!(benches);

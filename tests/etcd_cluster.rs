@@ -75,3 +75,30 @@ async fn members_that_come_back_are_used_again() {
     }
     puts_avoid_the_dead_member(&client, 50, leader).await;
 }
+
+/// Members started 25 ms apart each way: raft's replication goes through the delaying
+/// proxies, so every write waits for a follower at least one round trip away.
+#[tokio::test(flavor = "multi_thread")]
+async fn members_a_round_trip_apart_make_every_write_wait_for_it() {
+    let each_way = Duration::from_millis(25);
+    let cluster = EtcdCluster::start_apart(3, each_way)
+        .await
+        .expect("a 3-member etcd cluster starts with its members apart");
+    let leader = cluster.leader().await.unwrap();
+    let endpoint = cluster
+        .endpoints()
+        .split(',')
+        .nth(leader)
+        .unwrap()
+        .to_owned();
+    let client = fencelog::etcd::connect(&[endpoint], Duration::from_secs(2))
+        .await
+        .unwrap();
+    let mut kv = client.kv_client();
+    for i in 0..5 {
+        let started = std::time::Instant::now();
+        kv.put(format!("apart/{i}"), "v", None).await.unwrap();
+        let took = started.elapsed();
+        assert!(took >= 2 * each_way, "put {i} took {took:?}");
+    }
+}

@@ -19,6 +19,7 @@ use etcd_client::{Client, ConnectOptions};
 use tempfile::TempDir;
 
 use crate::error::{Error, Result};
+use crate::etcd::proxy::FaultProxy;
 use crate::etcd::EtcdAccess;
 
 /// How long etcd gets to answer after it starts.
@@ -47,7 +48,11 @@ pub struct EtcdProcess {
     /// `--initial-cluster`: every member's `name=peer-url`.
     initial_cluster: String,
     client_url: String,
+    /// Where it listens for its peers.
     peer_url: String,
+    /// Where its peers reach it (`--initial-advertise-peer-urls`): `peer_url`, or a delaying
+    /// proxy in front of it.
+    advertised_peer_url: String,
     data_dir: TempDir,
     log_path: PathBuf,
     tls: Option<EtcdServerTls>,
@@ -109,6 +114,7 @@ impl EtcdProcess {
             name,
             initial_cluster,
             client_url: loopback_url()?,
+            advertised_peer_url: peer_url.clone(),
             peer_url,
             log_path: data_dir.path().join("etcd.log"),
             data_dir,
@@ -123,6 +129,7 @@ impl EtcdProcess {
             .append(true)
             .open(&self.log_path)?;
         let (client_url, peer_url) = (&self.client_url, &self.peer_url);
+        let advertised_peer_url = &self.advertised_peer_url;
         let mut command = Command::new(&self.binary);
         if let Some(tls) = &self.tls {
             command
@@ -150,7 +157,7 @@ impl EtcdProcess {
                 "--listen-peer-urls",
                 peer_url,
                 "--initial-advertise-peer-urls",
-                peer_url,
+                advertised_peer_url,
             ])
             .args(["--initial-cluster", &self.initial_cluster])
             .args([
@@ -308,15 +315,25 @@ impl Drop for EtcdProcess {
 /// Several etcd members forming one cluster on loopback, each killed on drop.
 pub struct EtcdCluster {
     members: Vec<EtcdProcess>,
+    /// The proxies its members reach each other through, when they are a round trip apart:
+    /// dropped after the members.
+    _peer_proxies: Vec<FaultProxy>,
 }
 
 impl EtcdCluster {
     /// Starts `size` members together (none answers before a quorum has started) and waits
     /// until each answers. Retries with new ports if another process took the ones it picked.
     pub async fn start(size: usize) -> Result<EtcdCluster> {
+        Self::start_apart(size, Duration::ZERO).await
+    }
+
+    /// As [`EtcdCluster::start`], with every member `each_way` from the others: each member
+    /// advertises a delaying proxy ([`FaultProxy`]) in front of its peer port, so raft's
+    /// replication pays the round trip, as between hosts. No proxy when `each_way` is zero.
+    pub async fn start_apart(size: usize, each_way: Duration) -> Result<EtcdCluster> {
         let mut last_error = None;
         for _ in 0..3 {
-            match Self::start_once(size).await {
+            match Self::start_once(size, each_way).await {
                 Ok(cluster) => return Ok(cluster),
                 Err(e @ Error::EtcdNotInstalled { .. }) => return Err(e),
                 Err(e) => last_error = Some(e),
@@ -325,18 +342,34 @@ impl EtcdCluster {
         Err(last_error.expect("three attempts were made"))
     }
 
-    async fn start_once(size: usize) -> Result<EtcdCluster> {
-        let peers = (0..size)
-            .map(|i| Ok((format!("member-{i}"), loopback_url()?)))
-            .collect::<Result<Vec<_>>>()?;
+    async fn start_once(size: usize, each_way: Duration) -> Result<EtcdCluster> {
+        let mut peers = Vec::with_capacity(size);
+        let mut proxies = Vec::new();
+        for i in 0..size {
+            let listen = loopback_url()?;
+            let advertised = if each_way.is_zero() {
+                listen.clone()
+            } else {
+                let proxy = FaultProxy::start(&listen).await?;
+                proxy.delay(each_way);
+                let url = proxy.endpoint().to_owned();
+                proxies.push(proxy);
+                url
+            };
+            peers.push((format!("member-{i}"), listen, advertised));
+        }
         let initial_cluster = peers
             .iter()
-            .map(|(name, url)| format!("{name}={url}"))
+            .map(|(name, _, advertised)| format!("{name}={advertised}"))
             .collect::<Vec<_>>()
             .join(",");
         let mut members = peers
             .into_iter()
-            .map(|(name, url)| EtcdProcess::member(name, url, initial_cluster.clone()))
+            .map(|(name, listen, advertised)| {
+                let mut member = EtcdProcess::member(name, listen, initial_cluster.clone())?;
+                member.advertised_peer_url = advertised;
+                Ok(member)
+            })
             .collect::<Result<Vec<_>>>()?;
         for member in &mut members {
             member.spawn()?;
@@ -344,7 +377,10 @@ impl EtcdCluster {
         for member in &mut members {
             member.wait_ready().await?;
         }
-        Ok(EtcdCluster { members })
+        Ok(EtcdCluster {
+            members,
+            _peer_proxies: proxies,
+        })
     }
 
     /// Every member's client URL, comma-separated, as `--etcd` takes them.
