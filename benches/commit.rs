@@ -232,14 +232,12 @@ where
                         })
                     },
                 );
-                let commit_seconds = &metrics.commit_seconds;
                 println!(
                     "{name}/k{k}: {:.0} records per committed batch, {} refused as behind, \
                      commit txn mean {:.2} ms",
                     metrics.committed_records.get() as f64 / metrics.commits.get().max(1) as f64,
                     metrics.commit_refusals.with_label_values(&["behind"]).get(),
-                    commit_seconds.get_sample_sum() * 1e3
-                        / commit_seconds.get_sample_count().max(1) as f64
+                    mean_ms(&metrics.commit_seconds)
                 );
                 let primary = Arc::into_inner(primary).expect("producers are done");
                 rt.block_on(primary.shutdown()).expect("shuts down");
@@ -287,9 +285,6 @@ fn one_client(c: &mut Criterion) {
             });
             latencies.sort();
             let name = format!("one_client/{delay_ms}ms");
-            let mean_ms = |h: &prometheus::Histogram| {
-                h.get_sample_sum() * 1e3 / h.get_sample_count().max(1) as f64
-            };
             println!(
                 "{name}/k{k}: ack p50 {:.2} ms, p99 {:.2} ms (500 appends of one record); \
                  one bare put p50 {:.2} ms ({:.2} ms without the proxy); \
@@ -322,6 +317,11 @@ fn one_client(c: &mut Criterion) {
         }
     }
     group.finish();
+}
+
+/// The mean of a histogram of seconds, in milliseconds.
+fn mean_ms(histogram: &prometheus::Histogram) -> f64 {
+    histogram.get_sample_sum() * 1e3 / histogram.get_sample_count().max(1) as f64
 }
 
 /// The p50 of 200 single-key puts, one at a time: etcd's own round trip through the proxy, the

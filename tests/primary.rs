@@ -1155,6 +1155,30 @@ async fn commits_in_flight_to_a_distant_etcd_land_in_seq_order_and_every_ack_is_
     Arc::into_inner(primary).unwrap().shutdown().await.unwrap();
 }
 
+/// `count` concurrent appends of one record each (`k<i>` = `v<i>`), each with its answer.
+fn append_one_record_each(
+    primary: &Arc<Primary>,
+    count: u32,
+) -> Vec<tokio::task::JoinHandle<(Record, fencelog::Result<AppendAck>)>> {
+    (0..count)
+        .map(|i| {
+            let primary = primary.clone();
+            tokio::spawn(async move {
+                let record = Record::put(format!("k{i}"), format!("v{i}"));
+                (record.clone(), primary.append(vec![record]).await)
+            })
+        })
+        .collect()
+}
+
+/// What an append of [`append_one_record_each`] was answered, within 30 s.
+async fn answered<T>(task: tokio::task::JoinHandle<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("every append is answered")
+        .expect("the append's task ends without a panic")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_deposed_with_its_window_full_acknowledges_only_what_etcd_has() {
     let etcd = common::etcd().await;
@@ -1165,15 +1189,7 @@ async fn a_primary_deposed_with_its_window_full_acknowledges_only_what_etcd_has(
         .append(vec![Record::put("first", "1")])
         .await
         .unwrap();
-    let appending: Vec<_> = (0..32u32)
-        .map(|i| {
-            let primary = primary.clone();
-            tokio::spawn(async move {
-                let record = Record::put(format!("k{i}"), format!("v{i}"));
-                (record.clone(), primary.append(vec![record]).await)
-            })
-        })
-        .collect();
+    let appending = append_one_record_each(&primary, 32);
     tokio::time::sleep(Duration::from_millis(120)).await;
     let direct = common::client(&etcd).await;
     fencelog::etcd::leadership::depose(&direct, &layout(), Duration::from_secs(2))
@@ -1184,10 +1200,7 @@ async fn a_primary_deposed_with_its_window_full_acknowledges_only_what_etcd_has(
     let committed: BTreeMap<Seq, Record> = committed_records(&etcd).await.into_iter().collect();
     let (mut acknowledged, mut refused) = (0, 0);
     for task in appending {
-        let (record, answer) = tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("every append is answered")
-            .unwrap();
+        let (record, answer) = answered(task).await;
         match answer {
             Ok(ack) => {
                 assert_eq!(
@@ -1229,15 +1242,7 @@ async fn lost_answers_to_a_full_window_are_settled_from_etcd_and_each_append_ack
         .append(vec![Record::put("first", "1")])
         .await
         .unwrap();
-    let appending: Vec<_> = (0..24u32)
-        .map(|i| {
-            let primary = primary.clone();
-            tokio::spawn(async move {
-                let records = vec![Record::put(format!("k{i}"), format!("v{i}"))];
-                (primary.append(records.clone()).await, records)
-            })
-        })
-        .collect();
+    let appending = append_one_record_each(&primary, 24);
     // The window's transactions reach etcd; their answers do not. Then the connection breaks,
     // as a lost answer's connection would, and the committer retries on a new one.
     tokio::time::sleep(Duration::from_millis(30)).await;
@@ -1254,12 +1259,9 @@ async fn lost_answers_to_a_full_window_are_settled_from_etcd_and_each_append_ack
         vec![Record::put("first", "1")],
     )];
     for task in appending {
-        let (answer, records) = tokio::time::timeout(Duration::from_secs(30), task)
-            .await
-            .expect("every append is answered")
-            .unwrap();
+        let (record, answer) = answered(task).await;
         let ack = answer.expect("etcd has every batch of the window: acknowledged, not failed");
-        acked.push((ack, records));
+        acked.push((ack, vec![record]));
     }
     // Each record once in etcd, at the seq its ack gave, and the log dense.
     assert_acks_match_etcd(&etcd, &acked).await;
