@@ -3,6 +3,8 @@
 //!   flight: the commit layer's physical limit here;
 //! - `plain_loop`: build 1024 records, encode (compress) them as a batch, then commit it, one
 //!   after another;
+//! - `ceiling/<delay>/1024`, `plain_loop/<delay>/1024`: the same through the delaying proxy at
+//!   each delay of `in_flight`;
 //! - `fencelog/{double,single}/<cap>`: `Primary::append` from concurrent producers that build
 //!   each record (real work per record), batch caps 1, 128, 1024, 4096, with the primary's own
 //!   state apply running; `..._prebuilt/1024`: the same with producers that append records
@@ -64,54 +66,73 @@ async fn start_etcd() -> (EtcdProcess, Client) {
 
 fn ceiling_and_plain_loop(c: &mut Criterion) {
     let rt = runtime();
-    let (_etcd, client) = rt.block_on(start_etcd());
+    let (etcd, client) = rt.block_on(start_etcd());
     let mut group = c.benchmark_group("commit");
     group.throughput(Throughput::Elements(BATCH as u64));
     let mut generator = RecordGenerator::new(7, 1_000_000, 256);
     let samples: Vec<Vec<Record>> = (0..64).map(|_| generator.take_records(BATCH)).collect();
-
-    let mut writer = rt
-        .block_on(FencedWriter::lead(&client, "ceiling"))
-        .expect("leads");
     let mut encoder = BatchEncoder::new(Limits::default(), 1).expect("valid limits");
-    group.bench_function("ceiling/1024", |b| {
-        b.iter_custom(|iters| {
-            // Encoded before the clock starts: only the transactions are timed.
-            let batches = writer
-                .encode_batches(&samples, iters as usize)
-                .expect("encodes");
-            rt.block_on(async {
-                let started = Instant::now();
-                for batch in &batches {
-                    writer.commit(batch).await.expect("commits");
-                }
-                started.elapsed()
+    let proxy = rt
+        .block_on(FaultProxy::start(etcd.endpoint()))
+        .expect("the proxy starts");
+    let proxied = rt
+        .block_on(fencelog::etcd::connect(
+            &[proxy.endpoint().to_owned()],
+            Duration::from_secs(5),
+        ))
+        .expect("etcd answers through the proxy");
+    // Directly, then through the proxy at each delay of `in_flight` (the same etcd).
+    let mut rows = vec![(String::new(), None, client)];
+    for delay_ms in delays() {
+        rows.push((format!("{delay_ms}ms/"), Some(delay_ms), proxied.clone()));
+    }
+    for (row, (at, delay_ms, client)) in rows.into_iter().enumerate() {
+        if let Some(delay_ms) = delay_ms {
+            proxy.delay(Duration::from_secs_f64(delay_ms / 1000.0));
+        }
+        let mut writer = rt
+            .block_on(FencedWriter::lead(&client, &format!("ceiling-{row}")))
+            .expect("leads");
+        group.bench_function(format!("ceiling/{at}1024"), |b| {
+            b.iter_custom(|iters| {
+                // Encoded before the clock starts: only the transactions are timed.
+                let batches = writer
+                    .encode_batches(&samples, iters as usize)
+                    .expect("encodes");
+                rt.block_on(async {
+                    let started = Instant::now();
+                    for batch in &batches {
+                        writer.commit(batch).await.expect("commits");
+                    }
+                    started.elapsed()
+                })
             })
-        })
-    });
+        });
 
-    let mut writer = rt
-        .block_on(FencedWriter::lead(&client, "plain-loop"))
-        .expect("leads");
-    // Records built in line, as fencelog's producers build theirs: the same work per record.
-    group.bench_function("plain_loop/1024", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let started = Instant::now();
-                for _ in 0..iters {
-                    let batch = Batch::new(
-                        writer.epoch(),
-                        writer.next_seq(),
-                        generator.take_records(BATCH),
-                    )
-                    .expect("batch");
-                    let encoded = encoder.encode(&batch).expect("encodes");
-                    writer.commit(&encoded).await.expect("commits");
-                }
-                started.elapsed()
+        let mut writer = rt
+            .block_on(FencedWriter::lead(&client, &format!("plain-loop-{row}")))
+            .expect("leads");
+        // Records built in line, as fencelog's producers build theirs: the same work per
+        // record.
+        group.bench_function(format!("plain_loop/{at}1024"), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        let batch = Batch::new(
+                            writer.epoch(),
+                            writer.next_seq(),
+                            generator.take_records(BATCH),
+                        )
+                        .expect("batch");
+                        let encoded = encoder.encode(&batch).expect("encodes");
+                        writer.commit(&encoded).await.expect("commits");
+                    }
+                    started.elapsed()
+                })
             })
-        })
-    });
+        });
+    }
     group.finish();
 }
 
