@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{node, received, start_primary};
 use etcd_client::{GetOptions, PutOptions};
+use fencelog::etcd::fetch::BatchPages;
 use fencelog::etcd::trim::{read_trimmed, trim, Retention, TrimOutcome};
 use fencelog::keys::KeyLayout;
 use fencelog::metrics::Metrics;
@@ -270,6 +271,32 @@ async fn a_trim_decided_before_a_member_registered_deletes_nothing() {
         read_trimmed(&client, &layout(), WAIT).await.unwrap(),
         Seq(301)
     );
+    primary.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_log_read_from_trimmed_sees_one_moment_though_a_trim_runs_under_it() {
+    let etcd = common::etcd().await;
+    let primary = start_primary(&etcd, &node("primary")).await.unwrap();
+    append(&primary, 5).await;
+    let client = common::client(&etcd).await;
+    let limits = fencelog::limits::Limits::default();
+    let (trimmed, mut pages) = BatchPages::from_trimmed(&client, &layout(), &limits, WAIT)
+        .await
+        .unwrap();
+
+    let now = members_revision(&etcd).await;
+    let outcome = trim(&client, &layout(), primary.epoch(), Seq(301), now, WAIT).await;
+    assert!(
+        matches!(outcome, Ok(TrimOutcome::Trimmed { .. })),
+        "{outcome:?}"
+    );
+    let mut firsts = Vec::new();
+    while let Some(page) = pages.next_page().await.unwrap() {
+        firsts.extend(page.iter().map(|batch| batch.first_seq().0));
+    }
+    assert_eq!(trimmed, Seq(1));
+    assert_eq!(firsts, [1, 101, 201, 301, 401], "the batches as they were");
     primary.shutdown().await.unwrap();
 }
 

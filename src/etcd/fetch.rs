@@ -14,6 +14,7 @@ use etcd_client::{Client, GetOptions, KvClient};
 use crate::batch::{BatchDecoder, EncodedBatch};
 use crate::error::{Error, Result};
 use crate::etcd::timed;
+use crate::etcd::trim::parse_trimmed;
 use crate::keys::KeyLayout;
 use crate::limits::Limits;
 use crate::local_store::LocalStore;
@@ -61,6 +62,27 @@ impl BatchPages {
             done: through.is_some_and(|t| t < from),
             failed: None,
         }
+    }
+
+    /// The log as etcd holds it now: `trimmed` (its lowest seq) and the pages of every batch
+    /// from there on, all read at the revision `trimmed` was read at, so that a trim between
+    /// the two reads cannot look like a gap. A trimmer compacts one trim behind: a read that
+    /// outlasts two trims fails as compacted rather than mixing two views.
+    pub async fn from_trimmed(
+        client: &Client,
+        layout: &KeyLayout,
+        limits: &Limits,
+        request_timeout: Duration,
+    ) -> Result<(Seq, BatchPages)> {
+        let response = timed(
+            request_timeout,
+            client.kv_client().get(layout.trimmed(), None),
+        )
+        .await?;
+        let trimmed = parse_trimmed(response.kvs().first().map(|kv| kv.value()))?;
+        let mut pages = BatchPages::new(client, layout, limits, trimmed, None, request_timeout);
+        pages.revision = response.header().map_or(0, |h| h.revision());
+        Ok((trimmed, pages))
     }
 
     /// The revision the pages were read at (0 before the first page).

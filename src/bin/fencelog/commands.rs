@@ -549,7 +549,8 @@ async fn read_etcd_log(
     let client = fencelog::etcd::connect_with(endpoints, access, timeout).await?;
     let layout = fencelog::keys::KeyLayout::new(&cluster.parse()?);
     let limits = fencelog::limits::Limits::default();
-    let trimmed = fencelog::etcd::trim::read_trimmed(&client, &layout, timeout).await?;
+    let (trimmed, mut pages) =
+        fencelog::etcd::fetch::BatchPages::from_trimmed(&client, &layout, &limits, timeout).await?;
     let mut source = format!("etcd at {}", endpoints.join(","));
     let oldest = stores
         .iter()
@@ -573,8 +574,6 @@ async fn read_etcd_log(
             store.dir().display()
         );
     }
-    let mut pages =
-        fencelog::etcd::fetch::BatchPages::new(&client, &layout, &limits, trimmed, None, timeout);
     let mut decoder = fencelog::batch::BatchDecoder::new(limits.clone())?;
     let mut headers = Vec::new();
     while let Some(page) = pages.next_page().await? {
