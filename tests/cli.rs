@@ -104,6 +104,12 @@ fn bench_measures_every_stage_and_writes_the_report() {
         "1024",
         "--replay-records",
         "5000",
+        "--delays-ms",
+        "1",
+        "--commits-in-flight",
+        "2",
+        "--distant-caps",
+        "1024",
         "--report",
         &report_arg,
         "--plot",
@@ -128,6 +134,10 @@ fn bench_measures_every_stage_and_writes_the_report() {
         "| fencelog primary daemon through the API, 32 clients x 256 records | ",
         "| seed style: 127 keys per txn + pointer put | ",
         "| standby: full replay of 5000 records onto an empty store | ",
+        "| plain loop, etcd 1 ms away: build 1024 records, encode, then commit them | ",
+        "| primary daemon through the API, etcd 1 ms away, batch cap 1024, 2 in flight | ",
+        "| 1 ms | 1024 | 2 | ",
+        "| 1 ms | 1024 | plain loop | ",
     ] {
         let line = written
             .lines()
@@ -142,6 +152,7 @@ fn bench_measures_every_stage_and_writes_the_report() {
         "Standby daemon at 100% of the primary's rate",
         "Warm restart vs full replay",
         "At batch cap 1024: double / single",
+        "## etcd a round trip away",
     ] {
         assert!(written.contains(note), "no {note:?} in:\n{written}");
     }

@@ -14,6 +14,7 @@ use fencelog::bench::seed_style::{SeedWriter, KEYS_PER_TXN};
 use fencelog::bench::standby;
 use fencelog::config::{Pipeline, PrimaryConfig};
 use fencelog::etcd::process::EtcdProcess;
+use fencelog::etcd::proxy::FaultProxy;
 use fencelog::limits::Limits;
 use fencelog::local_store::LocalStore;
 use fencelog::metrics::Metrics;
@@ -22,7 +23,7 @@ use fencelog::primary::Primary;
 use fencelog::record::Record;
 use fencelog::workload::RecordGenerator;
 
-use super::{Measurement, Stage, REFERENCE_BATCH};
+use super::{distant, Distant, Measurement, Stage, REFERENCE_BATCH};
 
 /// Runs `stage` on a fresh etcd for `duration`.
 pub(super) async fn measure(
@@ -31,14 +32,33 @@ pub(super) async fn measure(
     earlier: &[Measurement],
 ) -> anyhow::Result<Measurement> {
     let etcd = EtcdProcess::start().await?;
-    let client =
-        fencelog::etcd::connect(&[etcd.endpoint().to_owned()], Duration::from_secs(5)).await?;
+    // etcd a round trip away: everything of the stage reaches it through the delaying proxy.
+    let proxy = match stage {
+        Stage::PlainLoop { away: Some(away) } | Stage::Distant { away, .. } => {
+            let proxy = FaultProxy::start(etcd.endpoint()).await?;
+            proxy.delay(*away);
+            Some(proxy)
+        }
+        _ => None,
+    };
+    let endpoint = proxy.as_ref().map_or(etcd.endpoint(), |p| p.endpoint());
+    let client = fencelog::etcd::connect(&[endpoint.to_owned()], Duration::from_secs(5)).await?;
     let etcd_pid = etcd.pid().context("etcd is not running")?;
     let mut records_per_batch = None;
     let (mut encode_per_batch, mut commit_per_batch) = (None, None);
-    // The API stage's fencelog is its daemon, not this process.
+    let mut distant = None;
+    // The API stages' fencelog is their daemon, not this process.
     let daemon = match stage {
-        Stage::Api { .. } => Some(start_daemon(&etcd, "primary").await?),
+        Stage::Api { .. } => Some(start_daemon(endpoint, "primary", Vec::new()).await?),
+        Stage::Distant { cap, in_flight, .. } => {
+            let args = [
+                "--max-batch-records".to_owned(),
+                cap.to_string(),
+                "--max-commits-in-flight".to_owned(),
+                in_flight.to_string(),
+            ];
+            Some(start_daemon(endpoint, "primary", args.to_vec()).await?)
+        }
         _ => None,
     };
     let fencelog_pid = match &daemon {
@@ -74,7 +94,7 @@ pub(super) async fn measure(
             elapsed = Some(committing);
             commit_per_batch = committing.checked_div(commits);
         }
-        Stage::PlainLoop => {
+        Stage::PlainLoop { away } => {
             let mut writer = FencedWriter::lead(&client, "plain-loop").await?;
             let mut encoder = BatchEncoder::new(Limits::default(), 1)?;
             // The records fencelog's producers build, built here in line: the same work per
@@ -96,6 +116,13 @@ pub(super) async fn measure(
             }
             encode_per_batch = encoding.checked_div(batches);
             commit_per_batch = committing.checked_div(batches);
+            distant = away.map(|away| Distant {
+                away,
+                cap: REFERENCE_BATCH,
+                in_flight: None,
+                ack: None,
+                behind: None,
+            });
         }
         Stage::SinglePuts => {
             let mut kv = client.kv_client();
@@ -158,25 +185,31 @@ pub(super) async fn measure(
             per_append,
         } => {
             let (node, _) = daemon.as_ref().context("the daemon is not running")?;
-            let client = node.client().await?;
-            let per_append = *per_append;
-            let workers: Vec<_> = (0..*concurrency as u64)
-                .map(|worker| {
-                    let mut client = client.clone();
-                    tokio::spawn(async move {
-                        let mut generator = RecordGenerator::new(worker + 1, 1_000_000, 256);
-                        let mut appended = 0u64;
-                        while started.elapsed() < duration {
-                            client.append(generator.take_records(per_append)).await?;
-                            appended += per_append as u64;
-                        }
-                        Ok::<u64, fencelog::Error>(appended)
-                    })
-                })
-                .collect();
-            for worker in workers {
-                records += worker.await??;
-            }
+            let run = distant::load(node, *concurrency, *per_append, duration).await?;
+            (records, elapsed) = (run.records, Some(run.elapsed));
+        }
+        Stage::Distant {
+            away,
+            cap,
+            in_flight,
+        } => {
+            let (node, _) = daemon.as_ref().context("the daemon is not running")?;
+            let run = distant::load(node, distant::CLIENTS, distant::PER_APPEND, duration).await?;
+            (records, elapsed) = (run.records, Some(run.elapsed));
+            cores_under_load = Some(clock.cores()?);
+            let commits = distant::commits(node).await?;
+            records_per_batch = Some(commits.records_per_batch);
+            commit_per_batch = Some(commits.mean);
+            distant = Some(Distant {
+                away: *away,
+                cap: *cap,
+                in_flight: Some(*in_flight),
+                ack: Some((
+                    percentile(&run.latencies, 0.5),
+                    percentile(&run.latencies, 0.99),
+                )),
+                behind: Some(commits.behind),
+            });
         }
         Stage::SledRaw => {
             let dir = tempfile::tempdir()?;
@@ -206,7 +239,8 @@ pub(super) async fn measure(
             .await?;
             // The standby is a daemon of its own, as in production: its apply thread is
             // scheduled beside the primary's process, not inside it.
-            let (mut node, _standby_dir) = start_daemon(&etcd, "standby").await?;
+            let (mut node, _standby_dir) =
+                start_daemon(etcd.endpoint(), "standby", Vec::new()).await?;
             let mut standby = node.client().await?;
             let standby_cpu =
                 CpuClock::start(&[node.pid().context("the standby is not running")?])?;
@@ -319,7 +353,7 @@ pub(super) async fn measure(
     }
     let cap = match stage {
         Stage::Ceiling { batch } => Some(*batch),
-        Stage::Fencelog { cap, .. } => Some(*cap),
+        Stage::Fencelog { cap, .. } | Stage::Distant { cap, .. } => Some(*cap),
         _ => None,
     };
     Ok(Measurement {
@@ -330,6 +364,7 @@ pub(super) async fn measure(
             stage,
             Stage::Ceiling { .. } | Stage::Fencelog { .. } | Stage::SeedStyle
         ),
+        distant,
         records,
         elapsed,
         records_per_batch,
@@ -340,22 +375,25 @@ pub(super) async fn measure(
 }
 
 /// A `fencelog primary` or `fencelog standby` daemon (this binary) of the bench cluster on
-/// `etcd`, and the directory that holds its store and log. A primary is returned leading, a
-/// standby watching.
+/// the etcd at `endpoint`, with `extra_args`, and the directory that holds its store and log.
+/// A primary is returned leading, a standby watching.
 pub(super) async fn start_daemon(
-    etcd: &EtcdProcess,
+    endpoint: &str,
     role: &str,
+    extra_args: Vec<String>,
 ) -> anyhow::Result<(NodeProcess, tempfile::TempDir)> {
     let dir = tempfile::tempdir()?;
-    let mut node = NodeProcess::spawn(daemon_spec(etcd, role, dir.path())?)?;
+    let mut spec = daemon_spec(endpoint, role, dir.path())?;
+    spec.extra_args = extra_args;
+    let mut node = NodeProcess::spawn(spec)?;
     let state = (role == "standby").then_some("watching");
     node.wait_for(role, state, Duration::from_secs(30)).await?;
     Ok((node, dir))
 }
 
-/// A daemon of the bench cluster with its store and log in `dir`.
+/// A daemon of the bench cluster on the etcd at `endpoint`, with its store and log in `dir`.
 pub(super) fn daemon_spec(
-    etcd: &EtcdProcess,
+    endpoint: &str,
     role: &str,
     dir: &std::path::Path,
 ) -> anyhow::Result<NodeSpec> {
@@ -364,7 +402,7 @@ pub(super) fn daemon_spec(
         role: role.into(),
         cluster: "bench".into(),
         node: format!("{role}-daemon"),
-        etcd: etcd.endpoint().into(),
+        etcd: endpoint.into(),
         data_dir: dir.join("data"),
         log: dir.join(format!("{role}.log")),
         extra_args: Vec::new(),

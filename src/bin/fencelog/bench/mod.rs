@@ -8,8 +8,9 @@
 //! building each record, the primary's own state apply running) and a primary daemon through
 //! its gRPC API; the seed design's writer; sled's raw insert rate; ack latency at half the
 //! saturated rate; a standby's receive and apply rates and lags at half and full rate; and a
-//! full replay against a warm restart. The criterion benches share the workloads
-//! (`fencelog::bench`).
+//! full replay against a warm restart; and with etcd a round trip away (each of `--delays-ms`
+//! through the delaying proxy), the plain loop and a primary daemon with each of
+//! `--commits-in-flight`. The criterion benches share the workloads (`fencelog::bench`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -20,6 +21,7 @@ use fencelog::bench::seed_style::KEYS_PER_TXN;
 use fencelog::config::Pipeline;
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod distant;
 mod measure;
 mod plot;
 mod report;
@@ -46,7 +48,16 @@ pub struct BenchOptions {
     /// measured against the saturated rate need `fencelog double, batch cap 1024` too).
     #[arg(long, value_name = "TEXT")]
     only: Option<String>,
-    /// Draw records/s against batch size into this PNG.
+    /// Delays (milliseconds, each way) to put etcd behind for the rows a round trip away.
+    #[arg(long, value_name = "MS,MS,...", value_delimiter = ',', default_values_t = [0.0, 0.5, 1.0, 2.0])]
+    delays_ms: Vec<f64>,
+    /// Commit transactions in flight of the primary daemons a round trip away from etcd.
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',', default_values_t = [1, 2, 4, 8])]
+    commits_in_flight: Vec<usize>,
+    /// Batch caps (records) of the primary daemons a round trip away from etcd.
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',', default_values_t = [128, 1024])]
+    distant_caps: Vec<usize>,
+    /// Draw records/s against batch size, and against etcd's delay, into this PNG.
     #[arg(long, value_name = "FILE.png")]
     plot: Option<PathBuf>,
     /// The TrueType font the plot is labelled with.
@@ -76,6 +87,21 @@ struct Measurement {
     note: Option<String>,
     /// Drawn in the plot (a writer's rate at a batch size).
     plotted: bool,
+    /// Where etcd was a round trip away: how far, and what the commits did.
+    distant: Option<Distant>,
+}
+
+/// A row with etcd a round trip away.
+struct Distant {
+    /// The delay each way.
+    away: Duration,
+    cap: usize,
+    /// Commit transactions in flight (`None`: the plain loop, one at a time).
+    in_flight: Option<usize>,
+    /// Ack latency p50 and p99 of the appends through the API.
+    ack: Option<(Duration, Duration)>,
+    /// Transactions etcd refused because the one before had not landed yet.
+    behind: Option<u64>,
 }
 
 impl Measurement {
@@ -89,8 +115,10 @@ enum Stage {
         batch: usize,
     },
     /// Build a batch's records, encode it, then commit it, one after another: no pipeline at
-    /// all.
-    PlainLoop,
+    /// all. `away`: through the delaying proxy, each way.
+    PlainLoop {
+        away: Option<Duration>,
+    },
     SinglePuts,
     Fencelog {
         pipeline: Pipeline,
@@ -106,6 +134,14 @@ enum Stage {
     Api {
         concurrency: usize,
         per_append: usize,
+    },
+    /// A `fencelog primary` daemon whose etcd is `away` each way, with batch cap `cap` and
+    /// `in_flight` commit transactions in flight, driven through its API by
+    /// [`distant::CLIENTS`] clients appending [`distant::PER_APPEND`] records per call.
+    Distant {
+        away: Duration,
+        cap: usize,
+        in_flight: usize,
     },
     /// sled inserting random keys (1M keyspace, 256-byte records): the ceiling of any apply.
     SledRaw,
@@ -129,8 +165,20 @@ impl Stage {
     fn name(&self) -> String {
         match self {
             Stage::Ceiling { batch } => format!("ceiling: pre-encoded {batch}-record fenced txns"),
-            Stage::PlainLoop => format!(
+            Stage::PlainLoop { away: None } => format!(
                 "plain loop: build {REFERENCE_BATCH} records, encode, then commit them"
+            ),
+            Stage::PlainLoop { away: Some(away) } => format!(
+                "plain loop, etcd {} ms away: build {REFERENCE_BATCH} records, encode, then commit them",
+                distant::in_ms(*away)
+            ),
+            Stage::Distant {
+                away,
+                cap,
+                in_flight,
+            } => format!(
+                "primary daemon through the API, etcd {} ms away, batch cap {cap}, {in_flight} in flight",
+                distant::in_ms(*away)
             ),
             Stage::SinglePuts => "etcd single-key puts (256 B), one in flight".into(),
             Stage::Fencelog { pipeline, cap } => format!(
@@ -168,16 +216,33 @@ impl Stage {
 pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     anyhow::ensure!(options.seconds > 0, "--seconds must be at least 1");
     anyhow::ensure!(
-        options.caps.iter().all(|&c| c > 0),
-        "--caps must be at least 1"
+        options
+            .caps
+            .iter()
+            .chain(&options.distant_caps)
+            .all(|&c| c > 0),
+        "--caps and --distant-caps must be at least 1"
     );
+    anyhow::ensure!(
+        options.commits_in_flight.iter().all(|&k| k > 0),
+        "--commits-in-flight must be at least 1"
+    );
+    anyhow::ensure!(
+        options.delays_ms.iter().all(|d| d.is_finite() && *d >= 0.0),
+        "--delays-ms must be milliseconds, 0 or more"
+    );
+    let delays: Vec<Duration> = options
+        .delays_ms
+        .iter()
+        .map(|ms| Duration::from_micros((ms * 1000.0).round() as u64))
+        .collect();
     let duration = Duration::from_secs(options.seconds);
     let mut stages: Vec<Stage> = options
         .caps
         .iter()
         .map(|&batch| Stage::Ceiling { batch })
         .collect();
-    stages.push(Stage::PlainLoop);
+    stages.push(Stage::PlainLoop { away: None });
     stages.push(Stage::SinglePuts);
     for pipeline in [Pipeline::Double, Pipeline::Single] {
         for &cap in &options.caps {
@@ -194,6 +259,18 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         stages.push(Stage::AckLatency { percent: 50 });
         stages.push(Stage::Follow { percent: 50 });
         stages.push(Stage::Follow { percent: 100 });
+    }
+    for &away in &delays {
+        stages.push(Stage::PlainLoop { away: Some(away) });
+        for &cap in &options.distant_caps {
+            for &in_flight in &options.commits_in_flight {
+                stages.push(Stage::Distant {
+                    away,
+                    cap,
+                    in_flight,
+                });
+            }
+        }
     }
     stages.push(Stage::State {
         keyspace: Some(1_000_000),
@@ -241,7 +318,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         println!("report written to {}", path.display());
     }
     if let Some(path) = &options.plot {
-        plot::draw(path, &options.font, &report::series(&results))
+        plot::draw(path, &options.font, &report::charts(&results))
             .with_context(|| format!("cannot draw {}", path.display()))?;
         println!("plot written to {}", path.display());
     }

@@ -1,19 +1,36 @@
 //! The chart of `fencelog bench --plot`: records/s against records per batch (both on log
-//! scales), one line per writer.
+//! scales), one line per writer; beside it, where etcd was a round trip away, records/s
+//! against the delay, one line per configuration.
 
 use std::path::Path;
 
 use anyhow::{anyhow, Context};
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
 
-/// One writer's rates: (records per batch, records/s).
+/// One line: (x, records/s) points.
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
 }
 
-/// Draws `series` into a PNG at `path`, labelled with the TrueType font at `font`.
-pub fn draw(path: &Path, font: &Path, series: &[Series]) -> anyhow::Result<()> {
+/// What a chart's x axis shows.
+pub enum Axis {
+    /// Records per batch, on a log scale.
+    LogRecordsPerBatch,
+    /// etcd's delay each way in milliseconds, from 0, on a linear scale.
+    DelayMs,
+}
+
+/// One chart of the picture.
+pub struct Chart {
+    pub caption: String,
+    pub x: Axis,
+    pub series: Vec<Series>,
+}
+
+/// Draws `charts` side by side into a PNG at `path`, labelled with the TrueType font at `font`.
+pub fn draw(path: &Path, font: &Path, charts: &[Chart]) -> anyhow::Result<()> {
     let bytes = std::fs::read(font).with_context(|| {
         format!(
             "cannot read the font {} (Debian: fonts-dejavu-core; or give --font)",
@@ -25,53 +42,88 @@ pub fn draw(path: &Path, font: &Path, series: &[Series]) -> anyhow::Result<()> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
         .map_err(|_| anyhow!("{} is not a TrueType font", font.display()))?;
 
-    let points = || series.iter().flat_map(|s| s.points.iter());
-    let (x_min, x_max) = bounds(points().map(|p| p.0));
-    let (y_min, y_max) = bounds(points().map(|p| p.1));
-    let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
+    let width = 960 * charts.len().max(1) as u32;
+    let root = BitMapBackend::new(path, (width, 600)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "records/s against batch size (256-byte records)",
-            ("sans-serif", 22),
-        )
+    let areas = root.split_evenly((1, charts.len().max(1)));
+    for (area, chart) in areas.iter().zip(charts) {
+        let points = || chart.series.iter().flat_map(|s| s.points.iter());
+        let (x_min, x_max) = bounds(points().map(|p| p.0));
+        let (y_min, y_max) = bounds(points().map(|p| p.1));
+        let y = (y_min / 1.5..y_max * 1.5).log_scale();
+        match chart.x {
+            Axis::LogRecordsPerBatch => lines(
+                area,
+                chart,
+                (x_min / 1.5..x_max * 1.5).log_scale(),
+                y,
+                "records per batch",
+                &|x| round_label(*x),
+            )?,
+            Axis::DelayMs => lines(
+                area,
+                chart,
+                0.0..points().map(|p| p.0).fold(1.0, f64::max) * 1.1,
+                y,
+                "etcd's delay each way (ms)",
+                &|x| format!("{x:.1}"),
+            )?,
+        }
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// One chart's lines, with a mark at every point, on `x` and `y`.
+fn lines<X, Y>(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    chart: &Chart,
+    x: X,
+    y: Y,
+    x_desc: &str,
+    x_label: &dyn Fn(&f64) -> String,
+) -> anyhow::Result<()>
+where
+    X: AsRangedCoord<Value = f64>,
+    Y: AsRangedCoord<Value = f64>,
+    X::CoordDescType: ValueFormatter<f64>,
+    Y::CoordDescType: ValueFormatter<f64>,
+{
+    let mut context = ChartBuilder::on(area)
+        .caption(chart.caption.as_str(), ("sans-serif", 22))
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(80)
-        .build_cartesian_2d(
-            (x_min / 1.5..x_max * 1.5).log_scale(),
-            (y_min / 1.5..y_max * 1.5).log_scale(),
-        )?;
-    chart
+        .build_cartesian_2d(x, y)?;
+    context
         .configure_mesh()
-        .x_desc("records per batch")
+        .x_desc(x_desc)
         .y_desc("records/s")
-        .x_label_formatter(&|x| round_label(*x))
+        .x_label_formatter(x_label)
         .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
         .label_style(("sans-serif", 14))
         .draw()?;
-    for (index, line) in series.iter().enumerate() {
+    for (index, line) in chart.series.iter().enumerate() {
         let color = Palette99::pick(index).to_rgba();
-        chart
+        context
             .draw_series(LineSeries::new(line.points.clone(), color.stroke_width(2)))?
             .label(line.name.as_str())
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(2))
             });
-        chart.draw_series(
+        context.draw_series(
             line.points
                 .iter()
                 .map(|&point| Circle::new(point, 4, color.filled())),
         )?;
     }
-    chart
+    context
         .configure_series_labels()
         .label_font(("sans-serif", 14))
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .position(SeriesLabelPosition::LowerRight)
         .draw()?;
-    root.present()?;
     Ok(())
 }
 

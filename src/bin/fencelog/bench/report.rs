@@ -4,11 +4,12 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use super::{plot, Measurement, REFERENCE_BATCH};
+use super::{plot, Distant, Measurement, REFERENCE_BATCH};
 
-/// The plotted lines: each writer's records/s against its records per batch.
-pub(super) fn series(results: &[Measurement]) -> Vec<plot::Series> {
-    [
+/// The plotted charts: each writer's records/s against its records per batch; and, where etcd
+/// was a round trip away, each configuration's records/s against the delay.
+pub(super) fn charts(results: &[Measurement]) -> Vec<plot::Chart> {
+    let by_batch = [
         "ceiling",
         "fencelog double",
         "fencelog single",
@@ -24,7 +25,141 @@ pub(super) fn series(results: &[Measurement]) -> Vec<plot::Series> {
             .collect(),
     })
     .filter(|s| !s.points.is_empty())
-    .collect()
+    .collect();
+    let mut charts = vec![plot::Chart {
+        caption: "records/s against batch size (256-byte records)".into(),
+        x: plot::Axis::LogRecordsPerBatch,
+        series: by_batch,
+    }];
+    let mut by_delay: Vec<plot::Series> = Vec::new();
+    for (m, distant) in distant_rows(results) {
+        let name = match distant.in_flight {
+            None => format!("plain loop, {} records per batch", distant.cap),
+            Some(k) => format!("API, batch cap {}, {k} in flight", distant.cap),
+        };
+        let point = (distant.away.as_secs_f64() * 1000.0, m.per_second());
+        match by_delay.iter_mut().find(|s| s.name == name) {
+            Some(series) => series.points.push(point),
+            None => by_delay.push(plot::Series {
+                name,
+                points: vec![point],
+            }),
+        }
+    }
+    if !by_delay.is_empty() {
+        charts.push(plot::Chart {
+            caption: "records/s against etcd's delay each way".into(),
+            x: plot::Axis::DelayMs,
+            series: by_delay,
+        });
+    }
+    charts
+}
+
+/// The rows measured with etcd a round trip away.
+fn distant_rows(results: &[Measurement]) -> impl Iterator<Item = (&Measurement, &Distant)> {
+    results
+        .iter()
+        .filter_map(|m| m.distant.as_ref().map(|d| (m, d)))
+}
+
+/// The section on etcd a round trip away: each row against one commit in flight, against no
+/// delay and against the plain loop at its delay; and the ratios the targets are about.
+fn distant_section(out: &mut String, results: &[Measurement]) {
+    let rows: Vec<_> = distant_rows(results).collect();
+    if rows.is_empty() {
+        return;
+    }
+    let rate = |away: Duration, cap: usize, in_flight: Option<usize>| {
+        rows.iter()
+            .find(|(_, d)| d.away == away && d.cap == cap && d.in_flight == in_flight)
+            .map(|(m, _)| m.per_second())
+    };
+    let best = |away: Duration, cap: usize| {
+        rows.iter()
+            .filter(|(_, d)| d.away == away && d.cap == cap && d.in_flight.is_some())
+            .map(|(m, _)| m.per_second())
+            .max_by(f64::total_cmp)
+    };
+    let ratio = |rate: f64, base: Option<f64>| {
+        base.filter(|b| *b > 0.0)
+            .map_or_else(String::new, |b| format!("{:.2}", rate / b))
+    };
+    let plain = |away: Duration| {
+        rows.iter()
+            .find(|(_, d)| d.away == away && d.in_flight.is_none())
+            .map(|(m, _)| m.per_second())
+    };
+    let _ = writeln!(
+        out,
+        "
+## etcd a round trip away
+
+         etcd behind the delaying proxy (each chunk held for the delay in each direction,          pipelined; its threads run in this process). A primary daemon loaded through its API          by {} clients appending {} records at a time, and the plain loop ({REFERENCE_BATCH}          records per batch) through the same proxy. `vs 1 in flight`: against the same delay          and batch cap with one commit transaction in flight; `vs 0 ms`: against the same row          with no delay; `vs plain loop`: against the plain loop at the same delay. `commit ms`:          mean time of one commit transaction; `behind`: transactions etcd refused because the          one before had not landed yet (sent again).
+",
+        super::distant::CLIENTS,
+        super::distant::PER_APPEND
+    );
+    let _ = writeln!(
+        out,
+        "| etcd each way | batch cap | in flight | records/s | vs 1 in flight | vs 0 ms | vs plain loop | ack p50 ms | ack p99 ms | records per batch | commit ms | behind |"
+    );
+    let _ = writeln!(
+        out,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let millis = |d: Option<Duration>| {
+        d.map_or_else(String::new, |d| format!("{:.2}", d.as_secs_f64() * 1000.0))
+    };
+    for (m, d) in &rows {
+        let per_second = m.per_second();
+        let in_flight = d.in_flight.map_or("plain loop".into(), |k| k.to_string());
+        let one = d.in_flight.and_then(|_| rate(d.away, d.cap, Some(1)));
+        let _ = writeln!(
+            out,
+            "| {} ms | {} | {in_flight} | {per_second:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            super::distant::in_ms(d.away),
+            d.cap,
+            ratio(per_second, one),
+            ratio(per_second, rate(Duration::ZERO, d.cap, d.in_flight)),
+            d.in_flight
+                .map_or_else(String::new, |_| ratio(per_second, plain(d.away))),
+            millis(d.ack.map(|a| a.0)),
+            millis(d.ack.map(|a| a.1)),
+            m.records_per_batch
+                .map_or_else(String::new, |b| format!("{b:.0}")),
+            millis(m.commit_per_batch),
+            d.behind.map_or_else(String::new, |b| b.to_string()),
+        );
+    }
+    let ms = |ms: u64| Duration::from_millis(ms);
+    let mut targets = Vec::new();
+    if let (Some(four), Some(one)) = (rate(ms(1), 128, Some(4)), rate(ms(1), 128, Some(1))) {
+        targets.push(format!(
+            "at 1 ms, batch cap 128: 4 in flight / 1 = {:.2}x (target 2.5x)",
+            four / one.max(1e-9)
+        ));
+    }
+    if let (Some(far), Some(near)) = (best(ms(1), 1024), best(Duration::ZERO, 1024)) {
+        targets.push(format!(
+            "at 1 ms, batch cap 1024: the best / the best at 0 ms = {:.2} (target 0.90)",
+            far / near.max(1e-9)
+        ));
+    }
+    if let (Some(api), Some(plain)) = (best(Duration::ZERO, 1024), plain(Duration::ZERO)) {
+        targets.push(format!(
+            "at 0 ms, batch cap 1024: the best through the API / the plain loop = {:.2} (target 0.75)",
+            api / plain.max(1e-9)
+        ));
+    }
+    if !targets.is_empty() {
+        let _ = writeln!(
+            out,
+            "
+Targets: {}.",
+            targets.join("; ")
+        );
+    }
 }
 
 /// The report: the machine, a table with each rate against the ceiling and the seed style, and
@@ -103,6 +238,7 @@ pub(super) fn report(results: &[Measurement], seconds: u64, took: Duration) -> S
             ratio(double, seed)
         );
     }
+    distant_section(&mut out, results);
     out
 }
 

@@ -75,8 +75,8 @@ pub async fn run(
     restarts: bool,
 ) -> anyhow::Result<StateRun> {
     let duration = duration.max(MIN_LOAD);
-    let (primary, _primary_dir) = start_daemon(etcd, "primary").await?;
-    let (mut standby, standby_dir) = start_daemon(etcd, "standby").await?;
+    let (primary, _primary_dir) = start_daemon(etcd.endpoint(), "primary", Vec::new()).await?;
+    let (mut standby, standby_dir) = start_daemon(etcd.endpoint(), "standby", Vec::new()).await?;
     let mut primary_api = primary.client().await?;
     let mut standby_api = standby.client().await?;
     let started = Instant::now();
@@ -237,7 +237,11 @@ async fn restart_until_applied(node: &mut NodeProcess, committed: u64) -> anyhow
 /// A second standby, on an empty directory of its own.
 async fn spawn_standby(etcd: &EtcdProcess) -> anyhow::Result<(NodeProcess, tempfile::TempDir)> {
     let dir = tempfile::tempdir()?;
-    let node = NodeProcess::spawn(super::measure::daemon_spec(etcd, "standby", dir.path())?)?;
+    let node = NodeProcess::spawn(super::measure::daemon_spec(
+        etcd.endpoint(),
+        "standby",
+        dir.path(),
+    )?)?;
     Ok((node, dir))
 }
 
@@ -294,7 +298,7 @@ async fn checkpoints(node: &NodeProcess) -> String {
 }
 
 /// The body of `GET /metrics` from `addr`, plain HTTP/1.1.
-async fn metrics_text(addr: &str) -> Option<String> {
+pub(super) async fn metrics_text(addr: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
