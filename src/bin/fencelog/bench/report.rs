@@ -31,6 +31,7 @@ pub(super) fn charts(results: &[Measurement]) -> Vec<plot::Chart> {
         x: plot::Axis::LogRecordsPerBatch,
         series: by_batch,
     }];
+    charts.retain(|chart| !chart.series.is_empty());
     let mut by_delay: Vec<plot::Series> = Vec::new();
     for (m, distant) in distant_rows(results) {
         let name = match distant.in_flight {
@@ -92,11 +93,15 @@ fn distant_section(out: &mut String, results: &[Measurement]) {
     };
     let _ = writeln!(
         out,
-        "
-## etcd a round trip away
-
-         etcd behind the delaying proxy (each chunk held for the delay in each direction,          pipelined; its threads run in this process). A primary daemon loaded through its API          by {} clients appending {} records at a time, and the plain loop ({REFERENCE_BATCH}          records per batch) through the same proxy. `vs 1 in flight`: against the same delay          and batch cap with one commit transaction in flight; `vs 0 ms`: against the same row          with no delay; `vs plain loop`: against the plain loop at the same delay. `commit ms`:          mean time of one commit transaction; `behind`: transactions etcd refused because the          one before had not landed yet (sent again).
-",
+        "\n## etcd a round trip away\n\n\
+         etcd behind the delaying proxy (each chunk held for the delay in each direction, \
+         pipelined; its threads run in this process). A primary daemon loaded through its API \
+         by {} clients appending {} records at a time, and the plain loop ({REFERENCE_BATCH} \
+         records per batch) through the same proxy. `vs 1 in flight`: against the same delay \
+         and batch cap with one commit transaction in flight; `vs 0 ms`: against the same row \
+         with no delay; `vs plain loop`: against the plain loop at the same delay. `commit ms`: \
+         mean time of one commit transaction; `behind`: transactions etcd refused because the \
+         one before had not landed yet (sent again).\n",
         super::distant::CLIENTS,
         super::distant::PER_APPEND
     );
@@ -153,12 +158,7 @@ fn distant_section(out: &mut String, results: &[Measurement]) {
         ));
     }
     if !targets.is_empty() {
-        let _ = writeln!(
-            out,
-            "
-Targets: {}.",
-            targets.join("; ")
-        );
+        let _ = writeln!(out, "\nTargets: {}.", targets.join("; "));
     }
 }
 
