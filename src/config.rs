@@ -22,6 +22,11 @@ pub enum Pipeline {
 /// The most commit transactions [`PrimaryConfig::max_commits_in_flight`] may allow.
 pub const MAX_COMMITS_IN_FLIGHT: usize = 64;
 
+/// The most batches one commit transaction carries: the full batches sealed while every
+/// commit was in flight go to etcd together once one is answered (`etcd::commit::Run`), within
+/// one batch's worth of bytes (`max_batch_bytes`, as etcd's refusals lowered it).
+pub const MAX_BATCHES_PER_COMMIT: usize = 8;
+
 #[derive(Clone, Debug)]
 pub struct PrimaryConfig {
     pub cluster: ClusterId,
@@ -106,12 +111,13 @@ impl PrimaryConfig {
         }
     }
 
-    /// Sealed batches the pipeline holds at once: those committing, and (`Double`) the one
-    /// being filled and sealed meanwhile.
+    /// Sealed batches the pipeline holds at once: one (`Single`); or those committing and the
+    /// full batches that wait to go together in the next transaction, plus the one being
+    /// filled and sealed meanwhile (`Double`).
     pub fn pipeline_depth(&self) -> usize {
         match self.pipeline {
             Pipeline::Single => 1,
-            Pipeline::Double => self.max_commits_in_flight + 1,
+            Pipeline::Double => self.max_commits_in_flight + MAX_BATCHES_PER_COMMIT,
         }
     }
 

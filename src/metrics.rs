@@ -38,6 +38,8 @@ pub struct Metrics {
     registry: Registry,
     /// Batches committed to etcd by this node as primary.
     pub commits: IntCounter,
+    /// Commit transactions that landed (one carries one or more batches).
+    pub commit_transactions: IntCounter,
     /// Records committed to etcd by this node as primary.
     pub committed_records: IntCounter,
     /// Commit transactions etcd refused, by reason (`fenced`, `conflict`).
@@ -146,6 +148,10 @@ impl Metrics {
         };
         let metrics = Metrics {
             commits: counter("commits_total", "Batches committed to etcd")?,
+            commit_transactions: counter(
+                "commit_transactions_total",
+                "Commit transactions that landed, each carrying one or more batches",
+            )?,
             committed_records: counter("committed_records_total", "Records committed to etcd")?,
             commit_refusals: counter_vec(
                 "commit_refusals_total",

@@ -6,7 +6,7 @@ mod common;
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use fencelog::batch::{BatchDecoder, EncodedBatch};
-use fencelog::etcd::commit::{commit_batch, moved, CommitOutcome, Head, Moved};
+use fencelog::etcd::commit::{commit_batch, commit_run, moved, CommitOutcome, Head, Moved, Run};
 use fencelog::keys::KeyLayout;
 use fencelog::limits::Limits;
 use fencelog::local_store::{LocalStore, StoreOptions};
@@ -332,4 +332,59 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
     *end.last_mut().unwrap() += 1;
     end
+}
+
+#[tokio::test]
+async fn a_run_of_batches_lands_at_one_revision_each_under_its_own_key() {
+    let (_etcd, mut client, layout, epoch) = led_cluster().await;
+    let batches: Vec<_> = common::encoded_batches(epoch, 3, 10)
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect();
+    let run = Run::of(&batches).unwrap();
+
+    let outcome = commit_run(&mut client.kv_client(), &layout, epoch, &Head::Empty, &run)
+        .await
+        .unwrap();
+    let CommitOutcome::Committed { revision } = outcome else {
+        panic!("refused: {outcome:?}")
+    };
+    for (batch, first) in batches.iter().zip([1, 11, 21]) {
+        let stored = get(&mut client, layout.batch(Seq(first))).await.unwrap();
+        assert_eq!(stored.value(), batch.as_bytes(), "batch at {first}");
+        assert_eq!(stored.mod_revision(), revision);
+    }
+    let latest = get(&mut client, layout.latest()).await.unwrap();
+    assert_eq!(
+        Head::read(Some(latest.value())),
+        Head::after(&batches[2], epoch),
+        "latest points at the run's last batch"
+    );
+}
+
+#[tokio::test]
+async fn a_run_chained_to_a_pointer_that_moved_writes_none_of_its_batches() {
+    let (_etcd, mut client, layout, epoch) = led_cluster().await;
+    let batches = common::encoded_batches(epoch, 3, 10);
+    let mut head = Head::Empty;
+    commit_chained(&client, &layout, epoch, &mut head, &batches[0]).await;
+    let rest: Vec<_> = batches[1..]
+        .iter()
+        .cloned()
+        .map(std::sync::Arc::new)
+        .collect();
+    // Chained to no batch at all, as a run sent by a primary that missed the first one.
+    let outcome = commit_run(
+        &mut client.kv_client(),
+        &layout,
+        epoch,
+        &Head::Empty,
+        &Run::of(&rest).unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(outcome, CommitOutcome::Refused(_)), "{outcome:?}");
+    for first in [11, 21] {
+        assert!(get(&mut client, layout.batch(Seq(first))).await.is_none());
+    }
 }

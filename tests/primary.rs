@@ -133,7 +133,7 @@ async fn an_append_is_acknowledged_only_once_etcd_has_its_batch() {
 }
 
 #[tokio::test]
-async fn each_batch_consumes_exactly_one_etcd_revision() {
+async fn sequential_appends_commit_one_batch_per_etcd_revision() {
     let etcd = common::etcd().await;
     let node = node("p1");
     let primary = start_primary(&etcd, &node).await.unwrap();
@@ -1153,6 +1153,108 @@ async fn commits_in_flight_to_a_distant_etcd_land_in_seq_order_and_every_ack_is_
         metrics.commits.get()
     );
     Arc::into_inner(primary).unwrap().shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_sealed_while_every_commit_is_in_flight_go_to_etcd_in_one_transaction() {
+    let etcd = common::etcd().await;
+    // One commit in flight, 20 ms away: while it is on its way, full batches of four records
+    // pile up behind it.
+    let (_node, _proxy, primary, metrics) =
+        primary_far_from_etcd(&etcd, "runs", 1, 4, Duration::from_millis(20)).await;
+    let acked = append_concurrently(&primary, 32, 5).await;
+    assert_acks_match_etcd(&etcd, &acked).await;
+    let (batches, transactions) = (metrics.commits.get(), metrics.commit_transactions.get());
+    assert!(
+        transactions * 2 <= batches,
+        "{batches} batches in {transactions} transactions"
+    );
+    let revisions: std::collections::BTreeSet<i64> =
+        batch_revisions(&etcd).await.into_values().collect();
+    assert_eq!(
+        revisions.len() as u64,
+        transactions,
+        "one etcd revision per transaction"
+    );
+    Arc::into_inner(primary).unwrap().shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_of_batches_over_etcds_request_limit_is_sent_again_in_smaller_runs() {
+    let etcd = common::EtcdProcess::start_with_flags(&["--max-request-bytes", ETCD_REQUEST_LIMIT])
+        .await
+        .unwrap();
+    let proxy = FaultProxy::start(etcd.endpoint()).await.unwrap();
+    proxy.delay(Duration::from_millis(20));
+    let mut node = node("p1");
+    // Batches of one 60 KB record each; up to 512 KiB of them go in one run, over etcd's
+    // 256 KiB, while the one commit in flight is on its way.
+    node.config.max_batch_records = 1;
+    node.config.max_batch_bytes = 512 * 1024;
+    node.config.max_commits_in_flight = 1;
+    let client = fencelog::etcd::connect(&[proxy.endpoint().to_owned()], Duration::from_secs(2))
+        .await
+        .unwrap();
+    let metrics = Arc::new(fencelog::metrics::Metrics::new().unwrap());
+    let started = Primary::start(
+        client,
+        node.store.clone(),
+        node.config.clone(),
+        metrics.clone(),
+    );
+    let primary = Arc::new(started.await.unwrap());
+    let epoch = primary.epoch();
+
+    let appends = (0..24u64).map(|i| {
+        let primary = primary.clone();
+        async move {
+            let records = vec![Record::put(format!("k{i}"), noise(i, 60_000))];
+            (primary.append(records.clone()).await, records)
+        }
+    });
+    let mut acked = Vec::new();
+    for (ack, records) in futures_util::future::join_all(appends).await {
+        let ack = ack.expect("every append commits: the run etcd refused went again, smaller");
+        acked.push((ack, records));
+    }
+    let refusals = metrics
+        .commit_refusals
+        .with_label_values(&["too_large"])
+        .get();
+    assert!(refusals >= 1, "etcd refused a run as too large");
+    assert!(
+        metrics.commit_transactions.get() < metrics.commits.get(),
+        "no transaction carried more than one batch"
+    );
+    assert!(primary.is_leading(), "the term went on");
+    assert_eq!(primary.epoch(), epoch);
+    assert_acks_match_etcd(&etcd, &acked).await;
+    assert!(
+        etcd_batches(&etcd)
+            .await
+            .iter()
+            .all(|&(first, last, _)| first == last),
+        "the batches stayed whole, one record each"
+    );
+    Arc::into_inner(primary).unwrap().shutdown().await.unwrap();
+}
+
+/// The `mod_revision` of every batch key etcd holds, by the batch's first seq.
+async fn batch_revisions(etcd: &common::EtcdProcess) -> BTreeMap<Seq, i64> {
+    let layout = layout();
+    let response = common::client(etcd)
+        .await
+        .get(
+            layout.batches_prefix(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    response
+        .kvs()
+        .iter()
+        .map(|kv| (layout.parse_batch_key(kv.key()).unwrap(), kv.mod_revision()))
+        .collect()
 }
 
 /// `count` concurrent appends of one record each (`k<i>` = `v<i>`), each with its answer.

@@ -1,17 +1,21 @@
-//! The one etcd transaction that commits a batch.
+//! The one etcd transaction that commits a run of consecutive batches (most often one).
 //!
 //! ```text
 //! If(   create_revision(leader)          == epoch            -- fencing: still our term
 //!   AND value(latest)                    == the batch before's pointer -- chained to it
 //!       (create_revision(latest) == 0 for the first batch of an empty cluster)
-//!   AND create_revision(batches/<first>) == 0 )              -- never overwrite a batch
-//! Then( Put(batches/<first>, batch), Put(latest, pointer) )
+//!   AND create_revision(batches/<first>) == 0                -- never overwrite a batch
+//!       ... for the first seq of each batch of the run )
+//! Then( Put(batches/<first>, batch) ... for each batch, Put(latest, the last one's pointer) )
 //! Else( Get(leader), Get(latest) )
 //! ```
 //!
 //! A deposed primary's epoch no longer matches the leader key's `create_revision`, so it can
-//! never commit, however late its request arrives. The batch and the pointer move in one raft
-//! proposal; the `Else` branch tells a refused committer why in the same round trip.
+//! never commit, however late its request arrives. The batches and the pointer move in one raft
+//! proposal, so a run lands whole or not at all, at one revision; the `Else` branch tells a
+//! refused committer why in the same round trip. Batches sealed while every commit was in
+//! flight go as one run: one transaction instead of several that etcd, serving each request of
+//! a connection on a goroutine of its own, may take out of order.
 //!
 //! The chain: a commit lands only right after the one before it, because it compares `latest`
 //! with the pointer that one writes ([`Head::after`]) — (last seq, epoch, first seq) of one
@@ -26,6 +30,8 @@
 //! trimmed since (unknown). Every compare of the transaction, once false, stays false (an
 //! epoch is never reused, `latest` never goes back), so an attempt that did not land by the time
 //! the view shows a compare failing for good never will.
+
+use std::sync::Arc;
 
 use etcd_client::{Compare, CompareOp, KvClient, Txn, TxnOp, TxnOpResponse};
 
@@ -65,24 +71,74 @@ fn pointer_of(batch: &EncodedBatch, epoch: Epoch) -> CommitPointer {
     }
 }
 
-/// The transaction that commits `batch` in `epoch`, if `latest` is still `head`.
-pub fn commit_txn(layout: &KeyLayout, epoch: Epoch, head: &Head, batch: &EncodedBatch) -> Txn {
-    let batch_key = layout.batch(batch.first_seq());
-    let pointer = pointer_of(batch, epoch);
+/// Consecutive batches committed in one transaction, oldest first; never empty.
+#[derive(Clone, Copy)]
+pub struct Run<'a> {
+    first: &'a EncodedBatch,
+    rest: &'a [Arc<EncodedBatch>],
+}
+
+impl<'a> Run<'a> {
+    /// A run of one batch.
+    pub fn one(batch: &'a EncodedBatch) -> Run<'a> {
+        Run {
+            first: batch,
+            rest: &[],
+        }
+    }
+
+    /// `batches` as a run; `None` when there are none. The caller keeps them consecutive.
+    pub fn of(batches: &'a [Arc<EncodedBatch>]) -> Option<Run<'a>> {
+        let (first, rest) = batches.split_first()?;
+        Some(Run { first, rest })
+    }
+
+    /// The oldest batch: what settles the run (it lands with the others or not at all).
+    pub fn first(&self) -> &'a EncodedBatch {
+        self.first
+    }
+
+    /// The newest batch: what `latest` points at once the run landed.
+    pub fn last(&self) -> &'a EncodedBatch {
+        self.rest.last().map_or(self.first, |last| last)
+    }
+
+    pub fn batches(&self) -> impl Iterator<Item = &'a EncodedBatch> {
+        std::iter::once(self.first).chain(self.rest.iter().map(|batch| &**batch))
+    }
+
+    /// The encoded bytes of its batches: most of the request's size.
+    pub fn bytes(&self) -> usize {
+        self.batches().map(|batch| batch.as_bytes().len()).sum()
+    }
+}
+
+/// The transaction that commits `run` in `epoch`, if `latest` is still `head`.
+pub fn commit_txn(layout: &KeyLayout, epoch: Epoch, head: &Head, run: &Run<'_>) -> Txn {
+    let pointer = pointer_of(run.last(), epoch);
     let chained = match head {
         Head::Empty => Compare::create_revision(layout.latest(), CompareOp::Equal, 0),
         Head::Pointer(bytes) => Compare::value(layout.latest(), CompareOp::Equal, bytes.clone()),
     };
+    let fenced =
+        Compare::create_revision(layout.leader(), CompareOp::Equal, epoch_as_revision(epoch));
+    let fresh_keys = run.batches().map(|batch| {
+        Compare::create_revision(layout.batch(batch.first_seq()), CompareOp::Equal, 0)
+    });
+    let puts = run
+        .batches()
+        .map(|batch| TxnOp::put(layout.batch(batch.first_seq()), batch.as_bytes(), None));
     Txn::new()
-        .when([
-            Compare::create_revision(layout.leader(), CompareOp::Equal, epoch_as_revision(epoch)),
-            chained,
-            Compare::create_revision(batch_key.clone(), CompareOp::Equal, 0),
-        ])
-        .and_then([
-            TxnOp::put(batch_key, batch.as_bytes(), None),
-            TxnOp::put(layout.latest(), pointer.encode(), None),
-        ])
+        .when(
+            [fenced, chained]
+                .into_iter()
+                .chain(fresh_keys)
+                .collect::<Vec<_>>(),
+        )
+        .and_then(
+            puts.chain([TxnOp::put(layout.latest(), pointer.encode(), None)])
+                .collect::<Vec<_>>(),
+        )
         .or_else([
             TxnOp::get(layout.leader(), None),
             TxnOp::get(layout.latest(), None),
@@ -148,8 +204,7 @@ impl Refusal {
     }
 }
 
-/// Runs [`commit_txn`] and reports its outcome. A `latest` that does not decode is an error:
-/// the log's head is unknown, so no commit may follow it.
+/// Commits one batch: [`commit_run`] of a run of one.
 pub async fn commit_batch(
     kv: &mut KvClient,
     layout: &KeyLayout,
@@ -157,7 +212,19 @@ pub async fn commit_batch(
     head: &Head,
     batch: &EncodedBatch,
 ) -> Result<CommitOutcome> {
-    let response = kv.txn(commit_txn(layout, epoch, head, batch)).await?;
+    commit_run(kv, layout, epoch, head, &Run::one(batch)).await
+}
+
+/// Runs [`commit_txn`] and reports its outcome. A `latest` that does not decode is an error:
+/// the log's head is unknown, so no commit may follow it.
+pub async fn commit_run(
+    kv: &mut KvClient,
+    layout: &KeyLayout,
+    epoch: Epoch,
+    head: &Head,
+    run: &Run<'_>,
+) -> Result<CommitOutcome> {
+    let response = kv.txn(commit_txn(layout, epoch, head, run)).await?;
     if response.succeeded() {
         let revision = response.header().map_or(0, |h| h.revision());
         return Ok(CommitOutcome::Committed { revision });

@@ -117,8 +117,10 @@ struct Term {
     metrics: Arc<Metrics>,
     leadership: Leadership,
     accumulator: Accumulator,
-    /// One permit per sealed batch the pipeline may hold: 1 (`Single`) or 2 (`Double`).
+    /// One permit per sealed batch the pipeline may hold (`PrimaryConfig::pipeline_depth`).
     slots: Arc<Semaphore>,
+    /// How busy the committer is, for the sealer.
+    commit_load: pipeline::CommitLoad,
     /// `None` while leading; why the term ended once it has.
     ended: watch::Sender<Option<StepDown>>,
     /// The last seq etcd committed in this term (or before it).
@@ -246,6 +248,7 @@ impl Primary {
                 config.linger,
             ),
             slots: Arc::new(Semaphore::new(config.pipeline_depth())),
+            commit_load: pipeline::CommitLoad::default(),
             ended: watch::channel(None).0,
             config,
             layout,

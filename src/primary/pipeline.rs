@@ -19,6 +19,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,9 +31,10 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::batch::{Batch, BatchDecoder, BatchEncoder, EncodedBatch};
+use crate::config::MAX_BATCHES_PER_COMMIT;
 use crate::error::{Error, Result};
 use crate::etcd::commit::{
-    commit_batch, moved, read_commit_view, settle, CommitOutcome, Head, Moved, Settlement,
+    commit_run, moved, read_commit_view, settle, CommitOutcome, Head, Moved, Run, Settlement,
 };
 use crate::etcd::{request_too_large, timed, Backoff};
 use crate::local_store::blocking;
@@ -199,20 +201,19 @@ async fn seal_loop(
     mut next_seq: Seq,
 ) {
     // Seal only once a slot is free, so the batch takes everything that arrived meanwhile.
-    let depth = term.config.pipeline_depth();
     while term.accumulator.wait_for_appends().await {
         let Ok(slot) = term.slots.clone().acquire_owned().await else {
             return;
         };
-        // Natural group commit: while every commit slot is busy, this batch keeps filling;
-        // it is sealed once full, or once a commit is answered.
+        // Natural group commit: while every commit transaction is in flight, this batch keeps
+        // filling; it is sealed once full (to go with the next transaction), or once a commit
+        // is answered.
         let max_in_flight = term.config.commits_in_flight();
-        loop {
-            // Every slot taken but this one holds a batch not yet answered.
-            let in_flight = depth - 1 - term.slots.available_permits();
-            if seal_now(in_flight, max_in_flight, term.accumulator.is_full()) {
-                break;
-            }
+        while !seal_now(
+            term.commit_load.busy(),
+            max_in_flight,
+            term.accumulator.is_full(),
+        ) {
             term.accumulator.sealer_woken().await;
         }
         let Some(pending) = term.accumulator.take_batch() else {
@@ -262,6 +263,7 @@ async fn seal_loop(
                     sealed.answer(not_sent);
                     return;
                 }
+                term.commit_load.sealed();
                 if let Err(mpsc::error::SendError(sealed)) = outputs.to_committer.send(sealed) {
                     sealed.answer(not_sent);
                     return;
@@ -282,14 +284,85 @@ async fn seal_loop(
     }
 }
 
-/// Whether the sealer seals the batch it fills now: once a commit slot is free (fewer than
-/// `max_in_flight` batches sealed and unanswered), or once the batch is full.
-fn seal_now(in_flight: usize, max_in_flight: usize, full: bool) -> bool {
-    full || in_flight < max_in_flight
+/// Whether the sealer seals the batch it fills now: once the committer could send it at once
+/// (`busy`, its transactions in flight and those it has yet to send, below `max_in_flight`),
+/// or once the batch is full.
+fn seal_now(busy: usize, max_in_flight: usize, full: bool) -> bool {
+    full || busy < max_in_flight
 }
 
-/// The batches whose commit transactions are on their way, oldest first, each with what its
-/// transaction expects `latest` to be.
+/// How busy the committer is, for the sealer to judge whether a batch sealed now goes out at
+/// once.
+#[derive(Default)]
+pub(super) struct CommitLoad {
+    /// Commit transactions on their way (the committer's window).
+    in_flight: AtomicUsize,
+    /// Batches sealed that the committer has not taken yet.
+    unsent: AtomicUsize,
+}
+
+impl CommitLoad {
+    /// Transactions in flight, plus one for the batches sealed and not yet sent, which go
+    /// together in the next.
+    fn busy(&self) -> usize {
+        let unsent = self.unsent.load(Ordering::SeqCst).min(1);
+        self.in_flight.load(Ordering::SeqCst) + unsent
+    }
+
+    fn sealed(&self) {
+        self.unsent.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn taken(&self) {
+        self.unsent.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn set_in_flight(&self, in_flight: usize) {
+        self.in_flight.store(in_flight, Ordering::SeqCst);
+    }
+}
+
+/// The sealed batches on their way from the sealer, as the committer takes them.
+struct FromSealer {
+    receiver: mpsc::UnboundedReceiver<SealedBatch>,
+    open: bool,
+}
+
+impl FromSealer {
+    /// The next sealed batch if one is waiting.
+    fn try_take(&mut self, term: &Term) -> Option<SealedBatch> {
+        if !self.open {
+            return None;
+        }
+        match self.receiver.try_recv() {
+            Ok(batch) => {
+                term.commit_load.taken();
+                Some(batch)
+            }
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                self.open = false;
+                None
+            }
+        }
+    }
+
+    /// The next sealed batch, once one is sealed; `None` once the sealer is gone.
+    async fn take(&mut self, term: &Term) -> Option<SealedBatch> {
+        if !self.open {
+            return None;
+        }
+        let batch = self.receiver.recv().await;
+        match &batch {
+            Some(_) => term.commit_load.taken(),
+            None => self.open = false,
+        }
+        batch
+    }
+}
+
+/// The runs of batches whose commit transactions are on their way, oldest first, each with
+/// what its transaction expects `latest` to be.
 ///
 /// The committer polls every attempt itself, in the order they were sent (`FuturesOrdered`
 /// polls new futures in the order they were pushed), so each transaction reaches etcd's
@@ -297,7 +370,7 @@ fn seal_now(in_flight: usize, max_in_flight: usize, full: bool) -> bool {
 /// tokio runs the task spawned last first (its LIFO slot), and a transaction that overtakes
 /// its predecessor is refused as behind and costs a round trip.
 struct Window {
-    batches: VecDeque<(SealedBatch, Head)>,
+    runs: VecDeque<(Vec<SealedBatch>, Head)>,
     attempts: FuturesOrdered<Attempt>,
 }
 
@@ -306,34 +379,45 @@ type Attempt = Pin<Box<dyn Future<Output = Result<Landed, CommitFailure>> + Send
 impl Window {
     fn new() -> Self {
         Window {
-            batches: VecDeque::new(),
+            runs: VecDeque::new(),
             attempts: FuturesOrdered::new(),
         }
     }
 
     fn len(&self) -> usize {
-        self.batches.len()
+        self.runs.len()
     }
 
     fn is_empty(&self) -> bool {
-        self.batches.is_empty()
+        self.runs.is_empty()
     }
 
-    /// Sends `batch`'s transaction, chained to `head`; `sent`: an attempt of it went
-    /// unanswered.
-    fn send(&mut self, term: &Arc<Term>, batch: SealedBatch, head: Head, sent: bool) {
-        let (attempting, encoded, chained_to) = (term.clone(), batch.encoded.clone(), head.clone());
+    /// Sends the transaction of `run` (consecutive batches, never empty), chained to `head`;
+    /// `sent`: an attempt of it went unanswered.
+    fn send(&mut self, term: &Arc<Term>, run: Vec<SealedBatch>, head: Head, sent: bool) {
+        let attempting = term.clone();
+        let encoded: Vec<Arc<EncodedBatch>> = run.iter().map(|b| b.encoded.clone()).collect();
+        let chained_to = head.clone();
+        let (first_seq, last_seq) = match (encoded.first(), encoded.last()) {
+            (Some(first), Some(last)) => (first.first_seq(), last.last_seq()),
+            _ => (Seq::NONE, Seq::NONE),
+        };
         // Instrumented, never entered across an await: an entered span would leak into
         // whatever else ran on the thread meanwhile.
-        let span = tracing::debug_span!("commit", epoch = %term.epoch(), first_seq = %encoded.first_seq(), last_seq = %encoded.last_seq());
+        let span = tracing::debug_span!("commit", epoch = %term.epoch(), %first_seq, %last_seq, batches = encoded.len());
         let attempt = async move {
             // Fail point (tests): the process dies here, as with SIGKILL, with the batch sealed
             // and going to the local log but not yet sent to etcd.
             fail::fail_point!("primary::before_commit", |_| std::process::abort());
-            commit_resolved(&attempting, &encoded, &chained_to, sent).await
+            match Run::of(&encoded) {
+                Some(run) => commit_resolved(&attempting, &run, &chained_to, sent).await,
+                None => Err(CommitFailure::NotCommitted(StepDown::PipelineFailed(
+                    "the committer was given an empty run to send".into(),
+                ))),
+            }
         }
         .instrument(span);
-        // A panic in one attempt answers its batch as in doubt, as a failed task would,
+        // A panic in one attempt answers its batches as in doubt, as a failed task would,
         // rather than taking the committer and every other batch in the window with it.
         let attempt = unless_panicked(attempt).map(|ended| {
             ended.unwrap_or_else(|panicked| {
@@ -343,17 +427,17 @@ impl Window {
             })
         });
         self.attempts.push_back(Box::pin(attempt));
-        self.batches.push_back((batch, head));
+        self.runs.push_back((run, head));
     }
 
-    /// The oldest batch once its attempt is answered (later ones may be answered meanwhile;
+    /// The oldest run once its attempt is answered (later ones may be answered meanwhile;
     /// their answers wait their turn). Never ready while the window is empty.
-    async fn oldest_answered(&mut self) -> (SealedBatch, Head, Result<Landed, CommitFailure>) {
+    async fn oldest_answered(&mut self) -> (Vec<SealedBatch>, Head, Result<Landed, CommitFailure>) {
         loop {
             match self.attempts.next().await {
                 Some(result) => {
-                    if let Some((batch, head)) = self.batches.pop_front() {
-                        return (batch, head, result);
+                    if let Some((run, head)) = self.runs.pop_front() {
+                        return (run, head, result);
                     }
                 }
                 None => std::future::pending::<()>().await,
@@ -361,124 +445,142 @@ impl Window {
         }
     }
 
-    /// The batches in the window, in order, their attempts dropped unanswered: an attempt
-    /// already sent may still land, which the batch's next attempt is told (`sent`) where it
+    /// The runs in the window, in order, their attempts dropped unanswered: an attempt
+    /// already sent may still land, which the run's next attempt is told (`sent`) where it
     /// matters.
-    fn abandon(&mut self) -> Vec<(SealedBatch, Head)> {
+    fn abandon(&mut self) -> Vec<(Vec<SealedBatch>, Head)> {
         self.attempts = FuturesOrdered::new();
-        self.batches.drain(..).collect()
+        self.runs.drain(..).collect()
     }
 }
 
 /// Commits the sealed batches in seq order with up to `max_commits_in_flight` transactions
-/// on their way at once, and answers them in that order. Each transaction is chained to the
-/// batch before it (`etcd::commit`), so one sent before its predecessor landed is refused as
-/// behind and sent again once the predecessor is answered; a batch that fails takes the ones
-/// chained to it along, each answered with what etcd proves of it.
+/// on their way at once, and answers them in that order. Batches waiting when a transaction
+/// can go are sent together in it, as one run (up to [`MAX_BATCHES_PER_COMMIT`], within
+/// [`run_budget`]). Each transaction is chained to the run before it (`etcd::commit`), so one
+/// sent before its predecessor landed is refused as behind and sent again once the
+/// predecessor is answered; a run that fails takes the ones chained to it along, each answered
+/// with what etcd proves of it.
 async fn commit_loop(
     term: Arc<Term>,
-    mut sealed: mpsc::UnboundedReceiver<SealedBatch>,
+    sealed: mpsc::UnboundedReceiver<SealedBatch>,
     head: Head,
     committed: watch::Sender<Seq>,
     mut cutter: Cutter,
 ) {
     let max_in_flight = term.config.commits_in_flight();
+    let mut sealed = FromSealer {
+        receiver: sealed,
+        open: true,
+    };
     // Batches to send before anything newly sealed: parts of a batch etcd refused as too
-    // large, and the batches that were chained to it.
+    // large, the batches of a run it refused as too large, and the runs chained to them.
     let mut queued: VecDeque<SealedBatch> = VecDeque::new();
     let mut window = Window::new();
-    // What the next batch sent is chained to.
+    // What the next run sent is chained to.
     let mut next_head = head;
-    let mut sealer_open = true;
     loop {
         while window.len() < max_in_flight {
-            let batch = match queued.pop_front() {
+            let first = match queued.pop_front().or_else(|| sealed.try_take(&term)) {
                 Some(batch) => batch,
-                None if !sealer_open => break,
-                None if window.is_empty() => match sealed.recv().await {
+                None if window.is_empty() => match sealed.take(&term).await {
                     Some(batch) => batch,
-                    None => {
-                        sealer_open = false;
-                        break;
-                    }
+                    None => break,
                 },
-                None => match sealed.try_recv() {
-                    Ok(batch) => batch,
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        sealer_open = false;
-                        break;
-                    }
-                },
+                None => break,
             };
             if let Some(cause) = term.ended() {
-                batch.answer(|| Err(cause.to_error()));
+                first.answer(|| Err(cause.to_error()));
                 continue;
             }
+            let run = gather_run(&term, first, &mut queued, &mut sealed);
+            let Some(last) = run.last() else {
+                continue;
+            };
             let chained_to =
-                std::mem::replace(&mut next_head, Head::after(&batch.encoded, term.epoch()));
-            window.send(&term, batch, chained_to, false);
+                std::mem::replace(&mut next_head, Head::after(&last.encoded, term.epoch()));
+            window.send(&term, run, chained_to, false);
         }
+        term.commit_load.set_in_flight(window.len());
         // The oldest is answered first; meanwhile a newly sealed batch may join the window.
-        let room = window.len() < max_in_flight && sealer_open && queued.is_empty();
+        let room = window.len() < max_in_flight && sealed.open && queued.is_empty();
         if window.is_empty() {
-            if !sealer_open && queued.is_empty() {
+            if !sealed.open && queued.is_empty() {
                 return;
             }
             continue;
         }
-        let (batch, head, result) = tokio::select! {
+        let (run, head, result) = tokio::select! {
             answered = window.oldest_answered() => answered,
-            batch = sealed.recv(), if room => {
-                match batch {
-                    Some(batch) => queued.push_back(batch),
-                    None => sealer_open = false,
-                }
+            batch = sealed.take(&term), if room => {
+                queued.extend(batch);
                 continue;
             }
         };
+        term.commit_load.set_in_flight(window.len());
         match result {
-            Ok(landed) => acknowledge(&term, batch, landed, &committed),
+            Ok(landed) => acknowledge(&term, run, landed, &committed),
             Err(CommitFailure::Behind { sent }) => {
-                // etcd took it before the batch before it, which has landed since: the same
+                // etcd took it before the run before it, which has landed since: the same
                 // transaction again, safe to repeat. Those chained after it most likely met the
                 // same fate, or will: they go again right behind it, in order, rather than a
                 // round trip each. Their attempts may still be on their way (`sent`).
                 let rest = window.abandon();
-                window.send(&term, batch, head, sent);
+                window.send(&term, run, head, sent);
                 for (later, chained_to) in rest {
                     window.send(&term, later, chained_to, true);
                 }
             }
             Err(CommitFailure::TooLarge { bytes }) => {
                 // Not proposed; those chained to it can never land: send them again after
-                // its parts.
+                // it, cut — a run into its batches, a batch into parts — under a lower cap.
                 let rest = window.abandon();
                 next_head = head;
-                for (batch, _) in rest.into_iter().rev() {
-                    queued.push_front(batch);
+                for (later, _) in rest.into_iter().rev() {
+                    for batch in later.into_iter().rev() {
+                        queued.push_front(batch);
+                    }
                 }
-                for part in cutter.cut(&term, batch, bytes).await.into_iter().rev() {
+                let parts = match <[SealedBatch; 1]>::try_from(run) {
+                    Ok([batch]) => cutter.cut(&term, batch, bytes).await,
+                    Err(run) => {
+                        let cap = term.learn_refusal(bytes);
+                        term.metrics
+                            .commit_refusals
+                            .with_label_values(&["too_large"])
+                            .inc();
+                        tracing::warn!(bytes, cap = cap.max_batch_bytes, batches = run.len(), "etcd refused a run of batches as too large; sending them in smaller runs");
+                        run
+                    }
+                };
+                for part in parts.into_iter().rev() {
                     queued.push_front(part);
                 }
             }
             Err(CommitFailure::NotCommitted(cause)) => {
                 // It can never land, so neither can those chained to it.
-                batch.answer(|| Err(cause.to_error()));
+                for batch in run {
+                    batch.answer(|| Err(cause.to_error()));
+                }
                 for (later, _) in window.abandon() {
-                    later.answer(|| Err(cause.to_error()));
+                    for batch in later {
+                        batch.answer(|| Err(cause.to_error()));
+                    }
                 }
                 term.step_down(cause);
             }
             Err(CommitFailure::Unknown(reason)) => {
-                let (first_seq, last_seq) = (batch.encoded.first_seq(), batch.encoded.last_seq());
-                batch.answer(|| {
-                    Err(Error::CommitOutcomeUnknown {
-                        first_seq,
-                        last_seq,
-                        reason: reason.clone(),
-                    })
-                });
+                for batch in run {
+                    let (first_seq, last_seq) =
+                        (batch.encoded.first_seq(), batch.encoded.last_seq());
+                    batch.answer(|| {
+                        Err(Error::CommitOutcomeUnknown {
+                            first_seq,
+                            last_seq,
+                            reason: reason.clone(),
+                        })
+                    });
+                }
                 // Those chained to it settle for themselves, the term having ended.
                 term.step_down(StepDown::LeadershipLost(reason));
             }
@@ -486,14 +588,51 @@ async fn commit_loop(
     }
 }
 
-/// Answers a batch etcd has: the local log may mark it, its appends are acknowledged, and its
-/// slot is free for the sealer.
-fn acknowledge(term: &Term, batch: SealedBatch, landed: Landed, committed: &watch::Sender<Seq>) {
+/// `first` and the batches waiting right behind it that go in the same transaction: up to
+/// [`MAX_BATCHES_PER_COMMIT`], within [`run_budget`] bytes. One that does not fit waits at the
+/// front of `queued` for the next.
+fn gather_run(
+    term: &Term,
+    first: SealedBatch,
+    queued: &mut VecDeque<SealedBatch>,
+    sealed: &mut FromSealer,
+) -> Vec<SealedBatch> {
+    let budget = run_budget(term);
+    let mut bytes = first.encoded.as_bytes().len();
+    let mut run = vec![first];
+    while run.len() < MAX_BATCHES_PER_COMMIT {
+        let Some(next) = queued.pop_front().or_else(|| sealed.try_take(term)) else {
+            break;
+        };
+        let next_bytes = next.encoded.as_bytes().len();
+        if bytes + next_bytes > budget {
+            queued.push_front(next);
+            break;
+        }
+        bytes += next_bytes;
+        run.push(next);
+    }
+    run
+}
+
+/// The encoded bytes a run of more than one batch may have: one batch's payload cap, as
+/// etcd's refusals lowered it — about what etcd takes best in one proposal, and below any
+/// request it refused.
+fn run_budget(term: &Term) -> usize {
+    term.request_cap().max_batch_bytes
+}
+
+/// Answers the batches of a run etcd has, in order: the local log may mark them, their appends
+/// are acknowledged, and their slots are free for the sealer.
+fn acknowledge(term: &Term, run: Vec<SealedBatch>, landed: Landed, committed: &watch::Sender<Seq>) {
     // Fail point (tests): the process dies here, committed in etcd but not yet acknowledged.
     fail::fail_point!("primary::before_ack", |_| std::process::abort());
-    record_commit(term, &batch);
-    committed.send_replace(batch.encoded.last_seq());
-    batch.answer(|| Ok(()));
+    term.metrics.commit_transactions.inc();
+    for batch in run {
+        record_commit(term, &batch);
+        committed.send_replace(batch.encoded.last_seq());
+        batch.answer(|| Ok(()));
+    }
     if let Some(cause) = landed.then {
         term.step_down(cause);
         return;
@@ -728,17 +867,19 @@ fn record_commit(term: &Term, batch: &SealedBatch) {
     metrics.saw_committed(header.last_seq());
 }
 
-/// Commits one batch, retrying through etcd trouble until the commit deadline or the lease runs
-/// out. Retries have the same compares, so none can write the batch twice. Once an attempt was
-/// sent unanswered, every way out but a confirmed commit first settles it from etcd
-/// ([`settle`]): an attempt that landed is acknowledged, whatever refused the ones after it;
-/// "not committed" is answered only where etcd proves it.
+/// Commits one run of batches, retrying through etcd trouble until the commit deadline or the
+/// lease runs out. Retries have the same compares, so none can write a batch twice. Once an
+/// attempt was sent unanswered, every way out but a confirmed commit first settles it from
+/// etcd by its first batch ([`settle`]; the run lands whole or not at all): an attempt that
+/// landed is acknowledged, whatever refused the ones after it; "not committed" is answered
+/// only where etcd proves it.
 async fn commit_resolved(
     term: &Term,
-    batch: &EncodedBatch,
+    run: &Run<'_>,
     head: &Head,
     mut sent: bool,
 ) -> Result<Landed, CommitFailure> {
+    let batch = run.first();
     let epoch = term.epoch();
     let deadline = Instant::now() + term.config.commit_deadline;
     let mut kv = term.client.kv_client();
@@ -759,7 +900,7 @@ async fn commit_resolved(
         let started = Instant::now();
         let attempt = timed(
             term.config.etcd_request_timeout,
-            commit_batch(&mut kv, &term.layout, epoch, head, batch),
+            commit_run(&mut kv, &term.layout, epoch, head, run),
         )
         .await;
         match attempt {
@@ -804,9 +945,7 @@ async fn commit_resolved(
             }
             // etcd refuses an oversized request before proposing it: nothing was written.
             Err(e) if !sent && request_too_large(&e) => {
-                return Err(CommitFailure::TooLarge {
-                    bytes: batch.as_bytes().len(),
-                });
+                return Err(CommitFailure::TooLarge { bytes: run.bytes() });
             }
             Err(e) => {
                 sent = true;
