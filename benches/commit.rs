@@ -254,9 +254,10 @@ where
                     },
                 );
                 println!(
-                    "{name}/k{k}: {:.0} records per committed batch, {} refused as behind, \
-                     commit txn mean {:.2} ms",
+                    "{name}/k{k}: {:.0} records per committed batch, {:.2} batches per \
+                     transaction, {} refused as behind, commit txn mean {:.2} ms",
                     metrics.committed_records.get() as f64 / metrics.commits.get().max(1) as f64,
+                    metrics.commits.get() as f64 / metrics.commit_transactions.get().max(1) as f64,
                     metrics.commit_refusals.with_label_values(&["behind"]).get(),
                     mean_ms(&metrics.commit_seconds)
                 );

@@ -54,8 +54,10 @@ pub struct PrimaryConfig {
     /// Commit transactions sent to etcd and not yet answered, at most, in the `Double`
     /// pipeline (`Single` commits one batch at a time, whatever this says). Each is
     /// chained to the one before (`etcd::commit`), so they land in order or not at all; more
-    /// than one hides etcd's round trip when it is far away. Default 2 (docs/BENCHMARKS.md: 1.4x one on
-    /// loopback, 1.7x with etcd 1 ms away; more are refused as behind too often here).
+    /// than one hides etcd's round trip when it is far away (batches that wait meanwhile go
+    /// together in the next, `MAX_BATCHES_PER_COMMIT`). Default 2 (docs/BENCHMARKS.md, "Commits
+    /// in flight, second round": the best or within 6% of it at 0–2 ms but one row; more are
+    /// refused as behind too often, and seal smaller batches).
     pub max_commits_in_flight: usize,
     /// Payload bytes waiting for a commit, at most; appends wait beyond it. Default 64 MiB.
     pub max_pending_bytes: usize,

@@ -1,6 +1,6 @@
-//! Against a real etcd: a batch and its commit pointer are written by one fenced transaction,
-//! read back and decoded; a stale epoch, a pointer other than the one it is chained to, or an
-//! existing batch key each make the transaction write nothing.
+//! Against a real etcd: a batch (or a run of them) and its commit pointer are written by one
+//! fenced transaction, read back and decoded; a stale epoch, a pointer other than the one it is
+//! chained to, or an existing batch key each make the transaction write nothing.
 
 mod common;
 

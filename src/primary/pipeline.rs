@@ -4,12 +4,13 @@
 //! committer to be free (natural group commit), seals the accumulated appends into a batch
 //! (assigning seqs), encodes it on a blocking thread, and hands it both to the committer
 //! and to the local log writer. The committer keeps up to `max_commits_in_flight` commit
-//! transactions on their way, each chained to the batch before it (`etcd::commit`), and
-//! acknowledges each, in seq order, as soon as etcd has it. The local log writer writes each batch ahead to the
-//! local log while its transaction runs, and moves `received_seq` over it once etcd has
-//! committed it, then tells the applier. With two slots (`Double`) the next batch is sealed and
-//! encoded while the previous one is in its etcd round trip; with one (`Single`), appends wait
-//! while a batch commits. A batch etcd refuses as over its request limit is cut between its
+//! transactions on their way, each carrying the batches that waited for it (a run) and chained
+//! to the batch before it (`etcd::commit`), and acknowledges each batch, in seq order, as soon
+//! as etcd has it. The local log writer writes each batch ahead to the local log while its
+//! transaction runs, and moves `received_seq` over it once etcd has committed it, then tells
+//! the applier. In the `Double` pipeline the next batches are sealed and encoded while earlier
+//! ones are in their etcd round trip; in the `Single` one (one slot), appends wait while a
+//! batch commits. A batch etcd refuses as over its request limit is cut between its
 //! appends into smaller batches, committed in its place with the same seqs
 //! ([`super::request_cap`]). No sled write is on the commit path: sled stalls every write while a
 //! transaction (the applier's) runs, and the commit path must not wait for the state. The local

@@ -66,6 +66,8 @@ pub async fn load(
 /// A primary daemon's commits so far.
 pub struct Commits {
     pub records_per_batch: f64,
+    /// Batches per commit transaction (several go together when they waited for one).
+    pub batches_per_transaction: f64,
     /// Mean time of one commit transaction (`fencelog_commit_seconds`).
     pub mean: Duration,
     /// Transactions etcd refused because the one before had not landed yet.
@@ -90,6 +92,7 @@ pub async fn commits(node: &NodeProcess) -> anyhow::Result<Commits> {
     let commits = value("fencelog_commits_total").max(1.0);
     Ok(Commits {
         records_per_batch: value("fencelog_committed_records_total") / commits,
+        batches_per_transaction: commits / value("fencelog_commit_transactions_total").max(1.0),
         mean: Duration::from_secs_f64(
             value("fencelog_commit_seconds_sum") / value("fencelog_commit_seconds_count").max(1.0),
         ),

@@ -121,6 +121,7 @@ pub(super) async fn measure(
                 cap: REFERENCE_BATCH,
                 in_flight: None,
                 ack: None,
+                batches_per_transaction: Some(1.0),
                 behind: None,
             });
         }
@@ -208,6 +209,7 @@ pub(super) async fn measure(
                     percentile(&run.latencies, 0.5),
                     percentile(&run.latencies, 0.99),
                 )),
+                batches_per_transaction: Some(commits.batches_per_transaction),
                 behind: Some(commits.behind),
             });
         }

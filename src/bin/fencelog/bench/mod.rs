@@ -100,6 +100,8 @@ struct Distant {
     in_flight: Option<usize>,
     /// Ack latency p50 and p99 of the appends through the API.
     ack: Option<(Duration, Duration)>,
+    /// Batches per commit transaction.
+    batches_per_transaction: Option<f64>,
     /// Transactions etcd refused because the one before had not landed yet.
     behind: Option<u64>,
 }

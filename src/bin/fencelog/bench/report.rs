@@ -99,19 +99,20 @@ fn distant_section(out: &mut String, results: &[Measurement]) {
          by {} clients appending {} records at a time, and the plain loop ({REFERENCE_BATCH} \
          records per batch) through the same proxy. `vs 1 in flight`: against the same delay \
          and batch cap with one commit transaction in flight; `vs 0 ms`: against the same row \
-         with no delay; `vs plain loop`: against the plain loop at the same delay. `commit ms`: \
-         mean time of one commit transaction; `behind`: transactions etcd refused because the \
+         with no delay; `vs plain loop`: against the plain loop at the same delay. `batches per \
+         txn`: batches sealed while every commit was in flight go together in the next; \
+         `commit ms`: mean time of one commit transaction; `behind`: transactions etcd refused because the \
          one before had not landed yet (sent again).\n",
         super::distant::CLIENTS,
         super::distant::PER_APPEND
     );
     let _ = writeln!(
         out,
-        "| etcd each way | batch cap | in flight | records/s | vs 1 in flight | vs 0 ms | vs plain loop | ack p50 ms | ack p99 ms | records per batch | commit ms | behind |"
+        "| etcd each way | batch cap | in flight | records/s | vs 1 in flight | vs 0 ms | vs plain loop | ack p50 ms | ack p99 ms | records per batch | batches per txn | commit ms | behind |"
     );
     let _ = writeln!(
         out,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let millis = |d: Option<Duration>| {
         d.map_or_else(String::new, |d| format!("{:.2}", d.as_secs_f64() * 1000.0))
@@ -122,7 +123,7 @@ fn distant_section(out: &mut String, results: &[Measurement]) {
         let one = d.in_flight.and_then(|_| rate(d.away, d.cap, Some(1)));
         let _ = writeln!(
             out,
-            "| {} ms | {} | {in_flight} | {per_second:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} ms | {} | {in_flight} | {per_second:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             super::distant::in_ms(d.away),
             d.cap,
             ratio(per_second, one),
@@ -133,6 +134,8 @@ fn distant_section(out: &mut String, results: &[Measurement]) {
             millis(d.ack.map(|a| a.1)),
             m.records_per_batch
                 .map_or_else(String::new, |b| format!("{b:.0}")),
+            d.batches_per_transaction
+                .map_or_else(String::new, |b| format!("{b:.2}")),
             millis(m.commit_per_batch),
             d.behind.map_or_else(String::new, |b| b.to_string()),
         );
