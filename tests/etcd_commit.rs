@@ -6,7 +6,10 @@ mod common;
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use fencelog::batch::{BatchDecoder, EncodedBatch};
-use fencelog::etcd::commit::{commit_batch, commit_run, moved, CommitOutcome, Head, Moved, Run};
+use fencelog::etcd::commit::{
+    commit_batch, commit_run, moved, read_commit_view, settle, CommitOutcome, Head, Moved, Run,
+    Settlement,
+};
 use fencelog::keys::KeyLayout;
 use fencelog::limits::Limits;
 use fencelog::local_store::{LocalStore, StoreOptions};
@@ -387,4 +390,40 @@ async fn a_run_chained_to_a_pointer_that_moved_writes_none_of_its_batches() {
     for first in [11, 21] {
         assert!(get(&mut client, layout.batch(Seq(first))).await.is_none());
     }
+}
+
+#[tokio::test]
+async fn a_run_whose_answer_was_lost_is_settled_by_its_first_batch() {
+    let (_etcd, client, layout, epoch) = led_cluster().await;
+    let batches: Vec<_> = common::encoded_batches(epoch, 3, 10)
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect();
+    let run = Run::of(&batches).unwrap();
+    let mut kv = client.kv_client();
+    let view = read_commit_view(&mut kv, &layout, run.first())
+        .await
+        .unwrap();
+    assert_eq!(
+        settle(&view, epoch, &Head::Empty, run.first()),
+        Settlement::Open,
+        "not sent yet: it may still land"
+    );
+
+    // Sent, and its answer lost: what etcd holds says it landed, whole.
+    commit_run(&mut kv, &layout, epoch, &Head::Empty, &run)
+        .await
+        .unwrap();
+    let view = read_commit_view(&mut kv, &layout, run.first())
+        .await
+        .unwrap();
+    assert_eq!(
+        settle(&view, epoch, &Head::Empty, run.first()),
+        Settlement::Landed
+    );
+    assert_eq!(
+        Head::read(view.latest.as_deref()),
+        Head::after(run.last(), epoch),
+        "latest points at its last batch"
+    );
 }
