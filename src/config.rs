@@ -197,11 +197,11 @@ mod tests {
     }
 
     #[test]
-    fn the_double_pipeline_holds_the_commits_in_flight_and_one_batch_filling() {
+    fn the_double_pipeline_holds_the_commits_in_flight_and_a_runs_worth_of_batches_waiting() {
         let mut config = config();
         for k in [1, 2, 8] {
             config.max_commits_in_flight = k;
-            assert_eq!(config.pipeline_depth(), k + 1);
+            assert_eq!(config.pipeline_depth(), k + MAX_BATCHES_PER_COMMIT);
             assert_eq!(config.commits_in_flight(), k);
             assert!(config.validate().is_ok());
         }

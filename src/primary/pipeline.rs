@@ -1021,7 +1021,20 @@ async fn settle_in_doubt(
 
 #[cfg(test)]
 mod tests {
-    use super::seal_now;
+    use super::{seal_now, CommitLoad};
+
+    #[test]
+    fn batches_sealed_and_not_yet_sent_count_as_one_transaction_to_come() {
+        let load = CommitLoad::default();
+        load.set_in_flight(1);
+        assert_eq!(load.busy(), 1);
+        load.sealed();
+        load.sealed();
+        assert_eq!(load.busy(), 2, "two waiting batches go in one transaction");
+        load.taken();
+        load.taken();
+        assert_eq!(load.busy(), 1);
+    }
 
     #[test]
     fn a_batch_is_sealed_as_soon_as_a_commit_slot_is_free() {
