@@ -25,9 +25,6 @@ pub struct Limits {
     /// Hard cap on an encoded batch (header + compressed body). Default 1 MiB + 64 KiB: room for
     /// one maximal record even when it does not compress, and well below etcd's request limit.
     pub max_batch_bytes: usize,
-    /// Encoded size at which the primary seals a batch. Default 96 KiB: etcd keeps every raft
-    /// entry since its last snapshot in memory, so batches stay small.
-    pub target_batch_bytes: usize,
     /// Cap on a batch's uncompressed body; bounds decompression. Default 8 MiB.
     pub max_uncompressed_batch_bytes: usize,
 }
@@ -38,7 +35,6 @@ impl Default for Limits {
             max_key_bytes: 4 * 1024,
             max_value_bytes: 1024 * 1024,
             max_batch_bytes: 1024 * 1024 + 64 * 1024,
-            target_batch_bytes: 96 * 1024,
             max_uncompressed_batch_bytes: 8 * 1024 * 1024,
         }
     }
@@ -65,12 +61,6 @@ impl Limits {
                 "a record with a {}-byte key and a {}-byte value may encode to {worst_batch} bytes, \
                  over max_batch_bytes {}",
                 self.max_key_bytes, self.max_value_bytes, self.max_batch_bytes
-            ));
-        }
-        if self.target_batch_bytes == 0 || self.target_batch_bytes > self.max_batch_bytes {
-            return fail(format!(
-                "target_batch_bytes {} must be between 1 and max_batch_bytes {}",
-                self.target_batch_bytes, self.max_batch_bytes
             ));
         }
         if max_record > self.max_uncompressed_batch_bytes

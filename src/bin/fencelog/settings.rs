@@ -28,15 +28,13 @@ const RETENTION: &str = "Retention in etcd (while leading)";
 const LOCAL_STORE: &str = "Local store";
 const LOGGING: &str = "Logging";
 
-/// Every default, in one place (documented in `docs/OPERATIONS.md`).
+/// The daemon's own defaults (documented in `docs/OPERATIONS.md`); the node's come from the
+/// library (`PrimaryConfig::new`, `Retention::default`, `StoreOptions::default`).
 pub struct Defaults;
 
 impl Defaults {
     pub const LISTEN: &'static str = "127.0.0.1:7400";
     pub const METRICS: &'static str = "127.0.0.1:7401";
-    pub const LEASE_TTL_SECONDS: u64 = 5;
-    pub const MAX_BATCH_RECORDS: usize = 1024;
-    pub const LINGER_MS: u64 = 0;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -256,18 +254,21 @@ impl NodeSettings {
         let advertise = self.advertise.unwrap_or_else(|| listen.to_string());
 
         let mut primary = PrimaryConfig::new(cluster.clone(), node.clone(), advertise);
-        primary.lease_ttl =
-            Duration::from_secs(self.lease_ttl.unwrap_or(Defaults::LEASE_TTL_SECONDS));
+        if let Some(seconds) = self.lease_ttl {
+            primary.lease_ttl = Duration::from_secs(seconds);
+        }
         // The safety margin scales down with short TTLs so that they stay valid.
         primary.lease_safety_margin = primary.lease_safety_margin.min(primary.lease_ttl / 4);
-        primary.max_batch_records = self
-            .max_batch_records
-            .unwrap_or(Defaults::MAX_BATCH_RECORDS);
-        primary.linger = Duration::from_millis(self.linger_ms.unwrap_or(Defaults::LINGER_MS));
-        primary.pipeline = match self.pipeline.unwrap_or(PipelineArg::Double) {
-            PipelineArg::Double => Pipeline::Double,
-            PipelineArg::Single => Pipeline::Single,
-        };
+        primary.max_batch_records = self.max_batch_records.unwrap_or(primary.max_batch_records);
+        if let Some(ms) = self.linger_ms {
+            primary.linger = Duration::from_millis(ms);
+        }
+        if let Some(pipeline) = self.pipeline {
+            primary.pipeline = match pipeline {
+                PipelineArg::Double => Pipeline::Double,
+                PipelineArg::Single => Pipeline::Single,
+            };
+        }
         primary.max_commits_in_flight = self
             .max_commits_in_flight
             .unwrap_or(primary.max_commits_in_flight);
@@ -394,4 +395,61 @@ fn socket_addr(value: &str, flag: &str) -> anyhow::Result<SocketAddr> {
         .or(addrs.first())
         .copied()
         .with_context(|| format!("--{flag} {value:?}: {host} has no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{Args, Command};
+    use fencelog::config::PrimaryConfig;
+    use fencelog::local_store::StoreOptions;
+
+    use super::NodeSettings;
+
+    /// The `[default: X]` a flag's help states.
+    fn stated_default(flag: &str) -> String {
+        let command = NodeSettings::augment_args(Command::new("node"));
+        let arg = command
+            .get_arguments()
+            .find(|arg| arg.get_long() == Some(flag))
+            .unwrap_or_else(|| panic!("no --{flag}"));
+        let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+        let (_, default) = help
+            .rsplit_once("[default: ")
+            .unwrap_or_else(|| panic!("--{flag} states no default: {help}"));
+        default.trim_end_matches(['.', ']']).to_owned()
+    }
+
+    #[test]
+    fn the_help_states_the_librarys_defaults() {
+        let primary = PrimaryConfig::new("c".parse().unwrap(), "n".parse().unwrap(), "a:1");
+        let retention = &primary.retention;
+        let store = StoreOptions::default();
+        let expected = [
+            ("lease-ttl", primary.lease_ttl.as_secs().to_string()),
+            ("max-batch-records", primary.max_batch_records.to_string()),
+            ("linger-ms", primary.linger.as_millis().to_string()),
+            (
+                "max-commits-in-flight",
+                primary.max_commits_in_flight.to_string(),
+            ),
+            ("retain-records", retention.retain_records.to_string()),
+            ("retain-seconds", retention.retain_seconds.to_string()),
+            (
+                "max-etcd-log-bytes",
+                retention.max_etcd_log_bytes.to_string(),
+            ),
+            (
+                "trim-interval-ms",
+                retention.interval.as_millis().to_string(),
+            ),
+            ("etcd-compaction", retention.compact.to_string()),
+            (
+                "checkpoint-interval-ms",
+                store.checkpoint.interval.as_millis().to_string(),
+            ),
+        ];
+        for (flag, value) in expected {
+            assert_eq!(stated_default(flag), value, "--{flag}");
+        }
+    }
 }
