@@ -69,8 +69,8 @@ const LEASE_ID: &[u8] = b"lease_id";
 const CLAIM_LEASE: &[u8] = b"claim_lease";
 /// The seq the log starts after: the state up to it came from a snapshot (0: from the start).
 const LOG_BASE: &[u8] = b"log_base";
-/// The epoch that committed seq `log_base` (the batch is gone: trimmed away, or before a
-/// snapshot): a snapshot taken at the base carries it.
+/// The epoch that committed seq `log_base` (the batch is gone: dropped by local retention, or
+/// before a snapshot): a snapshot taken at the base carries it.
 const LOG_BASE_EPOCH: &[u8] = b"log_base_epoch";
 /// Whose store this is: `<cluster> <node> <log id>`, recorded the first time a node uses it.
 const IDENTITY: &[u8] = b"identity";
@@ -165,7 +165,7 @@ pub struct LogStats {
     pub bytes: u64,
 }
 
-/// How much of its local log a node keeps ([`LocalStore::trim_log`]); by default everything.
+/// How much of its local log a node keeps ([`LocalStore::apply_retention`]); by default everything.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LocalRetention {
     pub retain_records: u64,
@@ -902,7 +902,7 @@ impl LocalStore {
     /// node that may lead must have every batch etcd has (its trimmer indexes them from its
     /// log). Returns the new oldest seq when it dropped anything. Reads below it then fail
     /// with [`Error::SeqNotInLog`] naming it.
-    pub fn trim_log(
+    pub fn apply_retention(
         &self,
         retain_records: u64,
         retain_bytes: u64,

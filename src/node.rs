@@ -49,14 +49,14 @@ pub struct NodeConfig {
     pub primary: PrimaryConfig,
     /// When the node campaigns for the leadership by itself.
     pub campaign: Campaign,
-    /// How much of the local log to keep (checked every [`LOCAL_TRIM_INTERVAL`]).
+    /// How much of the local log to keep (checked every [`LOCAL_RETENTION_INTERVAL`]).
     pub local_retention: LocalRetention,
     /// How this node calls another node's API (a snapshot from the primary).
     pub peer_access: ApiAccess,
 }
 
-/// How often a node with a bounded local log trims it.
-pub const LOCAL_TRIM_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a node with a bounded local log applies its retention.
+pub const LOCAL_RETENTION_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long a node waits before it follows again after its follower failed (a panic, a bug):
 /// long enough not to spin on one that fails at once, short enough not to fall far behind.
@@ -176,7 +176,7 @@ impl Node {
         let (requests, inbox) = mpsc::channel(8);
         let store = Arc::new(RwLock::new(store));
         if !config.local_retention.keeps_everything() {
-            tokio::spawn(trim_local_log(
+            tokio::spawn(enforce_local_retention(
                 store.clone(),
                 config.local_retention,
                 role.clone(),
@@ -745,7 +745,7 @@ fn reply(answer: Option<oneshot::Sender<Result<()>>>, outcome: Result<()>) {
 
 /// Keeps the local log within `retention` until the node stops, never dropping a batch etcd
 /// still holds (read each time: any node may lead next).
-async fn trim_local_log(
+async fn enforce_local_retention(
     store: StoreSlot,
     retention: LocalRetention,
     mut role: watch::Receiver<Role>,
@@ -754,7 +754,7 @@ async fn trim_local_log(
 ) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(LOCAL_TRIM_INTERVAL) => {}
+            _ = tokio::time::sleep(LOCAL_RETENTION_INTERVAL) => {}
             _ = role.wait_for(|role| matches!(role, Role::Stopped)) => return,
         }
         let etcd_trimmed = match read_trimmed(&client, &layout, request_timeout).await {
@@ -766,11 +766,13 @@ async fn trim_local_log(
         };
         let store = current(&store);
         let (records, bytes) = (retention.retain_records, retention.retain_bytes);
-        let trimmed = blocking(move || store.trim_log(records, bytes, etcd_trimmed)).await;
-        match trimmed {
-            Ok(Some(oldest)) => tracing::debug!(%oldest, "trimmed the local log"),
+        let dropped = blocking(move || store.apply_retention(records, bytes, etcd_trimmed)).await;
+        match dropped {
+            Ok(Some(oldest)) => {
+                tracing::debug!(%oldest, "dropped the oldest batches of the local log")
+            }
             Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot trim the local log"),
+            Err(e) => tracing::warn!(error = %e, "cannot apply the local log's retention"),
         }
     }
 }

@@ -684,7 +684,7 @@ fn a_store_whose_sled_file_was_truncated_is_refused_or_keeps_a_consistent_prefix
 }
 
 #[test]
-fn trimming_the_log_keeps_the_newest_records_and_never_any_after_the_checkpoint() {
+fn local_retention_keeps_the_newest_records_and_never_any_after_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     store
@@ -694,22 +694,25 @@ fn trimming_the_log_keeps_the_newest_records_and_never_any_after_the_checkpoint(
         store.apply_next().unwrap();
     }
     assert_eq!(
-        store.trim_log(20, u64::MAX, Seq(u64::MAX)).unwrap(),
+        store.apply_retention(20, u64::MAX, Seq(u64::MAX)).unwrap(),
         None,
         "nothing is checkpointed yet: the whole log is the state's redo"
     );
     store.checkpoint().unwrap();
     assert_eq!(
-        store.trim_log(20, u64::MAX, Seq(u64::MAX)).unwrap(),
+        store.apply_retention(20, u64::MAX, Seq(u64::MAX)).unwrap(),
         Some(Seq(51))
     );
     apply_all(&store);
     store.checkpoint().unwrap();
     assert_eq!(
-        store.trim_log(20, u64::MAX, Seq(u64::MAX)).unwrap(),
+        store.apply_retention(20, u64::MAX, Seq(u64::MAX)).unwrap(),
         Some(Seq(81))
     );
-    assert_eq!(store.trim_log(20, u64::MAX, Seq(u64::MAX)).unwrap(), None);
+    assert_eq!(
+        store.apply_retention(20, u64::MAX, Seq(u64::MAX)).unwrap(),
+        None
+    );
     assert!(matches!(
         store.read(Seq(10), 10, usize::MAX),
         Err(Error::SeqNotInLog {
@@ -727,7 +730,7 @@ fn trimming_the_log_keeps_the_newest_records_and_never_any_after_the_checkpoint(
 }
 
 #[test]
-fn trimming_the_log_by_bytes_keeps_at_least_the_newest_batch() {
+fn local_retention_by_bytes_keeps_at_least_the_newest_batch() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     store
@@ -736,7 +739,7 @@ fn trimming_the_log_by_bytes_keeps_at_least_the_newest_batch() {
     apply_all(&store);
     store.checkpoint().unwrap();
     assert_eq!(
-        store.trim_log(u64::MAX, 1, Seq(u64::MAX)).unwrap(),
+        store.apply_retention(u64::MAX, 1, Seq(u64::MAX)).unwrap(),
         Some(Seq(31))
     );
     assert_eq!(store.log_stats().unwrap().batches, 1);

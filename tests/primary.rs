@@ -1000,26 +1000,11 @@ async fn a_batch_over_etcds_request_limit_is_cut_between_appends_and_committed_i
     // One batch gathers all twelve appends: 360 KB, over etcd's 256 KiB.
     node.config.max_batch_bytes = 512 * 1024;
     node.config.linger = Duration::from_millis(300);
-    let metrics = Arc::new(fencelog::metrics::Metrics::new().unwrap());
-    let started = Primary::start(
-        common::client(&etcd).await,
-        node.store.clone(),
-        node.config.clone(),
-        metrics.clone(),
-    );
-    let primary = Arc::new(started.await.unwrap());
+    let (primary, metrics) = start_measured(common::client(&etcd).await, &node).await;
     let epoch = primary.epoch();
 
-    let appends = (0..12u64).map(|i| {
-        let primary = primary.clone();
-        async move {
-            let records = vec![Record::put(format!("k{i}"), noise(i, 30_000))];
-            let ack = primary.append(records.clone()).await;
-            (ack, records)
-        }
-    });
     let mut acked = Vec::new();
-    for (ack, records) in futures_util::future::join_all(appends).await {
+    for (ack, records) in append_noise_at_once(&primary, 12, 30_000).await {
         let ack = ack.expect("every append commits: the batch etcd refused was cut");
         acked.push((ack, records));
     }
@@ -1128,6 +1113,15 @@ async fn primary_far_from_etcd(
     let client = fencelog::etcd::connect(&[proxy.endpoint().to_owned()], Duration::from_secs(2))
         .await
         .unwrap();
+    let (primary, metrics) = start_measured(client, &node).await;
+    (node, proxy, primary, metrics)
+}
+
+/// `node`'s primary on `client`, with metrics of its own to read.
+async fn start_measured(
+    client: etcd_client::Client,
+    node: &common::Node,
+) -> (Arc<Primary>, Arc<fencelog::metrics::Metrics>) {
     let metrics = Arc::new(fencelog::metrics::Metrics::new().unwrap());
     let primary = Primary::start(
         client,
@@ -1137,7 +1131,24 @@ async fn primary_far_from_etcd(
     )
     .await
     .unwrap();
-    (node, proxy, Arc::new(primary), metrics)
+    (Arc::new(primary), metrics)
+}
+
+/// `count` appends at once of one record each, `k<i>` = `value_bytes` of noise, each with its
+/// answer.
+async fn append_noise_at_once(
+    primary: &Arc<Primary>,
+    count: u64,
+    value_bytes: usize,
+) -> Vec<(fencelog::Result<AppendAck>, Vec<Record>)> {
+    let appends = (0..count).map(|i| {
+        let primary = primary.clone();
+        async move {
+            let records = vec![Record::put(format!("k{i}"), noise(i, value_bytes))];
+            (primary.append(records.clone()).await, records)
+        }
+    });
+    futures_util::future::join_all(appends).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1195,25 +1206,11 @@ async fn a_run_of_batches_over_etcds_request_limit_is_sent_again_in_smaller_runs
     let client = fencelog::etcd::connect(&[proxy.endpoint().to_owned()], Duration::from_secs(2))
         .await
         .unwrap();
-    let metrics = Arc::new(fencelog::metrics::Metrics::new().unwrap());
-    let started = Primary::start(
-        client,
-        node.store.clone(),
-        node.config.clone(),
-        metrics.clone(),
-    );
-    let primary = Arc::new(started.await.unwrap());
+    let (primary, metrics) = start_measured(client, &node).await;
     let epoch = primary.epoch();
 
-    let appends = (0..24u64).map(|i| {
-        let primary = primary.clone();
-        async move {
-            let records = vec![Record::put(format!("k{i}"), noise(i, 60_000))];
-            (primary.append(records.clone()).await, records)
-        }
-    });
     let mut acked = Vec::new();
-    for (ack, records) in futures_util::future::join_all(appends).await {
+    for (ack, records) in append_noise_at_once(&primary, 24, 60_000).await {
         let ack = ack.expect("every append commits: the run etcd refused went again, smaller");
         acked.push((ack, records));
     }

@@ -481,7 +481,7 @@ async fn a_leader_whose_local_log_starts_after_trimmed_trims_only_what_its_log_p
     assert_eq!(
         next_node
             .store
-            .trim_log(500, u64::MAX, Seq(u64::MAX))
+            .apply_retention(500, u64::MAX, Seq(u64::MAX))
             .unwrap(),
         Some(Seq(1_501))
     );
@@ -515,12 +515,12 @@ async fn local_retention_never_drops_a_batch_etcd_still_holds() {
         .unwrap();
     assert_eq!(etcd_trimmed, Seq(1));
     assert_eq!(
-        store.trim_log(500, u64::MAX, etcd_trimmed).unwrap(),
+        store.apply_retention(500, u64::MAX, etcd_trimmed).unwrap(),
         None,
         "etcd holds every batch still: the node may lead and must have them"
     );
     assert_eq!(
-        store.trim_log(500, u64::MAX, Seq(1_001)).unwrap(),
+        store.apply_retention(500, u64::MAX, Seq(1_001)).unwrap(),
         Some(Seq(1_001)),
         "batches below etcd's trimmed may go"
     );

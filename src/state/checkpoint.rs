@@ -14,7 +14,7 @@
 //! versions, which `remove_strays` drops. This rests only on single-key writes being atomic and
 //! sled recovering a prefix of its writes. The seq always ends a batch of the log (or is the
 //! log's base), so that replay starts at a batch, and the local log keeps every batch after it
-//! ([`crate::local_store::LocalStore::trim_log`]).
+//! ([`crate::local_store::LocalStore::apply_retention`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
