@@ -1003,19 +1003,8 @@ async fn a_batch_over_etcds_request_limit_is_cut_between_appends_and_committed_i
     let (primary, metrics) = start_measured(common::client(&etcd).await, &node).await;
     let epoch = primary.epoch();
 
-    let mut acked = Vec::new();
-    for (ack, records) in append_noise_at_once(&primary, 12, 30_000).await {
-        let ack = ack.expect("every append commits: the batch etcd refused was cut");
-        acked.push((ack, records));
-    }
-    let refusals = metrics
-        .commit_refusals
-        .with_label_values(&["too_large"])
-        .get();
-    assert!(refusals >= 1, "etcd refused a batch, which was cut");
-    assert!(primary.is_leading(), "the term went on");
-    assert_eq!(primary.epoch(), epoch);
-    assert_acks_match_etcd(&etcd, &acked).await;
+    let answers = append_noise_at_once(&primary, 12, 30_000).await;
+    committed_past_a_too_large_refusal(&etcd, &primary, epoch, &metrics, answers).await;
 
     let in_etcd = etcd_batches(&etcd).await;
     assert!(in_etcd.len() >= 2, "{in_etcd:?}");
@@ -1134,6 +1123,29 @@ async fn start_measured(
     (Arc::new(primary), metrics)
 }
 
+/// Every append of `answers` was acknowledged in `epoch`'s term, which still leads, and etcd
+/// has each at its seq, although etcd refused a request of it as too large.
+async fn committed_past_a_too_large_refusal(
+    etcd: &common::EtcdProcess,
+    primary: &Primary,
+    epoch: fencelog::record::Epoch,
+    metrics: &fencelog::metrics::Metrics,
+    answers: Vec<(fencelog::Result<AppendAck>, Vec<Record>)>,
+) {
+    let acked: Vec<_> = answers
+        .into_iter()
+        .map(|(ack, records)| (ack.expect("every append commits, cut to fit"), records))
+        .collect();
+    let refusals = metrics
+        .commit_refusals
+        .with_label_values(&["too_large"])
+        .get();
+    assert!(refusals >= 1, "etcd refused a request as too large");
+    assert!(primary.is_leading(), "the term went on");
+    assert_eq!(primary.epoch(), epoch);
+    assert_acks_match_etcd(etcd, &acked).await;
+}
+
 /// `count` appends at once of one record each, `k<i>` = `value_bytes` of noise, each with its
 /// answer.
 async fn append_noise_at_once(
@@ -1209,23 +1221,12 @@ async fn a_run_of_batches_over_etcds_request_limit_is_sent_again_in_smaller_runs
     let (primary, metrics) = start_measured(client, &node).await;
     let epoch = primary.epoch();
 
-    let mut acked = Vec::new();
-    for (ack, records) in append_noise_at_once(&primary, 24, 60_000).await {
-        let ack = ack.expect("every append commits: the run etcd refused went again, smaller");
-        acked.push((ack, records));
-    }
-    let refusals = metrics
-        .commit_refusals
-        .with_label_values(&["too_large"])
-        .get();
-    assert!(refusals >= 1, "etcd refused a run as too large");
+    let answers = append_noise_at_once(&primary, 24, 60_000).await;
+    committed_past_a_too_large_refusal(&etcd, &primary, epoch, &metrics, answers).await;
     assert!(
         metrics.commit_transactions.get() < metrics.commits.get(),
         "no transaction carried more than one batch"
     );
-    assert!(primary.is_leading(), "the term went on");
-    assert_eq!(primary.epoch(), epoch);
-    assert_acks_match_etcd(&etcd, &acked).await;
     assert!(
         etcd_batches(&etcd)
             .await
