@@ -793,7 +793,9 @@ impl LocalStore {
             pages.extend(gone);
         }
         // Fail point (tests): the process dies with a checkpoint encoded, not yet written.
-        fail::fail_point!("store::before_checkpoint_write", |_| std::process::abort());
+        fail::fail_point!("store::abort_before_checkpoint_write", |_| {
+            std::process::abort()
+        });
         let flush = || {
             let _flusher = lock(&self.flusher);
             self.db.flush().map(drop)

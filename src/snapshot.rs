@@ -396,7 +396,7 @@ pub async fn bootstrap(
         std::fs::rename(data_dir, &replaced)?;
     }
     // A crash here leaves no store in `data_dir`: `finish_interrupted_swap` completes the swap.
-    fail::fail_point!("snapshot::between_renames", |_| std::process::abort());
+    fail::fail_point!("snapshot::abort_between_renames", |_| std::process::abort());
     std::fs::rename(&staging, data_dir)?;
     if replaced.exists() {
         if let Err(e) = std::fs::remove_dir_all(&replaced) {
@@ -450,7 +450,7 @@ async fn download(
         let mut data = data;
         corrupt_chunk(&mut data);
         installer = blocking(move || installer.add(&data).map(|()| installer)).await?;
-        fail::fail_point!("snapshot::mid_install", |_| std::process::abort());
+        fail::fail_point!("snapshot::abort_mid_install", |_| std::process::abort());
         progress(Progress {
             seq: Seq(header.seq),
             bytes: installer.progress(),

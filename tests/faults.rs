@@ -582,7 +582,10 @@ async fn a_primary_with_commits_in_flight_killed_at_an_exact_step(
 async fn a_pipeline_task_that_panics_ends_the_term_and_loses_nothing_acknowledged() {
     let etcd = common::etcd().await;
     let dir = tempfile::tempdir().unwrap();
-    let panics = [("FAILPOINTS", "primary::before_commit=30*off->1*panic->off")];
+    let panics = [(
+        "FAILPOINTS",
+        "pipeline::abort_before_commit=30*off->1*panic->off",
+    )];
     let env = PairEnv {
         primary: &panics,
         ..PairEnv::default()
@@ -630,13 +633,13 @@ async fn a_follower_that_panics_is_replaced_and_the_standby_catches_up() {
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_primary_killed_between_sealing_and_its_etcd_txn_loses_nothing_acknowledged() {
-    a_primary_killed_at_an_exact_step("primary::before_commit").await;
+    a_primary_killed_at_an_exact_step("pipeline::abort_before_commit").await;
 }
 
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_primary_killed_after_its_etcd_txn_before_the_ack_loses_nothing_acknowledged() {
-    a_primary_killed_at_an_exact_step("primary::before_ack").await;
+    a_primary_killed_at_an_exact_step("pipeline::abort_before_ack").await;
 }
 
 /// Killed with up to eight commits on their way, some landed and unacknowledged: the new
@@ -644,7 +647,8 @@ async fn a_primary_killed_after_its_etcd_txn_before_the_ack_loses_nothing_acknow
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_primary_killed_with_eight_commits_in_flight_loses_nothing_acknowledged() {
-    a_primary_with_commits_in_flight_killed_at_an_exact_step("primary::before_ack", "8").await;
+    a_primary_with_commits_in_flight_killed_at_an_exact_step("pipeline::abort_before_ack", "8")
+        .await;
 }
 
 #[cfg(feature = "failpoints")]
@@ -654,7 +658,10 @@ async fn a_standby_killed_in_the_middle_of_a_checkpoint_comes_back_with_the_same
     let dir = tempfile::tempdir().unwrap();
     // Dies with its third checkpoint encoded and not yet written.
     let crash = [
-        ("FAILPOINTS", "store::before_checkpoint_write=2*off->return"),
+        (
+            "FAILPOINTS",
+            "store::abort_before_checkpoint_write=2*off->return",
+        ),
         ("FENCELOG_CHECKPOINT_INTERVAL_MS", "100"),
     ];
     let env = PairEnv {
@@ -667,7 +674,7 @@ async fn a_standby_killed_in_the_middle_of_a_checkpoint_comes_back_with_the_same
     let exit = pair[1].wait_exit(WAIT).await.unwrap();
     assert!(
         !exit.success(),
-        "store::before_checkpoint_write was never reached"
+        "store::abort_before_checkpoint_write was never reached"
     );
     pair[1] = daemon(&etcd, dir.path(), "standby", "b", &NODE_ARGS);
     pair[1].wait_for("standby", None, WAIT).await.unwrap();
@@ -715,10 +722,13 @@ fn applied_in_store(data_dir: &std::path::Path) -> u64 {
 async fn a_standby_killed_in_the_middle_of_a_snapshot_install_keeps_its_store_and_installs_again() {
     let etcd = common::etcd().await;
     let dir = tempfile::tempdir().unwrap();
-    let crash = [("FAILPOINTS", "snapshot::mid_install=1*off->return")];
+    let crash = [("FAILPOINTS", "snapshot::abort_mid_install=1*off->return")];
     let (primary, mut standby, acked) = a_standby_trimmed_past(&etcd, dir.path(), &crash).await;
     let exit = standby.wait_exit(WAIT).await.unwrap();
-    assert!(!exit.success(), "snapshot::mid_install was never reached");
+    assert!(
+        !exit.success(),
+        "snapshot::abort_mid_install was never reached"
+    );
     assert_eq!(
         applied_in_store(standby.data_dir()),
         5_000,
@@ -739,12 +749,12 @@ async fn a_standby_killed_in_the_middle_of_a_snapshot_install_keeps_its_store_an
 async fn a_standby_killed_between_the_snapshot_renames_finishes_the_install_on_restart() {
     let etcd = common::etcd().await;
     let dir = tempfile::tempdir().unwrap();
-    let crash = [("FAILPOINTS", "snapshot::between_renames=return")];
+    let crash = [("FAILPOINTS", "snapshot::abort_between_renames=return")];
     let (primary, mut standby, acked) = a_standby_trimmed_past(&etcd, dir.path(), &crash).await;
     let exit = standby.wait_exit(WAIT).await.unwrap();
     assert!(
         !exit.success(),
-        "snapshot::between_renames was never reached"
+        "snapshot::abort_between_renames was never reached"
     );
     assert!(
         !standby.data_dir().exists(),

@@ -54,7 +54,7 @@ async fn a_compacted_watch_revision_sends_the_follower_back_to_read() {
     let primary = start_primary(&etcd, &primary_node).await.unwrap();
     let before = append(&primary, 1, 5).await;
 
-    fail::cfg("follower::delay_watch", "1*return(2000)").unwrap();
+    let _delayed = common::FailPoint::set("follower::delay_watch", "1*return(2000)");
     let standby_node = node("standby");
     let (standby, _) = start_standby(&etcd, &standby_node).await;
     received(&standby, before).await;
@@ -95,7 +95,7 @@ async fn a_batch_lost_from_the_watch_is_read_back_from_etcd() {
     received(&standby, before).await;
     standby.wait_state(State::Watching).await;
 
-    fail::cfg("follower::drop_watched_batch", "1*return").unwrap();
+    let _dropping = common::FailPoint::set("follower::drop_watched_batch", "1*return");
     let after = append(&primary, 2, 4).await;
     received(&standby, after).await;
     assert_eq!(metrics.gap_fills.get(), 1, "the gap was filled from etcd");

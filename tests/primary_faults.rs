@@ -43,7 +43,7 @@ async fn a_term_that_ended_between_its_trim_and_the_compaction_does_not_compact(
         compact: true,
         ..Retention::default()
     };
-    fail::cfg("primary::before_compact", "1*off->pause").unwrap();
+    let paused = common::FailPoint::set("trimmer::pause_before_compact", "1*off->pause");
     let metrics = Arc::new(Metrics::new().unwrap());
     let client = common::client(&etcd).await;
     let primary = Arc::new(
@@ -78,7 +78,7 @@ async fn a_term_that_ended_between_its_trim_and_the_compaction_does_not_compact(
     let deposed = fencelog::etcd::leadership::depose(&client, &layout, WAIT).await;
     assert!(deposed.unwrap().is_some(), "the primary led until deposed");
     wait_until("the term knew it ended", || !primary.is_leading()).await;
-    fail::remove("primary::before_compact");
+    drop(paused);
     // The trimmer runs on to its compaction, or not, within a moment.
     tokio::time::sleep(Duration::from_millis(500)).await;
 

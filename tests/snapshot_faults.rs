@@ -65,7 +65,7 @@ async fn a_failed_install_keeps_the_old_store_and_a_retry_succeeds(
     let old = tempfile::tempdir().unwrap();
     let (_pieces, primary, old_digest) = setup(&etcd, &old).await;
 
-    fail::cfg(fail_point, "return").unwrap();
+    let failing = common::FailPoint::set(fail_point, "return");
     let failed = install(&primary, old.path()).await;
     assert!(
         failed
@@ -79,7 +79,7 @@ async fn a_failed_install_keeps_the_old_store_and_a_retry_succeeds(
         "the old store is untouched"
     );
 
-    fail::remove(fail_point);
+    drop(failing);
     assert_eq!(install(&primary, old.path()).await.unwrap(), 2_000);
     assert_eq!(
         digest_of(old.path()),
@@ -91,7 +91,11 @@ async fn a_failed_install_keeps_the_old_store_and_a_retry_succeeds(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_snapshot_cut_off_midway_leaves_the_old_store_and_a_retry_succeeds() {
-    a_failed_install_keeps_the_old_store_and_a_retry_succeeds("snapshot::cut_off", "cut off").await;
+    a_failed_install_keeps_the_old_store_and_a_retry_succeeds(
+        "api::cut_off_snapshot_stream",
+        "cut off",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -375,11 +375,11 @@ impl Wal for WalApi {
     }
 }
 
-/// Fail point `snapshot::cut_off` (tests): the snapshot stream breaks instead of sending a chunk.
+/// Fail point `api::cut_off_snapshot_stream` (tests): the snapshot stream breaks instead of sending a chunk.
 fn cut_off(
     chunk: std::result::Result<proto::SnapshotChunk, Status>,
 ) -> std::result::Result<proto::SnapshotChunk, Status> {
-    fail::fail_point!("snapshot::cut_off", |_| Err(Status::aborted(
+    fail::fail_point!("api::cut_off_snapshot_stream", |_| Err(Status::aborted(
         "the snapshot stream was cut off"
     )));
     chunk

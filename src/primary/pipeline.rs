@@ -409,7 +409,7 @@ impl Window {
         let attempt = async move {
             // Fail point (tests): the process dies here, as with SIGKILL, with the batch sealed
             // and going to the local log but not yet sent to etcd.
-            fail::fail_point!("primary::before_commit", |_| std::process::abort());
+            fail::fail_point!("pipeline::abort_before_commit", |_| std::process::abort());
             match Run::of(&encoded) {
                 Some(run) => commit_resolved(&attempting, &run, &chained_to, sent).await,
                 None => Err(CommitFailure::NotCommitted(StepDown::PipelineFailed(
@@ -627,7 +627,7 @@ fn run_budget(term: &Term) -> usize {
 /// are acknowledged, and their slots are free for the sealer.
 fn acknowledge(term: &Term, run: Vec<SealedBatch>, landed: Landed, committed: &watch::Sender<Seq>) {
     // Fail point (tests): the process dies here, committed in etcd but not yet acknowledged.
-    fail::fail_point!("primary::before_ack", |_| std::process::abort());
+    fail::fail_point!("pipeline::abort_before_ack", |_| std::process::abort());
     term.metrics.commit_transactions.inc();
     for batch in run {
         record_commit(term, &batch);

@@ -120,7 +120,7 @@ impl Trimmer {
         // enough for its term to be deposed (on a blocking thread, so that the sleep holds up
         // nothing else).
         blocking(|| {
-            fail::fail_point!("primary::before_compact");
+            fail::fail_point!("trimmer::pause_before_compact");
             Ok(())
         })
         .await?;

@@ -460,3 +460,22 @@ pub fn whole_log(store: &fencelog::local_store::LocalStore) -> Vec<(Seq, Record)
         .read(Seq(1), usize::MAX, usize::MAX)
         .expect("the log reads from seq 1")
 }
+
+/// A fail point set (`fail::cfg` actions) for as long as the guard lives, and removed when it
+/// drops — also when the test panics — so no later step meets it by accident. In-process only:
+/// daemons take theirs from `FAILPOINTS` in their environment.
+#[must_use = "the fail point is removed when the guard drops"]
+pub struct FailPoint(String);
+
+impl FailPoint {
+    pub fn set(name: &str, actions: &str) -> FailPoint {
+        fail::cfg(name, actions).expect("valid fail point actions");
+        FailPoint(name.to_owned())
+    }
+}
+
+impl Drop for FailPoint {
+    fn drop(&mut self) {
+        fail::remove(&self.0);
+    }
+}
