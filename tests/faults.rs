@@ -3,6 +3,8 @@
 //! and every stopped node's state equals the replay of the log.
 //!
 //! Rounds: `FENCELOG_FAULT_ROUNDS` (default 2; the long mode in docs/RELIABILITY.md uses more).
+//! Built only with `--features failpoints` (`[[test]] required-features`): many of these kill
+//! or stall a daemon at an exact step through `FAILPOINTS`.
 
 mod common;
 
@@ -537,13 +539,11 @@ async fn a_damaged_store_is_moved_aside_and_rebuilt_from_etcd() {
 /// The primary dies at `fail_point` (its 31st time there: the fail point aborts the process,
 /// as SIGKILL would, at that exact step); the failover standby takes over, the dead node rejoins
 /// on its store, and the history holds.
-#[cfg(feature = "failpoints")]
 async fn a_primary_killed_at_an_exact_step(fail_point: &str) {
     a_primary_with_commits_in_flight_killed_at_an_exact_step(fail_point, "2").await;
 }
 
 /// [`a_primary_killed_at_an_exact_step`] with `in_flight` commit transactions allowed.
-#[cfg(feature = "failpoints")]
 async fn a_primary_with_commits_in_flight_killed_at_an_exact_step(
     fail_point: &str,
     in_flight: &str,
@@ -577,7 +577,6 @@ async fn a_primary_with_commits_in_flight_killed_at_an_exact_step(
 /// The primary's commit of its 31st batch panics. The term steps down — a task gone in
 /// silence left a primary that kept its lease while its appends waited for ever — the failover
 /// standby takes over, and the history holds.
-#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pipeline_task_that_panics_ends_the_term_and_loses_nothing_acknowledged() {
     let etcd = common::etcd().await;
@@ -608,7 +607,6 @@ async fn a_pipeline_task_that_panics_ends_the_term_and_loses_nothing_acknowledge
 
 /// The standby's follower panics on its first watched batch: the node follows again with a
 /// new follower (it used to sit in `watching`, alive and receiving nothing) and catches up.
-#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_follower_that_panics_is_replaced_and_the_standby_catches_up() {
     let etcd = common::etcd().await;
@@ -630,13 +628,11 @@ async fn a_follower_that_panics_is_replaced_and_the_standby_catches_up() {
     check(&etcd, &[file], &mut pair).await;
 }
 
-#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_primary_killed_between_sealing_and_its_etcd_txn_loses_nothing_acknowledged() {
     a_primary_killed_at_an_exact_step("pipeline::abort_before_commit").await;
 }
 
-#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_primary_killed_after_its_etcd_txn_before_the_ack_loses_nothing_acknowledged() {
     a_primary_killed_at_an_exact_step("pipeline::abort_before_ack").await;
@@ -644,14 +640,12 @@ async fn a_primary_killed_after_its_etcd_txn_before_the_ack_loses_nothing_acknow
 
 /// Killed with up to eight commits on their way, some landed and unacknowledged: the new
 /// primary's log holds every acknowledged record once, and whatever else landed, in order.
-#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_primary_killed_with_eight_commits_in_flight_loses_nothing_acknowledged() {
     a_primary_with_commits_in_flight_killed_at_an_exact_step("pipeline::abort_before_ack", "8")
         .await;
 }
 
-#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_standby_killed_in_the_middle_of_a_checkpoint_comes_back_with_the_same_state() {
     let etcd = common::etcd().await;
@@ -688,7 +682,6 @@ async fn a_standby_killed_in_the_middle_of_a_checkpoint_comes_back_with_the_same
 
 /// A primary keeping only 2,000 records in etcd, and a standby `b` (started with `env`) that was
 /// away while the log was trimmed past it: it needs a snapshot as soon as it starts.
-#[cfg(feature = "failpoints")]
 async fn a_standby_trimmed_past(
     etcd: &common::EtcdProcess,
     dir: &std::path::Path,
@@ -706,7 +699,6 @@ async fn a_standby_trimmed_past(
 }
 
 /// The applied seq in a stopped node's store, from `fencelog inspect --json`.
-#[cfg(feature = "failpoints")]
 fn applied_in_store(data_dir: &std::path::Path) -> u64 {
     let dir = data_dir.display().to_string();
     let (ok, out, err) = fencelog(&["inspect", "--json", "--data-dir", &dir]);
@@ -717,7 +709,6 @@ fn applied_in_store(data_dir: &std::path::Path) -> u64 {
         .unwrap_or_else(|| panic!("{out}"))
 }
 
-#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_standby_killed_in_the_middle_of_a_snapshot_install_keeps_its_store_and_installs_again() {
     let etcd = common::etcd().await;
@@ -744,7 +735,6 @@ async fn a_standby_killed_in_the_middle_of_a_snapshot_install_keeps_its_store_an
     check_trimmed(primary, standby, &acked).await;
 }
 
-#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_standby_killed_between_the_snapshot_renames_finishes_the_install_on_restart() {
     let etcd = common::etcd().await;
@@ -896,7 +886,6 @@ async fn a_primary_whose_disk_fills_up_stops_clearly_and_recovers_once_there_is_
 /// The standby's applier fails on its first step (as on a damaged local log): the node stays
 /// up, but `/readyz` fails and `status` names the error, and its apply lag grows with the
 /// clock instead of showing its last value.
-#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_standby_whose_applier_failed_is_not_ready_and_says_why() {
     let etcd = common::etcd().await;
@@ -948,7 +937,6 @@ async fn a_standby_whose_applier_failed_is_not_ready_and_says_why() {
 /// waits for it rather than fetch the same batch beside it (it failed with `LogGap` and the
 /// node waited a TTL). Fail points make the follower's write and the recovery slow so that they
 /// would overlap.
-#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_promotion_waits_for_the_followers_write_before_it_recovers() {
     let etcd = common::etcd().await;
@@ -1101,7 +1089,6 @@ async fn two_clusters_trimming_and_compacting_one_etcd_both_keep_their_promises(
 /// A standby the log was trimmed past, whose primary's state is behind what etcd holds (its
 /// applier stopped, as a new primary's may still be catching up), takes its snapshot from a
 /// standby whose state is far enough ahead: the primary refuses one it could not continue.
-#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_snapshot_the_primary_cannot_serve_comes_from_a_standby_far_enough_ahead() {
     let etcd = common::etcd().await;

@@ -1,12 +1,10 @@
 //! The follower's recovery paths, forced with fail points against a real etcd: a watch whose
 //! start revision was compacted reads again, and a batch lost from the watch is read back to
-//! fill the gap. Run with `--features failpoints` (tools/test.sh does).
-#![cfg(feature = "failpoints")]
-
-mod common;
+//! fill the gap.
 
 use std::sync::Arc;
 
+use crate::common;
 use common::{node, received, start_primary};
 use fencelog::metrics::Metrics;
 use fencelog::primary::Primary;

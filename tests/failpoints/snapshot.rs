@@ -1,10 +1,7 @@
 //! A snapshot that is cut off midway or corrupt is discarded: the old store is untouched, and
-//! a retry installs a complete one. Fail points place the fault (`--features failpoints`).
+//! a retry installs a complete one. Fail points place the fault.
 
-#![cfg(feature = "failpoints")]
-
-mod common;
-
+use crate::common;
 use common::{node, ServedNode};
 use fail::FailScenario;
 use fencelog::api::{Endpoint, WalClient};

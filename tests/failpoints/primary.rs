@@ -1,13 +1,10 @@
-//! The primary's retention paths, forced with fail points against a real etcd. Run with
-//! `--features failpoints` (tools/test.sh does).
-#![cfg(feature = "failpoints")]
-
-mod common;
+//! The primary's retention paths, forced with fail points against a real etcd.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common;
 use common::node;
 use fail::FailScenario;
 use fencelog::etcd::trim::Retention;
