@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use crate::record::{Epoch, Seq};
+use crate::record::{Epoch, Seq, SeqExhausted};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -73,8 +73,8 @@ pub enum Error {
     },
     #[error("a delete record carries a {len}-byte value; deletes have no value")]
     DeleteWithValue { len: usize },
-    #[error("sequence numbers are exhausted: {0} is the last one")]
-    SeqExhausted(Seq),
+    #[error(transparent)]
+    SeqExhausted(#[from] SeqExhausted),
     #[error("a batch needs at least one record")]
     EmptyBatch,
     #[error("a batch cannot start at seq 0; sequence numbers start at 1")]
