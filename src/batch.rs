@@ -32,21 +32,17 @@ use xxhash_rust::xxh3::Xxh3;
 use zstd::bulk::{Compressor, Decompressor};
 
 use crate::error::{BatchError, Error, Result};
-use crate::limits::Limits;
+use crate::limits::{worst_case_encoded_len, Limits, BATCH_HEADER_LEN};
 use crate::record::{Epoch, Op, Record, RecordRef, Seq};
 
-pub const HEADER_LEN: usize = 48;
+/// Bytes of the fixed header (a size the limits are checked against, so kept with them).
+pub const HEADER_LEN: usize = BATCH_HEADER_LEN;
 pub const FORMAT_VERSION: u32 = 2;
 const MAGIC: [u8; 4] = *b"FLGB";
 const CHECKSUM_OFFSET: usize = 40;
 /// The smallest encoded record: one byte each for the op, the key length and the value length.
 const MIN_ENCODED_RECORD: usize = 3;
 const BINCODE: Configuration = bincode::config::standard();
-
-/// The largest encoded batch a body of `body_len` bytes can produce.
-pub fn worst_case_encoded_len(body_len: usize) -> usize {
-    HEADER_LEN + zstd::zstd_safe::compress_bound(body_len)
-}
 
 /// A run of consecutive records `first_seq ..= last_seq` written by one epoch.
 #[derive(Clone, Debug, PartialEq, Eq)]

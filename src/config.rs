@@ -159,7 +159,7 @@ impl PrimaryConfig {
             ));
         }
         // A full batch of small records must still encode under the hard cap.
-        let worst = crate::batch::worst_case_encoded_len(
+        let worst = crate::limits::worst_case_encoded_len(
             self.max_batch_bytes + self.max_batch_records * 11,
         );
         if self.max_batch_bytes == 0 || worst > self.limits.max_batch_bytes {

@@ -14,6 +14,16 @@ pub const ETCD_REQUEST_ROOM: usize = 1_536 * 1024 - 8 * 1024;
 /// The decoder's absolute ceiling on a batch's uncompressed body, whatever the configuration.
 pub const HARD_MAX_UNCOMPRESSED: usize = 64 << 20;
 
+/// Bytes of the fixed header every encoded batch starts with (its layout: [`crate::batch`]).
+/// Here because the limits are checked against it, and the format builds on the limits.
+pub const BATCH_HEADER_LEN: usize = 48;
+
+/// The largest encoded batch a body of `body_len` bytes can produce: the header and zstd's
+/// bound on the compressed body.
+pub fn worst_case_encoded_len(body_len: usize) -> usize {
+    BATCH_HEADER_LEN + zstd::zstd_safe::compress_bound(body_len)
+}
+
 /// Size limits. [`Limits::default`] documents each default; [`Limits::validate`] checks that
 /// they fit together.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,7 +55,7 @@ impl Limits {
     /// compress, and no limit goes past what etcd or the decoder accepts.
     pub fn validate(&self) -> Result<()> {
         let max_record = self.max_key_bytes + self.max_value_bytes + RECORD_FRAMING_BYTES;
-        let worst_batch = crate::batch::worst_case_encoded_len(max_record);
+        let worst_batch = worst_case_encoded_len(max_record);
         let fail = |msg: String| Err(Error::InvalidLimits(msg));
         if self.max_key_bytes == 0 {
             return fail("max_key_bytes must be at least 1".into());
