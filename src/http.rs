@@ -17,9 +17,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::api::security::HANDSHAKE_TIMEOUT;
 use crate::error::Result;
+use crate::lifecycle::State;
 use crate::metrics::Metrics;
 use crate::node::{Node, Role};
-use crate::standby::lifecycle::State;
 
 struct Shared {
     node: Arc<Node>,

@@ -20,6 +20,7 @@
 //! - [`config`]: the primary's settings and their defaults;
 //! - [`credentials`]: secrets that are never printed, and PEM files, for etcd and the API;
 //! - [`primary`]: the append API and the double-buffered commit pipeline;
+//! - [`lifecycle`]: a node's states and the one table of the moves between them (pure);
 //! - [`standby`]: follows the committed log into the local store (read, then watch);
 //! - [`node`]: a standby that takes over when the primary goes, and follows again after;
 //! - [`node_process`]: a daemon as a child process, for the demo and process-level tests;
@@ -44,6 +45,7 @@ pub mod error;
 pub mod etcd;
 pub mod http;
 pub mod keys;
+pub mod lifecycle;
 pub mod limits;
 pub mod local_store;
 pub mod metrics;

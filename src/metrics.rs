@@ -9,8 +9,8 @@ use prometheus::{
 
 use crate::batch::unix_micros_now;
 use crate::error::Result;
+use crate::lifecycle::State;
 use crate::record::Seq;
-use crate::standby::lifecycle::State;
 
 /// Seconds from `micros` (since the Unix epoch) to now; 0 if the clock says it is ahead.
 fn seconds_since(micros: u64) -> f64 {

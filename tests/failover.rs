@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{node, start_primary, Node as Pieces};
+use fencelog::lifecycle::State;
 use fencelog::metrics::Metrics;
 use fencelog::node::{Campaign, Node, NodeConfig, Role};
 use fencelog::primary::Primary;
 use fencelog::record::{Epoch, Record, Seq};
-use fencelog::standby::lifecycle::State;
 use fencelog::standby::StandbyConfig;
 use fencelog::workload::RecordGenerator;
 use fencelog::Error;

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use common::{node, ServedNode};
 use fencelog::etcd::trim::Retention;
 use fencelog::keys::KeyLayout;
+use fencelog::lifecycle::State;
 use fencelog::local_store::LocalStore;
 use fencelog::node::Role;
 use fencelog::record::Seq;
-use fencelog::standby::lifecycle::State;
 use fencelog::workload::RecordGenerator;
 
 const WAIT: Duration = Duration::from_secs(30);

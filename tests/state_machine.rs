@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use common::{node_with, ServedNode};
 use fencelog::etcd::trim::Retention;
+use fencelog::lifecycle::State;
 use fencelog::local_store::{LocalStore, StoreOptions};
 use fencelog::node::Role;
 use fencelog::record::Seq;
-use fencelog::standby::lifecycle::State;
 use fencelog::state::StateMachine;
 use machine::Counters;
 

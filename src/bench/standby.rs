@@ -9,11 +9,11 @@ use etcd_client::Client;
 
 use crate::config::PrimaryConfig;
 use crate::error::{Error, Result};
+use crate::lifecycle::State;
 use crate::local_store::LocalStore;
 use crate::metrics::Metrics;
 use crate::primary::Primary;
 use crate::record::Seq;
-use crate::standby::lifecycle::State;
 use crate::standby::{Standby, StandbyConfig};
 use crate::workload::RecordGenerator;
 

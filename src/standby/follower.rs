@@ -24,11 +24,11 @@ use crate::etcd::reconcile::reconcile;
 use crate::etcd::trim::read_trimmed;
 use crate::etcd::{timed, Backoff};
 use crate::keys::KeyLayout;
+use crate::lifecycle::Event;
 use crate::limits::Limits;
 use crate::local_store::{blocking, LocalStore};
 use crate::metrics::Metrics;
 use crate::record::Seq;
-use crate::standby::lifecycle::Event;
 use crate::standby::LifecycleCell;
 
 /// Batches that may wait past a gap while it is filled.

@@ -11,7 +11,6 @@
 //! [`Standby::take_leadership`] and [`Standby::hand_over`], which [`crate::node::Node`] drives.
 
 mod follower;
-pub mod lifecycle;
 pub mod membership;
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -35,7 +34,7 @@ use crate::primary::Primary;
 use crate::record::Seq;
 use crate::supervise::run_to_end;
 
-use lifecycle::{Event, Lifecycle, State};
+use crate::lifecycle::{self, Event, Lifecycle, State};
 
 /// The lifecycle, shared by the follower (which drives it) and status readers; transitions are
 /// published on a watch channel and as the `state` metric.

@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use crate::common;
 use common::{node, received, start_primary};
+use fencelog::lifecycle::{Event, State};
 use fencelog::metrics::Metrics;
 use fencelog::primary::Primary;
 use fencelog::record::Seq;
-use fencelog::standby::lifecycle::{Event, State};
 use fencelog::standby::{Standby, StandbyConfig};
 use fencelog::workload::RecordGenerator;
 

@@ -1,4 +1,4 @@
-//! A standby node's lifecycle: states, the events that move between them, and the one table
+//! A node's lifecycle: states, the events that move between them, and the one table
 //! that says which moves exist. Pure: no I/O, so the table is tested exhaustively.
 //!
 //! ```text
