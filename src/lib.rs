@@ -10,7 +10,7 @@
 //! - [`limits`]: size limits shared by the append path and the decoder;
 //! - [`batch`]: the batch wire format (bincode, xxh3, zstd) and its defensive decoder;
 //! - [`keys`]: validated cluster and node names and the etcd key layout;
-//! - [`pointer`]: the `/latest` commit pointer;
+//! - [`pointer`](mod@pointer): the `/latest` commit pointer;
 //! - [`etcd`]: the commit layer: leadership, the fenced commit transaction, reading batches
 //!   back, a secured etcd's TLS and user, and a real etcd process for tests;
 //! - [`local_store`]: the sled store of a node (log, state checkpoint, positions);
@@ -31,7 +31,7 @@
 //! - [`metrics`]: the Prometheus registry;
 //! - [`checker`]: the history checker (acknowledged vs committed vs applied);
 //! - [`workload`]: synthetic records for benches, tests and the load tool;
-//! - [`bench`]: the workloads `fencelog bench` and the criterion benches share;
+//! - [`bench`](mod@bench): the workloads `fencelog bench` and the criterion benches share;
 //! - [`error`]: the crate's error type.
 
 pub mod api;

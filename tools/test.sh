@@ -16,6 +16,8 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --features failpoints --locked -- -D warnings
+# The library's documentation builds without a warning (a broken or private link fails it).
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked
 cargo test --benches --locked
 cargo test --lib --bins --tests --features failpoints --locked
 # The example state machine, embedded in a primary on an etcd of its own.

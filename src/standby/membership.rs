@@ -2,7 +2,7 @@
 //! and applied seqs, so that the primary and operators see who follows and how far behind. It
 //! is refreshed at most once per [`REFRESH`], and goes with the lease when the standby stops or
 //! dies (a standby whose lease expired holds nothing back). A node installing a snapshot keeps
-//! the same key as a [`SnapshotHold`], so that the log is not trimmed past its snapshot.
+//! the same key as a `SnapshotHold`, so that the log is not trimmed past its snapshot.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 //! The standby: keeps an exact, durable copy of the committed log and its applied state.
 //!
-//! The [`follower`] receives committed batches from etcd into the local log (read, then watch,
+//! The `follower` receives committed batches from etcd into the local log (read, then watch,
 //! never skipping a seq); the [`crate::applier`] applies the local log to the state, separately,
 //! as on the primary. Both positions live in the local store, so a restarted standby resumes
 //! where it was: the follower from `received_seq + 1` out of etcd, the applier from
