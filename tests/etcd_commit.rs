@@ -344,7 +344,7 @@ async fn a_run_of_batches_lands_at_one_revision_each_under_its_own_key() {
         .into_iter()
         .map(std::sync::Arc::new)
         .collect();
-    let run = Run::of(&batches).unwrap();
+    let run = Run::new(&batches[0], &batches[1..]);
 
     let outcome = commit_run(&mut client.kv_client(), &layout, epoch, &Head::Empty, &run)
         .await
@@ -382,7 +382,7 @@ async fn a_run_chained_to_a_pointer_that_moved_writes_none_of_its_batches() {
         &layout,
         epoch,
         &Head::Empty,
-        &Run::of(&rest).unwrap(),
+        &Run::new(&rest[0], &rest[1..]),
     )
     .await
     .unwrap();
@@ -399,7 +399,7 @@ async fn a_run_whose_answer_was_lost_is_settled_by_its_first_batch() {
         .into_iter()
         .map(std::sync::Arc::new)
         .collect();
-    let run = Run::of(&batches).unwrap();
+    let run = Run::new(&batches[0], &batches[1..]);
     let mut kv = client.kv_client();
     let view = read_commit_view(&mut kv, &layout, run.first())
         .await

@@ -87,10 +87,9 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// `batches` as a run; `None` when there are none. The caller keeps them consecutive.
-    pub fn of(batches: &'a [Arc<EncodedBatch>]) -> Option<Run<'a>> {
-        let (first, rest) = batches.split_first()?;
-        Some(Run { first, rest })
+    /// `first` and the batches right after it, in order. The caller keeps them consecutive.
+    pub fn new(first: &'a EncodedBatch, rest: &'a [Arc<EncodedBatch>]) -> Run<'a> {
+        Run { first, rest }
     }
 
     /// The oldest batch: what settles the run (it lands with the others or not at all).

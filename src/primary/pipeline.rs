@@ -41,7 +41,7 @@ use crate::etcd::{request_too_large, timed, Backoff};
 use crate::local_store::blocking;
 use crate::primary::accumulator::PendingAppend;
 use crate::primary::recovery::Resume;
-use crate::primary::request_cap;
+use crate::primary::request_cap::{self, RequestCap};
 use crate::primary::{AppendAck, StepDown, Term};
 use crate::record::Seq;
 use crate::supervise::{run_to_end, unless_panicked};
@@ -82,6 +82,26 @@ impl Drop for SealedBatch {
                 reason: "the committer stopped before its outcome was known".into(),
             }));
         }
+    }
+}
+
+/// Consecutive sealed batches that go to etcd in one transaction: never empty.
+struct SealedRun {
+    first: SealedBatch,
+    rest: Vec<SealedBatch>,
+}
+
+impl SealedRun {
+    fn last(&self) -> &SealedBatch {
+        self.rest.last().unwrap_or(&self.first)
+    }
+
+    fn len(&self) -> usize {
+        1 + self.rest.len()
+    }
+
+    fn into_batches(self) -> impl DoubleEndedIterator<Item = SealedBatch> {
+        std::iter::once(self.first).chain(self.rest)
     }
 }
 
@@ -371,7 +391,7 @@ impl FromSealer {
 /// tokio runs the task spawned last first (its LIFO slot), and a transaction that overtakes
 /// its predecessor is refused as behind and costs a round trip.
 struct Window {
-    runs: VecDeque<(Vec<SealedBatch>, Head)>,
+    runs: VecDeque<(SealedRun, Head)>,
     attempts: FuturesOrdered<Attempt>,
 }
 
@@ -393,29 +413,20 @@ impl Window {
         self.runs.is_empty()
     }
 
-    /// Sends the transaction of `run` (consecutive batches, never empty), chained to `head`;
-    /// `sent`: an attempt of it went unanswered.
-    fn send(&mut self, term: &Arc<Term>, run: Vec<SealedBatch>, head: Head, sent: bool) {
-        let attempting = term.clone();
-        let encoded: Vec<Arc<EncodedBatch>> = run.iter().map(|b| b.encoded.clone()).collect();
-        let chained_to = head.clone();
-        let (first_seq, last_seq) = match (encoded.first(), encoded.last()) {
-            (Some(first), Some(last)) => (first.first_seq(), last.last_seq()),
-            _ => (Seq::NONE, Seq::NONE),
-        };
+    /// Sends the transaction of `run`, chained to `head`; `sent`: an attempt of it went
+    /// unanswered.
+    fn send(&mut self, term: &Arc<Term>, run: SealedRun, head: Head, sent: bool) {
+        let (attempting, chained_to) = (term.clone(), head.clone());
+        let first = run.first.encoded.clone();
+        let rest: Vec<Arc<EncodedBatch>> = run.rest.iter().map(|b| b.encoded.clone()).collect();
         // Instrumented, never entered across an await: an entered span would leak into
         // whatever else ran on the thread meanwhile.
-        let span = tracing::debug_span!("commit", epoch = %term.epoch(), %first_seq, %last_seq, batches = encoded.len());
+        let span = tracing::debug_span!("commit", epoch = %term.epoch(), first_seq = %first.first_seq(), last_seq = %run.last().encoded.last_seq(), batches = run.len());
         let attempt = async move {
             // Fail point (tests): the process dies here, as with SIGKILL, with the batch sealed
             // and going to the local log but not yet sent to etcd.
             fail::fail_point!("pipeline::abort_before_commit", |_| std::process::abort());
-            match Run::of(&encoded) {
-                Some(run) => commit_resolved(&attempting, &run, &chained_to, sent).await,
-                None => Err(CommitFailure::NotCommitted(StepDown::PipelineFailed(
-                    "the committer was given an empty run to send".into(),
-                ))),
-            }
+            commit_resolved(&attempting, &Run::new(&first, &rest), &chained_to, sent).await
         }
         .instrument(span);
         // A panic in one attempt answers its batches as in doubt, as a failed task would,
@@ -433,7 +444,7 @@ impl Window {
 
     /// The oldest run once its attempt is answered (later ones may be answered meanwhile;
     /// their answers wait their turn). Never ready while the window is empty.
-    async fn oldest_answered(&mut self) -> (Vec<SealedBatch>, Head, Result<Landed, CommitFailure>) {
+    async fn oldest_answered(&mut self) -> (SealedRun, Head, Result<Landed, CommitFailure>) {
         loop {
             match self.attempts.next().await {
                 Some(result) => {
@@ -449,7 +460,7 @@ impl Window {
     /// The runs in the window, in order, their attempts dropped unanswered: an attempt
     /// already sent may still land, which the run's next attempt is told (`sent`) where it
     /// matters.
-    fn abandon(&mut self) -> Vec<(Vec<SealedBatch>, Head)> {
+    fn abandon(&mut self) -> Vec<(SealedRun, Head)> {
         self.attempts = FuturesOrdered::new();
         self.runs.drain(..).collect()
     }
@@ -495,11 +506,8 @@ async fn commit_loop(
                 continue;
             }
             let run = gather_run(&term, first, &mut queued, &mut sealed);
-            let Some(last) = run.last() else {
-                continue;
-            };
-            let chained_to =
-                std::mem::replace(&mut next_head, Head::after(&last.encoded, term.epoch()));
+            let after = Head::after(&run.last().encoded, term.epoch());
+            let chained_to = std::mem::replace(&mut next_head, after);
             window.send(&term, run, chained_to, false);
         }
         term.commit_load.set_in_flight(window.len());
@@ -538,21 +546,25 @@ async fn commit_loop(
                 let rest = window.abandon();
                 next_head = head;
                 for (later, _) in rest.into_iter().rev() {
-                    for batch in later.into_iter().rev() {
+                    for batch in later.into_batches().rev() {
                         queued.push_front(batch);
                     }
                 }
-                let parts = match <[SealedBatch; 1]>::try_from(run) {
-                    Ok([batch]) => cutter.cut(&term, batch, bytes).await,
-                    Err(run) => {
-                        let cap = term.learn_refusal(bytes);
-                        term.metrics
-                            .commit_refusals
-                            .with_label_values(&["too_large"])
-                            .inc();
-                        tracing::warn!(bytes, cap = cap.max_batch_bytes, batches = run.len(), "etcd refused a run of batches as too large; sending them in smaller runs");
-                        run
-                    }
+                let cap = term.learn_refusal(bytes);
+                term.metrics
+                    .commit_refusals
+                    .with_label_values(&["too_large"])
+                    .inc();
+                let parts = if run.rest.is_empty() {
+                    cutter.cut(&term, run.first, bytes, cap).await
+                } else {
+                    tracing::warn!(
+                        bytes,
+                        cap = cap.max_batch_bytes,
+                        batches = run.len(),
+                        "etcd refused a run of batches as too large; sending them in smaller runs"
+                    );
+                    run.into_batches().collect()
                 };
                 for part in parts.into_iter().rev() {
                     queued.push_front(part);
@@ -560,18 +572,18 @@ async fn commit_loop(
             }
             Err(CommitFailure::NotCommitted(cause)) => {
                 // It can never land, so neither can those chained to it.
-                for batch in run {
+                for batch in run.into_batches() {
                     batch.answer(|| Err(cause.to_error()));
                 }
                 for (later, _) in window.abandon() {
-                    for batch in later {
+                    for batch in later.into_batches() {
                         batch.answer(|| Err(cause.to_error()));
                     }
                 }
                 term.step_down(cause);
             }
             Err(CommitFailure::Unknown(reason)) => {
-                for batch in run {
+                for batch in run.into_batches() {
                     let (first_seq, last_seq) =
                         (batch.encoded.first_seq(), batch.encoded.last_seq());
                     batch.answer(|| {
@@ -597,10 +609,13 @@ fn gather_run(
     first: SealedBatch,
     queued: &mut VecDeque<SealedBatch>,
     sealed: &mut FromSealer,
-) -> Vec<SealedBatch> {
+) -> SealedRun {
     let budget = run_budget(term);
     let mut bytes = first.encoded.as_bytes().len();
-    let mut run = vec![first];
+    let mut run = SealedRun {
+        first,
+        rest: Vec::new(),
+    };
     while run.len() < MAX_BATCHES_PER_COMMIT {
         let Some(next) = queued.pop_front().or_else(|| sealed.try_take(term)) else {
             break;
@@ -611,7 +626,7 @@ fn gather_run(
             break;
         }
         bytes += next_bytes;
-        run.push(next);
+        run.rest.push(next);
     }
     run
 }
@@ -625,11 +640,11 @@ fn run_budget(term: &Term) -> usize {
 
 /// Answers the batches of a run etcd has, in order: the local log may mark them, their appends
 /// are acknowledged, and their slots are free for the sealer.
-fn acknowledge(term: &Term, run: Vec<SealedBatch>, landed: Landed, committed: &watch::Sender<Seq>) {
+fn acknowledge(term: &Term, run: SealedRun, landed: Landed, committed: &watch::Sender<Seq>) {
     // Fail point (tests): the process dies here, committed in etcd but not yet acknowledged.
     fail::fail_point!("pipeline::abort_before_ack", |_| std::process::abort());
     term.metrics.commit_transactions.inc();
-    for batch in run {
+    for batch in run.into_batches() {
         record_commit(term, &batch);
         committed.send_replace(batch.encoded.last_seq());
         batch.answer(|| Ok(()));
@@ -653,16 +668,17 @@ struct Cutter {
 }
 
 impl Cutter {
-    /// Lowers the term's cap below the refused `bytes`, cuts `batch` between its appends into
-    /// parts under the cap (re-encoded, same seqs), and has the local log replace it by them;
-    /// the parts, to be committed in its place. A batch of one append cannot be cut: that
-    /// append is refused, and the term ends (module [`request_cap`]).
-    async fn cut(&mut self, term: &Term, mut batch: SealedBatch, bytes: usize) -> Vec<SealedBatch> {
-        let cap = term.learn_refusal(bytes);
-        term.metrics
-            .commit_refusals
-            .with_label_values(&["too_large"])
-            .inc();
+    /// Cuts `batch`, refused at `bytes`, between its appends into parts under `cap` (what the
+    /// term learned from the refusal; re-encoded, same seqs), and has the local log replace it
+    /// by them; the parts, to be committed in its place. A batch of one append cannot be cut:
+    /// that append is refused, and the term ends (module [`request_cap`]).
+    async fn cut(
+        &mut self,
+        term: &Term,
+        mut batch: SealedBatch,
+        bytes: usize,
+        cap: RequestCap,
+    ) -> Vec<SealedBatch> {
         let sizes: Vec<usize> = batch.appends.iter().map(|(a, _)| a.bytes).collect();
         if sizes.len() == 1 {
             tracing::warn!(bytes, cap = cap.max_batch_bytes, "etcd refused a batch of one append as too large; refusing the append and stepping down");
