@@ -1,14 +1,13 @@
 //! etcd a round trip away, for `fencelog bench`: etcd behind the project's delaying proxy
 //! (`fencelog::etcd::proxy::FaultProxy`: every chunk held for the delay in each direction,
 //! pipelined, on loopback, these kernels having no `netem`), a primary daemon committing
-//! through it with 1, 2, 4 or 8 commit transactions in flight, loaded through its API; what
-//! its commits took, from its `/metrics`.
+//! through it with 1, 2, 4 or 8 commit transactions in flight, loaded through its API
+//! (`measure::api_load`); what its commits took, from its `/metrics`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use fencelog::node_process::NodeProcess;
-use fencelog::workload::RecordGenerator;
 
 use super::state::metrics_text;
 
@@ -16,52 +15,6 @@ use super::state::metrics_text;
 /// load the "before" figures were measured with).
 pub const CLIENTS: usize = 64;
 pub const PER_APPEND: usize = 64;
-
-/// What a load through a primary daemon's API measured.
-pub struct ApiLoad {
-    pub records: u64,
-    pub elapsed: Duration,
-    /// Every append's time from its call to its acknowledgment, sorted.
-    pub latencies: Vec<Duration>,
-}
-
-/// `clients` clients appending `per_append` 256-byte records at a time to `node` for
-/// `duration`, each waiting for its acknowledgment before its next append.
-pub async fn load(
-    node: &NodeProcess,
-    clients: usize,
-    per_append: usize,
-    duration: Duration,
-) -> anyhow::Result<ApiLoad> {
-    let client = node.client().await?;
-    let started = Instant::now();
-    let workers: Vec<_> = (0..clients as u64)
-        .map(|worker| {
-            let mut client = client.clone();
-            tokio::spawn(async move {
-                let mut generator = RecordGenerator::new(worker + 1, 1_000_000, 256);
-                let mut latencies = Vec::new();
-                while started.elapsed() < duration {
-                    let sent = Instant::now();
-                    client.append(generator.take_records(per_append)).await?;
-                    latencies.push(sent.elapsed());
-                }
-                Ok::<_, fencelog::Error>(latencies)
-            })
-        })
-        .collect();
-    let mut latencies = Vec::new();
-    for worker in workers {
-        latencies.append(&mut worker.await??);
-    }
-    let elapsed = started.elapsed();
-    latencies.sort_unstable();
-    Ok(ApiLoad {
-        records: (latencies.len() * per_append) as u64,
-        elapsed,
-        latencies,
-    })
-}
 
 /// A primary daemon's commits so far.
 pub struct Commits {

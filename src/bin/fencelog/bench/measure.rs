@@ -186,7 +186,7 @@ pub(super) async fn measure(
             per_append,
         } => {
             let (node, _) = daemon.as_ref().context("the daemon is not running")?;
-            let run = distant::load(node, *concurrency, *per_append, duration).await?;
+            let run = api_load(node, *concurrency, *per_append, duration).await?;
             (records, elapsed) = (run.records, Some(run.elapsed));
         }
         Stage::Distant {
@@ -195,7 +195,7 @@ pub(super) async fn measure(
             in_flight,
         } => {
             let (node, _) = daemon.as_ref().context("the daemon is not running")?;
-            let run = distant::load(node, distant::CLIENTS, distant::PER_APPEND, duration).await?;
+            let run = api_load(node, distant::CLIENTS, distant::PER_APPEND, duration).await?;
             (records, elapsed) = (run.records, Some(run.elapsed));
             cores_under_load = Some(clock.cores()?);
             let commits = distant::commits(node).await?;
@@ -373,6 +373,52 @@ pub(super) async fn measure(
         encode_per_batch,
         commit_per_batch,
         cpu: (cores[0], cores[1]),
+    })
+}
+
+/// What a load through a primary daemon's API measured.
+pub(super) struct ApiLoad {
+    pub records: u64,
+    pub elapsed: Duration,
+    /// Every append's time from its call to its acknowledgment, sorted.
+    pub latencies: Vec<Duration>,
+}
+
+/// `clients` clients appending `per_append` 256-byte records at a time to `node` for
+/// `duration`, each waiting for its acknowledgment before its next append.
+pub(super) async fn api_load(
+    node: &NodeProcess,
+    clients: usize,
+    per_append: usize,
+    duration: Duration,
+) -> anyhow::Result<ApiLoad> {
+    let client = node.client().await?;
+    let started = Instant::now();
+    let workers: Vec<_> = (0..clients as u64)
+        .map(|worker| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let mut generator = RecordGenerator::new(worker + 1, 1_000_000, 256);
+                let mut latencies = Vec::new();
+                while started.elapsed() < duration {
+                    let sent = Instant::now();
+                    client.append(generator.take_records(per_append)).await?;
+                    latencies.push(sent.elapsed());
+                }
+                Ok::<_, fencelog::Error>(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.append(&mut worker.await??);
+    }
+    let elapsed = started.elapsed();
+    latencies.sort_unstable();
+    Ok(ApiLoad {
+        records: (latencies.len() * per_append) as u64,
+        elapsed,
+        latencies,
     })
 }
 
