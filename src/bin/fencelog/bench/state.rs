@@ -282,11 +282,7 @@ async fn checkpoints(node: &NodeProcess) -> String {
     let Some(text) = metrics_text(node.metrics_addr()).await else {
         return "checkpoints ?".into();
     };
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let value = |name: &str| metric_value(&text, name);
     let count = value("fencelog_checkpoint_seconds_count");
     format!(
         "{count:.0} checkpoints of {:.0} MB each on average, taking {} each",
@@ -295,6 +291,14 @@ async fn checkpoints(node: &NodeProcess) -> String {
             value("fencelog_checkpoint_seconds_sum") / count.max(1.0)
         )),
     )
+}
+
+/// The value of the sample `name` (with its labels, as Prometheus text writes them) in the
+/// metrics `text`; 0 when it is absent.
+pub(super) fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// The body of `GET /metrics` from `addr`, plain HTTP/1.1.
