@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use fencelog::node_process::NodeProcess;
 
-use super::state::metrics_text;
+use super::state::{metric_value, metrics_text};
 
 /// Clients appending at once, and records per append, for the rows a round trip away (the
 /// load the "before" figures were measured with).
@@ -32,16 +32,7 @@ pub async fn commits(node: &NodeProcess) -> anyhow::Result<Commits> {
     let text = metrics_text(node.metrics_addr())
         .await
         .with_context(|| format!("cannot read the metrics at {}", node.metrics_addr()))?;
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|line| {
-                line.strip_prefix(name)?
-                    .strip_prefix(' ')?
-                    .parse::<f64>()
-                    .ok()
-            })
-            .unwrap_or(0.0)
-    };
+    let value = |name: &str| metric_value(&text, name);
     let commits = value("fencelog_commits_total").max(1.0);
     Ok(Commits {
         records_per_batch: value("fencelog_committed_records_total") / commits,
