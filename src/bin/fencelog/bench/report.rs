@@ -82,10 +82,6 @@ fn distant_section(out: &mut String, results: &[Measurement]) {
             .map(|(m, _)| m.per_second())
             .max_by(f64::total_cmp)
     };
-    let ratio = |rate: f64, base: Option<f64>| {
-        base.filter(|b| *b > 0.0)
-            .map_or_else(String::new, |b| format!("{:.2}", rate / b))
-    };
     let plain = |away: Duration| {
         rows.iter()
             .find(|(_, d)| d.away == away && d.in_flight.is_none())
@@ -114,9 +110,6 @@ fn distant_section(out: &mut String, results: &[Measurement]) {
         out,
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
-    let millis = |d: Option<Duration>| {
-        d.map_or_else(String::new, |d| format!("{:.2}", d.as_secs_f64() * 1000.0))
-    };
     for (m, d) in &rows {
         let per_second = m.per_second();
         let in_flight = d.in_flight.map_or("plain loop".into(), |k| k.to_string());
@@ -196,13 +189,6 @@ pub(super) fn report(results: &[Measurement], seconds: u64, took: Duration) -> S
         "| what | records/s | vs ceiling | vs seed style | records per batch | encode ms | commit ms | fencelog CPU | etcd CPU |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let millis = |d: Option<Duration>| {
-        d.map_or_else(String::new, |d| format!("{:.2}", d.as_secs_f64() * 1000.0))
-    };
-    let ratio = |rate: f64, base: Option<f64>| {
-        base.filter(|b| *b > 0.0)
-            .map_or_else(String::new, |b| format!("{:.2}", rate / b))
-    };
     for m in results {
         let rate = m.per_second();
         // Against the ceiling at the same batch size where there is one.
@@ -256,4 +242,15 @@ fn etcd_version() -> String {
             .to_owned(),
         Err(e) => format!("etcd version unknown ({e})"),
     }
+}
+
+/// `rate` against `base` as a table cell (empty without a base).
+fn ratio(rate: f64, base: Option<f64>) -> String {
+    base.filter(|b| *b > 0.0)
+        .map_or_else(String::new, |b| format!("{:.2}", rate / b))
+}
+
+/// A duration in milliseconds as a table cell (empty without one).
+fn millis(duration: Option<Duration>) -> String {
+    duration.map_or_else(String::new, |d| format!("{:.2}", d.as_secs_f64() * 1000.0))
 }
