@@ -113,9 +113,10 @@ impl PrimaryConfig {
         }
     }
 
-    /// Sealed batches the pipeline holds at once: one (`Single`); or those committing and the
-    /// full batches that wait to go together in the next transaction, plus the one being
-    /// filled and sealed meanwhile (`Double`).
+    /// Sealed batches the pipeline holds at once, the one being filled among them: one
+    /// (`Single`); in the `Double` pipeline one per commit in flight, and room beyond them for
+    /// a run's worth (`MAX_BATCHES_PER_COMMIT`) of full batches to wait for the next
+    /// transaction.
     pub fn pipeline_depth(&self) -> usize {
         match self.pipeline {
             Pipeline::Single => 1,
